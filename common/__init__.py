@@ -1,0 +1,1 @@
+"""Code shared by preprocessing and training: store format, geometry, configs, errors."""

@@ -1,0 +1,95 @@
+"""Inspect and verify a pair store: what `pkd-prep info` and `pkd-prep verify` report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pkd.common import store
+
+FINITE_ARRAYS = ("points", "pose", "prefix", "clip_embed", "patch_tokens")
+
+
+def _size_on_disk(path: str) -> int | None:
+    if "://" in path:
+        return None
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def store_info(path: str) -> dict:
+    """Splits, sample counts, scenes, skip reasons, teacher identity and size of a store."""
+    root = store.open_store(path)
+    splits = {}
+    for name in store.splits_of(root):
+        group = root[name]
+        done = {s: int(store.done_shards(group, s).sum()) for s in store.STAGES}
+        splits[name] = {
+            "samples": int(group.attrs["num_samples"]),
+            "valid": group.attrs.get("valid"),
+            "scenes": len(group.attrs["scenes"]),
+            "shards": int(group["done_geometry"].shape[0]),
+            "shards_done": done,
+            "skipped": group.attrs.get("skipped", group.attrs.get("plan_skipped", {})),
+            "arrays": sorted(n for n, _ in group.arrays() if n not in ("done_geometry", "done_teacher")),
+        }
+    return {
+        "path": str(path),
+        "status": root.attrs.get("status"),
+        "splits": splits,
+        "teacher": root.attrs.get("teacher"),
+        "prep": root.attrs.get("prep"),
+        "bytes": _size_on_disk(str(path)),
+    }
+
+
+def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
+    faults = []
+    n = int(group.attrs["num_samples"])
+    present = {a for a, _ in group.arrays()}
+    for spec in store.array_specs(num_points, patch_tokens="patch_tokens" in present):
+        if spec.name not in present:
+            faults.append(f"{name}/{spec.name}: missing")
+            continue
+        array = group[spec.name]
+        if array.shape != (n, *spec.sample_shape) or array.dtype != np.dtype(spec.dtype):
+            faults.append(f"{name}/{spec.name}: shape {array.shape} dtype {array.dtype}, expected "
+                          f"{(n, *spec.sample_shape)} {spec.dtype}")
+    for stage in store.STAGES:
+        missing = np.flatnonzero(~store.done_shards(group, stage))
+        if missing.size:
+            faults.append(f"{name}: shards {missing.tolist()} lack their {stage} arrays (rerun the prep command)")
+    if faults:
+        return faults
+    num_scenes = len(group.attrs["scenes"])
+    names = [spec.name for spec in store.array_specs(num_points, patch_tokens="patch_tokens" in present)]
+    for shard, start, stop in store.iter_shards(group):
+        where = f"{name} shard {shard} (samples {start}-{stop - 1})"
+        try:
+            values = {array: group[array][start:stop] for array in names}
+        except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
+            faults.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
+            continue
+        valid = values["valid"]
+        if (values["scene"] < 0).any() or (values["scene"] >= num_scenes).any():
+            faults.append(f"{where}: scene index out of range")
+        for array in FINITE_ARRAYS:
+            if array in values and not np.isfinite(values[array][valid]).all():
+                faults.append(f"{where}: {array} holds NaN or inf")
+    return faults
+
+
+def verify_store(path: str) -> list[str]:
+    """Every fault found in a store (empty when it is complete and sound)."""
+    root = store.open_store(path)
+    num_points = int(root.attrs["prep"]["geometry"]["num_points"])
+    faults = []
+    if root.attrs.get("status") != "complete":
+        faults.append(f"status is {root.attrs.get('status')!r}, not 'complete' (rerun the prep command)")
+    splits = store.splits_of(root)
+    if not splits:
+        faults.append("no splits")
+    for name in splits:
+        faults += _check_split(name, root[name], num_points)
+    return faults

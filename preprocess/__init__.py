@@ -1,0 +1,1 @@
+"""Offline stage: ScanNet readers, the ClipCap teacher and the sharded pair-store writer."""

@@ -1,0 +1,145 @@
+"""`pkd-prep`: turn ScanNet RGB-D sequences into a pair store, and inspect stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pkd.common.cli import run_app
+from pkd.common.errors import ConfigError
+from pkd.common.verify import store_info, verify_store
+from pkd.preprocess.frame_sample import GeometryConfig
+
+app = typer.Typer(
+    help="Pay for the teacher once: ScanNet frames -> (point cloud, ClipCap target) pairs in a Zarr store.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
+
+
+def _teacher_config(teacher: str, clip_weights: Optional[str], clipcap_weights: Optional[str],
+                    weights_dir: Optional[Path], device: str, precision: str, seed: int, patch_tokens: bool):
+    from pkd.preprocess.teacher import TeacherConfig
+
+    if teacher not in ("clipcap", "random"):
+        raise ConfigError(f"--teacher {teacher!r}: choose 'clipcap' (real weights) or 'random' (tests, demos).")
+    if weights_dir is not None:
+        clip_weights = clip_weights or str(weights_dir / CLIP_FILE)
+        clipcap_weights = clipcap_weights or str(weights_dir / CLIPCAP_FILE)
+    return TeacherConfig(kind=teacher, clip_weights=clip_weights, clipcap_weights=clipcap_weights, device=device,
+                         precision=precision, seed=seed, patch_tokens=patch_tokens)
+
+
+@app.command()
+def scannet(
+    root: Annotated[Path, typer.Option(help="ScanNet tree (with scans/, scans_test/) or a single scene folder.")],
+    out: Annotated[str, typer.Option(help="Store path or fsspec URL (e.g. pairs.zarr, s3://bucket/pairs.zarr).")],
+    split: Annotated[str, typer.Option(help="train | val | test | all (official ScanNet v2 lists).")] = "all",
+    scenes: Annotated[Optional[str], typer.Option(help="Comma-separated scene names to keep.")] = None,
+    source: Annotated[str, typer.Option(help="auto (prefer .sens) | sens | exported.")] = "auto",
+    frame_skip: Annotated[int, typer.Option(help="Keep frames numbered 0, N, 2N, ...")] = 25,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many frames per split (quick runs).")] = None,
+    points: Annotated[int, typer.Option(help="Points per sample.")] = 4096,
+    sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
+    shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
+    seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
+    teacher: Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")] = "clipcap",
+    clip_weights: Annotated[Optional[str], typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
+                                                         "'openai' downloads.")] = None,
+    clipcap_weights: Annotated[Optional[str], typer.Option(help="ClipCap conceptual_weights.pt (MLP).")] = None,
+    weights_dir: Annotated[Optional[Path], typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda (teacher device).")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")] = "fp32",
+    patch_tokens: Annotated[bool, typer.Option(help="Also cache CLIP's 7x7 patch tokens (local ablation).")] = False,
+    teacher_batch: Annotated[int, typer.Option(help="Images per teacher forward.")] = 32,
+    threads: Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")] = 2,
+    workers: Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
+                                               "(0: run in this process).")] = 0,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler "
+                                                          "(tcp://host:8786); one task per shard.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store written with other arguments.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Read ScanNet (.sens or exported frames), back-project every 25th frame and cache teacher targets.
+
+    Rerunning the same command resumes an interrupted run; other arguments on an existing store are refused.
+    """
+    from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep
+
+    cfg = PrepConfig(
+        root=str(root.resolve()), split=split, scenes=tuple(scenes.split(",")) if scenes else None, source=source,
+        frame_skip=frame_skip, limit=limit, shard_size=shard_size, seed=seed,
+        geometry=GeometryConfig(num_points=points, sampling=sampling, min_valid_pixels=points),
+    )
+    _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size, teacher_batch=teacher_batch,
+                    threads=threads)
+    if sampling not in ("fps", "random"):
+        raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
+    teacher_cfg = _teacher_config(teacher, clip_weights, clipcap_weights, weights_dir, device, precision, seed,
+                                  patch_tokens)
+    summary = run_prep(cfg, out, teacher_cfg, RunOptions(teacher_batch, threads, workers, scheduler, overwrite, progress))
+    for name, s in summary.items():
+        typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
+    typer.echo(f"wrote {out}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+@app.command("demo-scene")
+def demo_scene(
+    out: Annotated[Path, typer.Option(help="Folder to write a ScanNet-format tree into (out/scans/<scene>).")],
+    frames: Annotated[int, typer.Option(help="Frames in the sequence.")] = 250,
+    layout: Annotated[str, typer.Option(help="both | sens | exported.")] = "both",
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic room.")] = 0,
+) -> None:
+    """Write a small synthetic scene in real ScanNet format (a .sens file and/or exported frames)."""
+    from pkd.preprocess.demo import write_demo_scene
+
+    typer.echo(f"wrote {write_demo_scene(out, num_frames=frames, layout=layout, seed=seed)}")
+
+
+@app.command()
+def info(
+    store: Annotated[str, typer.Argument(help="Pair store path.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Splits, counts, scenes, skipped frames, teacher identity and size of a store."""
+    report = store_info(store)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    teacher = report["teacher"] or {}
+    typer.echo(f"{report['path']}  status={report['status']}  size={(report['bytes'] or 0) / 2**20:.1f} MiB")
+    typer.echo(f"teacher: {teacher.get('models')}  random={teacher.get('random')}  "
+               f"precision={teacher.get('precision')}")
+    if teacher.get("random"):
+        typer.echo("WARNING: this store's targets come from a RANDOM teacher (tests/demos only).")
+    for name, s in report["splits"].items():
+        typer.echo(f"{name}: {s['samples']} samples ({s['valid']} valid), {s['scenes']} scenes, "
+                   f"{s['shards']} shards (done {s['shards_done']}), skipped {s['skipped'] or 'none'}")
+
+
+@app.command()
+def verify(store: Annotated[str, typer.Argument(help="Pair store path.")]) -> None:
+    """Check every shard (done, shapes, dtypes, checksums, no NaN/inf, attrs); exit 1 on any fault."""
+    faults = verify_store(store)
+    for fault in faults:
+        typer.echo(f"FAULT {fault}", err=True)
+    if faults:
+        raise typer.Exit(1)
+    typer.echo(f"{store}: OK")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_app(app)

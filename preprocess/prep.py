@@ -1,0 +1,203 @@
+"""`pkd-prep scannet` as a function: plan, create or resume the store, build missing shards, finalize.
+
+Resuming is the normal path: a rerun of the same command skips every shard whose done flag is set and
+produces the same arrays as an uninterrupted run. A rerun with other arguments is refused, naming the
+differences; ``overwrite`` replaces a pkd store (never a foreign folder).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from pkd.common import store
+from pkd.common.config import config_diff, package_versions, to_plain
+from pkd.common.errors import ConfigError, StoreError
+from pkd.preprocess.frame_sample import GeometryConfig
+from pkd.preprocess.planner import SplitPlan, plan_splits
+from pkd.preprocess.scenes import find_scenes
+from pkd.preprocess.shard_writer import ShardJob, build_shard
+from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """What to read and how to turn it into samples: everything that decides the store's contents."""
+
+    root: str
+    split: str = "all"
+    scenes: tuple[str, ...] | None = None
+    source: str = "auto"
+    frame_skip: int = 25
+    limit: int | None = None
+    shard_size: int = 512
+    seed: int = 0
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what to compute): these may change between a run and its resume."""
+
+    teacher_batch: int = 32
+    threads: int = 2
+    workers: int = 0
+    scheduler: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@contextmanager
+def store_lock(out: str) -> Iterator[None]:
+    """Hold an exclusive lock (``<store>.lock`` beside a local store) for the whole prep.
+
+    A second prep on the same store is refused at once; the kernel drops the lock if the holder dies,
+    even by kill -9, so a stale lock file never blocks a resume.
+    """
+    if "://" in out:
+        log.warning("%s is remote: pkd cannot lock it, make sure no other prep writes it", out)
+        yield
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise StoreError(f"another pkd-prep (pid {handle.read().strip() or '?'}) is writing {out}; wait for it "
+                             "to finish or stop it, then rerun this command to resume.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _remove_store(out: str) -> None:
+    if "://" in out:
+        raise ConfigError(f"--overwrite is not supported for remote store {out}; delete it with your storage tools.")
+    store.open_store(out)
+    shutil.rmtree(out)
+
+
+def _store_exists(out: str) -> bool:
+    if "://" in out:
+        try:
+            zarr.open_group(out, mode="r")
+            return True
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return False
+    return Path(out).exists()
+
+
+def _comparable_teacher(identity: dict) -> dict:
+    return {k: v for k, v in identity.items() if k not in ("device",)}
+
+
+def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,
+                    patch_tokens: bool) -> zarr.Group:
+    prep = to_plain(cfg)
+    if _store_exists(out):
+        root = store.open_store(out, mode="r+")
+        diff = config_diff(root.attrs["prep"], prep) + config_diff(
+            _comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id), "teacher."
+        )
+        if diff:
+            raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(diff) +
+                              "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
+                              "or choose another --out.")
+        for name, plan in plans.items():
+            if name not in root or root[name].attrs.get("plan") != plan.fingerprint():
+                raise ConfigError(f"the scenes under {cfg.root} changed since {out} was planned (split {name}); "
+                                  "pass --overwrite to rebuild the store or --out for a new one.")
+        return root
+    root = zarr.open_group(out, mode="w")
+    for name, plan in plans.items():
+        group = store.create_split(root, name, len(plan.samples), cfg.shard_size, cfg.geometry.num_points,
+                                   [e.name for e in plan.scenes], patch_tokens=patch_tokens)
+        group.attrs.update({"plan": plan.fingerprint(), "plan_skipped": dict(plan.skipped)})
+    root.attrs.update({
+        "format": store.FORMAT, "version": store.VERSION, "prep": prep, "teacher": teacher_id,
+        "versions": package_versions(), "status": "in-progress",
+    })
+    return root
+
+
+def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]:
+    done = {stage: store.done_shards(group, stage) for stage in store.STAGES}
+    jobs = []
+    for shard, (start, stop) in enumerate(plan.shards(cfg.shard_size)):
+        stages = tuple(s for s in store.STAGES if not done[s][shard])
+        if stages:
+            jobs.append(ShardJob(plan.split, shard, tuple(plan.scenes), tuple(plan.samples[start:stop]),
+                                 cfg.seed, cfg.geometry, stages))
+    return jobs
+
+
+def finalize(group: zarr.Group) -> dict:
+    """Write a complete split's summary attrs: skip counts and per-dimension target statistics."""
+    skipped = Counter(group.attrs.get("plan_skipped", {}))
+    counts = group["skipped_counts"][:].sum(axis=0)
+    skipped.update({r: int(c) for r, c in zip(store.SKIP_REASONS, counts) if c})
+    stats = {}
+    for name in ("prefix", "clip_embed"):
+        total, total_sq, n = 0.0, 0.0, 0
+        for _, start, stop in store.iter_shards(group):
+            valid = group["valid"][start:stop]
+            values = group[name][start:stop][valid].astype(np.float64).reshape(int(valid.sum()), -1)
+            total, total_sq, n = total + values.sum(0), total_sq + (values**2).sum(0), n + len(values)
+        if n:
+            mean = total / n
+            stats[f"{name}_mean"] = mean.tolist()
+            stats[f"{name}_std"] = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0)).tolist()
+    summary = {"skipped": dict(skipped), "valid": int(group["valid"][:].sum()), "stats": stats}
+    group.attrs.update(summary)
+    return summary
+
+
+def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
+    with tqdm(total=sum(len(j.samples) for j in jobs), desc="prep", unit="frame", disable=not options.progress) as bar:
+        for job in jobs:
+            build_shard(root[job.split], job, teacher, options.teacher_batch, options.threads, lambda: bar.update())
+
+
+def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
+    """Build (or resume) the pair store at ``out``; returns a summary per split."""
+    out = str(out) if "://" in str(out) else str(Path(out).resolve())
+    entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+    with store_lock(out):
+        if options.overwrite and _store_exists(out):
+            _remove_store(out)
+        plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
+        if not any(plan.samples for plan in plans.values()):
+            raise ConfigError(f"no usable frames under {cfg.root} (every kept frame had an invalid pose); "
+                              "check the scans or lower --frame-skip.")
+        teacher: Teacher = build_teacher(teacher_cfg)
+        root = _open_or_create(out, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
+        jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, root[name])]
+        if options.workers or options.scheduler:
+            from pkd.preprocess.distributed import run_on_dask
+
+            run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.workers,
+                        options.scheduler, options.progress)
+        else:
+            _run_here(root, jobs, teacher, options)
+        summary = {name: finalize(root[name]) | {"samples": len(plan.samples),
+                                                 "shards_written": sum(j.split == name for j in jobs)}
+                   for name, plan in plans.items()}
+        root.attrs["status"] = "complete"
+    return summary

@@ -1,0 +1,256 @@
+"""Trainer, loader, losses, CLI and the no-teacher rule, on tiny synthetic stores and tiny students."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from store_factory import make_store
+
+from pkd.common.errors import ConfigError, StoreError, TrainingError
+from pkd.common.store import write_shard
+from pkd.train.checkpoint import LAST, load_checkpoint
+from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, target_stats
+from pkd.train.losses import CropBox, LossSettings, compute_loss, patch_cells
+from pkd.train.model import StudentConfig, build_student
+from pkd.train.trainer import TrainConfig, train
+
+TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
+VARIANTS = ["distill", "no-concept", "clip-target", "local", "recon", "recon+distill"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "pairs.zarr", n=18, num_points=160, shard_size=4,
+                      invalid=(5,))
+
+
+def config(store, variant="distill", **kw) -> TrainConfig:
+    model = StudentConfig(**TINY, variant=variant)
+    return TrainConfig(store=str(store), model=model, epochs=3, warmup_epochs=1, batch_size=4, **kw)
+
+
+# ---- loader ---------------------------------------------------------------------------------------------
+
+def loader(store, **kw) -> StoreLoader:
+    args = dict(store=str(store), split="train", arrays=("points", "prefix", "frame"), batch_size=4, num_points=160)
+    return StoreLoader(LoaderConfig(**{**args, **kw}))
+
+
+def frames(batches) -> list[int]:
+    return [int(f) for b in batches for f in b["frame"]]
+
+
+def test_loader_epoch_is_a_deterministic_shuffle_of_valid_samples(store):
+    data = loader(store, shuffle_shards=2)
+    assert data.steps_per_epoch == 17 // 4
+    epoch0 = frames(data.epoch(0))
+    assert len(epoch0) == 16 and len(set(epoch0)) == 16 and 5 not in epoch0
+    assert epoch0 == frames(loader(store, shuffle_shards=2).epoch(0))
+    assert epoch0 != frames(data.epoch(1))
+    assert frames(data.epoch(0, start_batch=3)) == epoch0[12:]
+    batch = next(iter(data.epoch(0)))
+    assert batch["points"].dtype == torch.float32 and batch["prefix"].shape == (4, 10, 768)
+    assert batch["prefix"].dtype == torch.float32
+
+
+def test_loader_workers_give_the_same_batches(store):
+    plain = list(loader(store, shuffle_shards=1).epoch(2, start_batch=1))
+    data = loader(store, shuffle_shards=1)
+    data.num_workers = 2
+    for a, b in zip(plain, data.epoch(2, start_batch=1), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loader_ranks_take_disjoint_whole_shards(store):
+    seen = []
+    for rank in range(2):
+        data = loader(store, rank=rank, world_size=2, batch_size=2)
+        layout = _Epoch(data.cfg, data.shards, data.valid, 0)
+        shards = {int(s) for w in layout.windows for s in w}
+        got = frames(data.epoch(0))
+        assert {f // 4 for f in got} <= shards
+        seen.append(set(got))
+    assert not seen[0] & seen[1]
+
+
+def test_loader_subsamples_points_deterministically(store):
+    a = next(iter(loader(store, num_points=64).epoch(0)))
+    b = next(iter(loader(store, num_points=64).epoch(0)))
+    assert a["points"].shape == (4, 64, 3) and torch.equal(a["points"], b["points"])
+
+
+def test_target_stats_from_attrs_or_computed(tmp_path, store):
+    from pkd.common.store import open_split
+    with_attrs = target_stats(open_split(store, "train"), "prefix")
+    computed = target_stats(open_split(make_store(tmp_path / "s.zarr", n=18, num_points=160, shard_size=4,
+                                                  invalid=(5,), stats=False), "train"), "prefix")
+    assert with_attrs[0].shape == (10, 768)
+    np.testing.assert_allclose(with_attrs[0], computed[0], atol=1e-4)
+    np.testing.assert_allclose(with_attrs[1], computed[1], rtol=1e-3, atol=1e-4)
+
+
+# ---- losses and model -----------------------------------------------------------------------------------
+
+def test_patch_cells_use_the_centre_square_crop():
+    crop = CropBox.centre_square(640, 480)
+    assert (crop.x0, crop.y0, crop.side) == (80, 0, 480)
+    cells, inside = patch_cells(torch.tensor([[80, 0], [559, 479], [79, 10], [320, 240]]), crop)
+    assert cells[:2].tolist() == [0, 48] and cells[3] == 3 * 7 + 3
+    assert inside.tolist() == [True, True, False, True]
+
+
+def test_one_optimisation_step_lowers_the_loss(store):
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(**{**TINY, "drop_path": 0.0}))
+    batch = next(iter(loader(store, num_points=128, arrays=("points", "prefix")).epoch(0)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before, _ = compute_loss(model, batch, LossSettings())
+    before.backward()
+    opt.step()
+    after, _ = compute_loss(model, batch, LossSettings())
+    assert float(after.detach()) < float(before.detach())
+
+
+# ---- trainer --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_two_steps(store, tmp_path, variant):
+    summary = train(config(store, variant, max_steps=2, normalize_targets=variant != "local"), tmp_path / "run",
+                    progress=False)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["config"]["model"]["variant"] == variant
+    assert record["store"]["teacher"]["random"] is True and record["code"]["pkd"]
+    assert record["config"]["augment"]["scale_low"] == pytest.approx(2 / 3)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "step"] == [1, 2]
+    assert (tmp_path / "run" / "curves.png").exists()
+
+
+def test_resume_is_bit_identical(store, tmp_path):
+    cfg = config(store, "recon+distill", max_steps=6)
+    train(cfg, tmp_path / "straight", progress=False)
+    train(dataclasses.replace(cfg, max_steps=3), tmp_path / "split", progress=False)
+    assert load_checkpoint(tmp_path / "split" / LAST)["position"] == {"step": 3, "epoch": 0, "batch": 3}
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "straight" / LAST)
+    b = load_checkpoint(tmp_path / "split" / LAST)
+    assert a["position"] == b["position"] == {"step": 6, "epoch": 1, "batch": 2}
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4, 5, 6]  # 4 steps per epoch, then the epoch record at step 4
+
+
+def test_save_every_and_killed_process_leaves_a_loadable_checkpoint(store, tmp_path):
+    """A run killed mid-training resumes from its last complete checkpoint (no temp file is ever read)."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(tmp_path.parent)!r})
+        import pkd.train.trainer as t
+        from pkd.train.model import StudentConfig
+        real = t.save
+        def save_then_die(run_dir, cfg, model, optimizer, pos):
+            real(run_dir, cfg, model, optimizer, pos)
+            if pos.step == 2:
+                os._exit(9)
+        t.save = save_then_die
+        cfg = t.TrainConfig(store={str(store)!r}, model=StudentConfig(**{TINY!r}), epochs=3, warmup_epochs=1,
+                            batch_size=4, max_steps=5, save_every=1)
+        t.train(cfg, {str(tmp_path / "run")!r}, progress=False)
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert load_checkpoint(tmp_path / "run" / LAST)["position"]["step"] == 2
+    summary = train(config(store, max_steps=5, save_every=1), tmp_path / "run", resume=True, progress=False)
+    assert summary["steps"] == 5
+
+
+def test_existing_run_dir_is_never_overwritten_silently(store, tmp_path):
+    train(config(store, max_steps=1), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="already exists"):
+        train(config(store, max_steps=1), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="different settings.*lr"):
+        train(config(store, max_steps=2, lr=0.5), tmp_path / "run", resume=True, progress=False)
+    assert train(config(store, max_steps=1), tmp_path / "run", overwrite=True, progress=False)["steps"] == 1
+
+
+def test_store_errors_name_the_fix(tmp_path, store):
+    bare = make_store(tmp_path / "bare.zarr", n=8, num_points=160, shard_size=4, patch_tokens=False)
+    with pytest.raises(StoreError, match="prep with --patch-tokens"):
+        train(config(bare, "local", max_steps=1), tmp_path / "a", progress=False)
+    no_size = make_store(tmp_path / "nosize.zarr", n=8, num_points=160, shard_size=4, color_size=None)
+    with pytest.raises(StoreError, match="color_size"):
+        train(config(no_size, "local", max_steps=1), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="batch size 64 is larger than the 17 valid samples"):
+        train(dataclasses.replace(config(store), batch_size=64), tmp_path / "c", progress=False)
+    with pytest.raises(StoreError, match="no pair store"):
+        train(config(tmp_path / "missing.zarr"), tmp_path / "d", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    path = make_store(tmp_path / "poison.zarr", n=16, num_points=160, shard_size=4)
+    cfg = dataclasses.replace(config(path, max_steps=4, save_every=1), shuffle_shards=1)
+    data = loader(path, shuffle_shards=1)
+    poisoned = int(_Epoch(data.cfg, data.shards, data.valid, 0).windows[2][0])
+    from pkd.common.store import open_store
+    group = open_store(path, mode="r+")["train"]
+    prefix = np.full((4, 10, 768), np.nan, dtype=np.float16)
+    write_shard(group, poisoned, "teacher", {"prefix": prefix, "clip_embed": np.zeros((4, 512), np.float16)})
+    with pytest.raises(TrainingError, match="at step 3"):
+        train(cfg, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / LAST)
+    assert ckpt["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ---- CLI and import rule --------------------------------------------------------------------------------
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pkd.train", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+SMALL = ["--num-points", 128, "--dim", 48, "--depth", 2, "--heads", 4, "--batch-size", 4, "--device", "cpu"]
+
+
+def test_cli_distill_export_ablate_and_errors(store, tmp_path):
+    done = cli("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    again = cli("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a", cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.startswith("error: run directory") and "Traceback" not in again.stderr
+    exported = cli("export", "runs/a", "--out", "enc.pth", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    weights = torch.load(tmp_path / "enc.pth", weights_only=True)
+    assert list(weights) == ["base_model"] and "MAE_encoder.norm.weight" in weights["base_model"]
+    assert all(k.startswith("MAE_encoder.") for k in weights["base_model"])
+    ablate = cli("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t",
+                 cwd=tmp_path)
+    assert ablate.returncode == 0, ablate.stderr
+    rows = json.loads((tmp_path / "runs" / "ablate-t" / "table.json").read_text())
+    assert [r["variant"] for r in rows] == ["distill", "no-concept"] and all(r["steps"] == 1 for r in rows)
+    assert "| distill |" in (tmp_path / "runs" / "ablate-t" / "table.md").read_text()
+    assert "Train one student" in cli("distill", "--help", cwd=tmp_path).stdout
+
+
+def test_training_never_imports_the_teacher(store, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        import pkd.train, pkd.train.cli, pkd.train.trainer, pkd.train.export, pkd.train.run, pkd.train.data
+        from pkd.train.model import StudentConfig
+        from pkd.train.trainer import TrainConfig, train
+        cfg = TrainConfig(store={str(store)!r}, model=StudentConfig(**{TINY!r}), batch_size=4, max_steps=1)
+        assert train(cfg, {str(tmp_path / "run")!r}, progress=False)["steps"] == 1
+        bad = [m for m in sys.modules if m.split(".")[0] in ("open_clip", "transformers")
+               or m.startswith("pkd.preprocess")]
+        assert not bad, bad
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,65 @@
+"""Checkpoints: written atomically (temp file + os.replace), read with ``weights_only=True``.
+
+A checkpoint holds only tensors and plain Python values (dicts, lists, numbers, strings), so loading
+one never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pkd.common.errors import TrainingError
+
+LAST = "last.pt"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's payload; TrainingError if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint at {path}; train first or pass the right run directory.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise TrainingError(f"cannot read checkpoint {path} ({exc}); it is damaged or not a pkd checkpoint.") from exc
+
+
+def rng_state() -> dict:
+    """torch, CUDA, numpy and python global RNG states as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(w) for w in p["words"]), p["gauss"]))

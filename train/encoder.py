@@ -1,0 +1,144 @@
+"""Point-MAE's encoder (mini-PointNet patch embedding + transformer), with Point-MAE's parameter names.
+
+``PointEncoder`` holds exactly the parameters of Point-MAE's ``MaskTransformer`` (``encoder.*``,
+``pos_embed.*``, ``blocks.blocks.{i}.*``, ``norm.*``), so a student's ``MAE_encoder.*`` state dict is a
+Point-MAE pre-training checkpoint. Attention uses ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Encoder(nn.Module):
+    """Mini-PointNet: patches (B, G, k, 3) → one token per patch (B, G, C)."""
+
+    def __init__(self, encoder_channel: int) -> None:
+        super().__init__()
+        self.encoder_channel = encoder_channel
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1))
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, encoder_channel, 1))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        batch, groups, k, _ = patches.shape
+        feature = self.first_conv(patches.reshape(batch * groups, k, 3).transpose(2, 1))
+        glob = feature.max(dim=2, keepdim=True).values
+        feature = self.second_conv(torch.cat([glob.expand(-1, -1, k), feature], dim=1))
+        return feature.max(dim=2).values.reshape(batch, groups, self.encoder_channel)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv without bias, as Point-MAE."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, n, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, n, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """Blocks with the positional embedding added to every block's input (``x = block(x + pos)``)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, drop_path: float) -> None:
+        super().__init__()
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList([Block(dim, num_heads, drop_path=r) for r in rates])
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's output, in order (the last one is the final, not yet normalised, token set)."""
+        outputs = []
+        for block in self.blocks:
+            x = block(x + pos)
+            outputs.append(x)
+        return outputs
+
+
+def positional_embedding(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Point-MAE's initialisation: truncated normal (std 0.02) for Linear/Conv1d, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class PointEncoder(nn.Module):
+    """Point-MAE ``MaskTransformer`` encoder: patch tokens + centre embedding → transformer → LayerNorm."""
+
+    def __init__(self, dim: int = 384, depth: int = 12, num_heads: int = 6, drop_path: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = Encoder(dim)
+        self.pos_embed = positional_embedding(dim)
+        self.blocks = TransformerEncoder(dim, depth, num_heads, drop_path)
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_weights)
+
+    def forward(self, patches: torch.Tensor, centres: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised final tokens (B, G', C) and every layer's raw output; ``mask`` (B, G) True hides a patch."""
+        tokens = self.encoder(patches)
+        if mask is not None:
+            batch, _, dim = tokens.shape
+            tokens = tokens[~mask].reshape(batch, -1, dim)
+            centres = centres[~mask].reshape(batch, -1, 3)
+        layers = self.blocks(tokens, self.pos_embed(centres))
+        return self.norm(layers[-1]), layers

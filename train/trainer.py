@@ -1,0 +1,272 @@
+"""The training loop: AdamW, linear warm-up + cosine per step, metrics, plots, atomic resumable checkpoints.
+
+Read ``train`` top to bottom: open the data, build the student, restore or record the run, then loop
+over epochs and batches. Every random draw is reproducible: the loader's order from (seed, epoch), the
+augmentation and masks from (seed, micro-batch index), drop-path from the torch RNG saved in checkpoints,
+so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pkd.common.errors import ConfigError, StoreError, TrainingError
+from pkd.common.store import open_split, open_store
+from pkd.train.augment import AugmentConfig, augment
+from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
+from pkd.train.data import LoaderConfig, StoreLoader, store_path, target_stats
+from pkd.train.export import load_pointmae_checkpoint
+from pkd.train.losses import CropBox, LossSettings, compute_loss
+from pkd.train.metrics import MetricsLog
+from pkd.train.model import StudentConfig, build_student, variant_spec
+
+# fields a resumed run may change without changing what it computes
+RESUME_MAY_CHANGE = ("max_steps", "save_every", "num_workers")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; recorded verbatim in ``runs/NAME/config.json`` and in every checkpoint."""
+
+    store: str
+    split: str = "train"
+    model: StudentConfig = field(default_factory=StudentConfig)
+    epochs: int = 250
+    warmup_epochs: int = 10
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    num_workers: int = 0
+    shuffle_shards: int = 4
+    normalize_targets: bool = False
+    recon_weight: float = 1.0
+    max_steps: int | None = None
+    save_every: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    init: str | None = None
+
+    @property
+    def variant(self) -> str:
+        return self.model.variant
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**{**d, "model": StudentConfig(**d["model"]), "augment": AugmentConfig(**d["augment"])})
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: optimizer steps done, current epoch, micro-batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def lr_at(step: int, cfg: TrainConfig, warmup: int, total: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of micro-batch ``index``: augmentation and masks depend on nothing else."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Point-MAE's split: no weight decay on biases, norms and learned tokens/queries."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.ndim <= 1 or name.endswith("token") or name.endswith("queries")
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def code_version() -> dict[str, str | None]:
+    """pkd's version and, when run from a git checkout, its commit."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        pkd_version = version("pkd")
+    except PackageNotFoundError:
+        pkd_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"pkd": pkd_version, "git_commit": commit}
+
+
+def open_data(cfg: TrainConfig) -> tuple[StoreLoader, LossSettings]:
+    """The loader and loss settings of a run; StoreError/ConfigError if the store cannot serve the variant."""
+    spec = variant_spec(cfg.variant)
+    group = open_split(cfg.store, cfg.split, require=spec.arrays)
+    crop = None
+    if spec.head == "token":
+        size = (open_store(cfg.store).attrs.get("prep") or {}).get("color_size")
+        if not size:
+            raise StoreError(f"{cfg.store} records no prep['color_size'] (colour image width, height); the local "
+                             "variant needs it to find the teacher's centre crop. Re-run pkd-prep to record it.")
+        crop = CropBox.centre_square(int(size[0]), int(size[1]))
+    stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
+    loader = StoreLoader(LoaderConfig(cfg.store, cfg.split, spec.arrays, cfg.batch_size, cfg.model.num_points,
+                                      cfg.seed, cfg.shuffle_shards), cfg.num_workers, stats)
+    return loader, LossSettings(recon_weight=cfg.recon_weight, crop=crop)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless told to resume it or overwrite it."""
+    if resume and overwrite:
+        raise ConfigError("pass either --resume or --overwrite, not both.")
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise ConfigError(f"nothing to resume in {run_dir} (no {LAST}); drop --resume to start a new run.")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --run-dir.")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader) -> None:
+    root = open_store(cfg.store)
+    record = {
+        "config": cfg.to_dict(),
+        "store": {"path": cfg.store, "split": cfg.split, "teacher": root.attrs.get("teacher"),
+                  "prep": root.attrs.get("prep"), "num_samples": int(loader.group.attrs["num_samples"])},
+        "code": code_version(),
+    }
+    (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def restore(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+    """Load ``last.pt`` into model and optimizer, restore RNGs; refuse a checkpoint of a different config."""
+    ckpt = load_checkpoint(run_dir / LAST)
+    saved, current = ckpt["config"], cfg.to_dict()
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+    if differ:
+        raise ConfigError(f"{run_dir} was trained with different settings ({', '.join(differ)}); resume with the "
+                          f"same arguments (only {', '.join(RESUME_MAY_CHANGE)} may change) or start a new run.")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return Position(**ckpt["position"])
+
+
+def save(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         pos: Position) -> None:
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "position": dataclasses.asdict(pos),
+                 "rng": rng_state(), "config": cfg.to_dict(), "code": code_version()}, run_dir / LAST)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) one run; returns a summary (final loss, steps, samples/s, run_dir)."""
+    run_dir = Path(run_dir)
+    cfg = dataclasses.replace(cfg, store=store_path(cfg.store))
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
+    loader, settings = open_data(cfg)
+    steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--grad-accum {cfg.grad_accum} needs more batches than the {loader.steps_per_epoch} "
+                          "an epoch has; lower it or the batch size.")
+    prepare_run_dir(run_dir, resume, overwrite)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model = build_student(cfg.model).to(device)
+    if cfg.init:
+        load_pointmae_checkpoint(cfg.init, model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    limit = min(total_steps, cfg.max_steps or total_steps)
+    pos = restore(run_dir, cfg, model, optimizer) if resume else Position()
+    if not resume:
+        write_config(run_dir, cfg, loader)
+    log = MetricsLog(run_dir, keep_until_step=pos.step)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
+    samples_per_step = cfg.batch_size * cfg.grad_accum
+    epoch_batches = steps_per_epoch * cfg.grad_accum
+
+    model.train()
+    bar = tqdm(total=limit, initial=pos.step, disable=not progress, unit="step", dynamic_ncols=True)
+    saved_at = pos.step
+    while pos.step < limit:
+        tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
+        for batch in loader.epoch(pos.epoch, start_batch=pos.batch):
+            micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
+            generator = batch_generator(cfg.seed, micro)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch["points"] = augment(batch["points"], cfg.augment, generator)
+            with autocast:
+                loss, parts = compute_loss(model, batch, settings, generator)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {float(loss)} at step {pos.step + 1} (epoch {pos.epoch}); "
+                                    f"training stopped, the last good checkpoint {run_dir / LAST} is untouched. "
+                                    "Check the store's targets for NaN/inf or lower --lr.")
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+            step_parts = {k: step_parts.get(k, 0.0) + v / cfg.grad_accum for k, v in parts.items()}
+            pos = dataclasses.replace(pos, batch=pos.batch + 1)
+            if pos.batch % cfg.grad_accum:
+                continue
+
+            lr = lr_at(pos.step, cfg, warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos = dataclasses.replace(pos, step=pos.step + 1)
+            rate = samples_per_step / (time.perf_counter() - tic)
+            log.step(step=pos.step, epoch=pos.epoch, loss=step_loss, lr=lr, samples_per_s=rate, **step_parts)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4g}", samples_s=f"{rate:.1f}")
+            if cfg.save_every and pos.step % cfg.save_every == 0:
+                save(run_dir, cfg, model, optimizer, pos)
+                saved_at = pos.step
+            tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
+            if pos.step >= limit or pos.batch >= epoch_batches:
+                break
+        if pos.batch >= epoch_batches:
+            log.epoch(epoch=pos.epoch, step=pos.step)
+            pos = Position(step=pos.step, epoch=pos.epoch + 1, batch=0)
+            save(run_dir, cfg, model, optimizer, pos)
+            saved_at = pos.step
+            log.plot()
+    bar.close()
+    if saved_at != pos.step or not (run_dir / LAST).exists():
+        save(run_dir, cfg, model, optimizer, pos)
+    log.plot()
+    return {"run_dir": str(run_dir), "variant": cfg.variant, "steps": pos.step, **log.summary()}
