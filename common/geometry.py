@@ -34,12 +34,13 @@ def pose_problem(pose: np.ndarray) -> str | None:
 def valid_pixels(depth: np.ndarray, depth_shift: float, min_depth: float, max_depth: float) -> np.ndarray:
     """Flat (row-major) indices of depth pixels whose depth in metres lies in [min_depth, max_depth].
 
-    Compared in raw sensor units, so no float image is built; 0 (no measurement) is always invalid.
+    Compared in raw sensor units with one unsigned wrap-around test (values below ``low`` wrap to
+    above the range), so no float image is built; 0 (no measurement) is always invalid.
     """
     low = max(1, int(np.ceil(min_depth * depth_shift)))
     high = int(np.floor(max_depth * depth_shift))
     flat = depth.reshape(-1)
-    return np.flatnonzero((flat >= low) & (flat <= high))
+    return np.flatnonzero((flat - flat.dtype.type(low)) <= (high - low))
 
 
 def backproject(depth: np.ndarray, pixels: np.ndarray, intrinsic: np.ndarray, depth_shift: float) -> np.ndarray:

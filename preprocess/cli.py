@@ -22,6 +22,25 @@ app = typer.Typer(
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
 
+TeacherKind = Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")]
+ClipWeights = Annotated[Optional[str], typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
+                                                         "'openai' downloads.")]
+ClipCapWeights = Annotated[Optional[str], typer.Option(help="ClipCap conceptual_weights.pt (MLP mapper).")]
+WeightsDir = Annotated[Optional[Path], typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")]
+Device = Annotated[str, typer.Option(help="cpu | cuda (teacher device).")]
+Precision = Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")]
+PatchTokens = Annotated[bool, typer.Option(help="Also cache CLIP's 7x7 patch tokens (local ablation).")]
+TeacherBatch = Annotated[int, typer.Option(help="Images per teacher forward.")]
+Threads = Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")]
+Workers = Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
+                                           "(0: run in this process).")]
+Scheduler = Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler "
+                                                       "(tcp://host:8786); one task per shard.")]
+Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+Store = Annotated[str, typer.Argument(help="Pair store path.")]
+Split = Annotated[str, typer.Option(help="Split of the store.")]
+Index = Annotated[int, typer.Option(help="Sample index within the split.")]
+
 
 def _teacher_config(teacher: str, clip_weights: Optional[str], clipcap_weights: Optional[str],
                     weights_dir: Optional[Path], device: str, precision: str, seed: int, patch_tokens: bool):
@@ -49,22 +68,19 @@ def scannet(
     sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
     shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
     seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
-    teacher: Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")] = "clipcap",
-    clip_weights: Annotated[Optional[str], typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
-                                                         "'openai' downloads.")] = None,
-    clipcap_weights: Annotated[Optional[str], typer.Option(help="ClipCap conceptual_weights.pt (MLP).")] = None,
-    weights_dir: Annotated[Optional[Path], typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda (teacher device).")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")] = "fp32",
-    patch_tokens: Annotated[bool, typer.Option(help="Also cache CLIP's 7x7 patch tokens (local ablation).")] = False,
-    teacher_batch: Annotated[int, typer.Option(help="Images per teacher forward.")] = 32,
-    threads: Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")] = 2,
-    workers: Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
-                                               "(0: run in this process).")] = 0,
-    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler "
-                                                          "(tcp://host:8786); one task per shard.")] = None,
+    teacher: TeacherKind = "clipcap",
+    clip_weights: ClipWeights = None,
+    clipcap_weights: ClipCapWeights = None,
+    weights_dir: WeightsDir = None,
+    device: Device = "cpu",
+    precision: Precision = "fp32",
+    patch_tokens: PatchTokens = False,
+    teacher_batch: TeacherBatch = 32,
+    threads: Threads = 2,
+    workers: Workers = 0,
+    scheduler: Scheduler = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store written with other arguments.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Progress = True,
 ) -> None:
     """Read ScanNet (.sens or exported frames), back-project every 25th frame and cache teacher targets.
 
@@ -83,7 +99,8 @@ def scannet(
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
     teacher_cfg = _teacher_config(teacher, clip_weights, clipcap_weights, weights_dir, device, precision, seed,
                                   patch_tokens)
-    summary = run_prep(cfg, out, teacher_cfg, RunOptions(teacher_batch, threads, workers, scheduler, overwrite, progress))
+    options = RunOptions(teacher_batch, threads, workers, scheduler, overwrite, progress)
+    summary = run_prep(cfg, out, teacher_cfg, options)
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
     typer.echo(f"wrote {out}")
@@ -110,7 +127,7 @@ def demo_scene(
 
 @app.command()
 def info(
-    store: Annotated[str, typer.Argument(help="Pair store path.")],
+    store: Store,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Splits, counts, scenes, skipped frames, teacher identity and size of a store."""
@@ -120,7 +137,7 @@ def info(
         return
     teacher = report["teacher"] or {}
     typer.echo(f"{report['path']}  status={report['status']}  size={(report['bytes'] or 0) / 2**20:.1f} MiB")
-    typer.echo(f"teacher: {teacher.get('models')}  random={teacher.get('random')}  "
+    typer.echo(f"teacher: {teacher.get('clip_model')} + {teacher.get('mapper')}  random={teacher.get('random')}  "
                f"precision={teacher.get('precision')}")
     if teacher.get("random"):
         typer.echo("WARNING: this store's targets come from a RANDOM teacher (tests/demos only).")
@@ -130,7 +147,7 @@ def info(
 
 
 @app.command()
-def verify(store: Annotated[str, typer.Argument(help="Pair store path.")]) -> None:
+def verify(store: Store) -> None:
     """Check every shard (done, shapes, dtypes, checksums, no NaN/inf, attrs); exit 1 on any fault."""
     faults = verify_store(store)
     for fault in faults:
@@ -138,6 +155,92 @@ def verify(store: Annotated[str, typer.Argument(help="Pair store path.")]) -> No
     if faults:
         raise typer.Exit(1)
     typer.echo(f"{store}: OK")
+
+
+@app.command("teacher")
+def teacher_cmd(
+    store: Store,
+    teacher: TeacherKind = "clipcap",
+    clip_weights: ClipWeights = None,
+    clipcap_weights: ClipCapWeights = None,
+    weights_dir: WeightsDir = None,
+    device: Device = "cpu",
+    precision: Precision = "fp32",
+    patch_tokens: PatchTokens = False,
+    seed: Annotated[int, typer.Option(help="Seed of a random teacher.")] = 0,
+    teacher_batch: TeacherBatch = 32,
+    threads: Threads = 2,
+    workers: Workers = 0,
+    scheduler: Scheduler = None,
+    progress: Progress = True,
+) -> None:
+    """Recompute only the teacher targets of a store (geometry kept; the dataset must still be reachable).
+
+    Targets already computed by the same teacher identity are kept; another teacher replaces them all.
+    """
+    from pkd.preprocess.prep import RunOptions, run_teacher
+
+    teacher_cfg = _teacher_config(teacher, clip_weights, clipcap_weights, weights_dir, device, precision, seed,
+                                  patch_tokens)
+    summary = run_teacher(store, teacher_cfg, RunOptions(teacher_batch, threads, workers, scheduler, False, progress))
+    for name, s in summary.items():
+        typer.echo(f"{name}: teacher targets for {s['shards_written']} shards written")
+
+
+@app.command()
+def show(
+    store: Store,
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("sample.png"),
+    index: Index = 0,
+    split: Split = "train",
+    clipcap_weights: Annotated[Optional[str], typer.Option(help="ClipCap weights with gpt.* keys: adds the "
+                                                                "caption.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="GPT-2 tokenizer folder (HF format) for the caption.")]
+    = None,
+) -> None:
+    """One picture of a sample: color frame with the teacher crop, the crop, the colored points (+caption)."""
+    from pkd.preprocess import show as viewer
+
+    sample = viewer.load_sample(store, split, index)
+    text = _caption(sample.prefix, clipcap_weights, tokenizer, beam=5) if clipcap_weights else None
+    typer.echo(f"wrote {viewer.render(sample, viewer.color_frame(store, sample), out, text)}")
+
+
+@app.command()
+def caption(
+    store: Store,
+    clipcap_weights: Annotated[str, typer.Option(help="ClipCap weights file holding the gpt.* keys.")],
+    tokenizer: Annotated[str, typer.Option(help="GPT-2 tokenizer folder (HF format, e.g. a saved 'gpt2').")],
+    index: Index = 0,
+    split: Split = "train",
+    beam: Annotated[int, typer.Option(help="Beam width (1 = greedy).")] = 5,
+) -> None:
+    """Turn a cached prefix back into text with ClipCap's GPT-2 (inspection only)."""
+    from pkd.preprocess.show import load_sample
+
+    typer.echo(_caption(load_sample(store, split, index).prefix, clipcap_weights, tokenizer, beam))
+
+
+def _caption(prefix, clipcap_weights: str, tokenizer: Optional[str], beam: int) -> str:
+    from pkd.preprocess.caption import load_captioner
+
+    if tokenizer is None:
+        raise ConfigError("a caption needs --tokenizer: a GPT-2 tokenizer folder (save one with "
+                          "`transformers.GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained(DIR)`).")
+    return load_captioner(clipcap_weights, tokenizer).caption(prefix, beam=beam)
+
+
+@app.command()
+def ply(
+    store: Store,
+    out: Annotated[Path, typer.Option(help="PLY file to write.")] = Path("sample.ply"),
+    index: Index = 0,
+    split: Split = "train",
+) -> None:
+    """Write one sample's colored points as PLY (open3d) for any point-cloud viewer."""
+    from pkd.preprocess.show import load_sample, write_ply
+
+    typer.echo(f"wrote {write_ply(load_sample(store, split, index), out)}")
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ use them)::
             intrinsic/intrinsic_color.txt, intrinsic_depth.txt, [extrinsic_color.txt, extrinsic_depth.txt]
             [<scene>.txt with colorWidth/colorHeight/depthWidth/depthHeight]
 
-Frame numbers are the file stems, not zero-padded. Only frames with all three files count; the others
-are listed in ``missing``.
+Frame numbers are the file stems (ScanNet does not zero-pad them; padded names are read too). Only
+frames with all three files count; the others are listed in ``missing``.
 """
 
 from __future__ import annotations
@@ -42,15 +42,15 @@ class ExportedReader:
             if not (self.path / part).is_dir():
                 raise DataError(f"{self.path} has no {part}/ folder; an exported scene needs color/, depth/, pose/ "
                                 "and intrinsic/ (re-export the scan with ScanNet's SensReader).")
-        stems = [_frame_stems(self.path / part, suffix) for part, suffix in _PARTS]
-        complete = set.intersection(*stems)
+        files = [_numbered_files(self.path / part, suffix) for part, suffix in _PARTS]
+        complete = set(files[0]).intersection(*files[1:])
         if not complete:
             raise DataError(f"{self.path}: no frame has all of color/N.jpg, depth/N.png and pose/N.txt "
-                            f"({', '.join(f'{len(s)} {p}' for s, (p, _) in zip(stems, _PARTS))} files); "
+                            f"({', '.join(f'{len(f)} {p}' for f, (p, _) in zip(files, _PARTS))} files); "
                             "re-export the scan.")
         self._frames = sorted(complete)
-        self._frame_set = frozenset(complete)
-        self.missing: list[int] = sorted(set.union(*stems) - complete)
+        self._files = {frame: tuple(f[frame] for f in files) for frame in self._frames}
+        self.missing: list[int] = sorted(set().union(*files) - complete)
         self.camera = self._read_camera()
 
     def _read_camera(self) -> Camera:
@@ -66,13 +66,13 @@ class ExportedReader:
         except np.linalg.LinAlgError as exc:
             raise DataError(f"{folder / 'extrinsic_color.txt'} is singular; re-export the scan.") from exc
         meta = self._meta()
-        first = self._frames[0]
+        first_color, first_depth, _ = self._files[self._frames[0]]
         return Camera(
             color_intrinsic=color_k,
             depth_intrinsic=depth_k,
             depth_to_color=depth_to_color,
-            color_size=_size(meta, "color", self.path / "color" / f"{first}.jpg"),
-            depth_size=_size(meta, "depth", self.path / "depth" / f"{first}.png"),
+            color_size=_size(meta, "color", first_color),
+            depth_size=_size(meta, "depth", first_depth),
             depth_shift=DEPTH_SHIFT,
         )
 
@@ -90,11 +90,11 @@ class ExportedReader:
 
     def pose(self, frame: int) -> np.ndarray:
         """Camera-to-world pose from ``pose/N.txt`` as float32; all NaN when the file is unreadable."""
-        self._check(frame)
+        pose_file = self._paths(frame)[2]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pose = np.loadtxt(self.path / "pose" / f"{frame}.txt", dtype=np.float64, ndmin=2)
+                pose = np.loadtxt(pose_file, dtype=np.float64, ndmin=2)
         except (OSError, ValueError):
             return np.full((4, 4), np.nan, dtype=np.float32)
         if pose.shape != (4, 4):
@@ -104,9 +104,8 @@ class ExportedReader:
     def read(self, frames: Sequence[int]) -> Iterator[RawFrame]:
         """Yield the given frames in order; an unreadable image file gives an empty (undecodable) payload."""
         for frame in frames:
-            self._check(frame)
-            color = self._bytes(self.path / "color" / f"{frame}.jpg")
-            depth = self._bytes(self.path / "depth" / f"{frame}.png")
+            color_file, depth_file, _ = self._paths(frame)
+            color, depth = self._bytes(color_file), self._bytes(depth_file)
             yield RawFrame(frame=frame, pose=self.pose(frame), color=color, depth=depth, depth_codec="png")
 
     def _bytes(self, file: Path) -> bytes:
@@ -117,9 +116,11 @@ class ExportedReader:
         self.bytes_read += len(data)
         return data
 
-    def _check(self, frame: int) -> None:
-        if frame not in self._frame_set:
-            raise IndexError(f"{self.path} has no complete frame {frame}")
+    def _paths(self, frame: int) -> tuple[Path, Path, Path]:
+        try:
+            return self._files[frame]
+        except KeyError:
+            raise IndexError(f"{self.path} has no complete frame {frame}") from None
 
     def close(self) -> None:
         """Nothing to release: files are opened per frame."""
@@ -131,8 +132,9 @@ class ExportedReader:
         self.close()
 
 
-def _frame_stems(folder: Path, suffix: str) -> set[int]:
-    return {int(p.stem) for p in folder.iterdir() if p.suffix == suffix and p.stem.isdigit()}
+def _numbered_files(folder: Path, suffix: str) -> dict[int, Path]:
+    """Files named <frame number><suffix> in a folder, by frame number."""
+    return {int(p.stem): p for p in folder.iterdir() if p.suffix == suffix and p.stem.isdigit()}
 
 
 def _matrix(file: Path, optional: bool = False) -> np.ndarray:

@@ -113,17 +113,16 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
     prep = to_plain(cfg)
     if _store_exists(out):
         root = store.open_store(out, mode="r+")
-        diff = config_diff(root.attrs["prep"], prep) + config_diff(
-            _comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id), "teacher."
-        )
-        if diff:
-            raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(diff) +
-                              "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
-                              "or choose another --out.")
-        for name, plan in plans.items():
-            if name not in root or root[name].attrs.get("plan") != plan.fingerprint():
-                raise ConfigError(f"the scenes under {cfg.root} changed since {out} was planned (split {name}); "
-                                  "pass --overwrite to rebuild the store or --out for a new one.")
+        geometry_diff = config_diff(root.attrs["prep"], prep)
+        teacher_diff = config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id),
+                                   "teacher.")
+        if geometry_diff or teacher_diff:
+            hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
+                    "with the new teacher options.")
+            raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(geometry_diff + teacher_diff)
+                              + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
+                              "or choose another --out." + hint)
+        _check_plans(root, plans, cfg, out)
         return root
     root = zarr.open_group(out, mode="w")
     for name, plan in plans.items():
@@ -135,6 +134,13 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
         "versions": package_versions(), "status": "in-progress",
     })
     return root
+
+
+def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
+    for name, plan in plans.items():
+        if name not in root or root[name].attrs.get("plan") != plan.fingerprint():
+            raise ConfigError(f"the scenes under {cfg.root} changed since {out} was planned (split {name}); "
+                              "pass --overwrite to rebuild the store or --out for a new one.")
 
 
 def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]:
@@ -177,7 +183,7 @@ def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options:
 
 def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
     """Build (or resume) the pair store at ``out``; returns a summary per split."""
-    out = str(out) if "://" in str(out) else str(Path(out).resolve())
+    out = _absolute(out)
     entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
     with store_lock(out):
         if options.overwrite and _store_exists(out):
@@ -186,18 +192,59 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
         if not any(plan.samples for plan in plans.values()):
             raise ConfigError(f"no usable frames under {cfg.root} (every kept frame had an invalid pose); "
                               "check the scans or lower --frame-skip.")
-        teacher: Teacher = build_teacher(teacher_cfg)
+        teacher = build_teacher(teacher_cfg)
         root = _open_or_create(out, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
-        jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, root[name])]
-        if options.workers or options.scheduler:
-            from pkd.preprocess.distributed import run_on_dask
+        return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
 
-            run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.workers,
-                        options.scheduler, options.progress)
-        else:
-            _run_here(root, jobs, teacher, options)
-        summary = {name: finalize(root[name]) | {"samples": len(plan.samples),
-                                                 "shards_written": sum(j.split == name for j in jobs)}
-                   for name, plan in plans.items()}
-        root.attrs["status"] = "complete"
+
+def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
+    """Recompute only the teacher arrays of an existing store (e.g. real weights after a random demo).
+
+    Geometry is kept; targets already computed by the same teacher identity are never recomputed.
+    The frames are read again from the dataset path recorded in the store.
+    """
+    out = _absolute(out)
+    with store_lock(out):
+        root = store.open_store(out, mode="r+")
+        cfg = prep_config_of(root.attrs["prep"])
+        teacher = build_teacher(teacher_cfg)
+        if config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher.identity)):
+            for name in store.splits_of(root):
+                store.reset_stage(root[name], "teacher")
+                if teacher_cfg.patch_tokens and "patch_tokens" not in root[name]:
+                    store.add_array(root[name], next(s for s in store.array_specs(cfg.geometry.num_points, True)
+                                                     if s.name == "patch_tokens"))
+            root.attrs.update({"teacher": teacher.identity, "status": "in-progress"})
+        entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+        plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
+        _check_plans(root, plans, cfg, out)
+        return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
+
+
+def prep_config_of(recorded: dict) -> PrepConfig:
+    """The PrepConfig a store was written with, from its ``prep`` attrs."""
+    fields = dict(recorded)
+    fields["geometry"] = GeometryConfig(**fields["geometry"])
+    fields["scenes"] = tuple(fields["scenes"]) if fields["scenes"] else None
+    return PrepConfig(**fields)
+
+
+def _absolute(out: str) -> str:
+    return str(out) if "://" in str(out) else str(Path(out).resolve())
+
+
+def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
+             teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
+    jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, root[name])]
+    if options.workers or options.scheduler:
+        from pkd.preprocess.distributed import run_on_dask
+
+        run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.workers,
+                    options.scheduler, options.progress)
+    else:
+        _run_here(root, jobs, teacher, options)
+    summary = {name: finalize(root[name]) | {"samples": len(plan.samples),
+                                             "shards_written": sum(j.split == name for j in jobs)}
+               for name, plan in plans.items()}
+    root.attrs["status"] = "complete"
     return summary

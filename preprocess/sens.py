@@ -240,7 +240,7 @@ def write_sens(
                 out.write(color)
                 out.write(depth)
                 count += 1
-            out.write(struct.pack("<Q", 0))
+            out.write(struct.pack("<Q", 0))  # no IMU frames
             out.seek(0)
             out.write(_header(camera, sensor_name, count))
         os.replace(tmp, path)
@@ -251,9 +251,9 @@ def write_sens(
 
 
 def _header(camera: Camera, sensor_name: str, num_frames: int) -> bytes:
-    def mat4(m3: np.ndarray) -> list[float]:
+    def mat4(intrinsic: np.ndarray) -> list[float]:
         m = np.eye(4)
-        m[:3, :3] = m3
+        m[:3, :3] = np.asarray(intrinsic)[:3, :3]
         return m.ravel().tolist()
 
     name = sensor_name.encode()
@@ -270,7 +270,7 @@ def _frame_parts(item: RawFrame | tuple, camera: Camera) -> tuple[np.ndarray, by
         depth = item.depth if item.depth_codec == "zlib_ushort" else decode_depth(item, camera)
     else:
         pose, color, depth = item
-    if not bytes(color[:2]) == b"\xff\xd8":
+    if bytes(color[:2]) != b"\xff\xd8":
         raise ValueError("write_sens: color payloads must be JPEG-encoded bytes")
     if isinstance(depth, np.ndarray):
         width, height = camera.depth_size

@@ -31,3 +31,37 @@ def scannet_scene() -> Path:
 def sevenscenes() -> Path:
     """300 contiguous real 7-Scenes Kinect frames with poses and intrinsics."""
     return require_fixture("7scenes_seq")
+
+
+DEMO_POINTS = 1024
+
+
+def demo_prep_config(root: Path, **changes):
+    """A quick prep config for the demo scene: 1024 points, shards of 2 samples."""
+    from pkd.preprocess.frame_sample import GeometryConfig
+    from pkd.preprocess.prep import PrepConfig
+
+    geometry = GeometryConfig(num_points=DEMO_POINTS, min_valid_pixels=DEMO_POINTS)
+    return PrepConfig(**{"root": str(root), "shard_size": 2, "geometry": geometry, **changes})
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A 130-frame synthetic ScanNet scene (both layouts): kept frames 0, 25, 50, 75, 125; 100 is lost."""
+    from pkd.preprocess.demo import write_demo_scene
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_scene(root, num_frames=130, layout="both")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_store(demo_root, tmp_path_factory) -> Path:
+    """The demo scene prepped with the seeded random teacher (treat as read-only)."""
+    from pkd.preprocess.prep import RunOptions, run_prep
+    from pkd.preprocess.teacher import TeacherConfig
+
+    out = tmp_path_factory.mktemp("stores") / "pairs.zarr"
+    run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
+             RunOptions(teacher_batch=2, progress=False))
+    return out

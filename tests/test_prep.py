@@ -17,36 +17,17 @@ from pkd.common.errors import ConfigError, StoreError
 from pkd.common.verify import store_info, verify_store
 from pkd.preprocess import prep as prep_module
 from pkd.preprocess import demo
-from pkd.preprocess.demo import write_demo_scene
 from pkd.preprocess.frame_sample import GeometryConfig
-from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep, store_lock
+from pkd.preprocess.prep import RunOptions, run_prep, store_lock
 from pkd.preprocess.teacher import TeacherConfig
 
-POINTS = 1024
+from conftest import DEMO_POINTS, demo_prep_config
+
+POINTS = DEMO_POINTS
 ARRAYS = [s.name for s in store.array_specs(POINTS)]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_scene(root, num_frames=130, layout="both")
-    return root
-
-
-def config(root: Path, **changes) -> PrepConfig:
-    geometry = GeometryConfig(num_points=POINTS, min_valid_pixels=POINTS)
-    return PrepConfig(**{"root": str(root), "shard_size": 2, "geometry": geometry, **changes})
-
-
 TEACHER = TeacherConfig(kind="random", seed=0)
 QUIET = RunOptions(teacher_batch=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def demo_store(demo_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stores") / "pairs.zarr"
-    run_prep(config(demo_root), str(out), TEACHER, QUIET)
-    return out
+config = demo_prep_config
 
 
 def arrays_of(path: Path) -> dict[str, np.ndarray]:

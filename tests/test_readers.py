@@ -333,6 +333,13 @@ def test_exported_frames_sort_numerically_and_sizes_come_from_images(tmp_path):
         assert reader.frame_numbers() == [0, 2, 10, 100]
         assert reader.camera.color_size == (64, 48) and reader.camera.depth_size == (64, 48)
         np.testing.assert_array_equal(reader.pose(10)[:3, 3], [10, 10, 10])
+    for part in ("color", "depth", "pose"):
+        for file in (scene / part).iterdir():
+            file.rename(file.with_name(f"{int(file.stem):06d}{file.suffix}"))
+    with ExportedReader(scene) as reader:
+        assert reader.frame_numbers() == [0, 2, 10, 100]
+        np.testing.assert_array_equal(reader.pose(100)[:3, 3], [100, 100, 100])
+        assert next(reader.read([2])).color == (scene / "color" / "000002.jpg").read_bytes()
 
 
 def test_exported_missing_files_are_skipped_and_listed(tmp_path):

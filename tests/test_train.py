@@ -213,31 +213,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 # ---- CLI and import rule --------------------------------------------------------------------------------
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pkd.train", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
+def cli(*args, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run pkd-train's main() in-process (as the console script does): exit code, stdout, stderr."""
+    from pkd.train.cli import main
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["pkd-train", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
 
 
-SMALL = ["--num-points", 128, "--dim", 48, "--depth", 2, "--heads", 4, "--batch-size", 4, "--device", "cpu"]
+SMALL = ["--num-points", 128, "--num-group", 16, "--group-size", 8, "--dim", 48, "--depth", 2, "--heads", 4,
+         "--batch-size", 4, "--device", "cpu"]
 
 
-def test_cli_distill_export_ablate_and_errors(store, tmp_path):
-    done = cli("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    again = cli("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a", cwd=tmp_path)
-    assert again.returncode == 2 and again.stderr.startswith("error: run directory") and "Traceback" not in again.stderr
-    exported = cli("export", "runs/a", "--out", "enc.pth", cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr
+def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, capsys):
+    run = lambda *args: cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)  # noqa: E731
+    code, _, err = run("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a")
+    assert code == 0, err
+    code, _, err = run("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a")
+    assert code == 2 and err.startswith("error: run directory") and "Traceback" not in err
+    code, _, err = run("export", "runs/a", "--out", "enc.pth")
+    assert code == 0, err
     weights = torch.load(tmp_path / "enc.pth", weights_only=True)
     assert list(weights) == ["base_model"] and "MAE_encoder.norm.weight" in weights["base_model"]
     assert all(k.startswith("MAE_encoder.") for k in weights["base_model"])
-    ablate = cli("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t",
-                 cwd=tmp_path)
-    assert ablate.returncode == 0, ablate.stderr
+    code, _, err = run("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t")
+    assert code == 0, err
     rows = json.loads((tmp_path / "runs" / "ablate-t" / "table.json").read_text())
     assert [r["variant"] for r in rows] == ["distill", "no-concept"] and all(r["steps"] == 1 for r in rows)
     assert "| distill |" in (tmp_path / "runs" / "ablate-t" / "table.md").read_text()
-    assert "Train one student" in cli("distill", "--help", cwd=tmp_path).stdout
+    assert "Train one student" in run("distill", "--help")[1]
+
+
+def test_python_m_entry_point_reports_errors_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pkd.train", "distill", tmp_path / "missing.zarr"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: no pair store") and "Traceback" not in done.stderr
 
 
 def test_training_never_imports_the_teacher(store, tmp_path):

@@ -15,10 +15,9 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pret
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
 
 
-def _config(store: Path, variant: str, split: str, epochs: int, warmup_epochs: int, batch_size: int, grad_accum: int,
-            lr: float, weight_decay: float, seed: int, device: str, num_workers: int, shuffle_shards: int,
-            normalize_targets: bool, recon_weight: float, max_steps: Optional[int], save_every: Optional[int],
-            num_points: int, dim: int, depth: int, heads: int, init: Optional[Path], no_augment: bool):
+def _config(store: Path, variant: str, *, num_points: int, num_group: int, group_size: int, dim: int, depth: int,
+            heads: int, device: str, no_augment: bool = False, init: Optional[Path] = None, **train: object):
+    """A TrainConfig from CLI options; ``train`` holds options named exactly as TrainConfig fields."""
     import torch
 
     from pkd.train.augment import AugmentConfig
@@ -27,13 +26,10 @@ def _config(store: Path, variant: str, split: str, epochs: int, warmup_epochs: i
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = StudentConfig(num_points=num_points, dim=dim, depth=depth, heads=heads, variant=variant)
-    return TrainConfig(store=str(store), split=split, model=model, epochs=epochs, warmup_epochs=warmup_epochs,
-                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, seed=seed,
-                       device=device, num_workers=num_workers, shuffle_shards=shuffle_shards,
-                       normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps,
-                       save_every=save_every, augment=AugmentConfig(enabled=not no_augment),
-                       init=str(init) if init else None)
+    model = StudentConfig(num_points=num_points, num_group=num_group, group_size=group_size, dim=dim, depth=depth,
+                          heads=heads, variant=variant)
+    return TrainConfig(store=str(store), model=model, device=device, augment=AugmentConfig(enabled=not no_augment),
+                       init=str(init) if init else None, **train)
 
 
 @app.command()
@@ -57,6 +53,8 @@ def distill(
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many optimizer steps")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="also checkpoint every N steps")] = None,
     num_points: Annotated[int, typer.Option(help="points per cloud fed to the student (subsampled)")] = 4096,
+    num_group: Annotated[int, typer.Option(help="patches (FPS centres) per cloud")] = 64,
+    group_size: Annotated[int, typer.Option(help="points per patch (kNN)")] = 32,
     dim: int = 384,
     depth: int = 12,
     heads: int = 6,
@@ -68,9 +66,12 @@ def distill(
     """Train one student on STORE (no teacher is loaded: targets come from the store)."""
     from pkd.train.trainer import train
 
-    cfg = _config(store, variant, split, epochs, warmup_epochs, batch_size, grad_accum, lr, weight_decay, seed,
-                  device, num_workers, shuffle_shards, normalize_targets, recon_weight, max_steps, save_every,
-                  num_points, dim, depth, heads, init, no_augment)
+    cfg = _config(store, variant, num_points=num_points, num_group=num_group, group_size=group_size, dim=dim,
+                  depth=depth, heads=heads, device=device, no_augment=no_augment, init=init, split=split,
+                  epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                  weight_decay=weight_decay, seed=seed, num_workers=num_workers, shuffle_shards=shuffle_shards,
+                  normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps,
+                  save_every=save_every)
     run_dir = run_dir or Path("runs") / f"{Path(store).stem}-{variant}"
     summary = train(cfg, run_dir, resume=resume, overwrite=overwrite)
     typer.echo(f"{summary['variant']}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
@@ -93,17 +94,20 @@ def ablate(
     recon_weight: float = 1.0,
     max_steps: Optional[int] = None,
     num_points: int = 4096,
+    num_group: int = 64,
+    group_size: int = 32,
     dim: int = 384,
     depth: int = 12,
     heads: int = 6,
-    overwrite: bool = False,
+    overwrite: Annotated[bool, typer.Option(help="replace existing per-variant run folders")] = False,
 ) -> None:
     """Train every variant with the same settings; write table.md and table.json under runs/ablate-NAME."""
     from pkd.train.run import format_table, run_ablation
 
-    cfg = _config(store, "distill", "train", epochs, warmup_epochs, batch_size, 1, lr, 0.05, seed, device,
-                  num_workers, 4, normalize_targets, recon_weight, max_steps, None, num_points, dim, depth, heads,
-                  None, False)
+    cfg = _config(store, "distill", num_points=num_points, num_group=num_group, group_size=group_size, dim=dim,
+                  depth=depth, heads=heads, device=device, epochs=epochs, warmup_epochs=warmup_epochs,
+                  batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers,
+                  normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps)
     out = Path("runs") / f"ablate-{name or Path(store).stem}"
     rows = run_ablation(cfg, [v.strip() for v in variants.split(",") if v.strip()], out, overwrite=overwrite)
     typer.echo(format_table(rows) + f"→ {out}/table.md")

@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
             with autocast:
                 loss, parts = compute_loss(model, batch, settings, generator)
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {float(loss)} at step {pos.step + 1} (epoch {pos.epoch}); "
+                raise TrainingError(f"loss became {float(loss.detach())} at step {pos.step + 1} (epoch {pos.epoch}); "
                                     f"training stopped, the last good checkpoint {run_dir / LAST} is untouched. "
                                     "Check the store's targets for NaN/inf or lower --lr.")
             (loss / cfg.grad_accum).backward()

@@ -1,0 +1,203 @@
+"""Benchmark one training step (forward + backward + AdamW) of the pkd student against a Point-MAE port.
+
+Cases (each in its own subprocess, so peak memory is that case's alone):
+  student        pkd ``distill`` student, in-memory batches
+  pointmae       faithful port of Point-MAE's encoder forward (manual attention, ``x = block(x + pos)``)
+                 plus the same-size prefix head on mean+max pooled tokens, in-memory batches
+  student-store  pkd ``distill`` student fed by ``StoreLoader`` from a synthetic store on disk
+
+Both models use pkd's pure-torch FPS/kNN tokenizer (Point-MAE's is CUDA-only). Peak memory is the
+``ru_maxrss`` growth during the timed loop on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
+
+    python bench/train_step.py --points 1024 --batch 8 --steps 3 --out bench/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pkd.train.augment import AugmentConfig, augment
+from pkd.train.encoder import Encoder, init_weights, positional_embedding
+from pkd.train.losses import LossSettings, compute_loss
+from pkd.train.model import StudentConfig, build_student
+from pkd.train.tokenizer import Group
+
+CASES = ("student", "pointmae", "student-store")
+
+
+class PortAttention(nn.Module):
+    """Point-MAE's Attention: explicit softmax(q kᵀ · scale) v."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class PortBlock(nn.Module):
+    """Point-MAE's Block with timm's DropPath semantics."""
+
+    def __init__(self, dim: int, heads: int, drop_path: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = PortAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop_path = drop_path
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_path == 0:
+            return x
+        keep = 1 - self.drop_path
+        return x.div(keep) * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.norm1(x)))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class PointMAEPort(nn.Module):
+    """Point-MAE's MaskTransformer (no masking) + a prefix head of the same size as pkd's no-concept head."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.group_divider = Group(cfg.num_group, cfg.group_size)
+        self.encoder = Encoder(cfg.dim)
+        self.pos_embed = positional_embedding(cfg.dim)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList([PortBlock(cfg.dim, cfg.heads, r) for r in rates])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Sequential(nn.Linear(2 * cfg.dim, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 7680))
+        self.apply(init_weights)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        patches, centres, _ = self.group_divider(points)
+        x, pos = self.encoder(patches), self.pos_embed(centres)
+        for block in self.blocks:
+            x = block(x + pos)
+        x = self.norm(x)
+        return self.head(torch.cat([x.mean(1), x.max(1).values], -1)).reshape(-1, 10, 768)
+
+
+def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"points": torch.randn(batch, points, 3, generator=g).to(device),
+             "prefix": torch.randn(batch, 10, 768, generator=g).to(device)} for _ in range(n)]
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict:
+    """Time ``args.steps`` steps after one warm-up step; returns samples/s, s/step and peak memory."""
+    device = torch.device(args.device)
+    cfg = StudentConfig(num_points=args.points)
+    torch.manual_seed(0)
+    model = (PointMAEPort(cfg) if case == "pointmae" else build_student(cfg)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(0)
+
+    if case == "student-store":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from store_factory import make_store
+
+        from pkd.train.data import LoaderConfig, StoreLoader
+        store = make_store(Path(args.tmp) / "bench.zarr", n=args.batch * (args.steps + 1), num_points=args.points,
+                           shard_size=args.batch * 2, patch_tokens=False, stats=False)
+        loader = StoreLoader(LoaderConfig(str(store), "train", ("points", "prefix"), args.batch, args.points),
+                             num_workers=args.workers)
+        batches = iter(loader.epoch(0))
+    else:
+        batches = iter(make_batches(args.steps + 1, args.batch, args.points, device))
+
+    def step() -> None:
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        batch["points"] = augment(batch["points"], AugmentConfig(), gen)
+        if case == "pointmae":
+            loss = F.mse_loss(model(batch["points"]), batch["prefix"])
+        else:
+            loss, _ = compute_loss(model, batch, LossSettings())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tic = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - tic) / args.steps
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+    total_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"case": case, "s_per_step": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak,
+            "max_rss_mib": total_rss, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=1, help="loader workers of the store-fed case")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args)))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--case", case, "--tmp", tmp, "--points", str(args.points),
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+                   "--workers", str(args.workers)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if done.returncode:
+                sys.exit(f"case {case} failed:\n{done.stderr}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {r["case"]: r for r in rows}
+    ratios = {}
+    if "student" in by and "pointmae" in by:
+        ratios["student_time_vs_pointmae"] = by["student"]["s_per_step"] / by["pointmae"]["s_per_step"]
+    if "student" in by and "student-store" in by:
+        ratios["store_fed_vs_in_memory"] = by["student-store"]["samples_per_s"] / by["student"]["samples_per_s"]
+    result = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "points": args.points, "batch": args.batch, "steps": args.steps, "rows": rows, **ratios}
+    print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}")
+    print(f"{'case':<14} {'s/step':>8} {'samples/s':>10} {'peak MiB':>9} {'params M':>9}")
+    for r in rows:
+        print(f"{r['case']:<14} {r['s_per_step']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_mib']:>9.0f} "
+              f"{r['params_m']:>9.2f}")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Look at one stored sample: the color frame with the teacher's crop, the crop itself, the points.
+
+The store keeps no images (they would dwarf the targets), so the color frame is read again from the
+dataset path recorded in the store; if the dataset moved, the picture says so and shows the points.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pkd.common import geometry, store  # noqa: E402
+from pkd.common.errors import DataError, StoreError  # noqa: E402
+from pkd.preprocess.frames import decode_color  # noqa: E402
+from pkd.preprocess.scenes import find_scenes, open_scene  # noqa: E402
+
+log = logging.getLogger(__name__)
+FIGSIZE, DPI = (15.0, 5.0), 100
+
+
+@dataclass
+class StoredSample:
+    """One sample's arrays and where it came from."""
+
+    split: str
+    index: int
+    scene: str
+    frame: int
+    points: np.ndarray
+    colors: np.ndarray
+    in_view: np.ndarray
+    prefix: np.ndarray
+    pose: np.ndarray
+    random_teacher: bool
+
+
+def load_sample(path: str, split: str, index: int) -> StoredSample:
+    """Read sample ``index`` of a split; refuses out-of-range and invalid (undecodable) samples."""
+    group = store.open_split(path, split)
+    n = int(group.attrs["num_samples"])
+    if not 0 <= index < n:
+        raise StoreError(f"{path}/{split} has {n} samples; --index must be in 0..{n - 1}, got {index}.")
+    if not group["valid"][index]:
+        raise StoreError(f"{path}/{split} sample {index} is marked invalid (its frame could not be decoded); "
+                         "pick another --index.")
+    root = store.open_store(path)
+    return StoredSample(
+        split=split, index=index, scene=group.attrs["scenes"][int(group["scene"][index])],
+        frame=int(group["frame"][index]), points=group["points"][index], colors=group["colors"][index],
+        in_view=group["in_view"][index], prefix=group["prefix"][index], pose=group["pose"][index],
+        random_teacher=bool(root.attrs["teacher"].get("random")),
+    )
+
+
+def color_frame(path: str, sample: StoredSample) -> np.ndarray | None:
+    """The sample's color frame read again from the recorded dataset, or None if it is not reachable."""
+    prep = store.open_store(path).attrs["prep"]
+    try:
+        (entry,) = find_scenes(Path(prep["root"]), "all", [sample.scene], prep["source"])
+        with open_scene(entry) as reader:
+            (raw,) = reader.read([sample.frame])
+        return decode_color(raw)
+    except DataError as exc:
+        log.warning("color frame unavailable: %s", exc)
+        return None
+
+
+def render(sample: StoredSample, image: np.ndarray | None, out: Path, caption: str | None = None) -> Path:
+    """Write a 1500x500 PNG: color frame with crop box, the teacher's crop, and the colored points."""
+    fig = plt.figure(figsize=FIGSIZE, dpi=DPI)
+    frame_ax, crop_ax = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2)
+    if image is not None:
+        u0, v0, u1, v1 = geometry.teacher_crop_box(image.shape[1], image.shape[0])
+        frame_ax.imshow(image)
+        frame_ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, color="yellow", lw=2))
+        crop_ax.imshow(image[int(v0):int(np.ceil(v1)), int(u0):int(np.ceil(u1))])
+    else:
+        frame_ax.text(0.5, 0.5, "color frame unavailable\n(dataset not at the recorded path)", ha="center")
+    frame_ax.set_title(f"{sample.scene} frame {sample.frame} (teacher crop in yellow)")
+    crop_ax.set_title("what the teacher sees")
+    for ax in (frame_ax, crop_ax):
+        ax.axis("off")
+    cloud_ax = fig.add_subplot(1, 3, 3, projection="3d")
+    _draw_points(cloud_ax, sample)
+    title = f"caption: {caption}" if caption else f"{sample.split}[{sample.index}]"
+    if sample.random_teacher:
+        title += "   (RANDOM teacher: targets are meaningless)"
+    fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+def _draw_points(ax, sample: StoredSample) -> None:
+    """Points seen from above and behind the camera, so the view reads like the photo."""
+    points = sample.points
+    ax.scatter(points[:, 0], points[:, 1], points[:, 2], c=sample.colors / 255.0, s=1.5, depthshade=False)
+    forward = sample.pose[:3, 2]
+    ax.view_init(elev=35, azim=float(np.degrees(np.arctan2(forward[1], forward[0]))) + 180)
+    span = (points.max(0) - points.min(0)).max() / 2
+    for centre, setter in zip((points.max(0) + points.min(0)) / 2, (ax.set_xlim, ax.set_ylim, ax.set_zlim)):
+        setter(centre - span, centre + span)
+    ax.set_title(f"{len(points)} points, {int(sample.in_view.sum())} inside the crop")
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    ax.set_zlabel("z (m)")
+
+
+def write_ply(sample: StoredSample, out: Path) -> Path:
+    """The sample's colored points as a PLY file for any point-cloud viewer."""
+    import open3d as o3d
+
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(sample.points.astype(np.float64)))
+    cloud.colors = o3d.utility.Vector3dVector(sample.colors.astype(np.float64) / 255.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not o3d.io.write_point_cloud(str(out), cloud):
+        raise DataError(f"could not write {out}; check the folder is writable.")
+    return out

@@ -1,0 +1,87 @@
+"""Store tools beyond the main prep: teacher-only recompute, show, ply, and prep on a dask cluster."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from pkd.common import store
+from pkd.common.errors import StoreError
+from pkd.common.verify import verify_store
+from pkd.preprocess.prep import RunOptions, run_prep, run_teacher
+from pkd.preprocess.show import load_sample, render, write_ply
+from pkd.preprocess.teacher import TeacherConfig
+
+from conftest import DEMO_POINTS, demo_prep_config
+
+QUIET = RunOptions(teacher_batch=2, progress=False)
+GEOMETRY = [s.name for s in store.array_specs(DEMO_POINTS) if s.stage == "geometry"]
+
+
+def split_arrays(path, names):
+    group = zarr.open_group(str(path), mode="r")["train"]
+    return {name: group[name][:] for name in names}
+
+
+def test_teacher_recomputes_targets_only(demo_store, tmp_path):
+    out = tmp_path / "pairs.zarr"
+    shutil.copytree(demo_store, out)
+    before = split_arrays(out, GEOMETRY + ["prefix"])
+    summary = run_teacher(str(out), TeacherConfig(kind="random", seed=1, patch_tokens=True), QUIET)
+    assert summary["train"]["shards_written"] == 3
+    after = split_arrays(out, GEOMETRY + ["prefix", "patch_tokens"])
+    for name in GEOMETRY:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert not np.array_equal(after["prefix"], before["prefix"])
+    assert after["patch_tokens"].shape == (5, 49, 512) and np.abs(after["patch_tokens"]).max() > 0
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["teacher"]["seed"] == 1 and root.attrs["status"] == "complete"
+    assert verify_store(str(out)) == []
+    again = run_teacher(str(out), TeacherConfig(kind="random", seed=1, patch_tokens=True), QUIET)
+    assert again["train"]["shards_written"] == 0
+
+
+def test_show_writes_a_picture_of_the_expected_size(demo_store, tmp_path):
+    sample = load_sample(str(demo_store), "train", 1)
+    assert sample.scene == "scene9000_00" and sample.frame == 25
+    from pkd.preprocess.show import color_frame
+
+    image = color_frame(str(demo_store), sample)
+    assert image is not None and image.shape == (480, 640, 3)
+    png = render(sample, image, tmp_path / "sample.png", caption="a room.")
+    with Image.open(png) as picture:
+        assert picture.size == (1500, 500)
+        assert np.asarray(picture.convert("L")).std() > 10
+    result = subprocess.run([sys.executable, "-m", "pkd.preprocess", "show", str(demo_store), "--index", "2",
+                             "--out", str(tmp_path / "cli.png")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cli.png").stat().st_size > 10_000
+
+
+def test_show_refuses_an_index_out_of_range(demo_store):
+    with pytest.raises(StoreError, match="--index must be in 0..4"):
+        load_sample(str(demo_store), "train", 5)
+
+
+def test_ply_holds_the_sample_points(demo_store, tmp_path):
+    import open3d as o3d
+
+    sample = load_sample(str(demo_store), "train", 0)
+    cloud = o3d.io.read_point_cloud(str(write_ply(sample, tmp_path / "s.ply")))
+    np.testing.assert_allclose(np.asarray(cloud.points), sample.points, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cloud.colors) * 255, sample.colors, atol=0.5)
+
+
+def test_dask_cluster_gives_the_single_process_store(demo_root, demo_store, tmp_path):
+    out = tmp_path / "dask.zarr"
+    run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
+             RunOptions(teacher_batch=2, progress=False, workers=2, threads=1))
+    assert verify_store(str(out)) == []
+    names = [s.name for s in store.array_specs(DEMO_POINTS)]
+    dask_arrays, local = split_arrays(out, names), split_arrays(demo_store, names)
+    for name in names:
+        np.testing.assert_array_equal(dask_arrays[name], local[name], err_msg=name)
