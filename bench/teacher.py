@@ -4,9 +4,9 @@ overlapped in threads) against the bare model forward on pre-transformed tensors
     python bench/teacher.py --device cpu --batch 32 --images 256 --threads 2 --out teacher_bench.json
 
 Uses the real 7-Scenes JPEGs from ../shared/fixtures/7scenes_seq and a random teacher (same compute as
-the real one). Bare and pipeline runs alternate ``--repeats`` times; the best run of each and the median batch time
-of each are reported, which keeps a shared machine's load from favouring either. Writes a JSON record and prints a table; pipeline/bare
-is the number to watch.
+the real one). Bare and pipeline runs alternate ``--repeats`` times; the best run, the median batch
+time and the process CPU time per image of each are reported, so a shared machine's load favours
+neither (CPU time per image is the load-insensitive figure). Writes JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _intervals(steps, device: torch.device) -> list[float]:
-    """Wall seconds of each step of an iterator (one batch each), synchronised on CUDA."""
+def _run(steps, device: torch.device) -> tuple[list[float], float]:
+    """Wall seconds of each step of an iterator (one batch each) and the process CPU seconds of all."""
     times = []
     _sync(device)
-    last = time.perf_counter()
+    cpu, last = time.process_time(), time.perf_counter()
     for _ in steps:
         _sync(device)
         now = time.perf_counter()
         times.append(now - last)
         last = now
-    return times
+    return times, time.process_time() - cpu
 
 
 def main() -> None:
@@ -83,10 +83,12 @@ def main() -> None:
         return encode_images(teacher, jpegs, batch_size=args.batch, num_workers=args.workers)
 
     load_before = os.getloadavg()[0]
-    runs = [(_intervals(bare(), device), _intervals(pipeline(), device)) for _ in range(args.repeats)]
-    bare_s, pipe_s = min(sum(r[0]) for r in runs), min(sum(r[1]) for r in runs)
-    bare_med = statistics.median(t for r in runs for t in r[0])
-    pipe_med = statistics.median(t for r in runs for t in r[1])
+    runs = [(_run(bare(), device), _run(pipeline(), device)) for _ in range(args.repeats)]
+    bare_s, pipe_s = min(sum(b[0]) for b, _ in runs), min(sum(p[0]) for _, p in runs)
+    bare_med = statistics.median(t for b, _ in runs for t in b[0])
+    pipe_med = statistics.median(t for _, p in runs for t in p[0])
+    bare_cpu = min(b[1] for b, _ in runs) / args.images
+    pipe_cpu = min(p[1] for _, p in runs) / args.images
     width, height = Image.open(files[0]).size
     record = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -100,7 +102,10 @@ def main() -> None:
         "bare_median_batch_images_per_s": args.batch / bare_med,
         "pipeline_median_batch_images_per_s": args.batch / pipe_med,
         "pipeline_over_bare_median_batch": bare_med / pipe_med,
-        "runs_s": [{"bare": sum(b), "pipeline": sum(p)} for b, p in runs],
+        "bare_cpu_s_per_image": bare_cpu,
+        "pipeline_cpu_s_per_image": pipe_cpu,
+        "pipeline_over_bare_cpu": bare_cpu / pipe_cpu,
+        "runs_s": [{"bare": sum(b[0]), "pipeline": sum(p[0])} for b, p in runs],
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "torch": torch.__version__,
     }
@@ -115,6 +120,7 @@ def main() -> None:
         print(f"  {name:<32} {rate:8.1f} images/s")
     print(f"  {'pipeline / bare (best run)':<32} {record['pipeline_over_bare']:8.1%}")
     print(f"  {'pipeline / bare (median batch)':<32} {record['pipeline_over_bare_median_batch']:8.1%}")
+    print(f"  {'CPU s/image bare, pipeline':<32} {bare_cpu:8.3f} {pipe_cpu:8.3f}  (ratio {bare_cpu / pipe_cpu:.1%})")
     print(f"  load average (1 min) before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,22 +143,36 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tic = time.perf_counter()
+    times, cpu_times = [], []
     for _ in range(args.steps):
+        tic, cpu = time.perf_counter(), time.process_time()
         step()
-    seconds = (time.perf_counter() - tic) / args.steps
+        times.append(time.perf_counter() - tic)
+        cpu_times.append(time.process_time() - cpu)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
     total_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "s_per_step": seconds, "samples_per_s": args.batch / seconds, "peak_mib": peak,
-            "max_rss_mib": total_rss, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {"case": case, "step_seconds": times, "cpu_seconds": cpu_times, "peak_mib": peak, "max_rss_mib": total_rss,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def summarise(case: str, runs: list[dict], batch: int) -> dict:
+    """Pool the step times of every round of a case: median and best s/step, samples/s from the median."""
+    times = sorted(t for r in runs for t in r["step_seconds"])
+    median = statistics.median(times)
+    cpu = statistics.median(t for r in runs for t in r["cpu_seconds"])
+    return {"case": case, "s_per_step": median, "best_s_per_step": times[0], "cpu_s_per_step": cpu,
+            "samples_per_s": batch / median,
+            "peak_mib": max(r["peak_mib"] for r in runs), "max_rss_mib": max(r["max_rss_mib"] for r in runs),
+            "params_m": runs[0]["params_m"], "step_seconds": times}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
+    parser.add_argument("--rounds", type=int, default=3, help="cases run interleaved this many times (noisy hosts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=1, help="loader workers of the store-fed case")
     parser.add_argument("--cases", default=",".join(CASES))
@@ -169,29 +184,36 @@ def main() -> None:
         print(json.dumps(run_case(args.case, args)))
         return
 
-    rows = []
+    cases = args.cases.split(",")
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases.split(","):
+        for _, case in ((r, c) for r in range(args.rounds) for c in cases):
             cmd = [sys.executable, __file__, "--case", case, "--tmp", tmp, "--points", str(args.points),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
                    "--workers", str(args.workers)]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode:
                 sys.exit(f"case {case} failed:\n{done.stderr}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[case].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [summarise(case, runs[case], args.batch) for case in cases]
     by = {r["case"]: r for r in rows}
     ratios = {}
     if "student" in by and "pointmae" in by:
         ratios["student_time_vs_pointmae"] = by["student"]["s_per_step"] / by["pointmae"]["s_per_step"]
+        ratios["student_time_vs_pointmae_best"] = by["student"]["best_s_per_step"] / by["pointmae"]["best_s_per_step"]
+        ratios["student_cpu_vs_pointmae"] = by["student"]["cpu_s_per_step"] / by["pointmae"]["cpu_s_per_step"]
     if "student" in by and "student-store" in by:
         ratios["store_fed_vs_in_memory"] = by["student-store"]["samples_per_s"] / by["student"]["samples_per_s"]
     result = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "points": args.points, "batch": args.batch, "steps": args.steps, "rows": rows, **ratios}
-    print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}")
-    print(f"{'case':<14} {'s/step':>8} {'samples/s':>10} {'peak MiB':>9} {'params M':>9}")
+              "points": args.points, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+              "workers": args.workers, "rows": rows, **ratios}
+    print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds")
+    print(f"{'case':<14} {'s/step med':>10} {'s/step best':>11} {'cpu s/step':>10} {'samples/s':>10} {'peak MiB':>9} "
+          f"{'params M':>9}")
     for r in rows:
-        print(f"{r['case']:<14} {r['s_per_step']:>8.3f} {r['samples_per_s']:>10.2f} {r['peak_mib']:>9.0f} "
-              f"{r['params_m']:>9.2f}")
+        print(f"{r['case']:<14} {r['s_per_step']:>10.3f} {r['best_s_per_step']:>11.3f} {r['cpu_s_per_step']:>10.3f} "
+              f"{r['samples_per_s']:>10.2f} "
+              f"{r['peak_mib']:>9.0f} {r['params_m']:>9.2f}")
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
     if args.out:

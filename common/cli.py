@@ -13,7 +13,8 @@ from pkd.common.errors import PkdError
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run ``app``; a PkdError prints ``error: <message>`` and exits with its code."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pkd").setLevel(logging.INFO)
     try:
         app(args=argv, standalone_mode=False)
     except PkdError as exc:

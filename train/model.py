@@ -3,9 +3,10 @@
 State-dict prefixes: ``MAE_encoder.*`` (exported, Point-MAE names), ``concept.*`` and ``head.*`` (distillation),
 ``MAE_decoder.*`` (masked reconstruction; never exported).
 
-Head choice for the prefix: the 32 concept tokens are flattened (32·C) and a 2-layer MLP maps them to
-10×768. Flattening keeps each concept's identity (pooling would make the 10 prefix slots depend on a
-permutation-invariant summary); the MLP is parameter-heavy but costs ~1 % of the encoder's FLOPs.
+Head choice for the prefix: the 32 concept tokens are mean- and max-pooled (2·C) and a 2-layer MLP
+(2·C → head_hidden → 10·768) maps them to the prefix. ``no-concept`` uses the very same head on the
+pooled point tokens, so the two ablation arms differ only by the concept module; a flattened 32·C input
+would add ~12 M head parameters (and their optimizer cost) for the concept arm alone.
 """
 
 from __future__ import annotations
@@ -129,12 +130,8 @@ class Student(nn.Module):
         out_dim = 0 if self.spec.target is None else int(torch.Size(TARGET_SHAPES[self.spec.target]).numel())
         if self.spec.head == "concept":
             self.concept = ConceptModule(cfg.dim, cfg.num_concepts, cfg.heads, cfg.concept_mlp_ratio)
-            in_dim = cfg.num_concepts * cfg.dim
-        elif self.spec.head == "pool":
-            in_dim = 2 * cfg.dim
-        else:
-            in_dim = cfg.dim
         if self.spec.head is not None:
+            in_dim = cfg.dim if self.spec.head == "token" else 2 * cfg.dim
             self.head = Mlp(in_dim, cfg.head_hidden, out_dim)
             self.head.apply(init_weights)
         if self.spec.recon:
@@ -156,14 +153,11 @@ class Student(nn.Module):
         return out
 
     def _predict(self, tokens: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
-        batch = tokens.shape[0]
         if self.spec.head == "token":
             return self.head(tokens)
-        if self.spec.head == "pool":
-            features = torch.cat([tokens.mean(1), tokens.max(1).values], dim=-1)
-        else:
-            features = self.concept(layers).reshape(batch, -1)
-        return self.head(features).reshape(batch, *TARGET_SHAPES[self.spec.target])
+        pooled = self.concept(layers) if self.spec.head == "concept" else tokens
+        features = torch.cat([pooled.mean(1), pooled.max(1).values], dim=-1)
+        return self.head(features).reshape(tokens.shape[0], *TARGET_SHAPES[self.spec.target])
 
 
 def build_student(cfg: StudentConfig) -> Student:
