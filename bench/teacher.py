@@ -115,7 +115,8 @@ def main() -> None:
             ("bare, median batch", record["bare_median_batch_images_per_s"]),
             ("pipeline, median batch", record["pipeline_median_batch_images_per_s"])]
     print(f"teacher bench: {record['device_name']} {args.device} {args.precision}, batch {args.batch}, "
-          f"{args.images} images {width}x{height}, torch threads {record['torch_threads']}, {args.workers} decode threads")
+          f"{args.images} images {width}x{height}, torch threads {record['torch_threads']}, "
+          f"{args.workers} decode threads")
     for name, rate in rows:
         print(f"  {name:<32} {rate:8.1f} images/s")
     print(f"  {'pipeline / bare (best run)':<32} {record['pipeline_over_bare']:8.1%}")

@@ -30,12 +30,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkd.train.augment import AugmentConfig, augment
-from pkd.train.encoder import Encoder, init_weights, positional_embedding
+from pkd.train.encoder import init_weights, positional_embedding
 from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import StudentConfig, build_student
 from pkd.train.tokenizer import Group
 
 CASES = ("student", "pointmae", "student-store")
+
+
+class PortEncoder(nn.Module):
+    """Point-MAE's Encoder as written there: Conv1d on (BG, C, k), transposes, concat on channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.first_conv = nn.Sequential(nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
+                                        nn.Conv1d(128, 256, 1))
+        self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                                         nn.Conv1d(512, channels, 1))
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        b, g, n, _ = groups.shape
+        feature = self.first_conv(groups.reshape(b * g, n, 3).transpose(2, 1))
+        glob = torch.max(feature, dim=2, keepdim=True)[0]
+        feature = self.second_conv(torch.cat([glob.expand(-1, -1, n), feature], dim=1))
+        return torch.max(feature, dim=2, keepdim=False)[0].reshape(b, g, self.channels)
 
 
 class PortAttention(nn.Module):
@@ -81,7 +100,7 @@ class PointMAEPort(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.group_divider = Group(cfg.num_group, cfg.group_size)
-        self.encoder = Encoder(cfg.dim)
+        self.encoder = PortEncoder(cfg.dim)
         self.pos_embed = positional_embedding(cfg.dim)
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList([PortBlock(cfg.dim, cfg.heads, r) for r in rates])

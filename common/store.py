@@ -18,6 +18,9 @@ Layout of ``pairs.zarr`` (format documented here, next to the code that writes a
         done_geometry (shards,) uint8    1 once a shard's geometry arrays are written
         done_teacher  (shards,) uint8    1 once a shard's teacher arrays are written
         skipped_counts (shards, R) int32 per-shard counts of frames that failed to decode
+        stats/{prefix,clip_embed}_{mean,std}  float32  per-dimension statistics of the valid targets
+                                (small arrays rather than attrs: 16k floats as JSON would bloat every
+                                attrs rewrite and lose precision)
 
 Every array has an inner chunk of one sample (cheap random reads) inside shards of ``shard_size``
 samples. Writers write a whole shard in one assignment per array and then its done flag, so a shard
@@ -209,6 +212,32 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
             hint = " (prep with --patch-tokens)" if name == "patch_tokens" else ""
             raise StoreError(f"{path}/{split} has no array {name!r}{hint}.")
     return group
+
+
+def read_shard(group: zarr.Group, name: str, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of one array; a chunk failing its checksum or codec raises a StoreError
+    naming the array, shard and sample range, so nothing downstream learns from corrupt bytes."""
+    try:
+        return group[name][start:stop]
+    except Exception as exc:  # codecs raise many types (ValueError, RuntimeError, blosc errors)
+        shard = start // int(group.attrs["shard_size"])
+        raise StoreError(f"{group.store}/{group.path}/{name}: shard {shard} (samples {start}-{stop - 1}) is "
+                         f"corrupt ({type(exc).__name__}: {exc}). Run `pkd-prep verify` on the store and rebuild "
+                         "it (rerun the prep with --overwrite, or restore it from a copy).") from exc
+
+
+def write_stats(group: zarr.Group, name: str, mean: np.ndarray, std: np.ndarray) -> None:
+    """Store per-dimension mean/std of a target array (shape of one sample)."""
+    stats = group.require_group("stats")
+    for kind, values in (("mean", mean), ("std", std)):
+        stats.create_array(f"{name}_{kind}", data=np.asarray(values, dtype="float32"), overwrite=True)
+
+
+def read_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-dimension (mean, std) of a target array, or None if the split has none recorded."""
+    if "stats" not in group or f"{name}_mean" not in group["stats"]:
+        return None
+    return group["stats"][f"{name}_mean"][...], group["stats"][f"{name}_std"][...]
 
 
 def iter_shards(group: zarr.Group) -> Iterator[tuple[int, int, int]]:

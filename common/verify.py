@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from pkd.common import store
+from pkd.common.errors import StoreError
 
 FINITE_ARRAYS = ("points", "pose", "prefix", "clip_embed", "patch_tokens")
 
@@ -66,10 +67,13 @@ def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
     names = [spec.name for spec in store.array_specs(num_points, patch_tokens="patch_tokens" in present)]
     for shard, start, stop in store.iter_shards(group):
         where = f"{name} shard {shard} (samples {start}-{stop - 1})"
-        try:
-            values = {array: group[array][start:stop] for array in names}
-        except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
-            faults.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
+        values = {}
+        for array in names:
+            try:
+                values[array] = store.read_shard(group, array, start, stop)
+            except StoreError as exc:
+                faults.append(f"{where}: {array} unreadable: {exc.__cause__}")
+        if len(values) < len(names):
             continue
         valid = values["valid"]
         if (values["scene"] < 0).any() or (values["scene"] >= num_scenes).any():

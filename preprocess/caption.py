@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,11 +19,14 @@ from pkd.common.errors import ConfigError, WeightsError
 from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.torchvision_compat import ensure_torchvision
 
+if TYPE_CHECKING:
+    from transformers import GPT2Config, PreTrainedTokenizerBase
+
 STOP_TOKEN = "."
 GPT2_HEAD_DIM = 64  # every released GPT-2 size uses 64-dim heads (small: 768 = 12 x 64)
 
 
-def _gpt2_config(state: dict[str, torch.Tensor], n_head: int | None, eos_token_id: int | None):
+def _gpt2_config(state: dict[str, torch.Tensor], n_head: int | None, eos_token_id: int | None) -> GPT2Config:
     from transformers import GPT2Config
 
     vocab, n_embd = state["transformer.wte.weight"].shape
@@ -35,7 +39,7 @@ def _gpt2_config(state: dict[str, torch.Tensor], n_head: int | None, eos_token_i
     )
 
 
-def _load_tokenizer(tokenizer):
+def _load_tokenizer(tokenizer: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -56,7 +60,7 @@ class Captioner:
     """ClipCap's GPT-2 and tokenizer; ``caption`` decodes one (10, 768) prefix."""
 
     gpt: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
 
     @property
@@ -114,7 +118,12 @@ class Captioner:
         return tokens[winner, : int(lengths[winner])].tolist()
 
 
-def load_captioner(clipcap_weights: str, tokenizer, device: str = "cpu", n_head: int | None = None) -> Captioner:
+def load_captioner(
+    clipcap_weights: str,
+    tokenizer: str | Path | PreTrainedTokenizerBase,
+    device: str = "cpu",
+    n_head: int | None = None,
+) -> Captioner:
     """Rebuild ClipCap's GPT-2 from its checkpoint; ``tokenizer`` is an HF tokenizer or a folder holding one."""
     ensure_torchvision()  # transformers imports torchvision's transforms
     from transformers import GPT2LMHeadModel

@@ -7,6 +7,7 @@ differences; ``overwrite`` replaces a pkd store (never a foreign folder).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -155,22 +156,20 @@ def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]
 
 
 def finalize(group: zarr.Group) -> dict:
-    """Write a complete split's summary attrs: skip counts and per-dimension target statistics."""
+    """Write a complete split's summary: skip counts, valid count and per-dimension target statistics."""
     skipped = Counter(group.attrs.get("plan_skipped", {}))
     counts = group["skipped_counts"][:].sum(axis=0)
     skipped.update({r: int(c) for r, c in zip(store.SKIP_REASONS, counts) if c})
-    stats = {}
+    valid = group["valid"][:]
     for name in ("prefix", "clip_embed"):
-        total, total_sq, n = 0.0, 0.0, 0
+        total, total_sq = 0.0, 0.0
         for _, start, stop in store.iter_shards(group):
-            valid = group["valid"][start:stop]
-            values = group[name][start:stop][valid].astype(np.float64).reshape(int(valid.sum()), -1)
-            total, total_sq, n = total + values.sum(0), total_sq + (values**2).sum(0), n + len(values)
-        if n:
-            mean = total / n
-            stats[f"{name}_mean"] = mean.tolist()
-            stats[f"{name}_std"] = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0)).tolist()
-    summary = {"skipped": dict(skipped), "valid": int(group["valid"][:].sum()), "stats": stats}
+            values = store.read_shard(group, name, start, stop)[valid[start:stop]].astype(np.float64)
+            total, total_sq = total + values.sum(0), total_sq + (values**2).sum(0)
+        if valid.any():
+            mean = total / valid.sum()
+            store.write_stats(group, name, mean, np.sqrt(np.maximum(total_sq / valid.sum() - mean**2, 0.0)))
+    summary = {"skipped": dict(skipped), "valid": int(valid.sum())}
     group.attrs.update(summary)
     return summary
 
@@ -235,6 +234,18 @@ def _absolute(out: str) -> str:
 
 def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
              teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
+    try:
+        return _build(out, root, cfg, plans, teacher, teacher_cfg, options)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise StoreError(f"out of disk space while writing {out} ({exc.strerror}). Free space (or choose another "
+                         "--out) and rerun the same command: finished shards are kept and the store resumes."
+                         ) from exc
+
+
+def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
+           teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
     jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, root[name])]
     if options.workers or options.scheduler:
         from pkd.preprocess.distributed import run_on_dask

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,8 @@ class ClipCapMLP(nn.Module):
         super().__init__()
         self.prefix_length, self.embed_dim = prefix_length, embed_dim
         hidden = embed_dim * prefix_length // 2
-        self.model = nn.Sequential(nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim * prefix_length))
+        self.model = nn.Sequential(
+            nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim * prefix_length))
 
     def forward(self, clip_embed: torch.Tensor) -> torch.Tensor:
         return self.model(clip_embed).view(-1, self.prefix_length, self.embed_dim)
@@ -85,7 +86,7 @@ class Teacher:
     device: torch.device
     precision: str = "fp32"
     patch_tokens: bool = False
-    image_size: int = field(default=IMAGE_SIZE)
+    image_size: int = IMAGE_SIZE
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -155,7 +156,6 @@ def _transform_identity(open_clip, transform) -> dict:
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     """Build the frozen teacher from local weight files (or seeded random weights for kind='random')."""
     device = _check_config(cfg)
-    open_clip = import_open_clip()
     random = cfg.kind == "random"
     clip_path = clipcap_path = None
     if not random:
@@ -164,6 +164,7 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
             raise WeightsError(f"no ClipCap weights given. Get {tw.CLIPCAP_SOURCE}; {tw.RANDOM_HINT}.")
         clipcap_path = Path(cfg.clipcap_weights)
         mapper_state = tw.clipcap_mlp_state_dict(clipcap_path, PREFIX_LENGTH, EMBED_DIM, CLIP_DIM)
+    open_clip = import_open_clip()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, _, transform = open_clip.create_model_and_transforms(

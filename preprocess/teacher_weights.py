@@ -18,9 +18,10 @@ from pkd.common.errors import WeightsError
 
 CLIP_MODEL = "ViT-B-32-quickgelu"
 CLIP_SOURCE = (
-    "OpenAI CLIP ViT-B/32: `--clip-weights openai` on a machine with internet (open_clip downloads "
+    "OpenAI CLIP ViT-B/32 weights: `--clip-weights openai` on a machine with internet (open_clip fetches them "
+    "from the Hugging Face hub, timm/vit_base_patch32_clip_224.openai), or download "
     "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/"
-    "ViT-B-32.pt), or copy that file here and pass its path"
+    "ViT-B-32.pt and pass its path"
 )
 CLIPCAP_SOURCE = (
     "ClipCap MLP mapper weights: conceptual_weights.pt (Conceptual Captions) or coco_weights.pt from the "
@@ -115,7 +116,9 @@ def visual_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return visual
 
 
-def clipcap_mlp_state_dict(path: str | Path, prefix_length: int, embed_dim: int, clip_dim: int) -> dict[str, torch.Tensor]:
+def clipcap_mlp_state_dict(
+    path: str | Path, prefix_length: int, embed_dim: int, clip_dim: int
+) -> dict[str, torch.Tensor]:
     """The MLP mapper (``clip_project.model.{0,2}``, prefix removed) of an official ClipCap checkpoint.
 
     A checkpoint of ClipCap's transformer mapper, or of another prefix length, is refused: pkd's

@@ -49,7 +49,10 @@ def test_demo_store_is_complete_and_sound(demo_store):
     assert 0.2 < group["in_view"][:].mean() < 1.0
     assert group["colors"][:].reshape(-1, 3).std(0).min() > 5
     assert np.abs(group["prefix"][:]).max() > 0
-    assert len(group.attrs["stats"]["prefix_mean"]) == 10 * 768
+    mean, std = store.read_stats(group, "prefix")
+    valid_prefix = group["prefix"][:].astype(np.float64)
+    np.testing.assert_allclose(mean, valid_prefix.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, valid_prefix.std(0), rtol=1e-3, atol=1e-5)
 
 
 def distance_to_demo_surfaces(points: np.ndarray) -> np.ndarray:
@@ -171,7 +174,10 @@ def test_verify_names_a_corrupt_shard(demo_root, tmp_path):
     data[len(data) // 3] ^= 0xFF
     victim.write_bytes(bytes(data))
     faults = verify_store(str(out))
-    assert any("shard 1 (samples 2-3)" in f and "unreadable" in f for f in faults), faults
+    assert any("shard 1 (samples 2-3): points unreadable" in f for f in faults), faults
+    assert len(faults) == 1
+    with pytest.raises(StoreError, match=r"points: shard 1 \(samples 2-3\) is corrupt"):
+        store.read_shard(zarr.open_group(str(out), mode="r")["train"], "points", 2, 4)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pkd.common.errors import ConfigError, WeightsError
+from pkd.common.errors import ConfigError, DataError, WeightsError
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,11 +32,12 @@ def gpt_state(vocab: int, n_positions: int = 32, seed: int = 0) -> dict[str, tor
     for offset, word in enumerate(CAPTION):
         wpe[PREFIX_LEN - 1 + offset] = 50 * wte[WORDS.index(word)]
     h = "gpt.transformer.h.0."
+    causal = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.uint8)).view(1, 1, n_positions, n_positions)
     return {
         "gpt.transformer.wte.weight": wte,
         "gpt.transformer.wpe.weight": wpe,
         h + "ln_1.weight": torch.ones(EMBED), h + "ln_1.bias": torch.zeros(EMBED),
-        h + "attn.bias": torch.tril(torch.ones(n_positions, n_positions, dtype=torch.uint8)).view(1, 1, n_positions, n_positions),
+        h + "attn.bias": causal,
         h + "attn.masked_bias": torch.tensor(-1e4),
         h + "attn.c_attn.weight": 0.02 * torch.randn(EMBED, 3 * EMBED, generator=g),
         h + "attn.c_attn.bias": torch.zeros(3 * EMBED),
@@ -157,7 +158,8 @@ def test_transformer_mapper_checkpoint_refused(tmp_path):
               "clip_project.linear.bias": torch.randn(10 * EMBED)}
     for i in range(2):
         layer = f"clip_project.transformer.layers.{i}."
-        mapper.update({layer + "norm1.weight": torch.ones(EMBED), layer + "attn.to_queries.weight": torch.randn(EMBED, EMBED),
+        mapper.update({layer + "norm1.weight": torch.ones(EMBED),
+                       layer + "attn.to_queries.weight": torch.randn(EMBED, EMBED),
                        layer + "mlp.fc1.weight": torch.randn(2 * EMBED, EMBED)})
     torch.save({**mapper, **gpt_state(len(WORDS))}, path)
     with pytest.raises(WeightsError) as err:
@@ -172,7 +174,8 @@ def test_missing_weights_explain_where_to_get_them(tmp_path, weights):
         build_teacher(TeacherConfig(clip_weights=str(weights["clip"]), clipcap_weights=str(tmp_path / "no.pt")))
     assert "does not exist" in str(err.value) and "--teacher random" in str(err.value)
     with pytest.raises(WeightsError, match="openai") as err:
-        build_teacher(TeacherConfig(clip_weights=str(tmp_path / "ViT-B-32.pt"), clipcap_weights=str(weights["clipcap"])))
+        build_teacher(TeacherConfig(clip_weights=str(tmp_path / "ViT-B-32.pt"),
+                                    clipcap_weights=str(weights["clipcap"])))
     assert "--teacher random" in str(err.value)
     with pytest.raises(WeightsError, match="no CLIP weights given"):
         build_teacher(TeacherConfig())
@@ -221,6 +224,8 @@ def test_pipeline_matches_direct_encoding(random_teacher, sevenscenes):
     direct = random_teacher.encode(torch.stack([random_teacher.transform(Image.open(p)) for p in paths]))
     torch.testing.assert_close(torch.cat([c.prefix for c in chunks]), direct.prefix)
     torch.testing.assert_close(torch.cat([c.patch_tokens for c in chunks]), direct.patch_tokens)
+    with pytest.raises(DataError, match="image 1 "):
+        list(encode_images(random_teacher, [data[0], b"not a jpeg", data[2]], batch_size=2))
 
 
 def test_caption_greedy_and_beam(weights, tmp_path):

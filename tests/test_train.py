@@ -179,6 +179,22 @@ def test_existing_run_dir_is_never_overwritten_silently(store, tmp_path):
     with pytest.raises(ConfigError, match="different settings.*lr"):
         train(config(store, max_steps=2, lr=0.5), tmp_path / "run", resume=True, progress=False)
     assert train(config(store, max_steps=1), tmp_path / "run", overwrite=True, progress=False)["steps"] == 1
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a pkd-train run"):
+        train(config(store, max_steps=1), tmp_path / "notes", overwrite=True, progress=False)
+    assert (tmp_path / "notes" / "keep.txt").exists()
+
+
+def test_init_from_exported_encoder(store, tmp_path):
+    from pkd.train.export import export_encoder
+    train(config(store, max_steps=1), tmp_path / "a", progress=False)
+    encoder = export_encoder(tmp_path / "a", tmp_path / "enc.pth")
+    assert train(config(store, "no-concept", max_steps=1, init=str(encoder)), tmp_path / "b",
+                 progress=False)["steps"] == 1
+    torch.save({"model": {"fc.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    with pytest.raises(ConfigError, match="no Point-MAE encoder weights"):
+        train(config(store, max_steps=1, init=str(tmp_path / "foreign.pth")), tmp_path / "c", progress=False)
 
 
 def test_store_errors_name_the_fix(tmp_path, store):
@@ -229,7 +245,9 @@ SMALL = ["--num-points", 128, "--num-group", 16, "--group-size", 8, "--dim", 48,
 
 
 def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, capsys):
-    run = lambda *args: cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)  # noqa: E731
+    def run(*args):
+        return cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+
     code, _, err = run("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a")
     assert code == 0, err
     code, _, err = run("distill", store, *SMALL, "--max-steps", 1, "--run-dir", "runs/a")

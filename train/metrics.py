@@ -33,17 +33,15 @@ class MetricsLog:
     def epoch(self, epoch: int, step: int) -> None:
         """An epoch summary: mean loss and samples/s over the epoch's steps."""
         steps = [r for r in self.records if r["kind"] == "step" and r["epoch"] == epoch]
-        mean = lambda key: sum(r[key] for r in steps) / max(1, len(steps))  # noqa: E731
-        self._append({"kind": "epoch", "epoch": epoch, "step": step, "loss": mean("loss"),
-                      "samples_per_s": mean("samples_per_s")})
+        self._append({"kind": "epoch", "epoch": epoch, "step": step, "loss": _mean(steps, "loss"),
+                      "samples_per_s": _mean(steps, "samples_per_s")})
 
     def summary(self) -> dict[str, Any]:
         """Last step's loss and the mean samples/s over the steps logged (first step excluded when possible)."""
         steps = [r for r in self.records if r["kind"] == "step"]
         if not steps:
             return {"final_loss": None, "samples_per_s": None}
-        timed = steps[1:] or steps
-        return {"final_loss": steps[-1]["loss"], "samples_per_s": sum(r["samples_per_s"] for r in timed) / len(timed)}
+        return {"final_loss": steps[-1]["loss"], "samples_per_s": _mean(steps[1:] or steps, "samples_per_s")}
 
     def plot(self) -> None:
         """Write curves.png: loss (log scale) and learning rate against step."""
@@ -65,3 +63,7 @@ class MetricsLog:
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
         tmp.replace(self.run_dir / CURVES)
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in records) / max(1, len(records))

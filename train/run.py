@@ -39,8 +39,11 @@ def run_ablation(base: TrainConfig, variants: list[str], out_dir: str | Path, ov
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of ablation rows."""
-    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     lines = ["| variant | final loss | steps | samples/s | note |", "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {fmt(r['final_loss'], '.4g')} | {r['steps']} | {fmt(r['samples_per_s'], '.1f')} "
+    lines += [f"| {r['variant']} | {_fmt(r['final_loss'], '.4g')} | {r['steps']} | {_fmt(r['samples_per_s'], '.1f')} "
               f"| {r['error'] or ''} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)

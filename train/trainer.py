@@ -64,6 +64,13 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.warmup_epochs < 0 or self.num_workers < 0 or self.lr <= 0:
+            raise ConfigError("warmup_epochs and num_workers must be ≥ 0 and lr > 0.")
+
     @property
     def variant(self) -> str:
         return self.model.variant
@@ -151,6 +158,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --run-dir.")
+        if not ((run_dir / "config.json").is_file() or (run_dir / LAST).is_file()):
+            raise ConfigError(f"{run_dir} is not empty and is not a pkd-train run (no config.json or {LAST}); "
+                              "--overwrite only replaces run directories. Choose another --run-dir.")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -206,7 +216,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     random.seed(cfg.seed)
     device = torch.device(cfg.device)
     model = build_student(cfg.model).to(device)
-    if cfg.init:
+    if cfg.init and not resume:
         load_pointmae_checkpoint(cfg.init, model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     total_steps = cfg.epochs * steps_per_epoch

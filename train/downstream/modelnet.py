@@ -1,0 +1,136 @@
+"""ModelNet40 in the ``modelnet40_normal_resampled`` layout, prepared as Point-MAE prepares it.
+
+Layout: ``DATA/<class>/<class>_NNNN.txt`` (10 000 lines ``x,y,z,nx,ny,nz``) and the split lists
+``modelnet40_{train,test}.txt`` and ``modelnet40_shape_names.txt`` in DATA or in a separate ``--splits`` folder.
+
+Point-MAE (via Point-BERT's ``ModelNet`` dataset) reduces every shape once to an 8192-point farthest point
+sample, normalises it to the unit sphere, and caches the result as a pickle (``modelnet40_<split>_8192pts_fps.dat``).
+We do the same with the pure-torch FPS (first point = point 0) and cache to a ``.npz`` that loads without
+pickle. Point-MAE's own ``.dat`` files are read only with ``trust_pickle=True``: unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pkd.common.errors import DataError
+from pkd.train.downstream.files import normalize_unit_sphere, read_lines, read_point_file, require_dir, require_file
+from pkd.train.tokenizer import farthest_point_sample, gather_points
+
+SPLITS = ("train", "test")
+FPS_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    """Shapes of one split: ``points`` (N, P, 3) float32 on the unit sphere, ``labels`` (N,) int64."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+    classes: list[str]
+    missing: int = 0
+
+
+def _fps_pool(clouds: list[np.ndarray], num_points: int, device: str) -> np.ndarray:
+    """Each cloud reduced to ``num_points`` by FPS, then unit-sphere normalised: (N, num_points, 3).
+
+    Clouds of equal length run through FPS together, ``FPS_CHUNK`` at a time.
+    """
+    out: list[np.ndarray | None] = [None] * len(clouds)
+    by_length: dict[int, list[int]] = {}
+    for i, cloud in enumerate(clouds):
+        by_length.setdefault(len(cloud), []).append(i)
+    for group in by_length.values():
+        for start in range(0, len(group), FPS_CHUNK):
+            chunk = group[start:start + FPS_CHUNK]
+            xyz = torch.from_numpy(np.stack([clouds[i] for i in chunk])).to(device)
+            picked = gather_points(xyz, farthest_point_sample(xyz, num_points)).cpu().numpy()
+            for i, cloud in zip(chunk, picked):
+                out[i] = normalize_unit_sphere(cloud)
+    return np.stack(out)
+
+
+def _read_dat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        points, labels = pickle.load(f)
+    points = np.stack([normalize_unit_sphere(np.asarray(p, dtype=np.float32)[:, :3]) for p in points])
+    return points, np.asarray(labels, dtype=np.int64).reshape(-1)
+
+
+def _cache_path(cache_dir: Path, data: Path, split: str, num_points: int, names: list[str]) -> Path:
+    key = hashlib.sha256("\n".join([str(data.resolve()), split, str(num_points), *names]).encode()).hexdigest()[:16]
+    return cache_dir / f"modelnet40_{split}_{num_points}pts_fps_{key}.npz"
+
+
+def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None = None, num_points: int = 8192,
+                    allow_missing: bool = False, trust_pickle: bool = False, cache_dir: str | Path | None = None,
+                    device: str = "cpu") -> ShapeSet:
+    """One split of ModelNet40, each shape reduced to ``num_points`` by FPS and normalised to the unit sphere.
+
+    ``allow_missing`` keeps only the listed shapes that exist (for partial copies); otherwise the first
+    missing file is an error. ``cache_dir`` stores the FPS result as ``.npz`` so later runs skip the FPS.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown ModelNet40 split {split!r}; use one of {', '.join(SPLITS)}.")
+    data = require_dir(Path(data), "the modelnet40_normal_resampled folder (one sub-folder per class)",
+                       "Pass --data pointing at the extracted modelnet40_normal_resampled folder.")
+    dat = data / f"modelnet40_{split}_{num_points}pts_fps.dat"
+    if dat.is_file() and trust_pickle:
+        points, labels = _read_dat(dat)
+        classes = read_lines(require_file(Path(splits or data) / "modelnet40_shape_names.txt", "the 40 class names",
+                                          "Pass --splits pointing at the folder with the ModelNet40 split lists."))
+        return ShapeSet(points, labels, [f"{dat.name}:{i}" for i in range(len(labels))], classes)
+    list_dir = Path(splits) if splits else data
+    fix = "Pass --splits pointing at the folder that holds modelnet40_{train,test}.txt and modelnet40_shape_names.txt."
+    classes = read_lines(require_file(list_dir / "modelnet40_shape_names.txt", "the 40 ModelNet40 class names", fix))
+    ids = read_lines(require_file(list_dir / f"modelnet40_{split}.txt", f"the ModelNet40 {split} list", fix))
+    if not any((data / c).is_dir() for c in classes):
+        hint = (f" {dat.name} is there, but it is a pickle, which can run code when loaded: pass --trust-pickle "
+                "if you trust where it came from." if dat.is_file() else "")
+        raise DataError(f"{data} holds none of the ModelNet40 class folders (e.g. {data / classes[0]});{hint} "
+                        "Point --data at the extracted modelnet40_normal_resampled folder.")
+    index = {c: i for i, c in enumerate(classes)}
+    present, labels, missing = [], [], 0
+    for shape in ids:
+        cls = shape.rsplit("_", 1)[0]
+        if cls not in index:
+            raise DataError(f"{list_dir / f'modelnet40_{split}.txt'} lists {shape!r} of class {cls!r}, which "
+                            f"{list_dir / 'modelnet40_shape_names.txt'} does not name; use matching split files.")
+        path = data / cls / f"{shape}.txt"
+        if not path.is_file():
+            if not allow_missing:
+                raise DataError(f"{path} is listed in modelnet40_{split}.txt but missing. Re-extract the dataset, "
+                                "or pass --allow-missing to use only the shapes present.")
+            missing += 1
+            continue
+        present.append(shape)
+        labels.append(index[cls])
+    if not present:
+        raise DataError(f"none of the {len(ids)} shapes in modelnet40_{split}.txt exist under {data}; "
+                        "point --data at the modelnet40_normal_resampled folder.")
+    cache = _cache_path(Path(cache_dir), data, split, num_points, present) if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            points = stored["points"]
+    else:
+        clouds = []
+        for shape in present:
+            table = read_point_file(data / shape.rsplit("_", 1)[0] / f"{shape}.txt", ",", 3)[:, :3]
+            if len(table) < num_points:
+                raise DataError(f"{data / shape.rsplit('_', 1)[0] / f'{shape}.txt'} has {len(table)} points, fewer "
+                                f"than the {num_points} to sample; lower --pool-points or re-extract the file.")
+            clouds.append(table)
+        points = _fps_pool(clouds, num_points, device)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.stem}.tmp.npz")
+            np.savez(tmp, points=points)
+            tmp.replace(cache)
+    return ShapeSet(points, np.asarray(labels, dtype=np.int64), present, classes, missing)
