@@ -106,7 +106,7 @@ def _store_exists(out: str) -> bool:
 
 
 def _comparable_teacher(identity: dict) -> dict:
-    return {k: v for k, v in identity.items() if k not in ("device",)}
+    return {k: v for k, v in identity.items() if k not in ("device", "open_clip_version")}
 
 
 def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,

@@ -138,3 +138,20 @@ def test_load_accepts_finetune_style_and_refuses_foreign(tmp_path):
         load_pointmae_checkpoint(tmp_path / "foreign.pth", PointEncoder(48, 2, 4))
     with pytest.raises(WeightsError, match="another size"):
         load_pointmae_checkpoint(tmp_path / "ft.pth", PointEncoder(96, 2, 4))
+
+
+def test_encoder_computes_pointmae_conv1d_forward():
+    """The channels-last forward equals Point-MAE's Conv1d forward run on the same modules (train and eval)."""
+    encoder = PointEncoder(48, 1, 4).encoder
+    patches = torch.randn(2, 5, 8, 3)
+
+    def reference(groups):
+        b, g, n, _ = groups.shape
+        feature = encoder.first_conv(groups.reshape(b * g, n, 3).transpose(2, 1))
+        glob = torch.max(feature, dim=2, keepdim=True)[0]
+        feature = encoder.second_conv(torch.cat([glob.expand(-1, -1, n), feature], dim=1))
+        return torch.max(feature, dim=2)[0].reshape(b, g, -1)
+
+    for mode in (True, False):
+        encoder.train(mode)
+        torch.testing.assert_close(encoder(patches), reference(patches), rtol=1e-5, atol=1e-5)

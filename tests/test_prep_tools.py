@@ -45,6 +45,25 @@ def test_teacher_recomputes_targets_only(demo_store, tmp_path):
     assert again["train"]["shards_written"] == 0
 
 
+def test_stored_targets_equal_the_teacher_on_the_color_frame(demo_store):
+    """Independent of the prep pipeline: transform the re-read frame, encode, compare after fp16 rounding."""
+    import torch
+    from PIL import Image
+
+    from pkd.preprocess.show import color_frame
+    from pkd.preprocess.teacher import build_teacher
+
+    teacher = build_teacher(TeacherConfig(kind="random", seed=0))
+    group = zarr.open_group(str(demo_store), mode="r")["train"]
+    for index in (0, 3):
+        image = color_frame(str(demo_store), load_sample(str(demo_store), "train", index))
+        out = teacher.encode(teacher.transform(Image.fromarray(image))[None])
+        # one fp16 rounding step apart at most (batched vs single forward differ in the last float32 bits)
+        for name, expected in (("prefix", out.prefix[0]), ("clip_embed", out.clip_embed[0])):
+            stored = torch.from_numpy(group[name][index]).float()
+            torch.testing.assert_close(stored, expected.half().float(), rtol=2**-10, atol=2**-14, msg=name)
+
+
 def test_show_writes_a_picture_of_the_expected_size(demo_store, tmp_path):
     sample = load_sample(str(demo_store), "train", 1)
     assert sample.scene == "scene9000_00" and sample.frame == 25

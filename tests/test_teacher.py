@@ -213,21 +213,6 @@ def test_patch_tokens(random_teacher):
         random_teacher.encode(torch.zeros(1, 3, 256, 256))
 
 
-def test_pipeline_matches_direct_encoding(random_teacher, sevenscenes):
-    from pkd.preprocess.teacher_pipeline import encode_images
-
-    paths = sorted(sevenscenes.glob("frame-*.color.jpg"))[:5]
-    data = [p.read_bytes() for p in paths]
-    data[1] = np.asarray(Image.open(paths[1]).convert("RGB"))  # arrays are accepted too
-    chunks = list(encode_images(random_teacher, data, batch_size=2, num_workers=2))
-    assert [c.prefix.shape[0] for c in chunks] == [2, 2, 1]
-    direct = random_teacher.encode(torch.stack([random_teacher.transform(Image.open(p)) for p in paths]))
-    torch.testing.assert_close(torch.cat([c.prefix for c in chunks]), direct.prefix)
-    torch.testing.assert_close(torch.cat([c.patch_tokens for c in chunks]), direct.patch_tokens)
-    with pytest.raises(DataError, match="image 1 "):
-        list(encode_images(random_teacher, [data[0], b"not a jpeg", data[2]], batch_size=2))
-
-
 def test_caption_greedy_and_beam(weights, tmp_path):
     from pkd.preprocess.caption import load_captioner
 

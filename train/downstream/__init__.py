@@ -1,0 +1,8 @@
+"""Downstream evaluation of pre-trained encoders with Point-MAE's protocols (ModelNet40, ShapeNetPart).
+
+Modules: ``modelnet`` / ``shapenetpart`` (dataset loaders), ``files`` (their file helpers), ``metrics``
+(accuracies, IoUs; pure numpy), ``models`` (classifier, part segmenter, ``--init`` loading), ``sampling``
+(per-batch FPS sampling and augmentation), ``engine`` (the shared finetuning loop), ``classification`` and
+``segmentation`` (the two tasks), ``probe`` (linear SVM probe), ``plots``, ``run`` (Python entry points)
+and ``cli`` (typer apps ``finetune`` and ``probe`` for ``pkd-train``).
+"""

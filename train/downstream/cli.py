@@ -1,0 +1,112 @@
+"""Typer sub-apps for ``pkd-train``: ``finetune modelnet40|shapenetpart`` and ``probe modelnet40``.
+
+Wire them with ``app.add_typer(finetune_app, name="finetune")`` and ``app.add_typer(probe_app, name="probe")``.
+Options left unset take the task's Point-MAE defaults (``engine.TASK_DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+finetune_app = typer.Typer(help="Finetune an encoder on a downstream benchmark (Point-MAE's protocols).",
+                           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+probe_app = typer.Typer(help="Score frozen encoder features with a linear SVM.", no_args_is_help=True,
+                        add_completion=False, pretty_exceptions_enable=False)
+
+Data = Annotated[Path, typer.Option(help="dataset folder (modelnet40_normal_resampled or ShapeNetPart)")]
+Init = Annotated[str, typer.Option(help="encoder.pth (pkd-train export or any Point-MAE checkpoint), a pkd run "
+                                        "directory, or 'scratch'")]
+Splits = Annotated[Optional[Path], typer.Option(help="folder with the split lists, if not inside --data")]
+RunDir = Annotated[Optional[Path], typer.Option(help="output folder (default runs/<task>-<init name>)")]
+Epochs = Annotated[Optional[int], typer.Option(help="default 300")]
+BatchSize = Annotated[Optional[int], typer.Option(help="default 32 (ModelNet40) / 16 (ShapeNetPart)")]
+Lr = Annotated[Optional[float], typer.Option(help="peak learning rate, default 5e-4 / 2e-4")]
+MaxSteps = Annotated[Optional[int], typer.Option(help="stop after this many optimizer steps")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+AllowMissing = Annotated[bool, typer.Option(help="use only the listed shapes that exist")]
+Resume = Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt")]
+Overwrite = Annotated[bool, typer.Option(help="replace an existing --run-dir")]
+TrustPickle = Annotated[bool, typer.Option(help="read Point-MAE's modelnet40_*_fps.dat pickles (runs their code)")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="cache of the 8192-point FPS per shape (.npz)")]
+NumPoints = Annotated[Optional[int], typer.Option(help="points per shape fed to the model (1024 / 2048)")]
+NumGroup = Annotated[Optional[int], typer.Option(help="patches per shape (64 / 128)")]
+Dim = Annotated[Optional[int], typer.Option(help="encoder width (384)")]
+Depth = Annotated[Optional[int], typer.Option(help="encoder blocks (12)")]
+Heads = Annotated[Optional[int], typer.Option(help="attention heads (6)")]
+
+
+def _run_dir(task: str, init: str, run_dir: Optional[Path]) -> Path:
+    return run_dir or Path("runs") / f"{task}-{Path(init).stem or 'scratch'}"
+
+
+def _finetune(task: str, data: Path, init: str, run_dir: Optional[Path], resume: bool, overwrite: bool,
+              **options: Any) -> None:
+    from pkd.train.downstream.run import FinetuneConfig, run_finetune
+
+    paths = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    cfg = FinetuneConfig.for_task(task, data, init=init, **paths)
+    out = _run_dir(task, init, run_dir)
+    results = run_finetune(cfg, out, resume=resume, overwrite=overwrite)
+    test = results["test"]
+    if task == "modelnet40":
+        summary = (f"OA {test['overall_acc']:.2%}, mean-class {test['mean_class_acc']:.2%}, "
+                   f"{test['votes']}-vote OA {test['vote_overall_acc']:.2%}")
+    else:
+        summary = f"instance mIoU {test['instance_miou']:.4f}, class mIoU {test['class_miou']:.4f}"
+    typer.echo(f"{task} ({results['init'].get('init', 'resumed')}): {summary} (best epoch {results['best']['epoch']}) "
+               f"→ {out}/results.json")
+
+
+@finetune_app.command("modelnet40")
+def finetune_modelnet40(data: Data, init: Init, splits: Splits = None, run_dir: RunDir = None, epochs: Epochs = None,
+                        batch_size: BatchSize = None, lr: Lr = None, max_steps: MaxSteps = None,
+                        device: Device = "auto", seed: int = 0, votes: int = 10, allow_missing: AllowMissing = False,
+                        trust_pickle: TrustPickle = False, cache_dir: CacheDir = Path("runs/cache"),
+                        pool_points: Annotated[int, typer.Option(help="FPS points kept per shape")] = 8192,
+                        num_points: NumPoints = None, num_group: NumGroup = None, dim: Dim = None,
+                        depth: Depth = None, heads: Heads = None, resume: Resume = False,
+                        overwrite: Overwrite = False) -> None:
+    """ModelNet40 classification: OA and mean-class accuracy, with and without voting."""
+    _finetune("modelnet40", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
+              batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed, votes=votes,
+              allow_missing=allow_missing, trust_pickle=trust_pickle, cache_dir=cache_dir, pool_points=pool_points,
+              num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads)
+
+
+@finetune_app.command("shapenetpart")
+def finetune_shapenetpart(data: Data, init: Init, splits: Splits = None, run_dir: RunDir = None,
+                          epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
+                          max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0,
+                          allow_missing: AllowMissing = False, num_points: NumPoints = None,
+                          num_group: NumGroup = None, dim: Dim = None, depth: Depth = None, heads: Heads = None,
+                          resume: Resume = False, overwrite: Overwrite = False) -> None:
+    """ShapeNetPart part segmentation: instance and class mIoU."""
+    _finetune("shapenetpart", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
+              batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed,
+              allow_missing=allow_missing, num_points=num_points, num_group=num_group, dim=dim, depth=depth,
+              heads=heads)
+
+
+@probe_app.command("modelnet40")
+def probe_modelnet40(data: Data, init: Init, splits: Splits = None, run_dir: RunDir = None,
+                     svm_c: Annotated[float, typer.Option(help="LinearSVC regularisation C")] = 0.01,
+                     device: Device = "auto", allow_missing: AllowMissing = False, trust_pickle: TrustPickle = False,
+                     cache_dir: CacheDir = Path("runs/cache"),
+                     pool_points: Annotated[int, typer.Option(help="FPS points kept per shape")] = 8192,
+                     num_points: int = 1024, num_group: int = 64, dim: int = 384, depth: int = 12,
+                     heads: int = 6) -> None:
+    """Linear SVM on frozen max+mean token features: ModelNet40 test accuracy."""
+    from pkd.train.downstream.run import ProbeConfig
+    from pkd.train.downstream.run import probe_modelnet40 as probe
+
+    cfg = ProbeConfig(data=str(data), init=init, splits=str(splits) if splits else None, svm_c=svm_c, device=device,
+                      allow_missing=allow_missing, trust_pickle=trust_pickle,
+                      cache_dir=str(cache_dir) if cache_dir else None, pool_points=pool_points,
+                      num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads)
+    out = _run_dir("probe-modelnet40", init, run_dir)
+    test = probe(cfg, out)["test"]
+    typer.echo(f"linear probe: OA {test['overall_acc']:.2%}, mean-class {test['mean_class_acc']:.2%} "
+               f"→ {out}/results.json")

@@ -1,0 +1,232 @@
+"""The finetuning loop shared by classification and part segmentation.
+
+A ``Task`` owns its data and model and knows how to compute a training loss, a per-epoch score and the
+final test report; ``finetune`` does the rest, top to bottom: prepare the run directory, initialise the
+encoder from ``--init``, AdamW with Point-MAE's per-epoch schedule (linear warm-up from ``min_lr``, then
+cosine, as timm's ``CosineLRScheduler``), gradient clipping, an evaluation after every epoch with the best
+weights kept in ``best.pt``, an atomic ``last.pt`` (``--resume`` continues bit-identically), and finally
+the test report of the best weights in ``results.json``.
+
+Model selection follows Point-MAE: the best epoch is chosen on the test split (the benchmarks have no
+validation split); ``results.json`` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pkd.common.errors import ConfigError, TrainingError
+from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
+from pkd.train.downstream.models import init_encoder
+from pkd.train.metrics import MetricsLog
+from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir
+
+BEST = "best.pt"
+RESULTS = "results.json"
+SELECTION = "best epoch chosen on the test split, as Point-MAE does (these benchmarks have no validation split)"
+RESUME_MAY_CHANGE = ("max_steps", "device", "cache_dir")
+
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # cfgs/finetune_modelnet.yaml
+    "modelnet40": {},
+    # segmentation/main.py with the README's --learning_rate 0.0002 --epoch 300 (cosine over 100 epochs)
+    "shapenetpart": dict(batch_size=16, lr=2e-4, decay_epochs=100, num_points=2048, num_group=128),
+}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One finetuning run; defaults are Point-MAE's ModelNet40 protocol (see ``for_task`` for ShapeNetPart)."""
+
+    task: str
+    data: str
+    init: str = "scratch"
+    splits: str | None = None
+    epochs: int = 300
+    warmup_epochs: int = 10
+    decay_epochs: int | None = None     # cosine length in epochs (default: epochs)
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    grad_clip: float = 10.0
+    seed: int = 0
+    device: str = "cpu"
+    max_steps: int | None = None
+    allow_missing: bool = False
+    trust_pickle: bool = False
+    cache_dir: str | None = None
+    num_points: int = 1024
+    pool_points: int = 8192             # ModelNet40: FPS points kept per shape before per-batch sampling
+    votes: int = 10
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    drop_path: float = 0.1
+    num_group: int = 64
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_DEFAULTS:
+            raise ConfigError(f"unknown finetuning task {self.task!r}; use one of {', '.join(TASK_DEFAULTS)}.")
+        for name in ("epochs", "batch_size", "num_points", "votes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.num_group > self.num_points:
+            raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups.")
+
+    @classmethod
+    def for_task(cls, task: str, data: str | Path, **overrides: Any) -> "FinetuneConfig":
+        """The task's Point-MAE defaults, with ``overrides`` (None values are ignored) on top."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(task=task, data=str(data), **{**TASK_DEFAULTS.get(task, {}), **given})
+
+
+class Task(Protocol):
+    """What ``finetune`` needs from a downstream task."""
+
+    model: nn.Module
+
+    def data_summary(self) -> dict[str, Any]: ...
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]: ...
+    def loss(self, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor: ...
+    def evaluate(self) -> dict[str, float]: ...           # must hold "score" (higher is better)
+    def report(self, run_dir: Path) -> dict[str, Any]: ...  # final test metrics (+ plots) of the current weights
+
+
+def epoch_lr(epoch: int, cfg: FinetuneConfig) -> float:
+    """Point-MAE's CosLR: linear warm-up from min_lr over warmup_epochs, cosine to min_lr at decay_epochs."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.min_lr + epoch * (cfg.lr - cfg.min_lr) / cfg.warmup_epochs
+    progress = min(1.0, epoch / (cfg.decay_epochs or cfg.epochs))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → cuda when available; ConfigError for cuda without a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
+    return device
+
+
+@dataclass(frozen=True)
+class State:
+    """Progress of a run: optimizer steps, epoch, batches done in it, and the best evaluation so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    history: tuple[dict[str, float], ...] = ()
+
+
+def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
+    ckpt = load_checkpoint(run_dir / LAST)
+    saved, current = ckpt["config"], dataclasses.asdict(cfg)
+    differ = sorted(k for k in set(saved) | set(current) if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+    if differ:
+        raise ConfigError(f"{run_dir} was finetuned with different settings ({', '.join(differ)}); resume with the "
+                          f"same arguments (only {', '.join(RESUME_MAY_CHANGE)} may change) or start a new run.")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    state = ckpt["state"]
+    return State(**{**state, "history": tuple(state["history"])}), ckpt["init_report"]
+
+
+def _save(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: State,
+          init_report: dict) -> None:
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                 "state": {**dataclasses.asdict(state), "history": list(state.history)},
+                 "config": dataclasses.asdict(cfg), "init_report": init_report, "code": code_version()},
+                run_dir / LAST)
+
+
+def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: str | Path,
+             resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Finetune (or resume) one run; writes ``results.json`` and returns its content."""
+    run_dir = Path(run_dir)
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    task = build_task(cfg)
+    model = task.model
+    batches_per_epoch = len(task.epoch_batches(0))
+    if batches_per_epoch == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                          f"({task.data_summary()['train_shapes']} shapes); lower it.")
+    init_report = {} if resume else init_encoder(model.MAE_encoder, cfg.init)
+    prepare_run_dir(run_dir, resume, overwrite)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    state = State()
+    if resume:
+        state, init_report = _restore(run_dir, cfg, model, optimizer)
+    else:
+        (run_dir / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "init": init_report,
+                                                         "data": task.data_summary(), "code": code_version()},
+                                                        indent=2) + "\n")
+    log = MetricsLog(run_dir, keep_until_step=state.step)
+    limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
+    bar = tqdm(total=limit, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    while state.step < limit:
+        lr = epoch_lr(state.epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        for batch in task.epoch_batches(state.epoch)[state.batch:]:
+            tic = time.perf_counter()
+            loss = task.loss(batch, batch_generator(cfg.seed, state.step))
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; the last good checkpoint "
+                                    f"{run_dir / LAST} is untouched. Lower --lr or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            state = dataclasses.replace(state, step=state.step + 1, batch=state.batch + 1)
+            log.step(step=state.step, epoch=state.epoch, loss=float(loss.detach()), lr=lr,
+                     samples_per_s=len(batch) / (time.perf_counter() - tic))
+            bar.update(1)
+            if state.step >= limit:
+                break
+        state = _evaluate(task, state, run_dir)
+        if state.batch == batches_per_epoch:
+            log.epoch(epoch=state.epoch, step=state.step)
+            state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
+        _save(run_dir, cfg, model, optimizer, state, init_report)
+        log.plot()
+    bar.close()
+    if (run_dir / BEST).is_file():
+        model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
+    results = {"task": cfg.task, "init": init_report, "selection": SELECTION,
+               "best": {"epoch": state.best_epoch, "score": state.best_score}, "steps": state.step,
+               "test": task.report(run_dir), "history": list(state.history), "data": task.data_summary(),
+               "config": dataclasses.asdict(cfg), "code": code_version()}
+    (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _evaluate(task: Task, state: State, run_dir: Path) -> State:
+    """Score the current weights; keep them in best.pt when they beat the best so far."""
+    metrics = task.evaluate()
+    history = state.history + ({"epoch": state.epoch, "step": state.step, **metrics},)
+    if metrics["score"] > state.best_score:
+        atomic_save({"model": task.model.state_dict(), "epoch": state.epoch, "metrics": metrics}, run_dir / BEST)
+        return dataclasses.replace(state, best_score=metrics["score"], best_epoch=state.epoch, history=history)
+    return dataclasses.replace(state, history=history)

@@ -1,0 +1,51 @@
+"""Batch-level point sampling and augmentation for finetuning, on whatever device the batch is on.
+
+Point-MAE's ModelNet40 protocol: training takes a 1200-point FPS of each pooled shape and a random 1024 of
+those (the same columns for the whole batch), testing a plain 1024-point FPS; voting repeats the training
+draw. ``random_scale_shift`` covers both of Point-MAE's augmentations: per-axis ScaleAndTranslate
+(classification) and the isotropic scale + shift of the part-segmentation script.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pkd.train.tokenizer import farthest_point_sample, gather_points
+
+
+def fps(points: torch.Tensor, num: int) -> torch.Tensor:
+    """(B, P, 3) → the (B, num, 3) farthest point sample starting at point 0."""
+    return gather_points(points, farthest_point_sample(points, num))
+
+
+def fps_pool_size(num_points: int, available: int) -> int:
+    """How many FPS points Point-MAE draws from before picking ``num_points`` at random (1024 → 1200)."""
+    return min(available, num_points * 75 // 64)
+
+
+def random_fps_subset(points: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``num`` of the ``fps_pool_size`` FPS points of every cloud (one column choice per batch)."""
+    pool = fps(points, fps_pool_size(num, points.shape[1]))
+    columns = torch.randperm(pool.shape[1], generator=generator)[:num].to(points.device)
+    return pool[:, columns]
+
+
+def random_scale_shift(points: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
+                       shift: float, per_axis: bool) -> torch.Tensor:
+    """Each cloud scaled by U(scale) (per axis or one factor) and shifted by U(-shift, shift) per axis."""
+    batch = points.shape[0]
+    factor = torch.empty(batch, 1, 3 if per_axis else 1).uniform_(*scale, generator=generator)
+    offset = torch.empty(batch, 1, 3).uniform_(-shift, shift, generator=generator)
+    return points * factor.to(points) + offset.to(points)
+
+
+def shuffled_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Full batches of a permutation of range(count) fixed by (seed, epoch); the remainder is dropped."""
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    return [order[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+
+
+def numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded from ``generator``, for draws numpy does better (resampling shapes)."""
+    return np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
