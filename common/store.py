@@ -3,7 +3,8 @@
 Layout of ``pairs.zarr`` (format documented here, next to the code that writes and checks it)::
 
     attrs: format, version, prep (geometry config + seed), teacher (identity), versions
-    <split>/                    train, val or test; attrs: scenes, shard_size, skipped, stats
+    <split>/                    train, val or test; attrs: scenes, color_sizes (w, h per scene: the
+                                teacher crop of ``pixels`` follows from it), shard_size, skipped, valid
         points      (N, P, 3)   float32  world-frame xyz, metres
         colors      (N, P, 3)   uint8    RGB from the color frame
         pixels      (N, P, 2)   uint16   (u, v) of each point in the color image

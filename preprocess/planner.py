@@ -28,6 +28,7 @@ class SplitPlan:
     scenes: list[SceneEntry]
     samples: list[tuple[int, int]]
     skipped: Counter = field(default_factory=Counter)
+    color_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def shards(self, shard_size: int) -> list[tuple[int, int]]:
         """Sample ranges of the split's shards."""
@@ -54,6 +55,7 @@ def plan_splits(
             if limit is not None and len(plan.samples) >= limit:
                 break
             with open_scene(entry) as reader:
+                plan.color_sizes.append(tuple(reader.camera.color_size))
                 for frame in (f for f in reader.frame_numbers() if f % frame_skip == 0):
                     problem = geometry.pose_problem(reader.pose(frame))
                     if problem:
@@ -62,5 +64,6 @@ def plan_splits(
                     plan.samples.append((index, frame))
                     if limit is not None and len(plan.samples) >= limit:
                         break
+        plan.scenes = plan.scenes[: len(plan.color_sizes)]
         plans[split] = plan
     return plans

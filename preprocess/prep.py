@@ -129,7 +129,8 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
     for name, plan in plans.items():
         group = store.create_split(root, name, len(plan.samples), cfg.shard_size, cfg.geometry.num_points,
                                    [e.name for e in plan.scenes], patch_tokens=patch_tokens)
-        group.attrs.update({"plan": plan.fingerprint(), "plan_skipped": dict(plan.skipped)})
+        group.attrs.update({"plan": plan.fingerprint(), "plan_skipped": dict(plan.skipped),
+                            "color_sizes": [list(size) for size in plan.color_sizes]})
     root.attrs.update({
         "format": store.FORMAT, "version": store.VERSION, "prep": prep, "teacher": teacher_id,
         "versions": package_versions(), "status": "in-progress",

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pkd.common.store import CLIP_DIM, FORMAT, PATCH_TOKENS, PREFIX_SHAPE, VERSION, create_split, write_shard
+from pkd.common.store import (CLIP_DIM, FORMAT, PATCH_TOKENS, PREFIX_SHAPE, VERSION, create_split, write_shard,
+                              write_stats)
 
 COLOR_SIZE = (640, 480)
 
@@ -30,11 +31,11 @@ def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size:
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="w")
     prep = {"num_points": num_points, "seed": seed}
-    if color_size:
-        prep["color_size"] = list(color_size)
     root.attrs.update({"format": FORMAT, "version": VERSION, "prep": prep,
                        "teacher": {"name": "synthetic", "random": True}})
     group = create_split(root, split, n, shard_size, num_points, scenes=["s"], patch_tokens=patch_tokens)
+    if color_size:
+        group.attrs["color_sizes"] = [list(color_size)]
     prefix_map = rng.normal(size=(3, int(np.prod(PREFIX_SHAPE)))).astype(np.float32)
     clip_map = rng.normal(size=(3, CLIP_DIM)).astype(np.float32)
     prefixes = []
@@ -58,6 +59,6 @@ def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size:
             teacher["patch_tokens"] = rng.normal(size=(m, PATCH_TOKENS, CLIP_DIM)).astype(np.float16)
         write_shard(group, shard, "teacher", teacher)
     if stats:
-        flat = np.concatenate(prefixes).reshape(-1, int(np.prod(PREFIX_SHAPE))).astype(np.float64)
-        group.attrs["stats"] = {"prefix_mean": flat.mean(0).tolist(), "prefix_std": flat.std(0).tolist()}
+        valid_prefix = np.concatenate(prefixes).astype(np.float64)
+        write_stats(group, "prefix", valid_prefix.mean(0), valid_prefix.std(0))
     return Path(path)

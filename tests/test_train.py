@@ -86,22 +86,22 @@ def test_loader_subsamples_points_deterministically(store):
     assert a["points"].shape == (4, 64, 3) and torch.equal(a["points"], b["points"])
 
 
-def test_target_stats_from_attrs_or_computed(tmp_path, store):
+def test_target_stats_recorded_or_computed(tmp_path, store):
     from pkd.common.store import open_split
-    with_attrs = target_stats(open_split(store, "train"), "prefix")
+    recorded = target_stats(open_split(store, "train"), "prefix")
     computed = target_stats(open_split(make_store(tmp_path / "s.zarr", n=18, num_points=160, shard_size=4,
                                                   invalid=(5,), stats=False), "train"), "prefix")
-    assert with_attrs[0].shape == (10, 768)
-    np.testing.assert_allclose(with_attrs[0], computed[0], atol=1e-4)
-    np.testing.assert_allclose(with_attrs[1], computed[1], rtol=1e-3, atol=1e-4)
+    assert recorded[0].shape == (10, 768)
+    np.testing.assert_allclose(recorded[0], computed[0], atol=1e-4)
+    np.testing.assert_allclose(recorded[1], computed[1], rtol=1e-3, atol=1e-4)
 
 
 # ---- losses and model -----------------------------------------------------------------------------------
 
-def test_patch_cells_use_the_centre_square_crop():
-    crop = CropBox.centre_square(640, 480)
-    assert (crop.x0, crop.y0, crop.side) == (80, 0, 480)
-    cells, inside = patch_cells(torch.tensor([[80, 0], [559, 479], [79, 10], [320, 240]]), crop)
+def test_patch_cells_follow_the_teacher_crop():
+    crop = CropBox.of_image(480, 640)  # portrait: the crop spans the full width, rows ~79.5..560.5
+    assert (crop.u0, crop.u1) == (0, 480) and crop.v0 == pytest.approx(79.46, abs=0.01)
+    cells, inside = patch_cells(torch.tensor([[0, 80], [479, 559], [10, 78], [240, 320]]), crop)
     assert cells[:2].tolist() == [0, 48] and cells[3] == 3 * 7 + 3
     assert inside.tolist() == [True, True, False, True]
 

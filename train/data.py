@@ -19,25 +19,23 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pkd.common.errors import ConfigError, StoreError
-from pkd.common.store import iter_shards, open_split
+from pkd.common.store import iter_shards, open_split, read_shard, read_stats
 
 POINT_ARRAYS = ("points", "colors", "pixels", "in_view")
-STATS_KEYS = {"prefix": "prefix", "clip_embed": "clip"}
 MIN_STD = 1e-6
 
 
 def target_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-element mean and std of a target array: from the split's ``stats`` attr, else computed from valid samples."""
+    """Per-element mean and std of a target array: the split's recorded stats, else computed from valid samples."""
     shape = group[name].shape[1:]
-    stats = group.attrs.get("stats") or {}
-    key = STATS_KEYS.get(name)
-    if key and f"{key}_mean" in stats and f"{key}_std" in stats:
-        mean = np.asarray(stats[f"{key}_mean"], dtype=np.float64).reshape(shape)
-        std = np.asarray(stats[f"{key}_std"], dtype=np.float64).reshape(shape)
+    recorded = read_stats(group, name)
+    if recorded is not None:
+        mean, std = (np.asarray(v, dtype=np.float64).reshape(shape) for v in recorded)
     else:
         total, total_sq, count = np.zeros(shape), np.zeros(shape), 0
         for _, start, stop in iter_shards(group):
-            values = group[name][start:stop][group["valid"][start:stop]].astype(np.float64)
+            valid = read_shard(group, "valid", start, stop).astype(bool)
+            values = read_shard(group, name, start, stop)[valid].astype(np.float64)
             total += values.sum(0)
             total_sq += (values ** 2).sum(0)
             count += len(values)
@@ -104,12 +102,12 @@ class _WindowDataset(IterableDataset):
         group = self.group()
         shards = list(iter_shards(group))
         ranges = [shards[s][1:] for s in self.epoch.windows[w]]
-        valid = [group["valid"][a:b] for a, b in ranges]
+        valid = [read_shard(group, "valid", a, b).astype(bool) for a, b in ranges]
         rng = self.epoch.rng(w)
         perm = rng.permutation(sum(int(v.sum()) for v in valid))
         out = {}
         for name in self.cfg.arrays:
-            values = np.concatenate([group[name][a:b][v] for (a, b), v in zip(ranges, valid)])[perm]
+            values = np.concatenate([read_shard(group, name, a, b)[v] for (a, b), v in zip(ranges, valid)])[perm]
             if name in self.stats:
                 mean, std = self.stats[name]
                 values = (values.astype(np.float32) - mean) / std

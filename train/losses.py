@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pkd.common.geometry import teacher_crop_box
 from pkd.common.store import PATCH_TOKENS
 from pkd.train.model import Student, random_mask
 from pkd.train.tokenizer import gather_points
@@ -22,21 +23,27 @@ def chamfer_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CropBox:
-    """The teacher's centre crop in colour-image pixels: the central square of side min(w, h)."""
+    """The teacher's centre crop (u0, v0, u1, v1) in colour-image pixels, as open_clip's transform takes it."""
 
-    x0: float
-    y0: float
-    side: float
+    u0: float
+    v0: float
+    u1: float
+    v1: float
 
     @classmethod
-    def centre_square(cls, width: int, height: int) -> "CropBox":
-        side = min(width, height)
-        return cls((width - side) / 2, (height - side) / 2, side)
+    def of_image(cls, width: int, height: int) -> "CropBox":
+        return cls(*teacher_crop_box(width, height))
 
 
 def patch_cells(uv: torch.Tensor, crop: CropBox) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-major 7×7 patch index of each pixel (…, 2) and whether it lies inside the crop."""
-    rel = (uv.float() - uv.new_tensor([crop.x0, crop.y0], dtype=torch.float32)) / crop.side
+    """Row-major 7×7 patch index of each pixel (…, 2) and whether it lies inside the crop.
+
+    Pixel centres sit at integer (u, v), so a pixel's area starts half a pixel before it (as in
+    ``pkd.common.geometry.inside``, which decides ``in_view``).
+    """
+    origin = uv.new_tensor([crop.u0, crop.v0], dtype=torch.float32)
+    size = uv.new_tensor([crop.u1 - crop.u0, crop.v1 - crop.v0], dtype=torch.float32)
+    rel = (uv.float() + 0.5 - origin) / size
     inside = ((rel >= 0) & (rel < 1)).all(-1)
     cell = (rel * GRID).floor().long().clamp(0, GRID - 1)
     return cell[..., 1] * GRID + cell[..., 0], inside

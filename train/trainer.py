@@ -135,11 +135,12 @@ def open_data(cfg: TrainConfig) -> tuple[StoreLoader, LossSettings]:
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
     crop = None
     if spec.head == "token":
-        size = (open_store(cfg.store).attrs.get("prep") or {}).get("color_size")
-        if not size:
-            raise StoreError(f"{cfg.store} records no prep['color_size'] (colour image width, height); the local "
-                             "variant needs it to find the teacher's centre crop. Re-run pkd-prep to record it.")
-        crop = CropBox.centre_square(int(size[0]), int(size[1]))
+        sizes = {tuple(size) for size in group.attrs.get("color_sizes", [])}
+        if len(sizes) != 1:
+            raise StoreError(f"{cfg.store}/{cfg.split} records {'no' if not sizes else 'several'} colour image "
+                             f"sizes (color_sizes attr: {sorted(sizes)}); the local variant needs one to find the "
+                             "teacher's centre crop. Re-run pkd-prep with this pkd to record it.")
+        crop = CropBox.of_image(*sizes.pop())
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
     loader = StoreLoader(LoaderConfig(cfg.store, cfg.split, spec.arrays, cfg.batch_size, cfg.model.num_points,
                                       cfg.seed, cfg.shuffle_shards), cfg.num_workers, stats)
