@@ -1,0 +1,40 @@
+"""The whole product on the demo scene: prep (with patch tokens) -> every ablation -> export -> reload."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from pkd.preprocess.prep import RunOptions, run_prep
+from pkd.preprocess.teacher import TeacherConfig
+
+from conftest import demo_prep_config
+
+TINY = ["--dim", "48", "--depth", "2", "--heads", "2", "--num-points", "512", "--num-group", "16",
+        "--group-size", "8", "--batch-size", "2", "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu"]
+
+
+def pkd_train(*args: str, cwd) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pkd.train", *args], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_prep_then_every_variant_then_export(demo_root, tmp_path):
+    store = tmp_path / "pairs.zarr"
+    run_prep(demo_prep_config(demo_root), str(store), TeacherConfig(kind="random", patch_tokens=True),
+             RunOptions(teacher_batch=2, progress=False))
+    variants = "distill,no-concept,clip-target,local,recon,recon+distill"
+    pkd_train("ablate", str(store), "--variants", variants, "--max-steps", "2", "--name", "demo", *TINY, cwd=tmp_path)
+    table = json.loads((tmp_path / "runs" / "ablate-demo" / "table.json").read_text())
+    rows = table if isinstance(table, list) else table["rows"]
+    assert [row["variant"] for row in rows] == variants.split(",")
+    assert all(row["steps"] == 2 and row["final_loss"] > 0 for row in rows)
+
+    run = tmp_path / "runs" / "distill"
+    pkd_train("distill", str(store), "--run-dir", str(run), "--max-steps", "2", *TINY, cwd=tmp_path)
+    pkd_train("export", str(run), "--out", str(tmp_path / "encoder.pth"), cwd=tmp_path)
+    exported = torch.load(tmp_path / "encoder.pth", weights_only=True)["base_model"]
+    assert "MAE_encoder.blocks.blocks.1.attn.qkv.weight" in exported
+    assert not any(k.startswith(("MAE_encoder.concept", "MAE_encoder.head")) for k in exported)
