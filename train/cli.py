@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pkd.common.errors import PkdError
+from pkd.common.cli import run_app
+from pkd.train.downstream.cli import finetune_app, probe_app
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -124,10 +125,10 @@ def export(
     typer.echo(f"wrote {export_encoder(run, out)}")
 
 
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(probe_app, name="probe")
+
+
 def main() -> None:
     """Console entry: pkd errors print as one 'error: …' paragraph and exit 2, without a traceback."""
-    try:
-        app()
-    except PkdError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    run_app(app)

@@ -7,6 +7,7 @@ draws with ScaleAndTranslate, as Point-MAE's ``validate_vote`` (one 10-vote pass
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
-from pkd.train.downstream.sampling import fps, random_fps_subset, random_scale_shift, shuffled_batches
+from pkd.train.downstream.sampling import (fps, fps_pool_size, ordered_batches, random_columns, random_scale_shift,
+                                           shuffled_batches)
 
 SCALE, TRANSLATE = (2.0 / 3.0, 3.0 / 2.0), 0.2
 CONFUSION = "confusion.png"
@@ -28,8 +30,7 @@ CONFUSION = "confusion.png"
 def load_modelnet_split(cfg: Any, split: str) -> ShapeSet:
     """A ModelNet40 split with the data options of a finetune or probe config."""
     return load_modelnet40(cfg.data, split, splits=cfg.splits, num_points=cfg.pool_points,
-                           allow_missing=cfg.allow_missing, trust_pickle=cfg.trust_pickle, cache_dir=cfg.cache_dir,
-                           device=cfg.device)
+                           allow_missing=cfg.allow_missing, trust_pickle=cfg.trust_pickle, cache_dir=cfg.cache_dir)
 
 
 def class_metrics(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -60,13 +61,23 @@ class ModelNetTask:
     def _points(self, shapes: ShapeSet, batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(shapes.points[batch]).to(self.cfg.device)
 
-    def _augmented(self, points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return random_scale_shift(random_fps_subset(points, self.cfg.num_points, generator), generator,
+    def _fps_pool(self, points: torch.Tensor) -> torch.Tensor:
+        return fps(points, fps_pool_size(self.cfg.num_points, points.shape[1]))
+
+    def _augmented(self, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A random num_points of the FPS pool, then ScaleAndTranslate (training and voting draws)."""
+        return random_scale_shift(random_columns(pool, self.cfg.num_points, generator), generator,
                                   SCALE, TRANSLATE, per_axis=True)
 
     def loss(self, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        logits = self.model(self._augmented(self._points(self.train_set, batch), generator))
+        logits = self.model(self._augmented(self._fps_pool(self._points(self.train_set, batch)), generator))
         return F.cross_entropy(logits, torch.from_numpy(self.train_set.labels[batch]).to(logits.device))
+
+    @cached_property
+    def _plain_test_points(self) -> torch.Tensor:
+        """The deterministic num_points FPS of every test shape (CPU), computed once for all evaluations."""
+        return torch.cat([fps(self._points(self.test_set, batch), self.cfg.num_points).cpu()
+                          for batch in ordered_batches(len(self.test_set.labels), self.cfg.batch_size)])
 
     @torch.no_grad()
     def test_logits(self, votes: int = 0) -> torch.Tensor:
@@ -74,13 +85,12 @@ class ModelNetTask:
         self.model.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed)
         out = []
-        for start in range(0, len(self.test_set.labels), self.cfg.batch_size):
-            points = self._points(self.test_set, np.arange(start, min(start + self.cfg.batch_size,
-                                                                      len(self.test_set.labels))))
+        for batch in ordered_batches(len(self.test_set.labels), self.cfg.batch_size):
             if votes:
-                logits = torch.stack([self.model(self._augmented(points, generator)) for _ in range(votes)]).mean(0)
+                pool = self._fps_pool(self._points(self.test_set, batch))
+                logits = torch.stack([self.model(self._augmented(pool, generator)) for _ in range(votes)]).mean(0)
             else:
-                logits = self.model(fps(points, self.cfg.num_points))
+                logits = self.model(self._plain_test_points[batch].to(self.cfg.device))
             out.append(logits.float().cpu())
         return torch.cat(out)
 

@@ -56,7 +56,9 @@ def _finetune(task: str, data: Path, init: str, run_dir: Optional[Path], resume:
                    f"{test['votes']}-vote OA {test['vote_overall_acc']:.2%}")
     else:
         summary = f"instance mIoU {test['instance_miou']:.4f}, class mIoU {test['class_miou']:.4f}"
-    typer.echo(f"{task} ({results['init'].get('init', 'resumed')}): {summary} (best epoch {results['best']['epoch']}) "
+    init_note = results["init"]
+    typer.echo(f"{task} from {init_note['init']} ({init_note['used']} encoder tensors loaded, "
+               f"{init_note['unexpected']} other keys ignored): {summary}, best epoch {results['best']['epoch']} "
                f"→ {out}/results.json")
 
 

@@ -81,9 +81,11 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.task not in TASK_DEFAULTS:
             raise ConfigError(f"unknown finetuning task {self.task!r}; use one of {', '.join(TASK_DEFAULTS)}.")
-        for name in ("epochs", "batch_size", "num_points", "votes"):
+        for name in ("epochs", "num_points", "votes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be at least 2 (the heads use BatchNorm), got {self.batch_size}.")
         if self.num_group > self.num_points:
             raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups.")
 
@@ -135,10 +137,13 @@ class State:
     history: tuple[dict[str, float], ...] = ()
 
 
-def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
+def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module,
+             optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
+    """Load last.pt into model and optimizer, restore RNGs; refuse a checkpoint of other settings."""
     ckpt = load_checkpoint(run_dir / LAST)
     saved, current = ckpt["config"], dataclasses.asdict(cfg)
-    differ = sorted(k for k in set(saved) | set(current) if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
     if differ:
         raise ConfigError(f"{run_dir} was finetuned with different settings ({', '.join(differ)}); resume with the "
                           f"same arguments (only {', '.join(RESUME_MAY_CHANGE)} may change) or start a new run.")

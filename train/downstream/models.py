@@ -136,7 +136,8 @@ def init_encoder(encoder: PointEncoder, init: str | Path) -> dict:
         path = path / LAST
     report: LoadReport = load_pointmae_checkpoint(path, encoder)
     if report.missing:
-        raise WeightsError(f"{path} provides only {len(report.used)} of the encoder's {len(report.used) + len(report.missing)} "
+        total = len(report.used) + len(report.missing)
+        raise WeightsError(f"{path} provides only {len(report.used)} of the encoder's {total} "
                            f"weights (missing e.g. {report.missing[:3]}); it is an encoder of another depth. "
                            "Match --depth/--dim/--heads to the checkpoint.")
     return {"init": str(path), "used": len(report.used), "missing": report.missing,

@@ -23,7 +23,7 @@ from pkd.train.downstream.engine import RESULTS, resolve_device
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_confusion
-from pkd.train.downstream.sampling import fps
+from pkd.train.downstream.sampling import fps, ordered_batches
 from pkd.train.encoder import PointEncoder
 from pkd.train.tokenizer import Group
 from pkd.train.trainer import code_version
@@ -58,8 +58,8 @@ def encoder_features(encoder: PointEncoder, group: Group, shapes: ShapeSet, num_
     """(N, 2·C) max- and mean-pooled final tokens of every shape."""
     encoder.eval()
     out = []
-    for start in range(0, len(shapes.labels), batch_size):
-        points = torch.from_numpy(shapes.points[start:start + batch_size]).to(device)
+    for batch in ordered_batches(len(shapes.labels), batch_size):
+        points = torch.from_numpy(shapes.points[batch]).to(device)
         patches, centres, _ = group(fps(points, num_points))
         tokens, _ = encoder(patches, centres)
         out.append(torch.cat([tokens.max(dim=1).values, tokens.mean(dim=1)], dim=-1).float().cpu().numpy())

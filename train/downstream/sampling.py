@@ -24,11 +24,9 @@ def fps_pool_size(num_points: int, available: int) -> int:
     return min(available, num_points * 75 // 64)
 
 
-def random_fps_subset(points: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
-    """A random ``num`` of the ``fps_pool_size`` FPS points of every cloud (one column choice per batch)."""
-    pool = fps(points, fps_pool_size(num, points.shape[1]))
-    columns = torch.randperm(pool.shape[1], generator=generator)[:num].to(points.device)
-    return pool[:, columns]
+def random_columns(points: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    """The same random ``num`` of the P points of every cloud (B, P, 3) → (B, num, 3)."""
+    return points[:, torch.randperm(points.shape[1], generator=generator)[:num].to(points.device)]
 
 
 def random_scale_shift(points: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
@@ -44,6 +42,11 @@ def shuffled_batches(count: int, batch_size: int, seed: int, epoch: int) -> list
     """Full batches of a permutation of range(count) fixed by (seed, epoch); the remainder is dropped."""
     order = np.random.default_rng([seed, epoch]).permutation(count)
     return [order[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+
+
+def ordered_batches(count: int, batch_size: int) -> list[np.ndarray]:
+    """range(count) in order, in batches of ``batch_size`` (the last one may be smaller): for evaluation."""
+    return [np.arange(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
 
 
 def numpy_rng(generator: torch.Generator) -> np.random.Generator:

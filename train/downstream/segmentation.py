@@ -18,7 +18,7 @@ from pkd.train.downstream import metrics
 from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.models import PartSegmenter
 from pkd.train.downstream.plots import plot_category_iou
-from pkd.train.downstream.sampling import numpy_rng, random_scale_shift, shuffled_batches
+from pkd.train.downstream.sampling import numpy_rng, ordered_batches, random_scale_shift, shuffled_batches
 from pkd.train.downstream.shapenetpart import CATEGORIES, CATEGORY_PARTS, NUM_PARTS, PartSet, load_shapenetpart
 
 SCALE, SHIFT = (0.8, 1.25), 0.1
@@ -71,8 +71,7 @@ class ShapeNetPartTask:
     def _shape_ious(self) -> tuple[list[float], list[str], float]:
         self.model.eval()
         ious, cats, correct = [], [], 0
-        for start in range(0, len(self.test_draws), self.cfg.batch_size):
-            batch = np.arange(start, min(start + self.cfg.batch_size, len(self.test_draws)))
+        for batch in ordered_batches(len(self.test_draws), self.cfg.batch_size):
             logits, labels = self._forward(self.test_set, batch, [self.test_draws[i] for i in batch], None)
             for row, i in enumerate(batch):
                 category = int(self.test_set.categories[i])
