@@ -125,3 +125,58 @@ def test_fuzzed_sens_files_end_in_data_errors_only(small_sens, tmp_path, data):
         read_everything(path)
     except DataError:
         pass
+
+
+TINY_TRAIN = ["--dim", "48", "--depth", "2", "--heads", "2", "--num-points", "512", "--num-group", "16",
+              "--group-size", "8", "--batch-size", "2", "--epochs", "3", "--warmup-epochs", "1", "--device", "cpu",
+              "--save-every", "1", "--max-steps", "6"]
+
+
+def train_command(store_path: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pkd.train", "distill", str(store_path), "--run-dir", str(run), *TINY_TRAIN, *extra]
+
+
+def final_state(run: Path) -> dict:
+    import torch
+
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(demo_store, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("train") / "clean"
+    subprocess.run(train_command(demo_store, run), check=True, capture_output=True)
+    return run
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_killed_at_a_random_moment_resumes_bit_identically(demo_store, clean_run, tmp_path, seed):
+    import torch
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_command(demo_store, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(seed).uniform(3.0, 10.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = train_command(demo_store, run, "--resume") if (run / "last.pt").exists() else \
+        train_command(demo_store, run, "--overwrite")
+    result = subprocess.run(again, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed, clean = final_state(run), final_state(clean_run)
+    assert resumed.keys() == clean.keys()
+    for key in clean:
+        assert torch.equal(resumed[key], clean[key]), key
+
+
+def test_training_stops_on_a_corrupt_chunk_naming_it(demo_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pairs.zarr"
+    shutil.copytree(demo_store, copy)
+    victim = sorted(p for p in (copy / "train" / "prefix" / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = subprocess.run(train_command(copy, tmp_path / "run"), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "prefix: shard 0 (samples 0-1) is corrupt" in result.stderr

@@ -201,3 +201,36 @@ def test_cli_info_and_verify(demo_store):
     human = run_cli("info", str(demo_store))
     assert "RANDOM teacher" in human.stdout
     assert run_cli("verify", str(demo_store)).returncode == 0
+
+
+def test_real_scannet_frames_give_the_same_samples_from_sens_and_exported(scannet_scene, tmp_path):
+    """Real ScanNet frames: a .sens built from them and the exported folder give the same samples."""
+    import cv2
+
+    from pkd.preprocess.frames import Camera
+    from pkd.preprocess.sens import write_sens
+
+    scene = tmp_path / "scannet" / "scans_test" / scannet_scene.name
+    scene.mkdir(parents=True)
+    for folder in ("color", "depth", "pose", "intrinsic"):
+        (scene / folder).symlink_to(scannet_scene / folder)
+    k_color = np.loadtxt(scannet_scene / "intrinsic" / "intrinsic_color.txt")[:3, :3]
+    k_depth = np.loadtxt(scannet_scene / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
+    frames = [(np.loadtxt(scannet_scene / "pose" / f"{i}.txt"), (scannet_scene / "color" / f"{i}.jpg").read_bytes(),
+               cv2.imread(str(scannet_scene / "depth" / f"{i}.png"), cv2.IMREAD_UNCHANGED)) for i in range(3)]
+    write_sens(scene / f"{scene.name}.sens", Camera(k_color, k_depth, np.eye(4), (1296, 968), (640, 480), 1000.0),
+               frames)
+    geometry = GeometryConfig(sampling="random")
+    stores = {}
+    for source in ("sens", "exported"):
+        stores[source] = tmp_path / f"{source}.zarr"
+        cfg = config(tmp_path / "scannet", source=source, frame_skip=1, geometry=geometry)
+        run_prep(cfg, str(stores[source]), TEACHER, QUIET)
+    a, b = (zarr.open_group(str(stores[s]), mode="r")["test"] for s in ("sens", "exported"))
+    assert a["frame"][:].tolist() == [0, 1, 2] and a["valid"][:].all()
+    # .sens stores intrinsics as float32, the text files as float64: ~1e-5 relative, far below a millimetre
+    np.testing.assert_allclose(a["points"][:], b["points"][:], atol=1e-4)
+    assert (a["colors"][:] == b["colors"][:]).all(-1).mean() > 0.999
+    np.testing.assert_array_equal(a["prefix"][:], b["prefix"][:])
+    points = a["points"][:]
+    assert 0.5 < np.median(np.linalg.norm(points - a["pose"][:][:, None, :3, 3], axis=-1)) < 6.0
