@@ -28,7 +28,9 @@ from pkd.preprocess.frame_sample import GeometryConfig, SkipFrame, make_sample
 from pkd.preprocess.frames import Camera, decode_color, decode_depth
 from pkd.preprocess.sens import SensReader, write_sens
 
-SEVEN_SCENES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "7scenes_seq"
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+SEVEN_SCENES = FIXTURES / "7scenes_seq"
+SCANNET = FIXTURES / "scannet_sample" / "scans_test" / "scene0707_00"
 
 
 def pack_seven_scenes(out: Path, repeat: int = 1) -> Path:
@@ -45,6 +47,16 @@ def pack_seven_scenes(out: Path, repeat: int = 1) -> Path:
                 yield np.loadtxt(SEVEN_SCENES / f"{stem}.pose.txt"), color.read_bytes(), depth
 
     return write_sens(out, camera, frames())
+
+
+def pack_scannet(out: Path, repeat: int = 10) -> Path:
+    """The 3 real ScanNet frames (1296x968 color), repeated, as a .sens: real ScanNet decode costs."""
+    k_color = np.loadtxt(SCANNET / "intrinsic" / "intrinsic_color.txt")[:3, :3]
+    k_depth = np.loadtxt(SCANNET / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
+    camera = Camera(k_color, k_depth, np.eye(4), (1296, 968), (640, 480), 1000.0)
+    frames = [(np.loadtxt(SCANNET / "pose" / f"{i}.txt"), (SCANNET / "color" / f"{i}.jpg").read_bytes(),
+               cv2.imread(str(SCANNET / "depth" / f"{i}.png"), cv2.IMREAD_UNCHANGED)) for i in range(3)]
+    return write_sens(out, camera, frames * repeat)
 
 
 def kept(reader: SensReader, skip: int) -> list[int]:
@@ -102,22 +114,26 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        inputs = {"demo (640x480 synthetic)": next((write_demo_scene(tmp / "demo", layout="sens")).rglob("*.sens"))}
+        demo = next((write_demo_scene(tmp / "demo", layout="sens")).rglob("*.sens"))
+        inputs = {"demo (640x480 synthetic)": (demo, args.frame_skip)}
         if SEVEN_SCENES.exists():
-            inputs["7-Scenes (640x480 real)"] = pack_seven_scenes(tmp / "7scenes.sens")
+            inputs["7-Scenes (640x480 real)"] = (pack_seven_scenes(tmp / "7scenes.sens"), args.frame_skip)
             long_file = pack_seven_scenes(tmp / "7scenes_x4.sens", repeat=4)
-        else:
-            print(f"skipping 7-Scenes: {SEVEN_SCENES} is absent")
-        for name, path in inputs.items():
-            dec_s, bytes_read, payload = best_of(lambda: decode_pass(path, args.frame_skip), args.repeats)
+        if SCANNET.exists():
+            inputs["ScanNet (1296x968 real, every frame)"] = (pack_scannet(tmp / "scannet.sens"), 1)
+        missing = [p for p in (SEVEN_SCENES, SCANNET) if not p.exists()]
+        if missing:
+            print(f"skipping absent real-data fixtures: {missing}")
+        for name, (path, skip) in inputs.items():
+            dec_s, bytes_read, payload = best_of(lambda: decode_pass(path, skip), args.repeats)
             for sampling in ("fps", "random"):
-                geo_s, made = best_of(lambda: geometry_pass(path, args.frame_skip, sampling), args.repeats)
-                frames = len(kept(SensReader(path), args.frame_skip))
+                geo_s, made = best_of(lambda: geometry_pass(path, skip, sampling), args.repeats)
+                frames = len(kept(SensReader(path), skip))
                 row = {
                     "input": name, "sampling": sampling, "kept_frames": frames, "samples": made,
                     "decode_fps": frames / dec_s, "geometry_fps": frames / geo_s, "ratio": dec_s / geo_s,
                     "bytes_read/payload": bytes_read / payload,
-                    "rss_MiB": peak_rss_mib(path, args.frame_skip, sampling),
+                    "rss_MiB": peak_rss_mib(path, skip, sampling),
                 }
                 if name.startswith("7-Scenes"):
                     row["rss_MiB_4x_file"] = peak_rss_mib(long_file, args.frame_skip, sampling)
