@@ -12,7 +12,6 @@ For each input (packed into a .sens by this script) and sampling method it measu
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile

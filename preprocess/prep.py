@@ -66,7 +66,7 @@ def store_lock(out: str) -> Iterator[None]:
     """Hold an exclusive lock (``<store>.lock`` beside a local store) for the whole prep.
 
     A second prep on the same store is refused at once; the kernel drops the lock if the holder dies,
-    even by kill -9, so a stale lock file never blocks a resume.
+    even by kill -9, so a stale lock file never blocks a resume. The holder removes the file when done.
     """
     if "://" in out:
         log.warning("%s is remote: pkd cannot lock it, make sure no other prep writes it", out)
@@ -74,7 +74,8 @@ def store_lock(out: str) -> Iterator[None]:
         return
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,7 +86,10 @@ def store_lock(out: str) -> Iterator[None]:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        yield
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 def _remove_store(out: str) -> None:
@@ -185,6 +189,7 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
     """Build (or resume) the pair store at ``out``; returns a summary per split."""
     out = _absolute(out)
     entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+    teacher = build_teacher(teacher_cfg)
     with store_lock(out):
         if options.overwrite and _store_exists(out):
             _remove_store(out)
@@ -192,7 +197,6 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
         if not any(plan.samples for plan in plans.values()):
             raise ConfigError(f"no usable frames under {cfg.root} (every kept frame had an invalid pose); "
                               "check the scans or lower --frame-skip.")
-        teacher = build_teacher(teacher_cfg)
         root = _open_or_create(out, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
         return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
 

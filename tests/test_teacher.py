@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pkd.common.errors import ConfigError, DataError, WeightsError
+from pkd.common.errors import ConfigError, WeightsError
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

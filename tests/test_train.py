@@ -234,10 +234,13 @@ def cli(*args, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     from pkd.train.cli import main
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["pkd-train", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
+    try:
         main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
     out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
+    return code, out.out, out.err
 
 
 SMALL = ["--num-points", 128, "--num-group", 16, "--group-size", 8, "--dim", 48, "--depth", 2, "--heads", 4,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pkd.common.errors import TrainingError
+from pkd.common.errors import ConfigError, TrainingError
 
 LAST = "last.pt"
 
@@ -63,3 +63,18 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(w) for w in p["words"]), p["gauss"]))
+
+
+def load_training_state(ckpt: dict, saved: dict, current: dict, may_change: tuple[str, ...], run_dir: Path,
+                        model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a checkpoint's model and optimizer after checking it was written with the same settings.
+
+    ``saved`` and ``current`` are the plain configs of the checkpoint and of this run; only the keys in
+    ``may_change`` may differ (settings that do not change what is computed).
+    """
+    differ = sorted(k for k in set(saved) | set(current) if k not in may_change and saved.get(k) != current.get(k))
+    if differ:
+        raise ConfigError(f"{run_dir} was trained with different settings ({', '.join(differ)}); resume with the "
+                          f"same arguments (only {', '.join(may_change)} may change) or start a new run.")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +16,8 @@ Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pai
 
 
 def _config(store: Path, variant: str, *, num_points: int, num_group: int, group_size: int, dim: int, depth: int,
-            heads: int, device: str, no_augment: bool = False, init: Optional[Path] = None, **train: object):
+            heads: int, device: str, no_augment: bool = False, init: Optional[Path] = None,
+            drop_path: float = 0.1, **train: object):
     """A TrainConfig from CLI options; ``train`` holds options named exactly as TrainConfig fields."""
     import torch
 
@@ -28,7 +28,7 @@ def _config(store: Path, variant: str, *, num_points: int, num_group: int, group
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = StudentConfig(num_points=num_points, num_group=num_group, group_size=group_size, dim=dim, depth=depth,
-                          heads=heads, variant=variant)
+                          heads=heads, drop_path=drop_path, variant=variant)
     return TrainConfig(store=str(store), model=model, device=device, augment=AugmentConfig(enabled=not no_augment),
                        init=str(init) if init else None, **train)
 
@@ -41,7 +41,7 @@ def distill(
     split: str = "train",
     epochs: int = 250,
     warmup_epochs: int = 10,
-    batch_size: int = 32,
+    batch_size: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
     lr: float = 1e-3,
     weight_decay: float = 0.05,
@@ -59,6 +59,9 @@ def distill(
     dim: int = 384,
     depth: int = 12,
     heads: int = 6,
+    drop_path: Annotated[float, typer.Option(help="stochastic depth (its masks differ between world sizes)")] = 0.1,
+    streams: Annotated[Optional[int], typer.Option(
+        help="data streams (a multiple of the torchrun process count); default: one per process")] = None,
     init: Annotated[Optional[Path], typer.Option(help="initialise the encoder from a Point-MAE checkpoint")] = None,
     no_augment: Annotated[bool, typer.Option(help="only normalise clouds, no scale/translate")] = False,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt")] = False,
@@ -68,13 +71,16 @@ def distill(
     from pkd.train.trainer import train
 
     cfg = _config(store, variant, num_points=num_points, num_group=num_group, group_size=group_size, dim=dim,
-                  depth=depth, heads=heads, device=device, no_augment=no_augment, init=init, split=split,
+                  depth=depth, heads=heads, device=device, no_augment=no_augment, init=init, drop_path=drop_path,
+                  streams=streams, split=split,
                   epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                   weight_decay=weight_decay, seed=seed, num_workers=num_workers, shuffle_shards=shuffle_shards,
                   normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps,
                   save_every=save_every)
     run_dir = run_dir or Path("runs") / f"{Path(store).stem}-{variant}"
     summary = train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    if summary["rank"]:
+        return  # under torchrun only rank 0 reports
     typer.echo(f"{summary['variant']}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
                f"{summary['samples_per_s']:.1f} samples/s → {run_dir}")
 

@@ -1,14 +1,22 @@
 """Store-backed batches: whole-shard reads, shuffling within a window of shards, deterministic per (seed, epoch).
 
-An epoch's order depends only on (seed, epoch, rank, world_size) and the store's ``valid`` flags, so it
-can be computed without reading samples: resuming at batch b skips straight to the window that holds
-it. Each rank takes whole shards (for DDP); worker processes take whole windows, round-robin, and the
-DataLoader's in-order delivery hands them back in window order, so the batches are the same for any
+Data streams: each epoch's shard order (from (seed, epoch)) is dealt round-robin into ``streams`` streams;
+every stream shuffles its samples within windows of ``shuffle_shards`` shards, and batch i is the
+concatenation over streams s = 0..S-1 of stream s's i-th chunk of batch_size/S samples. Under DDP, rank r
+of W owns streams r, r+W, … and reads only their (whole) shards, so the global batch, and every sample's
+place in it, is the same for any world size that divides S. With one stream and one rank this is the
+plain single-process loader.
+
+An epoch's order depends only on (seed, epoch, streams) and the store's ``valid`` flags, so it can be
+computed without reading samples: resuming at batch b skips straight to the windows that hold it.
+Worker processes take whole windows, round-robin in the order the batches need them, and the
+DataLoader's in-order delivery hands them back in that order, so the batches are the same for any
 number of workers.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +56,11 @@ def target_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Everything that decides which samples form which batch (picklable, so workers can rebuild windows)."""
+    """Everything that decides which samples form which batch (picklable, so workers can rebuild windows).
+
+    ``streams`` None means one stream per rank (``world_size``); it must be a multiple of ``world_size``
+    and divide ``batch_size``.
+    """
 
     store: str
     split: str
@@ -59,28 +71,60 @@ class LoaderConfig:
     shuffle_shards: int = 4
     rank: int = 0
     world_size: int = 1
+    streams: int | None = None
+
+    @property
+    def num_streams(self) -> int:
+        return self.streams or self.world_size
+
+    @property
+    def own_streams(self) -> list[int]:
+        """The streams this rank reads: rank, rank + world_size, …"""
+        return list(range(self.rank, self.num_streams, self.world_size))
+
+    @property
+    def chunk(self) -> int:
+        """Samples each stream contributes to a batch."""
+        return self.batch_size // self.num_streams
 
 
 class _Epoch:
-    """The window layout of one epoch for one rank."""
+    """The window layout of one epoch for one rank: the windows of its streams, in the order batches need them.
+
+    ``windows[k]`` (shard indices) belongs to stream ``stream[k]`` and is that stream's window number
+    ``index[k]``; ``start[k]`` is the stream sample offset of its first sample and ``sizes[k]`` its valid samples.
+    """
 
     def __init__(self, cfg: LoaderConfig, shards: list[tuple[int, int]], valid: np.ndarray, epoch: int) -> None:
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(shards))[cfg.rank::cfg.world_size]
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(shards))
         step = max(1, cfg.shuffle_shards)
-        self.windows = [order[i:i + step] for i in range(0, len(order), step)]
-        self.sizes = [sum(int(valid[shards[s][0]:shards[s][1]].sum()) for s in w) for w in self.windows]
-        self.seed = (cfg.seed, epoch, cfg.rank)
+        items = []
+        for position, s in enumerate(cfg.own_streams):
+            mine = order[s::cfg.num_streams]
+            offset = 0
+            for w, i in enumerate(range(0, len(mine), step)):
+                window = mine[i:i + step]
+                size = sum(int(valid[shards[x][0]:shards[x][1]].sum()) for x in window)
+                items.append((offset // max(1, cfg.chunk), position, s, w, offset, size, window))
+                offset += size
+        items.sort(key=lambda item: item[:2])
+        self.stream = [item[2] for item in items]
+        self.index = [item[3] for item in items]
+        self.start = [item[4] for item in items]
+        self.sizes = [item[5] for item in items]
+        self.windows = [item[6] for item in items]
+        self.seed = (cfg.seed, epoch)
 
-    def rng(self, window: int) -> np.random.Generator:
-        return np.random.default_rng([*self.seed, window])
+    def rng(self, k: int) -> np.random.Generator:
+        return np.random.default_rng([*self.seed, self.stream[k], self.index[k]])
 
 
 class _WindowDataset(IterableDataset):
-    """Yields whole windows (dicts of numpy arrays, shuffled, subsampled, normalised) from ``first`` on."""
+    """Yields whole windows (dicts of numpy arrays, shuffled, subsampled, normalised): the items ``todo`` names."""
 
-    def __init__(self, cfg: LoaderConfig, epoch: "_Epoch", first: int,
+    def __init__(self, cfg: LoaderConfig, epoch: "_Epoch", todo: list[int],
                  stats: Mapping[str, tuple[np.ndarray, np.ndarray]], group: zarr.Group | None) -> None:
-        self.cfg, self.epoch, self.first, self.stats = cfg, epoch, first, stats
+        self.cfg, self.epoch, self.todo, self.stats = cfg, epoch, todo, stats
         self._group = group
 
     def group(self) -> zarr.Group:
@@ -94,9 +138,9 @@ class _WindowDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for w in range(self.first, len(self.epoch.windows)):
-            if (w - self.first) % workers == worker:
-                yield self.load(w)
+        for i, k in enumerate(self.todo):
+            if i % workers == worker:
+                yield self.load(k)
 
     def load(self, w: int) -> dict[str, np.ndarray]:
         group = self.group()
@@ -133,12 +177,21 @@ def _to_tensor(values: np.ndarray) -> torch.Tensor:
 class StoreLoader:
     """Batches of one split: ``for batch in loader.epoch(e, start_batch=b)`` yields dicts of tensors.
 
-    Every epoch yields exactly ``steps_per_epoch`` full batches (the same number on every rank).
+    Every epoch yields exactly ``steps_per_epoch`` full batches: the same number for every rank and every
+    world size (it only depends on the number of streams). Under DDP a rank's batch holds the chunks of
+    its streams (``cfg.own_streams``, ``cfg.chunk`` samples each), in stream order.
     """
 
     def __init__(self, cfg: LoaderConfig, num_workers: int = 0,
                  stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.cfg, self.num_workers, self.stats = cfg, num_workers, dict(stats or {})
+        streams = cfg.num_streams
+        if streams % cfg.world_size:
+            raise ConfigError(f"{cfg.world_size} processes cannot share {streams} data streams evenly; pass "
+                              f"--streams as a multiple of the number of processes (e.g. {cfg.world_size}).")
+        if cfg.batch_size % streams:
+            raise ConfigError(f"batch size {cfg.batch_size} does not split into {streams} data streams; pass a "
+                              f"--batch-size that is a multiple of {streams} (or change --streams).")
         self.group = open_split(cfg.store, cfg.split, require=cfg.arrays)
         stored = self.group["points"].shape[1]
         if cfg.num_points > stored:
@@ -147,42 +200,51 @@ class StoreLoader:
         self.shards = [(start, stop) for _, start, stop in iter_shards(self.group)]
         self.valid = self.group["valid"][:].astype(bool)
         per_shard = sorted(int(self.valid[a:b].sum()) for a, b in self.shards)
-        worst_rank = sum(per_shard[:len(per_shard) // cfg.world_size])
-        self.steps_per_epoch = worst_rank // cfg.batch_size
+        worst_stream = sum(per_shard[:len(per_shard) // streams])
+        self.steps_per_epoch = worst_stream // cfg.chunk
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch size {cfg.batch_size} is larger than the {worst_rank} valid samples "
-                              f"{cfg.store}/{cfg.split} gives each of {cfg.world_size} rank(s); "
-                              "pass a smaller --batch-size.")
+            if streams == 1:
+                raise ConfigError(f"batch size {cfg.batch_size} is larger than the {worst_stream} valid samples "
+                                  f"{cfg.store}/{cfg.split} holds; pass a smaller --batch-size.")
+            raise ConfigError(f"batch size {cfg.batch_size} takes {cfg.chunk} samples from each of {streams} data "
+                              f"streams, but a stream of {cfg.store}/{cfg.split} may get only {worst_stream} valid "
+                              f"samples ({len(per_shard)} shards dealt into {streams} streams); pass a smaller "
+                              "--batch-size or fewer --streams.")
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` from batch index ``start_batch`` on."""
         layout = _Epoch(self.cfg, self.shards, self.valid, epoch)
-        skip = start_batch * self.cfg.batch_size
-        first = 0
-        while first < len(layout.sizes) and skip >= layout.sizes[first]:
-            skip -= layout.sizes[first]
-            first += 1
-        dataset = _WindowDataset(self.cfg, layout, first, self.stats,
-                                 self.group if self.num_workers == 0 else None)
+        skip = start_batch * self.cfg.chunk
+        # the windows that still hold samples; the first of each stream is entered ``skip - start`` samples in
+        todo = [k for k in range(len(layout.windows)) if layout.start[k] + layout.sizes[k] > skip]
+        dataset = _WindowDataset(self.cfg, layout, todo, self.stats, self.group if self.num_workers == 0 else None)
         windows: Iterator = iter(dataset) if self.num_workers == 0 else iter(
             DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
-        return self._batches(windows, skip, self.steps_per_epoch - start_batch)
+        streams = [(layout.stream[k], max(0, skip - layout.start[k])) for k in todo]
+        return self._batches(zip(streams, windows), self.steps_per_epoch - start_batch)
 
-    def _batches(self, windows: Iterator, skip: int, count: int) -> Iterator[dict[str, torch.Tensor]]:
-        size = self.cfg.batch_size
-        parts: list[dict[str, np.ndarray]] = []
-        need = size
-        for window in windows:
-            length, pos, skip = len(window["points"]), skip, 0
-            while pos < length and count > 0:
-                take = min(need, length - pos)
-                parts.append({k: v[pos:pos + take] for k, v in window.items()})
-                pos, need = pos + take, need - take
-                if need == 0:
-                    yield {k: _to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
-                    parts, need, count = [], size, count - 1
-            if count <= 0:
-                break
+    def _batches(self, windows: Iterator, count: int) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.cfg.chunk
+        buffered: dict[int, deque] = {s: deque() for s in self.cfg.own_streams}  # (window, position) per stream
+        have = dict.fromkeys(buffered, 0)
+        while count > 0:
+            parts: list[dict[str, np.ndarray]] = []
+            for s in self.cfg.own_streams:
+                while have[s] < size:
+                    (t, skip), window = next(windows)
+                    buffered[t].append([window, skip])
+                    have[t] += len(window["points"]) - skip
+                need, queue = size, buffered[s]
+                while need:
+                    window, pos = queue[0]
+                    take = min(need, len(window["points"]) - pos)
+                    parts.append({k: v[pos:pos + take] for k, v in window.items()})
+                    need, queue[0][1] = need - take, pos + take
+                    if queue[0][1] == len(window["points"]):
+                        queue.popleft()
+                have[s] -= size
+            yield {k: _to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+            count -= 1
 
 
 def store_path(path: str | Path) -> str:

@@ -13,10 +13,14 @@ CURVES = "curves.png"
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl``; on resume drops records past the checkpoint's step."""
 
-    def __init__(self, run_dir: Path, keep_until_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, keep_until_step: int = 0, write: bool = True) -> None:
+        """``write=False`` (DDP ranks other than 0) keeps the records in memory and never touches the files."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS
+        self.write = write
         self.records: list[dict[str, Any]] = []
+        if not write:
+            return
         if self.path.exists():
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.records = [r for r in lines if r["step"] <= keep_until_step]
@@ -24,6 +28,8 @@ class MetricsLog:
 
     def _append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -50,7 +56,7 @@ class MetricsLog:
         import matplotlib.pyplot as plt
 
         steps = [r for r in self.records if r["kind"] == "step"]
-        if not steps:
+        if not steps or not self.write:
             return
         x = [r["step"] for r in steps]
         fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))

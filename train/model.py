@@ -11,6 +11,7 @@ would add ~12 M head parameters (and their optimizer cost) for the concept arm a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,7 +166,15 @@ def build_student(cfg: StudentConfig) -> Student:
     return Student(cfg)
 
 
-def random_mask(batch: int, num_group: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """(B, G) bool with exactly int(ratio·G) True per row, at random positions (Point-MAE's 'rand' mask)."""
+def random_mask(batch: int, num_group: int, ratio: float,
+                generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    """(B, G) bool with exactly int(ratio·G) True per row, at random positions (Point-MAE's 'rand' mask).
+
+    A sequence of generators draws the rows in equal consecutive slices, one generator each (the data
+    streams of a batch, see pkd.train.data), so a slice's masks do not depend on how the batch is split.
+    """
+    if isinstance(generator, Sequence):
+        per = batch // len(generator)
+        return torch.cat([random_mask(per, num_group, ratio, g) for g in generator])
     ranks = torch.rand(batch, num_group, generator=generator).argsort(dim=1).argsort(dim=1)
     return ranks < int(ratio * num_group)

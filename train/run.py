@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.common.errors import PkdError
+from pkd.train.distributed import launch_rank
 from pkd.train.model import variant_spec
 from pkd.train.trainer import TrainConfig, train
 
@@ -32,6 +33,8 @@ def run_ablation(base: TrainConfig, variants: list[str], out_dir: str | Path, ov
                          "samples_per_s": summary["samples_per_s"], "error": None})
         except PkdError as exc:
             rows.append({"variant": name, "final_loss": None, "steps": 0, "samples_per_s": None, "error": str(exc)})
+    if launch_rank() != 0:
+        return rows  # under torchrun only rank 0 writes the table
     (out_dir / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out_dir / "table.md").write_text(format_table(rows))
     return rows

@@ -4,6 +4,15 @@ Read ``train`` top to bottom: open the data, build the student, restore or recor
 over epochs and batches. Every random draw is reproducible: the loader's order from (seed, epoch), the
 augmentation and masks from (seed, micro-batch index), drop-path from the torch RNG saved in checkpoints,
 so a resumed run continues bit-identically.
+
+Under ``torchrun`` (see ``pkd.train.distributed``) every process runs ``train``: the model is wrapped in
+DistributedDataParallel, ``batch_size`` stays the global batch and each rank reads whole shards of its
+own data streams (``pkd.train.data``), augmenting and masking each stream's chunk with the generator of
+(seed, micro-batch, stream). The global batch is therefore the same for any world size dividing
+``streams``, and so is the loss curve (up to float rounding and drop-path, whose masks come from each
+rank's torch RNG). Rank 0 alone writes config.json, metrics and checkpoints; the loss it logs is the mean
+over ranks; checkpoints hold the unwrapped model and the position in global steps, so a run resumes
+under any world size that divides ``streams``.
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ from tqdm import tqdm
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
 from pkd.common.store import open_split, open_store
+from pkd.train import distributed
 from pkd.train.augment import AugmentConfig, augment
-from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
+from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, load_training_state, rng_state, set_rng_state
 from pkd.train.data import LoaderConfig, StoreLoader, store_path, target_stats
+from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
 from pkd.train.losses import CropBox, LossSettings, compute_loss
 from pkd.train.metrics import MetricsLog
@@ -63,11 +74,15 @@ class TrainConfig:
     save_every: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init: str | None = None
+    streams: int | None = None  # data streams (see pkd.train.data); None: one per process of the first launch
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
+            raise ConfigError(f"--streams {self.streams} must be at least 1 and divide the batch size "
+                              f"{self.batch_size} (every stream gives each batch the same number of samples).")
         if self.warmup_epochs < 0 or self.num_workers < 0 or self.lr <= 0:
             raise ConfigError("warmup_epochs and num_workers must be ≥ 0 and lr > 0.")
 
@@ -100,9 +115,16 @@ def lr_at(step: int, cfg: TrainConfig, warmup: int, total: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator of micro-batch ``index``: augmentation and masks depend on nothing else."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+def batch_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator of data stream ``stream``'s chunk of micro-batch ``index``: its augmentation and
+    masks depend on nothing else (stream 0 keeps the seeding of single-stream runs)."""
+    entropy = [seed, index] if stream == 0 else [seed, index, stream]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Torch seed of rank ``rank`` > 0 (drop-path masks) when it starts, or resumes at ``step`` without its state."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -129,7 +151,7 @@ def code_version() -> dict[str, str | None]:
     return {"pkd": pkd_version, "git_commit": commit}
 
 
-def open_data(cfg: TrainConfig) -> tuple[StoreLoader, LossSettings]:
+def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[StoreLoader, LossSettings]:
     """The loader and loss settings of a run; StoreError/ConfigError if the store cannot serve the variant."""
     spec = variant_spec(cfg.variant)
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
@@ -143,12 +165,13 @@ def open_data(cfg: TrainConfig) -> tuple[StoreLoader, LossSettings]:
         crop = CropBox.of_image(*sizes.pop())
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
     loader = StoreLoader(LoaderConfig(cfg.store, cfg.split, spec.arrays, cfg.batch_size, cfg.model.num_points,
-                                      cfg.seed, cfg.shuffle_shards), cfg.num_workers, stats)
+                                      cfg.seed, cfg.shuffle_shards, rank_info.rank, rank_info.world_size,
+                                      cfg.streams or rank_info.world_size), cfg.num_workers, stats)
     return loader, LossSettings(recon_weight=cfg.recon_weight, crop=crop)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless told to resume it or overwrite it."""
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, act: bool = True) -> None:
+    """Refuse to clobber an existing run unless told to resume it or overwrite it; ``act=False`` only checks."""
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both.")
     if resume:
@@ -162,60 +185,98 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not ((run_dir / "config.json").is_file() or (run_dir / LAST).is_file()):
             raise ConfigError(f"{run_dir} is not empty and is not a pkd-train run (no config.json or {LAST}); "
                               "--overwrite only replaces run directories. Choose another --run-dir.")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if act:
+            shutil.rmtree(run_dir)
+    if act:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader) -> None:
+def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader, world_size: int = 1) -> None:
     root = open_store(cfg.store)
     record = {
         "config": cfg.to_dict(),
         "store": {"path": cfg.store, "split": cfg.split, "teacher": root.attrs.get("teacher"),
                   "prep": root.attrs.get("prep"), "num_samples": int(loader.group.attrs["num_samples"])},
         "code": code_version(),
+        "launch": {"world_size": world_size},
     }
     (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def restore(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Position:
-    """Load ``last.pt`` into model and optimizer, restore RNGs; refuse a checkpoint of a different config."""
-    ckpt = load_checkpoint(run_dir / LAST)
-    saved, current = ckpt["config"], cfg.to_dict()
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
-    if differ:
-        raise ConfigError(f"{run_dir} was trained with different settings ({', '.join(differ)}); resume with the "
-                          f"same arguments (only {', '.join(RESUME_MAY_CHANGE)} may change) or start a new run.")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    return Position(**ckpt["position"])
+def restore(ckpt: dict, run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            rank_info: DistInfo = DistInfo()) -> Position:
+    """Load checkpoint ``ckpt`` into model and optimizer, restore RNGs; refuse a checkpoint of a different config.
+
+    Rank r > 0 restores its own RNG state when the checkpoint was written by as many processes, else it
+    reseeds from (seed, rank, step): only drop-path draws from it.
+    """
+    load_training_state(ckpt, {"streams": 1, **ckpt["config"]}, cfg.to_dict(), RESUME_MAY_CHANGE, run_dir, model,
+                        optimizer)
+    pos = Position(**ckpt["position"])
+    ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if len(ranks) == rank_info.world_size:
+        set_rng_state(ranks[rank_info.rank])
+    elif rank_info.main:
+        set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(rank_seed(cfg.seed, rank_info.rank, pos.step))
+    return pos
 
 
 def save(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          pos: Position) -> None:
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "position": dataclasses.asdict(pos),
-                 "rng": rng_state(), "config": cfg.to_dict(), "code": code_version()}, run_dir / LAST)
+    """Write ``last.pt`` (rank 0; under DDP every rank must call this: it gathers their RNG states)."""
+    states = distributed.all_gather_object(rng_state())
+    if not distributed.is_main():
+        return
+    atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "position": dataclasses.asdict(pos), "rng": states[0], "rng_ranks": states if len(states) > 1 else [],
+                 "config": cfg.to_dict(), "code": code_version()}, run_dir / LAST)
+
+
+def resolve_streams(cfg: TrainConfig, ckpt: dict | None, world_size: int) -> TrainConfig:
+    """``streams`` made explicit: as recorded in a resumed run, else one per process of this launch."""
+    if cfg.streams is not None:
+        return cfg
+    streams = (ckpt["config"].get("streams") or 1) if ckpt is not None else world_size
+    return dataclasses.replace(cfg, streams=streams)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one run; returns a summary (final loss, steps, samples/s, run_dir)."""
-    run_dir = Path(run_dir)
+    """Train (or resume) one run; returns a summary (final loss, steps, samples/s, run_dir).
+
+    Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
+    """
+    with distributed.session(cfg.device) as rank_info:
+        return _train(cfg, Path(run_dir), resume, overwrite, progress, rank_info)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool,
+           rank_info: DistInfo) -> dict[str, Any]:
+    main, world = rank_info.main, rank_info.world_size
     cfg = dataclasses.replace(cfg, store=store_path(cfg.store))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
-    loader, settings = open_data(cfg)
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size is the global batch: {cfg.batch_size} does not split evenly over {world} "
+                          f"processes; pass a multiple of {world} or change --nproc-per-node.")
+    prepare_run_dir(run_dir, resume, overwrite, act=False)
+    ckpt = load_checkpoint(run_dir / LAST) if resume else None
+    cfg = resolve_streams(cfg, ckpt, world)
+    loader, settings = open_data(cfg, rank_info)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(f"--grad-accum {cfg.grad_accum} needs more batches than the {loader.steps_per_epoch} "
                           "an epoch has; lower it or the batch size.")
-    prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = distributed.local_device(cfg.device, rank_info)
     model = build_student(cfg.model).to(device)
     if cfg.init and not resume:
         load_pointmae_checkpoint(cfg.init, model)
@@ -223,33 +284,48 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     limit = min(total_steps, cfg.max_steps or total_steps)
-    pos = restore(run_dir, cfg, model, optimizer) if resume else Position()
-    if not resume:
-        write_config(run_dir, cfg, loader)
-    log = MetricsLog(run_dir, keep_until_step=pos.step)
+    if ckpt is not None:
+        pos = restore(ckpt, run_dir, cfg, model, optimizer, rank_info)
+        del ckpt
+    else:
+        pos = Position()
+        if not main:
+            torch.manual_seed(rank_seed(cfg.seed, rank_info.rank, 0))
+    if main and not resume:
+        write_config(run_dir, cfg, loader, world)
+    distributed.barrier()  # the run directory is ready
+    ddp = distributed.wrap_model(model, rank_info, device)
+    log = MetricsLog(run_dir, keep_until_step=pos.step, write=main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
     samples_per_step = cfg.batch_size * cfg.grad_accum
     epoch_batches = steps_per_epoch * cfg.grad_accum
+    streams, chunk = loader.cfg.own_streams, loader.cfg.chunk
 
-    model.train()
-    bar = tqdm(total=limit, initial=pos.step, disable=not progress, unit="step", dynamic_ncols=True)
-    saved_at = pos.step
+    ddp.train()
+    bar = tqdm(total=limit, initial=pos.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    saved_at = pos.step if resume else -1
     while pos.step < limit:
         tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
         for batch in loader.epoch(pos.epoch, start_batch=pos.batch):
             micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
-            generator = batch_generator(cfg.seed, micro)
+            generators = [batch_generator(cfg.seed, micro, s) for s in streams]
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            batch["points"] = augment(batch["points"], cfg.augment, generator)
-            with autocast:
-                loss, parts = compute_loss(model, batch, settings, generator)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {float(loss.detach())} at step {pos.step + 1} (epoch {pos.epoch}); "
-                                    f"training stopped, the last good checkpoint {run_dir / LAST} is untouched. "
-                                    "Check the store's targets for NaN/inf or lower --lr.")
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-            step_parts = {k: step_parts.get(k, 0.0) + v / cfg.grad_accum for k, v in parts.items()}
+            batch["points"] = torch.cat([augment(points, cfg.augment, g)
+                                         for points, g in zip(batch["points"].split(chunk), generators)])
+            last_micro = (pos.batch + 1) % cfg.grad_accum == 0
+            with ddp.no_sync() if rank_info.distributed and not last_micro else nullcontext():
+                with autocast:
+                    loss, parts = compute_loss(ddp, batch, settings,
+                                               generators[0] if len(generators) == 1 else generators)
+                means = distributed.all_reduce_mean(
+                    torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64))
+                if not torch.isfinite(means[0]):
+                    raise TrainingError(f"loss became {float(means[0])} at step {pos.step + 1} (epoch {pos.epoch}); "
+                                        f"training stopped, the last good checkpoint {run_dir / LAST} is untouched. "
+                                        "Check the store's targets for NaN/inf or lower --lr.")
+                (loss / cfg.grad_accum).backward()
+            step_loss += float(means[0]) / cfg.grad_accum
+            step_parts = {k: step_parts.get(k, 0.0) + float(v) / cfg.grad_accum for k, v in zip(parts, means[1:])}
             pos = dataclasses.replace(pos, batch=pos.batch + 1)
             if pos.batch % cfg.grad_accum:
                 continue
@@ -265,7 +341,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4g}", samples_s=f"{rate:.1f}")
             if cfg.save_every and pos.step % cfg.save_every == 0:
-                save(run_dir, cfg, model, optimizer, pos)
+                save(run_dir, cfg, ddp, optimizer, pos)
                 saved_at = pos.step
             tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
             if pos.step >= limit or pos.batch >= epoch_batches:
@@ -273,11 +349,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
         if pos.batch >= epoch_batches:
             log.epoch(epoch=pos.epoch, step=pos.step)
             pos = Position(step=pos.step, epoch=pos.epoch + 1, batch=0)
-            save(run_dir, cfg, model, optimizer, pos)
+            save(run_dir, cfg, ddp, optimizer, pos)
             saved_at = pos.step
             log.plot()
     bar.close()
-    if saved_at != pos.step or not (run_dir / LAST).exists():
-        save(run_dir, cfg, model, optimizer, pos)
+    if saved_at != pos.step:
+        save(run_dir, cfg, ddp, optimizer, pos)
     log.plot()
-    return {"run_dir": str(run_dir), "variant": cfg.variant, "steps": pos.step, **log.summary()}
+    distributed.barrier()  # rank 0 has written everything before any rank returns
+    return {"run_dir": str(run_dir), "variant": cfg.variant, "steps": pos.step, "world_size": world,
+            "rank": rank_info.rank, **log.summary()}

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pkd.common.errors import ConfigError, TrainingError
-from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
+from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, load_training_state, rng_state, set_rng_state
 from pkd.train.downstream.models import init_encoder
 from pkd.train.metrics import MetricsLog
 from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir
@@ -141,14 +141,7 @@ def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module,
              optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
     """Load last.pt into model and optimizer, restore RNGs; refuse a checkpoint of other settings."""
     ckpt = load_checkpoint(run_dir / LAST)
-    saved, current = ckpt["config"], dataclasses.asdict(cfg)
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
-    if differ:
-        raise ConfigError(f"{run_dir} was finetuned with different settings ({', '.join(differ)}); resume with the "
-                          f"same arguments (only {', '.join(RESUME_MAY_CHANGE)} may change) or start a new run.")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_training_state(ckpt, ckpt["config"], dataclasses.asdict(cfg), RESUME_MAY_CHANGE, run_dir, model, optimizer)
     set_rng_state(ckpt["rng"])
     state = ckpt["state"]
     return State(**{**state, "history": tuple(state["history"])}), ckpt["init_report"]
