@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,40 +26,92 @@ app = typer.Typer(
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
 
-TeacherKind = Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")]
-ClipWeights = Annotated[Optional[str], typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
-                                                         "'openai' downloads.")]
-ClipCapWeights = Annotated[Optional[str], typer.Option(help="ClipCap conceptual_weights.pt (MLP mapper).")]
-WeightsDir = Annotated[Optional[Path], typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")]
-Device = Annotated[str, typer.Option(help="cpu | cuda (teacher device).")]
-Precision = Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")]
-PatchTokens = Annotated[bool, typer.Option(help="Also cache CLIP's 7x7 patch tokens (local ablation).")]
-TeacherBatch = Annotated[int, typer.Option(help="Images per teacher forward.")]
-Threads = Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")]
-Workers = Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
-                                           "(0: run in this process).")]
-Scheduler = Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler "
-                                                       "(tcp://host:8786); one task per shard.")]
-Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 Store = Annotated[str, typer.Argument(help="Pair store path.")]
 Split = Annotated[str, typer.Option(help="Split of the store.")]
 Index = Annotated[int, typer.Option(help="Sample index within the split.")]
 
+# The teacher and run options shared by `scannet` and `teacher`: (name, annotation, default).
+TEACHER_OPTIONS = (
+    ("teacher", Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")],
+     "clipcap"),
+    ("clip_weights", Annotated[Optional[str], typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
+                                                                "'openai' downloads.")], None),
+    ("clipcap_weights", Annotated[Optional[str], typer.Option(help="ClipCap conceptual_weights.pt (MLP mapper).")],
+     None),
+    ("weights_dir", Annotated[Optional[Path], typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")],
+     None),
+    ("device", Annotated[str, typer.Option(help="cpu | cuda (teacher device).")], "cpu"),
+    ("precision", Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")], "fp32"),
+    ("patch_tokens", Annotated[bool, typer.Option(help="Also cache CLIP's 7x7 patch tokens (local ablation).")],
+     False),
+    ("teacher_batch", Annotated[int, typer.Option(help="Images per teacher forward.")], 32),
+    ("threads", Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")], 2),
+    ("workers", Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
+                                                 "(0: run in this process).")], 0),
+    ("scheduler", Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler "
+                                                             "(tcp://host:8786); one task per shard.")], None),
+    ("progress", Annotated[bool, typer.Option(help="Show progress bars.")], True),
+)
 
-def _teacher_config(teacher: str, clip_weights: Optional[str], clipcap_weights: Optional[str],
-                    weights_dir: Optional[Path], device: str, precision: str, seed: int, patch_tokens: bool):
-    from pkd.preprocess.teacher import TeacherConfig
 
-    if teacher not in ("clipcap", "random"):
-        raise ConfigError(f"--teacher {teacher!r}: choose 'clipcap' (real weights) or 'random' (tests, demos).")
-    if weights_dir is not None:
-        clip_weights = clip_weights or str(weights_dir / CLIP_FILE)
-        clipcap_weights = clipcap_weights or str(weights_dir / CLIPCAP_FILE)
-    return TeacherConfig(kind=teacher, clip_weights=clip_weights, clipcap_weights=clipcap_weights, device=device,
-                         precision=precision, seed=seed, patch_tokens=patch_tokens)
+@dataclass(frozen=True)
+class TeacherArgs:
+    """The parsed TEACHER_OPTIONS of a command."""
+
+    teacher: str
+    clip_weights: Optional[str]
+    clipcap_weights: Optional[str]
+    weights_dir: Optional[Path]
+    device: str
+    precision: str
+    patch_tokens: bool
+    teacher_batch: int
+    threads: int
+    workers: int
+    scheduler: Optional[str]
+    progress: bool
+
+    def config(self, seed: int):
+        """The TeacherConfig these options describe (a random teacher uses ``seed``)."""
+        from pkd.preprocess.teacher import TeacherConfig
+
+        if self.teacher not in ("clipcap", "random"):
+            raise ConfigError(f"--teacher {self.teacher!r}: choose 'clipcap' (real weights) or 'random' (tests, "
+                              "demos).")
+        _check_positive(teacher_batch=self.teacher_batch, threads=self.threads)
+        clip, clipcap = self.clip_weights, self.clipcap_weights
+        if self.weights_dir is not None:
+            clip = clip or str(self.weights_dir / CLIP_FILE)
+            clipcap = clipcap or str(self.weights_dir / CLIPCAP_FILE)
+        return TeacherConfig(kind=self.teacher, clip_weights=clip, clipcap_weights=clipcap, device=self.device,
+                             precision=self.precision, seed=seed, patch_tokens=self.patch_tokens)
+
+    def options(self, overwrite: bool = False):
+        """How to run: batching, threads, dask, progress."""
+        from pkd.preprocess.prep import RunOptions
+
+        return RunOptions(self.teacher_batch, self.threads, self.workers, self.scheduler, overwrite, self.progress)
+
+
+def with_teacher_options(command: Callable) -> Callable:
+    """Give a command the TEACHER_OPTIONS; it receives them as one TeacherArgs keyword ``run``."""
+    signature = inspect.signature(command, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in TEACHER_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        run = TeacherArgs(**{name: kwargs.pop(name) for name, _, _ in TEACHER_OPTIONS})
+        return command(run=run, **kwargs)
+
+    wrapper.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "run"] + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    return wrapper
 
 
 @app.command()
+@with_teacher_options
 def scannet(
     root: Annotated[Path, typer.Option(help="ScanNet tree (with scans/, scans_test/) or a single scene folder.")],
     out: Annotated[str, typer.Option(help="Store path or fsspec URL (e.g. pairs.zarr, s3://bucket/pairs.zarr).")],
@@ -68,39 +124,25 @@ def scannet(
     sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
     shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
     seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
-    teacher: TeacherKind = "clipcap",
-    clip_weights: ClipWeights = None,
-    clipcap_weights: ClipCapWeights = None,
-    weights_dir: WeightsDir = None,
-    device: Device = "cpu",
-    precision: Precision = "fp32",
-    patch_tokens: PatchTokens = False,
-    teacher_batch: TeacherBatch = 32,
-    threads: Threads = 2,
-    workers: Workers = 0,
-    scheduler: Scheduler = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store written with other arguments.")] = False,
-    progress: Progress = True,
+    *,
+    run: TeacherArgs,
 ) -> None:
     """Read ScanNet (.sens or exported frames), back-project every 25th frame and cache teacher targets.
 
     Rerunning the same command resumes an interrupted run; other arguments on an existing store are refused.
     """
-    from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep
+    from pkd.preprocess.prep import PrepConfig, run_prep
 
     cfg = PrepConfig(
         root=str(root.resolve()), split=split, scenes=tuple(scenes.split(",")) if scenes else None, source=source,
         frame_skip=frame_skip, limit=limit, shard_size=shard_size, seed=seed,
         geometry=GeometryConfig(num_points=points, sampling=sampling, min_valid_pixels=points),
     )
-    _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size, teacher_batch=teacher_batch,
-                    threads=threads)
+    _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
     if sampling not in ("fps", "random"):
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
-    teacher_cfg = _teacher_config(teacher, clip_weights, clipcap_weights, weights_dir, device, precision, seed,
-                                  patch_tokens)
-    options = RunOptions(teacher_batch, threads, workers, scheduler, overwrite, progress)
-    summary = run_prep(cfg, out, teacher_cfg, options)
+    summary = run_prep(cfg, out, run.config(seed), run.options(overwrite))
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
     typer.echo(f"wrote {out}")
@@ -158,31 +200,20 @@ def verify(store: Store) -> None:
 
 
 @app.command("teacher")
+@with_teacher_options
 def teacher_cmd(
     store: Store,
-    teacher: TeacherKind = "clipcap",
-    clip_weights: ClipWeights = None,
-    clipcap_weights: ClipCapWeights = None,
-    weights_dir: WeightsDir = None,
-    device: Device = "cpu",
-    precision: Precision = "fp32",
-    patch_tokens: PatchTokens = False,
     seed: Annotated[int, typer.Option(help="Seed of a random teacher.")] = 0,
-    teacher_batch: TeacherBatch = 32,
-    threads: Threads = 2,
-    workers: Workers = 0,
-    scheduler: Scheduler = None,
-    progress: Progress = True,
+    *,
+    run: TeacherArgs,
 ) -> None:
     """Recompute only the teacher targets of a store (geometry kept; the dataset must still be reachable).
 
     Targets already computed by the same teacher identity are kept; another teacher replaces them all.
     """
-    from pkd.preprocess.prep import RunOptions, run_teacher
+    from pkd.preprocess.prep import run_teacher
 
-    teacher_cfg = _teacher_config(teacher, clip_weights, clipcap_weights, weights_dir, device, precision, seed,
-                                  patch_tokens)
-    summary = run_teacher(store, teacher_cfg, RunOptions(teacher_batch, threads, workers, scheduler, False, progress))
+    summary = run_teacher(store, run.config(seed), run.options())
     for name, s in summary.items():
         typer.echo(f"{name}: teacher targets for {s['shards_written']} shards written")
 
