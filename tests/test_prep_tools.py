@@ -106,3 +106,41 @@ def test_dask_cluster_gives_the_single_process_store(demo_root, demo_store, tmp_
     dask_arrays, local = split_arrays(out, names), split_arrays(demo_store, names)
     for name in names:
         np.testing.assert_array_equal(dask_arrays[name], local[name], err_msg=name)
+
+
+def test_a_dask_worker_killed_mid_shard_still_ends_in_the_clean_store(demo_root, demo_store, tmp_path):
+    """Kill the worker that is building a shard: dask retries the task and the store equals the clean one."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from dask.distributed import Client, LocalCluster
+
+    out = tmp_path / "pairs.zarr"
+    killed = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        def kill_a_busy_worker():
+            deadline = time.time() + 120
+            while time.time() < deadline and not killed:
+                busy = [address for address, tasks in client.processing().items()
+                        if any("pkd-shard" in str(t) for t in tasks)]
+                if busy:
+                    time.sleep(1.0)
+                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_a_busy_worker)
+        killer.start()
+        run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
+                 RunOptions(teacher_batch=2, progress=False, scheduler=cluster.scheduler_address, threads=1))
+        killer.join()
+    assert killed, "no worker was killed: the test did not exercise the retry"
+    assert verify_store(str(out)) == []
+    names = [s.name for s in store.array_specs(DEMO_POINTS)]
+    dask_arrays, local = split_arrays(out, names), split_arrays(demo_store, names)
+    for name in names:
+        np.testing.assert_array_equal(dask_arrays[name], local[name], err_msg=name)
