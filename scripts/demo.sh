@@ -13,5 +13,6 @@ pkd-prep demo-scene --out demo/scannet --frames 250
 pkd-prep scannet --root demo/scannet --out demo/pairs.zarr --teacher random --shard-size 4
 pkd-prep verify demo/pairs.zarr
 pkd-prep info demo/pairs.zarr
+pkd-prep show demo/pairs.zarr --index 2 --out demo/sample.png
 pkd-train distill demo/pairs.zarr --run-dir demo/runs/distill --max-steps 10 --batch-size 4
 pkd-train export demo/runs/distill --out demo/encoder.pth
