@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv inside this checkout and install pkd (editable) with its test extras.
-# On a CUDA machine pip takes PyPI's CUDA build of the pinned torch; on a CPU-only machine point pip at
-# a CPU build first (e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
+# On a CUDA machine pip takes PyPI's CUDA build of the pinned torch; on a CPU-only machine put a CPU build
+# into .venv first (see README), this script keeps an existing .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
