@@ -209,3 +209,26 @@ def test_resume_across_world_sizes(store, tmp_path):
     steps = [r["step"] for r in records(tmp_path / "b") if r["kind"] == "step"]
     assert steps == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(losses(tmp_path / "b"), losses(straight), rtol=1e-4)
+
+
+def test_finetune_under_torchrun_trains_on_both_ranks_and_rank_0_writes(tmp_path):
+    """ModelNet40 finetuning with 2 processes: the global batch is split, rank 0 alone writes the run."""
+    from conftest import require_fixture
+
+    root = require_fixture("modelnet40")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = tmp_path / "cls"
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", 2, "-m", "pkd.train", "finetune", "modelnet40",
+           "--data", root / "modelnet40_normal_resampled", "--splits", root / "splits", "--allow-missing",
+           "--pool-points", 300, "--num-points", 128, "--num-group", 16, "--dim", 48, "--depth", 3, "--heads", 2,
+           "--cache-dir", tmp_path / "cache", "--init", "scratch", "--run-dir", run, "--epochs", 2,
+           "--batch-size", 4, "--device", "cpu"]
+    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 4 and len(results["history"]) == 2
+    assert [r["step"] for r in records(run) if r["kind"] == "step"] == [1, 2, 3, 4]  # each step logged once
+    odd = subprocess.run([str(c) for c in cmd[:-6] + ["--run-dir", tmp_path / "odd", "--epochs", 1, "--batch-size",
+                                                       3, "--device", "cpu"]], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert odd.returncode != 0 and "error: --batch-size 3 is the global batch" in odd.stderr  # torchrun exits 1

@@ -69,8 +69,8 @@ class ModelNetTask:
         return random_scale_shift(random_columns(pool, self.cfg.num_points, generator), generator,
                                   SCALE, TRANSLATE, per_axis=True)
 
-    def loss(self, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        logits = self.model(self._augmented(self._fps_pool(self._points(self.train_set, batch)), generator))
+    def loss(self, model: torch.nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        logits = model(self._augmented(self._fps_pool(self._points(self.train_set, batch)), generator))
         return F.cross_entropy(logits, torch.from_numpy(self.train_set.labels[batch]).to(logits.device))
 
     @cached_property

@@ -51,6 +51,8 @@ def _finetune(task: str, data: Path, init: str, run_dir: Optional[Path], resume:
     out = _run_dir(task, init, run_dir)
     results = run_finetune(cfg, out, resume=resume, overwrite=overwrite)
     test = results["test"]
+    if test is None:  # a DDP rank other than 0: rank 0 reports
+        return
     if task == "modelnet40":
         summary = (f"OA {test['overall_acc']:.2%}, mean-class {test['mean_class_acc']:.2%}, "
                    f"{test['votes']}-vote OA {test['vote_overall_acc']:.2%}")

@@ -28,8 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pkd.common.errors import ConfigError, TrainingError
+from pkd.train import distributed
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, load_training_state, rng_state, set_rng_state
 from pkd.train.downstream.models import init_encoder
+from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
 from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir
 
@@ -103,7 +105,8 @@ class Task(Protocol):
 
     def data_summary(self) -> dict[str, Any]: ...
     def epoch_batches(self, epoch: int) -> list[np.ndarray]: ...
-    def loss(self, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor: ...
+    # ``model`` is ``self.model`` or its DDP wrapper: training forwards go through it
     def evaluate(self) -> dict[str, float]: ...           # must hold "score" (higher is better)
     def report(self, run_dir: Path) -> dict[str, Any]: ...  # final test metrics (+ plots) of the current weights
 
@@ -157,9 +160,21 @@ def _save(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch
 
 def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: str | Path,
              resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Finetune (or resume) one run; writes ``results.json`` and returns its content."""
-    run_dir = Path(run_dir)
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    """Finetune (or resume) one run, under torchrun too; writes ``results.json`` and returns its content."""
+    with distributed.session(resolve_device(cfg.device)) as rank_info:
+        return _finetune(build_task, cfg, Path(run_dir), resume, overwrite, progress, rank_info)
+
+
+def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: Path, resume: bool,
+              overwrite: bool, progress: bool, rank_info: DistInfo) -> dict[str, Any]:
+    """The loop. Under DDP every rank takes rows rank, rank+W, … of each global batch (``--batch-size`` stays
+    global); rank 0 alone evaluates-to-disk, logs and checkpoints."""
+    main, world = rank_info.main, rank_info.world_size
+    device = distributed.local_device(resolve_device(cfg.device), rank_info)
+    cfg = dataclasses.replace(cfg, device=str(device))
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
+                          f"{world} processes; choose a multiple of {world}.")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -170,18 +185,21 @@ def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, 
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({task.data_summary()['train_shapes']} shapes); lower it.")
     init_report = {} if resume else init_encoder(model.MAE_encoder, cfg.init)
-    prepare_run_dir(run_dir, resume, overwrite)
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     state = State()
     if resume:
         state, init_report = _restore(run_dir, cfg, model, optimizer)
-    else:
+    elif main:
         (run_dir / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "init": init_report,
                                                          "data": task.data_summary(), "code": code_version()},
                                                         indent=2) + "\n")
-    log = MetricsLog(run_dir, keep_until_step=state.step)
+    ddp = distributed.wrap_model(model, rank_info, device)
+    log = MetricsLog(run_dir, keep_until_step=state.step, write=main)
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
-    bar = tqdm(total=limit, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=limit, initial=state.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     while state.step < limit:
         lr = epoch_lr(state.epoch, cfg)
         for group in optimizer.param_groups:
@@ -189,42 +207,50 @@ def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, 
         model.train()
         for batch in task.epoch_batches(state.epoch)[state.batch:]:
             tic = time.perf_counter()
-            loss = task.loss(batch, batch_generator(cfg.seed, state.step))
+            generator = batch_generator(cfg.seed, state.step * world + rank_info.rank)
+            local_loss = task.loss(ddp, batch[rank_info.rank::world], generator)
+            loss = distributed.all_reduce_mean(local_loss.detach())  # DDP averages the gradients likewise
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; the last good checkpoint "
                                     f"{run_dir / LAST} is untouched. Lower --lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            local_loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state = dataclasses.replace(state, step=state.step + 1, batch=state.batch + 1)
-            log.step(step=state.step, epoch=state.epoch, loss=float(loss.detach()), lr=lr,
+            log.step(step=state.step, epoch=state.epoch, loss=float(loss), lr=lr,
                      samples_per_s=len(batch) / (time.perf_counter() - tic))
             bar.update(1)
             if state.step >= limit:
                 break
-        state = _evaluate(task, state, run_dir)
+        state = _evaluate(task, state, run_dir, write=main)
         if state.batch == batches_per_epoch:
             log.epoch(epoch=state.epoch, step=state.step)
             state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
-        _save(run_dir, cfg, model, optimizer, state, init_report)
-        log.plot()
+        if main:
+            _save(run_dir, cfg, model, optimizer, state, init_report)
+            log.plot()
     bar.close()
+    distributed.barrier()
     if (run_dir / BEST).is_file():
         model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
     results = {"task": cfg.task, "init": init_report, "selection": SELECTION,
                "best": {"epoch": state.best_epoch, "score": state.best_score}, "steps": state.step,
-               "test": task.report(run_dir), "history": list(state.history), "data": task.data_summary(),
-               "config": dataclasses.asdict(cfg), "code": code_version()}
-    (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+               "test": task.report(run_dir) if main else None, "history": list(state.history),
+               "data": task.data_summary(), "config": dataclasses.asdict(cfg), "code": code_version(),
+               "world_size": world}
+    if main:
+        (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    distributed.barrier()
     return results
 
 
-def _evaluate(task: Task, state: State, run_dir: Path) -> State:
-    """Score the current weights; keep them in best.pt when they beat the best so far."""
+def _evaluate(task: Task, state: State, run_dir: Path, write: bool = True) -> State:
+    """Score the current weights (every rank, same result); keep them in best.pt when they beat the best so far."""
     metrics = task.evaluate()
     history = state.history + ({"epoch": state.epoch, "step": state.step, **metrics},)
     if metrics["score"] > state.best_score:
-        atomic_save({"model": task.model.state_dict(), "epoch": state.epoch, "metrics": metrics}, run_dir / BEST)
+        if write:
+            atomic_save({"model": task.model.state_dict(), "epoch": state.epoch, "metrics": metrics}, run_dir / BEST)
         return dataclasses.replace(state, best_score=metrics["score"], best_epoch=state.epoch, history=history)
     return dataclasses.replace(state, history=history)

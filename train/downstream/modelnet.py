@@ -14,6 +14,7 @@ unpickling runs code.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
                                              unit="shape", disable=len(present) < 256)])
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.stem}.tmp.npz")
+            tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")  # one per process: DDP ranks race
             np.savez(tmp, points=points)
             tmp.replace(cache)
     return ShapeSet(points, np.asarray(labels, dtype=np.int64), present, classes, missing)

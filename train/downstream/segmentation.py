@@ -52,19 +52,20 @@ class ShapeNetPartTask:
         return shuffled_batches(len(self.train_set.names), self.cfg.batch_size, self.cfg.seed, epoch)
 
     def _forward(self, shapes: PartSet, batch: np.ndarray, draws: list[tuple[np.ndarray, np.ndarray]],
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None, model: torch.nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.cfg.device
         points = torch.from_numpy(np.stack([d[0] for d in draws])).to(device)
         if generator is not None:
             points = random_scale_shift(points, generator, SCALE, SHIFT, per_axis=False)
         category = torch.from_numpy(shapes.categories[batch]).to(device)
         labels = torch.from_numpy(np.stack([d[1] for d in draws])).to(device)
-        return self.model(points, category), labels
+        return (model or self.model)(points, category), labels
 
-    def loss(self, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         rng = numpy_rng(generator)
         draws = [self.train_set.sample(i, self.cfg.num_points, rng) for i in batch]
-        logits, labels = self._forward(self.train_set, batch, draws, generator)
+        logits, labels = self._forward(self.train_set, batch, draws, generator, model)
         return F.cross_entropy(logits.reshape(-1, NUM_PARTS), labels.reshape(-1))
 
     @torch.no_grad()
