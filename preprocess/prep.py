@@ -259,8 +259,12 @@ def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPl
                     options.scheduler, options.progress)
     else:
         _run_here(root, jobs, teacher, options)
-    summary = {name: finalize(root[name]) | {"samples": len(plan.samples),
-                                             "shards_written": sum(j.split == name for j in jobs)}
-               for name, plan in plans.items()}
+    summary = {}
+    for name, plan in plans.items():
+        written = sum(j.split == name for j in jobs)
+        group = root[name]
+        # a split with nothing new keeps its summary: no need to re-read every target for the stats
+        done = {k: group.attrs[k] for k in ("skipped", "valid")} if not written and "valid" in group.attrs else None
+        summary[name] = (done or finalize(group)) | {"samples": len(plan.samples), "shards_written": written}
     root.attrs["status"] = "complete"
     return summary

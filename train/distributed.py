@@ -108,6 +108,14 @@ def session(device: str = "cpu") -> Iterator[DistInfo]:
             cleanup()
 
 
+def check_global_batch(batch_size: int, rank_info: DistInfo) -> None:
+    """``--batch-size`` is the global batch: every rank must get the same share of it."""
+    if batch_size % rank_info.world_size:
+        raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                          f"{rank_info.world_size} processes; pass a multiple of {rank_info.world_size} or change "
+                          "--nproc-per-node.")
+
+
 def local_device(device: str, rank_info: DistInfo) -> torch.device:
     """The torch device of this process: ``cuda`` means the GPU LOCAL_RANK names."""
     if device.startswith("cuda") and rank_info.distributed:

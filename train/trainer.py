@@ -258,9 +258,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
     cfg = dataclasses.replace(cfg, store=store_path(cfg.store))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
-    if cfg.batch_size % world:
-        raise ConfigError(f"--batch-size is the global batch: {cfg.batch_size} does not split evenly over {world} "
-                          f"processes; pass a multiple of {world} or change --nproc-per-node.")
+    distributed.check_global_batch(cfg.batch_size, rank_info)
     prepare_run_dir(run_dir, resume, overwrite, act=False)
     ckpt = load_checkpoint(run_dir / LAST) if resume else None
     cfg = resolve_streams(cfg, ckpt, world)

@@ -172,9 +172,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     main, world = rank_info.main, rank_info.world_size
     device = distributed.local_device(resolve_device(cfg.device), rank_info)
     cfg = dataclasses.replace(cfg, device=str(device))
-    if cfg.batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
-                          f"{world} processes; choose a multiple of {world}.")
+    distributed.check_global_batch(cfg.batch_size, rank_info)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -185,6 +183,8 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({task.data_summary()['train_shapes']} shapes); lower it.")
     init_report = {} if resume else init_encoder(model.MAE_encoder, cfg.init)
+    prepare_run_dir(run_dir, resume, overwrite, act=False)  # every rank refuses alike: none waits alone
+    distributed.barrier()
     if main:
         prepare_run_dir(run_dir, resume, overwrite)
     distributed.barrier()
