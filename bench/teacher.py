@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 import zarr
 from PIL import Image
-
-from _report import write_report
 from prep_geometry import SEVEN_SCENES, pack_seven_scenes
+
 from pkd.common import store
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.frames import decode_color
@@ -30,6 +29,8 @@ from pkd.preprocess.planner import plan_splits
 from pkd.preprocess.scenes import find_scenes, open_scene
 from pkd.preprocess.shard_writer import ShardJob, build_shard
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+
+from _report import write_report
 
 
 def sync(teacher: Teacher) -> None:
@@ -40,8 +41,9 @@ def sync(teacher: Teacher) -> None:
 def full_stage(root: Path, out: Path, teacher: Teacher, images: int, batch: int, threads: int) -> float:
     """Seconds to build one shard of ``images`` samples with geometry and teacher, written to a store."""
     plan = plan_splits(find_scenes(root), frame_skip=1, limit=images, progress=False)["train"]
-    group = store.create_split(zarr.open_group(str(out), mode="w"), "train", len(plan.samples), len(plan.samples),
-                               4096, [e.name for e in plan.scenes])
+    attrs = store.SplitAttrs(scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples),
+                             shard_size=len(plan.samples))
+    group = store.create_split(zarr.open_group(str(out), mode="w"), "train", attrs, GeometryConfig().num_points)
     job = ShardJob("train", 0, tuple(plan.scenes), tuple(plan.samples), 0, GeometryConfig(), store.STAGES)
     sync(teacher)
     start = time.perf_counter()

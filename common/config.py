@@ -1,14 +1,20 @@
-"""Stage configs as plain data: conversion to JSON-able dicts, differences, package versions."""
+"""Stage configs as plain data: conversion to and from JSON-able dicts, differences, package versions."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pkd.common.errors import ConfigError
 
 RECORDED_PACKAGES = ("pkd", "numpy", "zarr", "torch", "open_clip_torch", "fpsample", "opencv-python-headless")
+
+T = TypeVar("T")
 
 
 def to_plain(value: Any) -> Any:
@@ -21,6 +27,40 @@ def to_plain(value: Any) -> Any:
         return [to_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    return value
+
+
+def from_plain(cls: type[T], data: Any, where: str) -> T:
+    """The dataclass ``cls`` rebuilt from what ``to_plain`` wrote, nested dataclasses and tuples included.
+
+    Every field must be present and no other: a renamed or dropped field is a ConfigError naming
+    ``where`` and the fields, never a TypeError from the constructor.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown, missing = sorted(set(data) - set(fields)), sorted(set(fields) - set(data))
+    if unknown or missing:
+        raise ConfigError(f"{where} does not match {cls.__name__}: unknown fields {unknown}, missing fields {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()})
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """``value`` shaped as the type ``hint`` says: dataclasses rebuilt, lists turned into tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_plain(typing.cast(type, hint), value, where)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ConfigError(f"{where}: expected {len(items)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(items, value)))
     return value
 
 

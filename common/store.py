@@ -1,10 +1,30 @@
 """The "pkd-pairs" store: one Zarr v3 group per split of (point cloud, teacher target) samples.
 
-Layout of ``pairs.zarr`` (format documented here, next to the code that writes and checks it)::
+This module owns the format: it is the only writer of the store's attrs, which it reads and writes as
+the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). Layout of ``pairs.zarr``::
 
-    attrs: format, version, prep (geometry config + seed), teacher (identity), versions
-    <split>/                    train, val or test; attrs: scenes, color_sizes (w, h per scene: the
-                                teacher crop of ``pixels`` follows from it), shard_size, skipped, valid
+    attrs (RootAttrs)
+        format      "pkd-pairs"
+        version     schema version (``VERSION``); it covers every attr below, ``prep`` and ``teacher``
+                    included: renaming one of their fields bumps it and adds a step to ``_UPGRADES``
+        prep        the PrepConfig (pkd.preprocess.prep) as plain data: dataset root, split, scenes,
+                    source, frame_skip, limit, shard_size, seed, geometry (num_points, sampling, ...)
+        teacher     TeacherAttrs: model names, weight files and sha256s, precision, device, random + seed,
+                    the image transform (``transform.image_size`` is the teacher's centre crop)
+        versions    package versions of the writer (pkd, numpy, zarr, torch, ...)
+        status      "in-progress" while a prep writes, "complete" once every split is finalized
+    <split>/        train, val or test; attrs (SplitAttrs):
+        scenes        scene names; the ``scene`` array indexes them
+        num_samples   N, planned samples (invalid ones included)
+        shard_size    samples per shard (the unit of writing and resuming)
+        skip_reasons  column order of ``skipped_counts``
+        color_sizes   (width, height) of each scene's colour frames: with ``transform.image_size`` it
+                      gives the teacher's crop of ``pixels``
+        plan          fingerprint of the planned samples (a resume checks the dataset did not change)
+        plan_skipped  frames dropped at plan time, by reason (unusable pose)
+        skipped       all skipped frames by reason (plan time + ``skipped_counts``); null until finalized
+        valid         number of valid samples; null until finalized
+      arrays, first axis the sample (N) or the shard:
         points      (N, P, 3)   float32  world-frame xyz, metres
         colors      (N, P, 3)   uint8    RGB from the color frame
         pixels      (N, P, 2)   uint16   (u, v) of each point in the color image
@@ -18,37 +38,262 @@ Layout of ``pairs.zarr`` (format documented here, next to the code that writes a
         patch_tokens (N, 49, 512) float16 optional: CLIP patch tokens after ln_post/proj
         done_geometry (shards,) uint8    1 once a shard's geometry arrays are written
         done_teacher  (shards,) uint8    1 once a shard's teacher arrays are written
-        skipped_counts (shards, R) int32 per-shard counts of frames that failed to decode
-        stats/{prefix,clip_embed}_{mean,std}  float32  per-dimension statistics of the valid targets
-                                (small arrays rather than attrs: 16k floats as JSON would bloat every
-                                attrs rewrite and lose precision)
+        skipped_counts (shards, R) int32 per-shard counts of frames that failed to decode, one column
+                                 per ``skip_reasons`` entry
+        stats/{prefix,clip_embed}_{mean,std}  float32  per-dimension statistics of the valid targets,
+                                 written when the split is finalized (small arrays rather than attrs:
+                                 16k floats as JSON would bloat every attrs rewrite and lose precision)
 
-Every array has an inner chunk of one sample (cheap random reads) inside shards of ``shard_size``
-samples. Writers write a whole shard in one assignment per array and then its done flag, so a shard
-either counts completely or not at all; two writers never touch the same shard. Each inner chunk
-carries a CRC32C checksum, so a flipped byte fails on read instead of being learnt from.
+Every per-sample array has an inner chunk of one sample (cheap random reads) inside shards of
+``shard_size`` samples. Writers write a whole shard in one assignment per array and then its done flag,
+so a shard either counts completely or not at all; two writers never touch the same shard. Each inner
+chunk carries a CRC32C checksum, so a flipped byte fails on read instead of being learnt from.
+
+Older versions are upgraded when read (``pkd-prep upgrade`` writes the upgrade back); a store of a
+newer version is refused with the pkd version that wrote it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pkd.common.errors import StoreError
+from pkd.common import geometry
+from pkd.common.config import from_plain, to_plain
+from pkd.common.errors import ConfigError, StoreError
 
 FORMAT = "pkd-pairs"
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "val", "test")
 PREFIX_SHAPE = (10, 768)
 CLIP_DIM = 512
 PATCH_TOKENS = 49
 SKIP_REASONS = ("invalid_pose", "non_rigid_pose", "too_few_depth", "undecodable")
 STAGES = ("geometry", "teacher")
+STATUSES = ("in-progress", "complete")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether a store path is a URL (``s3://…``, ``gs://…``, ``memory://…``) rather than a local path."""
+    return "://" in str(path)
+
+
+def store_path(path: str | Path) -> str:
+    """A store path as recorded in configs and runs: absolute for local paths, unchanged for URLs."""
+    return str(path) if is_remote(path) else str(Path(path).resolve())
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class _Plain:
+    """``to_dict``/``from_dict`` of the attrs dataclasses: the JSON stored in zarr.json and back."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], to_plain(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "attrs") -> Any:
+        return from_plain(cls, data, where)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformAttrs(_Plain):
+    """The teacher's image transform: resize the shortest side to ``image_size``, centre crop, normalise."""
+
+    image_size: int
+    resize: str
+    interpolation: str
+    center_crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    steps: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check(self.image_size > 0 and self.center_crop > 0, f"teacher transform sizes must be positive: {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherAttrs(_Plain):
+    """Identity of the teacher that computed a store's targets; two stores of equal ``comparable()`` agree."""
+
+    clip_model: str
+    mapper: str
+    kind: str
+    random: bool
+    seed: int | None
+    clip_weights: str | None
+    clip_weights_sha256: str | None
+    clipcap_weights: str | None
+    clipcap_weights_sha256: str | None
+    precision: str
+    device: str
+    clip_embed: str
+    patch_tokens: str | None
+    transform: TransformAttrs
+    open_clip_version: str
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, f"teacher precision {self.precision!r} is not one of {PRECISIONS}")
+        _check(self.random == (self.seed is not None),
+               f"a random teacher records its seed and only a random one does (random={self.random}, seed={self.seed})")
+
+    def comparable(self) -> dict[str, Any]:
+        """What decides the targets: everything but where and with which open_clip release they ran."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("device", "open_clip_version")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RootAttrs(_Plain):
+    """The store's root attrs. ``prep`` is pkd.preprocess.prep.PrepConfig as plain data (``to_plain``)."""
+
+    format: str = FORMAT
+    version: int = VERSION
+    prep: Mapping[str, Any]
+    teacher: TeacherAttrs
+    versions: Mapping[str, str]
+    status: str
+
+    def __post_init__(self) -> None:
+        _check(self.format == FORMAT and self.version == VERSION,
+               f"format {self.format!r} version {self.version} is not {FORMAT!r} version {VERSION}")
+        _check(self.status in STATUSES, f"status {self.status!r} is not one of {STATUSES}")
+        num_points = self.prep.get("geometry", {}).get("num_points")
+        _check(isinstance(num_points, int) and num_points > 0,
+               f"prep.geometry.num_points must be a positive integer, got {num_points!r}")
+
+    @property
+    def num_points(self) -> int:
+        """Points per sample."""
+        return int(self.prep["geometry"]["num_points"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitAttrs(_Plain):
+    """A split's attrs: what was planned, how it is sharded, and (once finalized) what was skipped."""
+
+    scenes: tuple[str, ...]
+    num_samples: int
+    shard_size: int
+    skip_reasons: tuple[str, ...] = SKIP_REASONS
+    color_sizes: tuple[tuple[int, int], ...] = ()
+    plan: str | None = None
+    plan_skipped: Mapping[str, int] = field(default_factory=dict)
+    skipped: Mapping[str, int] | None = None
+    valid: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 0 and self.shard_size > 0,
+               f"num_samples {self.num_samples} must be >= 0 and shard_size {self.shard_size} > 0")
+        _check(len(self.color_sizes) in (0, len(self.scenes)),
+               f"{len(self.color_sizes)} color_sizes for {len(self.scenes)} scenes")
+        _check(self.valid is None or 0 <= self.valid <= self.num_samples,
+               f"valid {self.valid} outside 0..{self.num_samples}")
+        reasons = set(self.plan_skipped) | set(self.skipped or {})
+        _check(reasons <= set(self.skip_reasons), f"skip reasons {sorted(reasons - set(self.skip_reasons))} "
+               f"are not in skip_reasons {self.skip_reasons}")
+
+    @property
+    def num_shards(self) -> int:
+        return len(shard_ranges(self.num_samples, self.shard_size))
+
+
+def _upgrade_v1(root: dict[str, Any], splits: dict[str, dict[str, Any]]) -> None:
+    """v1 had no ``skip_reasons`` (its columns were today's SKIP_REASONS) and wrote optional split attrs
+    only once known."""
+    for attrs in splits.values():
+        for key, value in (("skip_reasons", list(SKIP_REASONS)), ("color_sizes", []), ("plan", None),
+                           ("plan_skipped", {}), ("skipped", None), ("valid", None)):
+            attrs.setdefault(key, value)
+
+
+# _UPGRADES[v] turns the attrs of version v into those of v + 1, in place.
+_UPGRADES: dict[int, Callable[[dict[str, Any], dict[str, dict[str, Any]]], None]] = {1: _upgrade_v1}
+
+
+@dataclass(frozen=True)
+class StoreAttrs:
+    """Every attr of a store, typed: the root's and each split's."""
+
+    root: RootAttrs
+    splits: dict[str, SplitAttrs]
+    read_version: int
+
+
+def _split_groups(root: zarr.Group) -> dict[str, zarr.Group]:
+    present = dict(root.groups())
+    return {name: present[name] for name in SPLITS if name in present}
+
+
+def read_attrs(root: zarr.Group, path: str | Path) -> StoreAttrs:
+    """The typed attrs of a store, upgraded from an older version; StoreError if they are not valid."""
+    raw = dict(root.attrs)
+    fmt, version = raw.get("format"), raw.get("version")
+    if fmt != FORMAT:
+        raise StoreError(f"{path} is not a pkd pair store (format={fmt!r}, expected {FORMAT!r}); "
+                         "pass a store written by pkd-prep.")
+    versions = raw.get("versions")
+    writer = versions.get("pkd", "unknown") if isinstance(versions, Mapping) else "unknown"
+    if not isinstance(version, int) or version > VERSION or (version < VERSION and version not in _UPGRADES):
+        raise StoreError(f"{path} is pkd-pairs version {version} (written by pkd {writer}); this pkd reads versions "
+                         f"{min(_UPGRADES)}-{VERSION}. Install pkd {writer} to read it, or rebuild the store with "
+                         "this pkd (`pkd-prep scannet ... --overwrite`).")
+    groups = _split_groups(root)
+    splits = {name: dict(group.attrs) for name, group in groups.items()}
+    for step in range(version, VERSION):
+        _UPGRADES[step](raw, splits)
+    raw["version"] = VERSION
+    try:
+        return StoreAttrs(RootAttrs.from_dict(raw, "root attrs"),
+                          {name: SplitAttrs.from_dict(attrs, f"{name} attrs") for name, attrs in splits.items()},
+                          version)
+    except ConfigError as exc:
+        raise StoreError(f"{path} has invalid attrs for pkd-pairs version {version} (written by pkd {writer}): "
+                         f"{exc}. Install pkd {writer} to read it, or rebuild the store with this pkd "
+                         "(`pkd-prep scannet ... --overwrite`).") from exc
+
+
+def write_root_attrs(root: zarr.Group, attrs: RootAttrs) -> None:
+    """Replace the root attrs (validated by construction)."""
+    root.attrs.put(attrs.to_dict())
+
+
+def write_split_attrs(group: zarr.Group, attrs: SplitAttrs) -> None:
+    """Replace a split's attrs; its arrays' shapes must match ``num_samples`` (fixed at creation)."""
+    if array_of(group, "done_geometry").shape != (attrs.num_shards,):
+        raise ValueError(f"split attrs for {attrs.num_samples} samples do not fit {group.path}")
+    group.attrs.put(attrs.to_dict())
+
+
+def split_attrs(group: zarr.Group) -> SplitAttrs:
+    """The typed attrs of one split of a current-version store (``open_store(mode="r+")`` upgrades one)."""
+    return cast(SplitAttrs, SplitAttrs.from_dict(dict(group.attrs), f"{group.path} attrs"))
+
+
+def _layout(group: zarr.Group) -> tuple[int, int]:
+    """(num_samples, shard_size) of a split: the two attrs every version has, for readers of any version."""
+    return int(cast(int, group.attrs["num_samples"])), int(cast(int, group.attrs["shard_size"]))
+
+
+def upgrade(path: str | Path) -> int:
+    """Rewrite an older store's attrs at the current version (arrays are unchanged); returns the old version."""
+    root = _open_group(path, "r+")
+    attrs = read_attrs(root, path)
+    if attrs.read_version != VERSION:
+        groups = _split_groups(root)
+        for name, split in attrs.splits.items():
+            write_split_attrs(groups[name], split)
+        write_root_attrs(root, attrs.root)
+    return attrs.read_version
 
 
 @dataclass(frozen=True)
@@ -86,35 +331,43 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
-def _compressors() -> tuple:
+def array_of(group: zarr.Group, name: str) -> zarr.Array[Any]:
+    """The array ``name`` of a split (a StoreError if the store holds something else there)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store}/{group.path}/{name} is not an array; the store is damaged: rebuild it.")
+    return node
+
+
+def split_group(root: zarr.Group, name: str) -> zarr.Group:
+    """The group ``name`` of a store (a split, or ``stats`` of a split), typed for callers."""
+    node = root[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{root.store}/{name} is not a group; the store is damaged: rebuild it.")
+    return node
+
+
+def _compressors() -> tuple[BloscCodec, Crc32cCodec]:
     return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
-def create_split(
-    root: zarr.Group,
-    split: str,
-    n: int,
-    shard_size: int,
-    num_points: int,
-    scenes: list[str],
-    patch_tokens: bool = False,
-) -> zarr.Group:
-    """Create an empty split group sized for n planned samples (n may be 0)."""
+def create_split(root: zarr.Group, split: str, attrs: SplitAttrs, num_points: int,
+                 patch_tokens: bool = False) -> zarr.Group:
+    """Create an empty split group sized for ``attrs.num_samples`` planned samples (may be 0)."""
     group = root.create_group(split)
-    group.attrs.update({"scenes": scenes, "shard_size": shard_size, "num_samples": n})
-    num_shards = len(shard_ranges(n, shard_size))
+    n, shard_size = attrs.num_samples, attrs.shard_size
     for spec in array_specs(num_points, patch_tokens):
         _create_sample_array(group, spec, n, shard_size)
     for stage in STAGES:
-        group.create_array(f"done_{stage}", shape=(num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
-    group.create_array(
-        "skipped_counts", shape=(num_shards, len(SKIP_REASONS)), chunks=(1, len(SKIP_REASONS)),
-        dtype="int32", fill_value=0,
-    )
+        group.create_array(f"done_{stage}", shape=(attrs.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
+    reasons = len(attrs.skip_reasons)
+    group.create_array("skipped_counts", shape=(attrs.num_shards, reasons), chunks=(1, reasons), dtype="int32",
+                       fill_value=0)
+    write_split_attrs(group, attrs)
     return group
 
 
-def _create_sample_array(group: zarr.Group, spec: ArraySpec, n: int, shard_size: int) -> zarr.Array:
+def _create_sample_array(group: zarr.Group, spec: ArraySpec, n: int, shard_size: int) -> zarr.Array[Any]:
     chunk = (1, *spec.sample_shape)
     return group.create_array(
         spec.name,
@@ -127,9 +380,9 @@ def _create_sample_array(group: zarr.Group, spec: ArraySpec, n: int, shard_size:
     )
 
 
-def add_array(group: zarr.Group, spec: ArraySpec) -> zarr.Array:
+def add_array(group: zarr.Group, spec: ArraySpec) -> zarr.Array[Any]:
     """Add an optional per-sample array (e.g. patch_tokens) to an existing split."""
-    return _create_sample_array(group, spec, int(group.attrs["num_samples"]), int(group.attrs["shard_size"]))
+    return _create_sample_array(group, spec, *_layout(group))
 
 
 def write_shard(
@@ -144,50 +397,65 @@ def write_shard(
     ``data`` must hold every array of the stage for exactly the shard's samples; the done flag is
     written last, so an interrupted write leaves the shard not done and a rerun rewrites it whole.
     """
-    start, stop = shard_ranges(int(group.attrs["num_samples"]), int(group.attrs["shard_size"]))[shard]
+    attrs = split_attrs(group)
+    start, stop = shard_ranges(attrs.num_samples, attrs.shard_size)[shard]
     for name, values in data.items():
-        array = group[name]
+        array = array_of(group, name)
         if values.shape != (stop - start, *array.shape[1:]):
             raise ValueError(f"shard {shard} of {name!r}: got shape {values.shape}, expected "
                              f"{(stop - start, *array.shape[1:])}")
         array[start:stop] = values
     if skipped is not None:
-        group["skipped_counts"][shard] = np.array([skipped.get(r, 0) for r in SKIP_REASONS], dtype="int32")
-    group[f"done_{stage}"][shard] = 1
+        array_of(group, "skipped_counts")[shard] = np.array([skipped.get(r, 0) for r in attrs.skip_reasons], "int32")
+    array_of(group, f"done_{stage}")[shard] = 1
 
 
 def done_shards(group: zarr.Group, stage: str) -> np.ndarray:
     """Boolean per shard: has this stage been written completely?"""
-    return group[f"done_{stage}"][:].astype(bool)
+    return np.asarray(array_of(group, f"done_{stage}")[:]).astype(bool)
 
 
 def reset_stage(group: zarr.Group, stage: str) -> None:
     """Mark every shard of a stage as not done, e.g. before recomputing targets with another teacher."""
-    flags = group[f"done_{stage}"]
-    flags[:] = 0
+    array_of(group, f"done_{stage}")[:] = 0
 
 
-def _is_remote(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
-    """Open an existing pair store, checking that it is a pkd-pairs store of a version we read."""
-    if not _is_remote(path) and not Path(path).exists():
+def _open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
+    if not is_remote(path) and not Path(path).exists():
         raise StoreError(f"no pair store at {path}: create one with `pkd-prep scannet --root SCANNET --out {path}` "
                          "or `pkd-prep demo`.")
     try:
-        root = zarr.open_group(str(path), mode=mode)
+        return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
         raise StoreError(f"{path} is not a Zarr v3 group ({exc}); pass a store written by pkd-prep.") from exc
-    fmt, version = root.attrs.get("format"), root.attrs.get("version")
-    if fmt != FORMAT:
-        raise StoreError(f"{path} is not a pkd pair store (format={fmt!r}, expected {FORMAT!r}); "
-                         "pass a store written by pkd-prep.")
-    if version != VERSION:
-        raise StoreError(f"{path} is pkd-pairs version {version}, this pkd reads version {VERSION}; "
-                         "re-run pkd-prep with this version or install the pkd that wrote it.")
+
+
+def open_store(path: str | Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
+    """Open an existing pair store after checking its attrs; opened for writing, an older version's attrs
+    are upgraded in place first (the arrays of every version so far are the same)."""
+    if mode != "r":
+        upgrade(path)
+    root = _open_group(path, mode)
+    read_attrs(root, path)
     return root
+
+
+def root_attrs(root: zarr.Group) -> RootAttrs:
+    """The typed root attrs of a store opened by ``open_store`` (upgraded in memory if older)."""
+    return read_attrs(root, str(root.store)).root
+
+
+def teacher_crop(path: str | Path, split: str) -> tuple[float, float, float, float]:
+    """The teacher's centre crop (u0, v0, u1, v1) in the colour-image pixels of a split, from the store:
+    its one colour frame size and the teacher transform's image size."""
+    attrs = read_attrs(_open_group(path, "r"), path)
+    sizes = set(attrs.splits[split].color_sizes) if split in attrs.splits else set()
+    if len(sizes) != 1:
+        raise StoreError(f"{path}/{split} records {'no' if not sizes else 'several'} colour image sizes (color_sizes "
+                         f"attr: {sorted(sizes)}); the teacher's crop of the pixels needs exactly one. Prep scenes of "
+                         "one camera into a store, or re-run pkd-prep with this pkd to record them.")
+    (width, height), = sizes
+    return geometry.teacher_crop_box(width, height, attrs.root.teacher.transform.image_size)
 
 
 def splits_of(root: zarr.Group) -> list[str]:
@@ -201,7 +469,7 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
     root = open_store(path)
     if split not in splits_of(root):
         raise StoreError(f"{path} has no split {split!r} (it has {splits_of(root)}); prep it with --split {split}.")
-    group = root[split]
+    group = split_group(root, split)
     for stage in STAGES:
         done = done_shards(group, stage)
         if not done.all():
@@ -219,9 +487,9 @@ def read_shard(group: zarr.Group, name: str, start: int, stop: int) -> np.ndarra
     """Samples [start, stop) of one array; a chunk failing its checksum or codec raises a StoreError
     naming the array, shard and sample range, so nothing downstream learns from corrupt bytes."""
     try:
-        return group[name][start:stop]
+        return np.asarray(array_of(group, name)[start:stop])
     except Exception as exc:  # codecs raise many types (ValueError, RuntimeError, blosc errors)
-        shard = start // int(group.attrs["shard_size"])
+        shard = start // _layout(group)[1]
         raise StoreError(f"{group.store}/{group.path}/{name}: shard {shard} (samples {start}-{stop - 1}) is "
                          f"corrupt ({type(exc).__name__}: {exc}). Run `pkd-prep verify` on the store and rebuild "
                          "it (rerun the prep with --overwrite, or restore it from a copy).") from exc
@@ -236,12 +504,13 @@ def write_stats(group: zarr.Group, name: str, mean: np.ndarray, std: np.ndarray)
 
 def read_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-dimension (mean, std) of a target array, or None if the split has none recorded."""
-    if "stats" not in group or f"{name}_mean" not in group["stats"]:
+    if "stats" not in group or f"{name}_mean" not in split_group(group, "stats"):
         return None
-    return group["stats"][f"{name}_mean"][...], group["stats"][f"{name}_std"][...]
+    stats = split_group(group, "stats")
+    return np.asarray(array_of(stats, f"{name}_mean")[...]), np.asarray(array_of(stats, f"{name}_std")[...])
 
 
 def iter_shards(group: zarr.Group) -> Iterator[tuple[int, int, int]]:
     """(shard index, start, stop) of every shard of a split."""
-    for i, (start, stop) in enumerate(shard_ranges(int(group.attrs["num_samples"]), int(group.attrs["shard_size"]))):
+    for i, (start, stop) in enumerate(shard_ranges(*_layout(group))):
         yield i, start, stop

@@ -14,7 +14,7 @@ FINITE_ARRAYS = ("points", "pose", "prefix", "clip_embed", "patch_tokens")
 
 
 def _size_on_disk(path: str) -> int | None:
-    if "://" in path:
+    if store.is_remote(path):
         return None
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

@@ -199,6 +199,21 @@ def verify(store: Store) -> None:
     typer.echo(f"{store}: OK")
 
 
+@app.command()
+def upgrade(store: Store) -> None:
+    """Rewrite an older pkd-pairs store's attrs at this pkd's store version (arrays are unchanged).
+
+    Reading needs no upgrade (older stores are upgraded in memory); resuming a prep upgrades them too.
+    """
+    from pkd.common.store import VERSION
+    from pkd.common.store import upgrade as upgrade_store
+    from pkd.preprocess.prep import store_lock
+
+    with store_lock(store):
+        old = upgrade_store(store)
+    typer.echo(f"{store}: version {old} -> {VERSION}" if old != VERSION else f"{store}: already version {VERSION}")
+
+
 @app.command("teacher")
 @with_teacher_options
 def teacher_cmd(

@@ -13,17 +13,18 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from tqdm import tqdm
 
 from pkd.common import store
-from pkd.common.config import config_diff, package_versions, to_plain
+from pkd.common.config import config_diff, from_plain, package_versions, to_plain
 from pkd.common.errors import ConfigError, StoreError
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
@@ -68,7 +69,7 @@ def store_lock(out: str) -> Iterator[None]:
     A second prep on the same store is refused at once; the kernel drops the lock if the holder dies,
     even by kill -9, so a stale lock file never blocks a resume. The holder removes the file when done.
     """
-    if "://" in out:
+    if store.is_remote(out):
         log.warning("%s is remote: pkd cannot lock it, make sure no other prep writes it", out)
         yield
         return
@@ -93,14 +94,14 @@ def store_lock(out: str) -> Iterator[None]:
 
 
 def _remove_store(out: str) -> None:
-    if "://" in out:
+    if store.is_remote(out):
         raise ConfigError(f"--overwrite is not supported for remote store {out}; delete it with your storage tools.")
     store.open_store(out)
     shutil.rmtree(out)
 
 
 def _store_exists(out: str) -> bool:
-    if "://" in out:
+    if store.is_remote(out):
         try:
             zarr.open_group(out, mode="r")
             return True
@@ -109,18 +110,14 @@ def _store_exists(out: str) -> bool:
     return Path(out).exists()
 
 
-def _comparable_teacher(identity: dict) -> dict:
-    return {k: v for k, v in identity.items() if k not in ("device", "open_clip_version")}
-
-
-def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,
+def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: store.TeacherAttrs,
                     patch_tokens: bool) -> zarr.Group:
     prep = to_plain(cfg)
     if _store_exists(out):
         root = store.open_store(out, mode="r+")
-        geometry_diff = config_diff(root.attrs["prep"], prep)
-        teacher_diff = config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id),
-                                   "teacher.")
+        attrs = store.root_attrs(root)
+        geometry_diff = config_diff(attrs.prep, prep)
+        teacher_diff = config_diff(attrs.teacher.comparable(), teacher_id.comparable(), "teacher.")
         if geometry_diff or teacher_diff:
             hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
                     "with the new teacher options.")
@@ -131,20 +128,18 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
         return root
     root = zarr.open_group(out, mode="w")
     for name, plan in plans.items():
-        group = store.create_split(root, name, len(plan.samples), cfg.shard_size, cfg.geometry.num_points,
-                                   [e.name for e in plan.scenes], patch_tokens=patch_tokens)
-        group.attrs.update({"plan": plan.fingerprint(), "plan_skipped": dict(plan.skipped),
-                            "color_sizes": [list(size) for size in plan.color_sizes]})
-    root.attrs.update({
-        "format": store.FORMAT, "version": store.VERSION, "prep": prep, "teacher": teacher_id,
-        "versions": package_versions(), "status": "in-progress",
-    })
+        split = store.SplitAttrs(scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples),
+                                 shard_size=cfg.shard_size, color_sizes=tuple(plan.color_sizes),
+                                 plan=plan.fingerprint(), plan_skipped=dict(plan.skipped))
+        store.create_split(root, name, split, cfg.geometry.num_points, patch_tokens=patch_tokens)
+    store.write_root_attrs(root, store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(),
+                                                 status="in-progress"))
     return root
 
 
 def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
     for name, plan in plans.items():
-        if name not in root or root[name].attrs.get("plan") != plan.fingerprint():
+        if name not in root or store.split_attrs(store.split_group(root, name)).plan != plan.fingerprint():
             raise ConfigError(f"the scenes under {cfg.root} changed since {out} was planned (split {name}); "
                               "pass --overwrite to rebuild the store or --out for a new one.")
 
@@ -162,10 +157,11 @@ def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]
 
 def finalize(group: zarr.Group) -> dict:
     """Write a complete split's summary: skip counts, valid count and per-dimension target statistics."""
-    skipped = Counter(group.attrs.get("plan_skipped", {}))
-    counts = group["skipped_counts"][:].sum(axis=0)
-    skipped.update({r: int(c) for r, c in zip(store.SKIP_REASONS, counts) if c})
-    valid = group["valid"][:]
+    attrs = store.split_attrs(group)
+    skipped = Counter(attrs.plan_skipped)
+    counts = np.asarray(store.array_of(group, "skipped_counts")[:]).sum(axis=0)
+    skipped.update({r: int(c) for r, c in zip(attrs.skip_reasons, counts) if c})
+    valid = np.asarray(store.array_of(group, "valid")[:])
     for name in ("prefix", "clip_embed"):
         total, total_sq = 0.0, 0.0
         for _, start, stop in store.iter_shards(group):
@@ -174,20 +170,20 @@ def finalize(group: zarr.Group) -> dict:
         if valid.any():
             mean = total / valid.sum()
             store.write_stats(group, name, mean, np.sqrt(np.maximum(total_sq / valid.sum() - mean**2, 0.0)))
-    summary = {"skipped": dict(skipped), "valid": int(valid.sum())}
-    group.attrs.update(summary)
-    return summary
+    store.write_split_attrs(group, replace(attrs, skipped=dict(skipped), valid=int(valid.sum())))
+    return {"skipped": dict(skipped), "valid": int(valid.sum())}
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
     with tqdm(total=sum(len(j.samples) for j in jobs), desc="prep", unit="frame", disable=not options.progress) as bar:
         for job in jobs:
-            build_shard(root[job.split], job, teacher, options.teacher_batch, options.threads, lambda: bar.update())
+            build_shard(store.split_group(root, job.split), job, teacher, options.teacher_batch, options.threads,
+                        lambda: bar.update())
 
 
 def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
     """Build (or resume) the pair store at ``out``; returns a summary per split."""
-    out = _absolute(out)
+    out = store.store_path(out)
     entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
     teacher = build_teacher(teacher_cfg)
     with store_lock(out):
@@ -207,34 +203,35 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
     Geometry is kept; targets already computed by the same teacher identity are never recomputed.
     The frames are read again from the dataset path recorded in the store.
     """
-    out = _absolute(out)
+    out = store.store_path(out)
     with store_lock(out):
         root = store.open_store(out, mode="r+")
-        cfg = prep_config_of(root.attrs["prep"])
+        attrs = store.root_attrs(root)
+        cfg = prep_config_of(attrs.prep, out)
         teacher = build_teacher(teacher_cfg)
-        if config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher.identity)):
+        if config_diff(attrs.teacher.comparable(), teacher.identity.comparable()):
             for name in store.splits_of(root):
-                store.reset_stage(root[name], "teacher")
-                if teacher_cfg.patch_tokens and "patch_tokens" not in root[name]:
-                    store.add_array(root[name], next(s for s in store.array_specs(cfg.geometry.num_points, True)
+                group = store.split_group(root, name)
+                store.reset_stage(group, "teacher")
+                if teacher_cfg.patch_tokens and "patch_tokens" not in group:
+                    store.add_array(group, next(s for s in store.array_specs(cfg.geometry.num_points, True)
                                                      if s.name == "patch_tokens"))
-            root.attrs.update({"teacher": teacher.identity, "status": "in-progress"})
+            store.write_root_attrs(root, replace(attrs, teacher=teacher.identity, status="in-progress"))
         entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         _check_plans(root, plans, cfg, out)
         return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
 
 
-def prep_config_of(recorded: dict) -> PrepConfig:
-    """The PrepConfig a store was written with, from its ``prep`` attrs."""
-    fields = dict(recorded)
-    fields["geometry"] = GeometryConfig(**fields["geometry"])
-    fields["scenes"] = tuple(fields["scenes"]) if fields["scenes"] else None
-    return PrepConfig(**fields)
-
-
-def _absolute(out: str) -> str:
-    return str(out) if "://" in str(out) else str(Path(out).resolve())
+def prep_config_of(recorded: Mapping[str, Any], out: str) -> PrepConfig:
+    """The PrepConfig a store was written with, from its ``prep`` attrs; a StoreError (not a TypeError)
+    names the fields when they do not match this pkd's PrepConfig."""
+    try:
+        return from_plain(PrepConfig, recorded, f"{out} prep attrs")
+    except ConfigError as exc:
+        raise StoreError(f"{exc}. The store was written by another pkd version with the same store version "
+                         f"({store.VERSION}); rerun that pkd, or rebuild the store with this one "
+                         "(`pkd-prep scannet ... --overwrite`).") from exc
 
 
 def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
@@ -251,7 +248,7 @@ def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, Split
 
 def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
            teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
-    jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, root[name])]
+    jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, store.split_group(root, name))]
     if options.workers or options.scheduler:
         from pkd.preprocess.distributed import run_on_dask
 
@@ -262,9 +259,11 @@ def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPl
     summary = {}
     for name, plan in plans.items():
         written = sum(j.split == name for j in jobs)
-        group = root[name]
+        group = store.split_group(root, name)
         # a split with nothing new keeps its summary: no need to re-read every target for the stats
-        done = {k: group.attrs[k] for k in ("skipped", "valid")} if not written and "valid" in group.attrs else None
+        attrs = store.split_attrs(group)
+        kept = not written and attrs.skipped is not None
+        done = {"skipped": dict(attrs.skipped or {}), "valid": attrs.valid} if kept else None
         summary[name] = (done or finalize(group)) | {"samples": len(plan.samples), "shards_written": written}
-    root.attrs["status"] = "complete"
+    store.write_root_attrs(root, replace(store.root_attrs(root), status="complete"))
     return summary

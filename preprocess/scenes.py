@@ -15,11 +15,11 @@ from importlib import resources
 from pathlib import Path
 
 from pkd.common.errors import DataError
+from pkd.common.store import SPLITS
 from pkd.preprocess.exported import ExportedReader
 from pkd.preprocess.frames import SceneReader
 from pkd.preprocess.sens import SensReader
 
-SPLITS = ("train", "val", "test")
 SOURCES = ("auto", "sens", "exported")
 TREE_FOLDERS = ("scans", "scans_test")
 _LAYOUT = ("Expected a ScanNet tree (ROOT/scans/sceneXXXX_YY/ and/or ROOT/scans_test/sceneXXXX_YY/), a folder of "

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from pkd.common.errors import ConfigError, WeightsError
-from pkd.common.store import CLIP_DIM, PREFIX_SHAPE
+from pkd.common.store import CLIP_DIM, PREFIX_SHAPE, TeacherAttrs, TransformAttrs
 from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.torchvision_compat import import_open_clip
 
@@ -82,7 +82,7 @@ class Teacher:
     visual: nn.Module
     mapper: ClipCapMLP
     transform: Callable[[Image.Image], torch.Tensor]
-    identity: dict
+    identity: TeacherAttrs
     device: torch.device
     precision: str = "fp32"
     patch_tokens: bool = False
@@ -141,16 +141,16 @@ def _load_visual(visual: nn.Module, path: Path) -> None:
                            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. Get {tw.CLIP_SOURCE}.")
 
 
-def _transform_identity(open_clip, transform) -> dict:
-    return {
-        "image_size": IMAGE_SIZE,
-        "resize": f"{RESIZE_MODE} side to {IMAGE_SIZE}",
-        "interpolation": INTERPOLATION,
-        "center_crop": IMAGE_SIZE,
-        "mean": list(open_clip.OPENAI_DATASET_MEAN),
-        "std": list(open_clip.OPENAI_DATASET_STD),
-        "steps": [getattr(t, "__name__", type(t).__name__) for t in transform.transforms],
-    }
+def _transform_identity(open_clip, transform) -> TransformAttrs:
+    return TransformAttrs(
+        image_size=IMAGE_SIZE,
+        resize=f"{RESIZE_MODE} side to {IMAGE_SIZE}",
+        interpolation=INTERPOLATION,
+        center_crop=IMAGE_SIZE,
+        mean=tuple(open_clip.OPENAI_DATASET_MEAN),
+        std=tuple(open_clip.OPENAI_DATASET_STD),
+        steps=tuple(getattr(t, "__name__", type(t).__name__) for t in transform.transforms),
+    )
 
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:
@@ -184,22 +184,22 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     visual.output_tokens = cfg.patch_tokens
     visual.eval().requires_grad_(False).to(device)
     mapper.eval().requires_grad_(False).to(device)
-    identity = {
-        "clip_model": tw.CLIP_MODEL,
-        "mapper": MAPPER_NAME,
-        "kind": cfg.kind,
-        "random": random,
-        "seed": cfg.seed if random else None,
-        "clip_weights": None if random else clip_path.name,
-        "clip_weights_sha256": None if random else tw.sha256_file(clip_path),
-        "clipcap_weights": None if random else clipcap_path.name,
-        "clipcap_weights_sha256": None if random else tw.sha256_file(clipcap_path),
-        "precision": cfg.precision,
-        "device": device.type,
-        "clip_embed": "encode_image, unnormalised",
-        "patch_tokens": "ln_post then proj, 7x7 grid" if cfg.patch_tokens else None,
-        "transform": _transform_identity(open_clip, transform),
-        "open_clip_version": open_clip.__version__,
-    }
+    identity = TeacherAttrs(
+        clip_model=tw.CLIP_MODEL,
+        mapper=MAPPER_NAME,
+        kind=cfg.kind,
+        random=random,
+        seed=cfg.seed if random else None,
+        clip_weights=None if random else clip_path.name,
+        clip_weights_sha256=None if random else tw.sha256_file(clip_path),
+        clipcap_weights=None if random else clipcap_path.name,
+        clipcap_weights_sha256=None if random else tw.sha256_file(clipcap_path),
+        precision=cfg.precision,
+        device=device.type,
+        clip_embed="encode_image, unnormalised",
+        patch_tokens="ln_post then proj, 7x7 grid" if cfg.patch_tokens else None,
+        transform=_transform_identity(open_clip, transform),
+        open_clip_version=open_clip.__version__,
+    )
     return Teacher(visual=visual, mapper=mapper, transform=transform, identity=identity, device=device,
                    precision=cfg.precision, patch_tokens=cfg.patch_tokens)

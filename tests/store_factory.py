@@ -12,10 +12,34 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pkd.common.store import (CLIP_DIM, FORMAT, PATCH_TOKENS, PREFIX_SHAPE, VERSION, create_split, write_shard,
-                              write_stats)
+from pkd.common.config import to_plain
+from pkd.common.store import (
+    CLIP_DIM,
+    PATCH_TOKENS,
+    PREFIX_SHAPE,
+    RootAttrs,
+    SplitAttrs,
+    TeacherAttrs,
+    TransformAttrs,
+    create_split,
+    write_root_attrs,
+    write_shard,
+    write_stats,
+)
+from pkd.preprocess.frame_sample import GeometryConfig
+from pkd.preprocess.prep import PrepConfig
 
 COLOR_SIZE = (640, 480)
+
+
+def synthetic_teacher(seed: int, patch_tokens: bool) -> TeacherAttrs:
+    """The identity recorded for the synthetic targets: a random teacher with OpenAI's 224-pixel transform."""
+    transform = TransformAttrs(image_size=224, resize="shortest side to 224", interpolation="bicubic", center_crop=224,
+                               mean=(0.481, 0.458, 0.408), std=(0.269, 0.261, 0.276), steps=())
+    return TeacherAttrs(clip_model="synthetic", mapper="random linear map of the cloud's spread", kind="random",
+                        random=True, seed=seed, clip_weights=None, clip_weights_sha256=None, clipcap_weights=None,
+                        clipcap_weights_sha256=None, precision="fp32", device="cpu", clip_embed="random linear",
+                        patch_tokens="random" if patch_tokens else None, transform=transform, open_clip_version="none")
 
 
 def _spread(points: np.ndarray) -> np.ndarray:
@@ -30,19 +54,20 @@ def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size:
     """Write a complete synthetic store at ``path`` with ``n`` samples of ``num_points`` points."""
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="w")
-    prep = {"num_points": num_points, "seed": seed}
-    root.attrs.update({"format": FORMAT, "version": VERSION, "prep": prep,
-                       "teacher": {"name": "synthetic", "random": True}})
-    group = create_split(root, split, n, shard_size, num_points, scenes=["s"], patch_tokens=patch_tokens)
-    if color_size:
-        group.attrs["color_sizes"] = [list(color_size)]
+    prep = PrepConfig(root="synthetic", split=split, shard_size=shard_size, seed=seed,
+                      geometry=GeometryConfig(num_points=num_points))
+    write_root_attrs(root, RootAttrs(prep=to_plain(prep), teacher=synthetic_teacher(seed, patch_tokens), versions={},
+                                     status="complete"))
+    attrs = SplitAttrs(scenes=("s",), num_samples=n, shard_size=shard_size,
+                       color_sizes=(color_size,) if color_size else (), skipped={}, valid=n - len(invalid))
+    group = create_split(root, split, attrs, num_points, patch_tokens=patch_tokens)
     prefix_map = rng.normal(size=(3, int(np.prod(PREFIX_SHAPE)))).astype(np.float32)
     clip_map = rng.normal(size=(3, CLIP_DIM)).astype(np.float32)
     prefixes = []
     for shard, start in enumerate(range(0, n, shard_size)):
         m = min(shard_size, n - start)
-        points = rng.normal(size=(m, num_points, 3)) * rng.uniform(0.2, 2.0, size=(m, 1, 3)) + rng.normal(size=(m, 1, 3))
-        points = points.astype(np.float32)
+        spread, offset = rng.uniform(0.2, 2.0, size=(m, 1, 3)), rng.normal(size=(m, 1, 3))
+        points = (rng.normal(size=(m, num_points, 3)) * spread + offset).astype(np.float32)
         valid = np.array([start + i not in invalid for i in range(m)])
         pixels = np.stack([rng.integers(0, COLOR_SIZE[0], (m, num_points)),
                            rng.integers(0, COLOR_SIZE[1], (m, num_points))], -1).astype(np.uint16)

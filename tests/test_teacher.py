@@ -132,10 +132,10 @@ def test_official_checkpoints_give_clipcaps_prefix(weights, scannet_scene):
     torch.testing.assert_close(out.clip_embed.half(), embed.half(), rtol=2**-10, atol=1e-4)
     torch.testing.assert_close(out.prefix.half(), prefix.half(), rtol=2**-10, atol=1e-4)
     ident = teacher.identity
-    assert ident["random"] is False and ident["clip_model"] == "ViT-B-32-quickgelu"
-    assert ident["mapper"] == "clipcap-mlp-prefix10"
-    assert len(ident["clip_weights_sha256"]) == 64 and len(ident["clipcap_weights_sha256"]) == 64
-    assert ident["transform"]["interpolation"] == "bicubic" and ident["transform"]["image_size"] == 224
+    assert ident.random is False and ident.clip_model == "ViT-B-32-quickgelu"
+    assert ident.mapper == "clipcap-mlp-prefix10"
+    assert len(ident.clip_weights_sha256) == 64 and len(ident.clipcap_weights_sha256) == 64
+    assert ident.transform.interpolation == "bicubic" and ident.transform.image_size == 224
 
 
 def test_openai_torchscript_archive_loads(weights, tmp_path):
@@ -200,8 +200,8 @@ def test_random_teacher_is_seeded_and_marked(random_teacher):
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.clip_embed, b.clip_embed)
     assert not torch.allclose(a.prefix, c.prefix)
     ident = random_teacher.identity
-    assert ident["random"] is True and ident["seed"] == 0
-    assert ident["clip_weights_sha256"] is None and ident["clipcap_weights_sha256"] is None
+    assert ident.random is True and ident.seed == 0
+    assert ident.clip_weights_sha256 is None and ident.clipcap_weights_sha256 is None
 
 
 def test_patch_tokens(random_teacher):

@@ -14,7 +14,7 @@ import torch
 from store_factory import make_store
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
-from pkd.common.store import write_shard
+from pkd.common.store import teacher_crop, write_shard
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, target_stats
 from pkd.train.losses import CropBox, LossSettings, compute_loss, patch_cells
@@ -98,8 +98,9 @@ def test_target_stats_recorded_or_computed(tmp_path, store):
 
 # ---- losses and model -----------------------------------------------------------------------------------
 
-def test_patch_cells_follow_the_teacher_crop():
-    crop = CropBox.of_image(480, 640)  # portrait: the crop spans the full width, rows ~79.5..560.5
+def test_patch_cells_follow_the_teacher_crop(tmp_path):
+    path = make_store(tmp_path / "portrait.zarr", n=2, num_points=64, color_size=(480, 640))
+    crop = CropBox(*teacher_crop(path, "train"))  # portrait: the crop spans the full width, rows ~79.5..560.5
     assert (crop.u0, crop.u1) == (0, 480) and crop.v0 == pytest.approx(79.46, abs=0.01)
     cells, inside = patch_cells(torch.tensor([[0, 80], [479, 559], [10, 78], [240, 320]]), crop)
     assert cells[:2].tolist() == [0, 48] and cells[3] == 3 * 7 + 3

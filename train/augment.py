@@ -24,12 +24,22 @@ def normalize_unit_sphere(points: torch.Tensor) -> torch.Tensor:
     return centred / radius[:, None, None]
 
 
+def random_scale_shift(points: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
+                       shift: float, per_axis: bool) -> torch.Tensor:
+    """Each cloud (B, P, 3) scaled by U(scale) (per axis or one factor) and shifted by U(-shift, shift) per axis.
+
+    Per axis it is Point-MAE's ScaleAndTranslate (pre-training and classification); with one factor the
+    isotropic scale + shift of its part-segmentation script.
+    """
+    batch = points.shape[0]
+    factor = torch.empty(batch, 1, 3 if per_axis else 1).uniform_(*scale, generator=generator)
+    offset = torch.empty(batch, 1, 3).uniform_(-shift, shift, generator=generator)
+    return points * factor.to(points) + offset.to(points)
+
+
 def augment(points: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Normalise, then (if enabled) scale and translate each cloud; random numbers come from ``generator``."""
     points = normalize_unit_sphere(points)
     if not cfg.enabled:
         return points
-    batch = points.shape[0]
-    scale = torch.empty(batch, 1, 3).uniform_(cfg.scale_low, cfg.scale_high, generator=generator)
-    shift = torch.empty(batch, 1, 3).uniform_(-cfg.translate, cfg.translate, generator=generator)
-    return points * scale.to(points) + shift.to(points)
+    return random_scale_shift(points, generator, (cfg.scale_low, cfg.scale_high), cfg.translate, per_axis=True)

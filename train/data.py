@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -245,8 +244,3 @@ class StoreLoader:
                 have[s] -= size
             yield {k: _to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
             count -= 1
-
-
-def store_path(path: str | Path) -> str:
-    """A store path as recorded in configs: absolute for local paths, unchanged for URLs."""
-    return str(path) if "://" in str(path) else str(Path(path).resolve())

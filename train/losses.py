@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pkd.common.geometry import teacher_crop_box
 from pkd.common.store import PATCH_TOKENS
 from pkd.train.model import Student, random_mask
 from pkd.train.tokenizer import gather_points
@@ -29,10 +28,6 @@ class CropBox:
     v0: float
     u1: float
     v1: float
-
-    @classmethod
-    def of_image(cls, width: int, height: int) -> "CropBox":
-        return cls(*teacher_crop_box(width, height))
 
 
 def patch_cells(uv: torch.Tensor, crop: CropBox) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pkd.common.errors import ConfigError, StoreError, TrainingError
-from pkd.common.store import open_split, open_store
+from pkd.common.errors import ConfigError, TrainingError
+from pkd.common.store import open_split, open_store, store_path, teacher_crop
 from pkd.train import distributed
 from pkd.train.augment import AugmentConfig, augment
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, load_training_state, rng_state, set_rng_state
-from pkd.train.data import LoaderConfig, StoreLoader, store_path, target_stats
+from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
 from pkd.train.losses import CropBox, LossSettings, compute_loss
@@ -155,14 +155,7 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
     """The loader and loss settings of a run; StoreError/ConfigError if the store cannot serve the variant."""
     spec = variant_spec(cfg.variant)
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
-    crop = None
-    if spec.head == "token":
-        sizes = {tuple(size) for size in group.attrs.get("color_sizes", [])}
-        if len(sizes) != 1:
-            raise StoreError(f"{cfg.store}/{cfg.split} records {'no' if not sizes else 'several'} colour image "
-                             f"sizes (color_sizes attr: {sorted(sizes)}); the local variant needs one to find the "
-                             "teacher's centre crop. Re-run pkd-prep with this pkd to record it.")
-        crop = CropBox.of_image(*sizes.pop())
+    crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.head == "token" else None
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
     loader = StoreLoader(LoaderConfig(cfg.store, cfg.split, spec.arrays, cfg.batch_size, cfg.model.num_points,
                                       cfg.seed, cfg.shuffle_shards, rank_info.rank, rank_info.world_size,

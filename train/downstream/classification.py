@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
 from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
-from pkd.train.downstream.sampling import (fps, fps_pool_size, ordered_batches, random_columns, random_scale_shift,
-                                           shuffled_batches)
+from pkd.train.downstream.sampling import fps, fps_pool_size, ordered_batches, random_columns, shuffled_batches
 
 SCALE, TRANSLATE = (2.0 / 3.0, 3.0 / 2.0), 0.2
 CONFUSION = "confusion.png"

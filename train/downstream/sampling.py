@@ -2,8 +2,8 @@
 
 Point-MAE's ModelNet40 protocol: training takes a 1200-point FPS of each pooled shape and a random 1024 of
 those (the same columns for the whole batch), testing a plain 1024-point FPS; voting repeats the training
-draw. ``random_scale_shift`` covers both of Point-MAE's augmentations: per-axis ScaleAndTranslate
-(classification) and the isotropic scale + shift of the part-segmentation script.
+draw. The augmentations (per-axis ScaleAndTranslate, isotropic scale + shift) are pre-training's
+``pkd.train.augment.random_scale_shift``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,6 @@ def fps_pool_size(num_points: int, available: int) -> int:
 def random_columns(points: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
     """The same random ``num`` of the P points of every cloud (B, P, 3) → (B, num, 3)."""
     return points[:, torch.randperm(points.shape[1], generator=generator)[:num].to(points.device)]
-
-
-def random_scale_shift(points: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
-                       shift: float, per_axis: bool) -> torch.Tensor:
-    """Each cloud scaled by U(scale) (per axis or one factor) and shifted by U(-shift, shift) per axis."""
-    batch = points.shape[0]
-    factor = torch.empty(batch, 1, 3 if per_axis else 1).uniform_(*scale, generator=generator)
-    offset = torch.empty(batch, 1, 3).uniform_(-shift, shift, generator=generator)
-    return points * factor.to(points) + offset.to(points)
 
 
 def shuffled_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
 from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.models import PartSegmenter
 from pkd.train.downstream.plots import plot_category_iou
-from pkd.train.downstream.sampling import numpy_rng, ordered_batches, random_scale_shift, shuffled_batches
+from pkd.train.downstream.sampling import numpy_rng, ordered_batches, shuffled_batches
 from pkd.train.downstream.shapenetpart import CATEGORIES, CATEGORY_PARTS, NUM_PARTS, PartSet, load_shapenetpart
 
 SCALE, SHIFT = (0.8, 1.25), 0.1
