@@ -13,7 +13,8 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import os
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
 
 
 def write_report(name: str, rows: list[dict], out: str | None, extra: dict | None = None) -> None:

@@ -12,6 +12,7 @@ For each input (packed into a .sens by this script) and sampling method it measu
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -21,11 +22,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from _report import write_report
 from pkd.preprocess.demo import write_demo_scene
 from pkd.preprocess.frame_sample import GeometryConfig, SkipFrame, make_sample
 from pkd.preprocess.frames import Camera, decode_color, decode_depth
 from pkd.preprocess.sens import SensReader, write_sens
+
+from _report import write_report
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SEVEN_SCENES = FIXTURES / "7scenes_seq"
@@ -124,9 +126,9 @@ def main() -> None:
         if missing:
             print(f"skipping absent real-data fixtures: {missing}")
         for name, (path, skip) in inputs.items():
-            dec_s, bytes_read, payload = best_of(lambda: decode_pass(path, skip), args.repeats)
+            dec_s, bytes_read, payload = best_of(functools.partial(decode_pass, path, skip), args.repeats)
             for sampling in ("fps", "random"):
-                geo_s, made = best_of(lambda: geometry_pass(path, skip, sampling), args.repeats)
+                geo_s, made = best_of(functools.partial(geometry_pass, path, skip, sampling), args.repeats)
                 frames = len(kept(SensReader(path), skip))
                 row = {
                     "input": name, "sampling": sampling, "kept_frames": frames, "samples": made,

@@ -30,11 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import write_report
 from pkd.preprocess.demo import write_demo_scene
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep
 from pkd.preprocess.teacher import TeacherConfig
+
+from _report import write_report
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

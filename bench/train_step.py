@@ -134,9 +134,9 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
 
     if case == "student-store":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from store_factory import make_store
-
         from pkd.train.data import LoaderConfig, StoreLoader
+
+        from store_factory import make_store
         store = make_store(Path(args.tmp) / "bench.zarr", n=args.batch * (args.steps + 1), num_points=args.points,
                            shard_size=args.batch * 2, patch_tokens=False, stats=False)
         loader = StoreLoader(LoaderConfig(str(store), "train", ("points", "prefix"), args.batch, args.points),

@@ -56,7 +56,7 @@ def backproject(depth: np.ndarray, pixels: np.ndarray, intrinsic: np.ndarray, de
 def transform(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Apply a 4x4 rigid transform to (M, 3) points, keeping float32."""
     matrix = np.asarray(matrix, dtype=np.float32)
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+    return np.asarray(points @ matrix[:3, :3].T + matrix[:3, 3])
 
 
 def project(points_cam: np.ndarray, intrinsic: np.ndarray) -> np.ndarray:
@@ -109,4 +109,4 @@ def farthest_points(points: np.ndarray, n: int) -> np.ndarray:
     """Indices of n points chosen by farthest-point sampling (fpsample's QuickFPS, fixed start: deterministic)."""
     if len(points) < n:
         raise ValueError(f"farthest-point sampling needs at least {n} points, got {len(points)}")
-    return fpsample.bucket_fps_kdline_sampling(points, n, h=5, start_idx=0).astype(np.int64)
+    return np.asarray(fpsample.bucket_fps_kdline_sampling(points, n, h=5, start_idx=0), dtype=np.int64)
