@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install pkd into .venv and run the whole test suite. Collecting no tests is a failure.
+# Install pkd into .venv, lint and type-check (scripts/lint.sh), then run the whole test suite.
+# A lint or type finding, or collecting no tests, is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+bash scripts/lint.sh || { echo "error: lint or type check failed (scripts/lint.sh)" >&2; exit 1; }
 export HF_HUB_OFFLINE=1
 .venv/bin/python -m pytest "$@"
 status=$?
