@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from store_factory import make_store
 
 from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import LAST, load_checkpoint
@@ -21,6 +20,8 @@ from pkd.train.data import LoaderConfig, StoreLoader
 from pkd.train.distributed import CpuSyncBatchNorm, convert_sync_batchnorm
 from pkd.train.model import StudentConfig
 from pkd.train.trainer import TrainConfig, train
+
+from store_factory import make_store
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=2, num_concepts=4, head_hidden=32,
@@ -43,13 +44,23 @@ def config(store, variant="recon+distill", **kw) -> TrainConfig:
     return TrainConfig(store=str(store), model=model, epochs=2, warmup_epochs=1, batch_size=8, streams=2, **kw)
 
 
-def torchrun(store, run_dir, *args, nproc=2, variant="recon+distill"):
+def run_ranks(log_dir: Path, nproc: int, *cmd, timeout: int = 120) -> tuple[int, list[dict[str, str]]]:
+    """Run ``cmd`` under ``torchrun --nproc-per-node nproc`` with every rank's stdout and stderr in its own files
+    (ranks sharing one pipe interleave their lines: 'okok 0 2'); returns the exit code and each rank's output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", nproc, "-m", "pkd.train", "distill", store,
-           "--variant", variant, "--run-dir", run_dir, *FLAGS, *args]
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
+    launch = [TORCHRUN, "--standalone", "--nproc-per-node", nproc, "--log-dir", log_dir, "--redirects", 3]
+    done = subprocess.run([str(c) for c in [*launch, *cmd]], env=env, capture_output=True, text=True, timeout=timeout)
+    (attempt,) = Path(log_dir).glob("*/attempt_0")
+    outputs = [{name: (attempt / str(rank) / f"{name}.log").read_text() for name in ("stdout", "stderr")}
+               for rank in range(nproc)]
+    return done.returncode, outputs
+
+
+def torchrun(store, run_dir, *args, nproc=2, variant="recon+distill"):
+    code, ranks = run_ranks(Path(run_dir).with_name(Path(run_dir).name + "-logs"), nproc, "-m", "pkd.train",
+                            "distill", store, "--variant", variant, "--run-dir", run_dir, *FLAGS, *args)
+    assert code == 0, [r["stderr"][-2000:] for r in ranks]
+    return ranks
 
 
 def records(run_dir) -> list[dict]:
@@ -169,10 +180,9 @@ def test_cpu_sync_batchnorm_under_torchrun_equals_batchnorm_of_the_global_batch(
     """torch.nn.SyncBatchNorm refuses CPU tensors: our gloo replacement gives the global batch's gradients."""
     script = tmp_path / "sync_bn.py"
     script.write_text(SYNC_BN_SCRIPT)
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert sorted(done.stdout.split("\n"))[-2:] == ["ok 0 2", "ok 1 2"]
+    code, ranks = run_ranks(tmp_path / "logs", 2, script)
+    assert code == 0, [r["stderr"][-2000:] for r in ranks]
+    assert [r["stdout"] for r in ranks] == ["ok 0 2\n", "ok 1 2\n"]
 
 
 def test_torchrun_two_processes_match_one_process(store, tmp_path):
@@ -216,19 +226,18 @@ def test_finetune_under_torchrun_trains_on_both_ranks_and_rank_0_writes(tmp_path
     from conftest import require_fixture
 
     root = require_fixture("modelnet40")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "cls"
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", 2, "-m", "pkd.train", "finetune", "modelnet40",
-           "--data", root / "modelnet40_normal_resampled", "--splits", root / "splits", "--allow-missing",
+    cmd = ["-m", "pkd.train", "finetune", "modelnet40", "--data", root / "modelnet40_normal_resampled",
+           "--splits", root / "splits", "--allow-missing",
            "--pool-points", 300, "--num-points", 128, "--num-group", 16, "--dim", 48, "--depth", 3, "--heads", 2,
            "--cache-dir", tmp_path / "cache", "--init", "scratch", "--run-dir", run, "--epochs", 2,
            "--batch-size", 4, "--device", "cpu"]
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    code, ranks = run_ranks(tmp_path / "logs", 2, *cmd, timeout=300)
+    assert code == 0, [r["stderr"][-2000:] for r in ranks]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4 and len(results["history"]) == 2
     assert [r["step"] for r in records(run) if r["kind"] == "step"] == [1, 2, 3, 4]  # each step logged once
-    odd = subprocess.run([str(c) for c in cmd[:-6] + ["--run-dir", tmp_path / "odd", "--epochs", 1, "--batch-size",
-                                                       3, "--device", "cpu"]], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert odd.returncode != 0 and "error: --batch-size 3 is the global batch" in odd.stderr  # torchrun exits 1
+    code, ranks = run_ranks(tmp_path / "odd-logs", 2, *cmd[:-6], "--run-dir", tmp_path / "odd", "--epochs", 1,
+                            "--batch-size", 3, "--device", "cpu", timeout=300)
+    assert code != 0  # torchrun exits 1
+    assert any("error: --batch-size 3 is the global batch" in r["stderr"] for r in ranks), ranks
