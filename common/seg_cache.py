@@ -53,6 +53,8 @@ def open_cache(path: str | Path, mode: str = "r") -> zarr.Group:
     if mode == "r" and not path.exists():
         raise StoreError(f"no ScanNet segmentation cache at {path}; build it with "
                          f"`pkd-prep scannet-seg --root SCANNET --out {path}`.")
+    if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
+        raise StoreError(f"{path} is a folder of other files, not a Zarr group; pass another --out / --cache-dir.")
     try:
         root = zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
