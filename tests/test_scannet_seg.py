@@ -228,7 +228,7 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"
-    cmd = [BIN / "torchrun", "--standalone", "--nproc-per-node", 2, "-m", "pkd.train", "finetune", "scannet-seg",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "-m", "pkd.train", "finetune", "scannet-seg",
            "--data", tree, "--splits", tree / "splits", "--cache-dir", tmp_path / "cache", "--init", "scratch",
            "--run-dir", run, "--epochs", 1, "--repeats", 4, "--batch-size", 4, *TINY]
     done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
