@@ -131,8 +131,8 @@ def finetune_scannet_seg(data: ScanNetData, init: Init, splits: ScanNetSplits = 
                          overwrite: Overwrite = False) -> None:
     """ScanNet v2 semantic segmentation (20 classes): mIoU over every vertex of the val scenes.
 
-    Reads the official per-scene meshes once into a Zarr cache (--cache-dir), then trains on random 8192-point
-    columns; see the README's "ScanNet semantic segmentation" section for the protocol."""
+    The official per-scene meshes are read once into a Zarr cache (--cache-dir).
+    Training draws random 8192-point columns of the scenes; the README's "ScanNet semantic segmentation" has it all."""
     _finetune("scannet-seg", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
               batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed,
               allow_missing=allow_missing, cache_dir=cache_dir, crop_size=crop_size, repeats=repeats,
