@@ -11,8 +11,8 @@ scene hundreds of times, so ``build_cache`` parses each scene once into::
 
 Chunks of 2^20 vertices (a whole scene in one chunk per array, for most scans), Blosc-lz4 + CRC32C: lz4
 decodes several times faster than zstd and reading is what the cache is for (bench/scannet_seg.py); a
-flipped byte fails on read (a StoreError naming the scene) instead of being trained on. Building is resumable: scenes already done are kept, a scene whose write
-was interrupted is rewritten whole. One process writes a cache at a time (under torchrun, rank 0).
+flipped byte fails on read (a StoreError naming the scene) instead of being trained on. Building is
+resumable: scenes already done are kept, a scene whose write was interrupted is rewritten whole. One process writes a cache at a time (under torchrun, rank 0).
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ def _broken_trees(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         if fault == "no_label":
             shutil.copy(mesh, labels)
         elif fault == "counts":
-            other = demo_tree(tmp_path / "finer", spacing=0.2) if not (tmp_path / "finer").exists() else tmp_path / "finer"
-            shutil.copy(scene_files(other / "scans" / SCENE)[1], labels)
+            finer = demo_tree(tmp_path / "finer", spacing=0.2)
+            shutil.copy(scene_files(finer / "scans" / SCENE)[1], labels)
         else:
             mesh.write_bytes(mesh.read_bytes()[:-5000])
         trees[fault] = (root, labels.name if fault != "truncated" else mesh.name)
@@ -228,9 +228,9 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "-m", "pkd.train", "finetune", "scannet-seg",
-           "--data", tree, "--splits", tree / "splits", "--cache-dir", tmp_path / "cache", "--init", "scratch",
-           "--run-dir", run, "--epochs", 1, "--repeats", 4, "--batch-size", 4, *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "-m", "pkd.train",
+           "finetune", "scannet-seg", "--data", tree, "--splits", tree / "splits", "--cache-dir", tmp_path / "cache",
+           "--init", "scratch", "--run-dir", run, "--epochs", 1, "--repeats", 4, "--batch-size", 4, *TINY]
     done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())

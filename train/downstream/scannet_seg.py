@@ -6,10 +6,10 @@ runs. Labels are the 20 benchmark classes; every other vertex is ignored by the 
 
 Inputs (where the paper is silent we follow PointNet++'s ScanNet protocol, which transformer-on-ScanNet
 papers reuse): a vertical column of ``crop_size`` × ``crop_size`` metres (all heights). Training centres the
-column on a random vertex of the scene (``repeats`` columns per scene and epoch, default 1), so a scene smaller than the column is taken whole and a larger one
-is cropped; ``num_points`` (8192) of its vertices are drawn at random (with replacement only when it has
-fewer). Coordinates are relative to the column centre and the scene's lowest vertex, divided by half the
-column size; colours are scaled to [0, 1]. Augmentations (seeded): rotation about z by U(0, 2π), isotropic
+column on a random vertex of the scene (``repeats`` columns per scene and epoch, default 1), so a scene
+smaller than the column is taken whole and a larger one is cropped; ``num_points`` (8192) of its vertices
+are drawn at random (with replacement only when it has fewer). Coordinates are relative to the column
+centre and the scene's lowest vertex, divided by half the column size; colours are scaled to [0, 1]. Augmentations (seeded): rotation about z by U(0, 2π), isotropic
 scale U(0.8, 1.2), per-point jitter N(0, 0.01) clipped at ±0.05.
 
 Evaluation labels every vertex of every val scene: the scene is tiled into non-overlapping columns of the
@@ -127,7 +127,7 @@ def augment(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class SceneSegmenter(nn.Module):
-    """Tokenizer → ``MAE_encoder`` (three blocks) → 3-NN feature propagation + xyz/rgb → two conv blocks → classes."""
+    """Tokenizer → ``MAE_encoder`` (three blocks) → 3-NN propagation + xyz/rgb → two conv blocks → classes."""
 
     def __init__(self, num_classes: int, dim: int = 384, depth: int = 12, heads: int = 6, drop_path: float = 0.1,
                  num_group: int = 256, group_size: int = 32) -> None:
