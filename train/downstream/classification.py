@@ -46,6 +46,21 @@ def class_metrics(logits: torch.Tensor, labels: np.ndarray, num_classes: int) ->
             "mean_class_acc": percent(metrics.mean_class_accuracy(pred, labels, num_classes))}
 
 
+def augmented_draw(pool: torch.Tensor, num_points: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``num_points`` of an FPS pool, then ScaleAndTranslate (training and voting draws)."""
+    return random_scale_shift(random_columns(pool, num_points, generator), generator, SCALE, TRANSLATE, per_axis=True)
+
+
+def fps_pool(points: torch.Tensor, num_points: int) -> torch.Tensor:
+    """The FPS pool of ``runner_finetune``: 1200 points for 1024, 2400 for 2048, at most the cloud."""
+    return fps(points, fps_pool_size(num_points, points.shape[1]))
+
+
+def training_draw(points: torch.Tensor, num_points: int, generator: torch.Generator) -> torch.Tensor:
+    """Point-MAE's training input from (B, P, 3) clouds: shuffled, FPS pool, random subset, ScaleAndTranslate."""
+    return augmented_draw(fps_pool(shuffle_points(points, generator), num_points), num_points, generator)
+
+
 def seeded(*keys: int) -> torch.Generator:
     """A torch generator fixed by ``keys`` (e.g. seed and epoch)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
@@ -75,17 +90,8 @@ class ClassificationTask:
     def _points(self, shapes: ShapeSet, batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(shapes.points[batch]).to(self.cfg.device)
 
-    def _fps_pool(self, points: torch.Tensor) -> torch.Tensor:
-        return fps(points, fps_pool_size(self.cfg.num_points, points.shape[1]))
-
-    def _augmented(self, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A random num_points of the FPS pool, then ScaleAndTranslate (training and voting draws)."""
-        return random_scale_shift(random_columns(pool, self.cfg.num_points, generator), generator,
-                                  SCALE, TRANSLATE, per_axis=True)
-
     def loss(self, model: torch.nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        points = shuffle_points(self._points(self.train_set, batch), generator)
-        logits = model(self._augmented(self._fps_pool(points), generator))
+        logits = model(training_draw(self._points(self.train_set, batch), self.cfg.num_points, generator))
         return F.cross_entropy(logits, torch.from_numpy(self.train_set.labels[batch]).to(logits.device))
 
     @cached_property
@@ -102,8 +108,9 @@ class ClassificationTask:
         out = []
         for batch in stage_bar(batches, f"{votes}-vote evaluation" if votes else "evaluation", len(batches)):
             if votes:
-                pool = self._fps_pool(self._points(self.test_set, batch))
-                logits = torch.stack([self.model(self._augmented(pool, generator)) for _ in range(votes)]).mean(0)
+                pool = fps_pool(self._points(self.test_set, batch), self.cfg.num_points)
+                logits = torch.stack([self.model(augmented_draw(pool, self.cfg.num_points, generator))
+                                      for _ in range(votes)]).mean(0)
             else:
                 logits = self.model(self._plain_test_points[batch].to(self.cfg.device))
             out.append(logits.float().cpu())
