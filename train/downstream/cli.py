@@ -130,7 +130,8 @@ def finetune_fewshot(
         fold: Annotated[Optional[List[int]], typer.Option(help="fold to run (repeatable; default all 10)")] = None,
         splits: Splits = None, run_dir: RunDir = None, epochs: Epochs = None, batch_size: BatchSize = None,
         lr: Lr = None, max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0,
-        allow_missing: AllowMissing = False, trust_pickle: TrustPickle = False, cache_dir: CacheDir = Path("runs/cache"),
+        allow_missing: AllowMissing = False, trust_pickle: TrustPickle = False,
+        cache_dir: CacheDir = Path("runs/cache"),
         num_points: NumPoints = None, num_group: NumGroup = None, dim: Dim = None, depth: Depth = None,
         heads: Heads = None, resume: Resume = False, overwrite: Overwrite = False) -> None:
     """Few-shot ModelNet40 (Point-MAE's cfgs/fewshot.yaml, 150 epochs): one run per fold, mean ± std over folds."""

@@ -221,7 +221,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
     bar = tqdm(total=limit, initial=state.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     while state.step < limit:
-        bar.set_description(f"{cfg.task} fine-tuning, epoch {state.epoch + 1}/{cfg.epochs}")
+        bar.set_description(f"{run_dir.name}: {cfg.task} fine-tuning, epoch {state.epoch + 1}/{cfg.epochs}")
         lr = epoch_lr(state.epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr

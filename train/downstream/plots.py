@@ -63,7 +63,8 @@ def plot_curves(steps: list[dict[str, Any]], history: list[dict[str, Any]], path
     ax_score.plot(epochs, [h["score"] for h in history], marker=".", label="test")
     voted = [h for h in history if "vote_score" in h]
     if voted:
-        ax_score.plot([h["epoch"] + 1 for h in voted], [h["vote_score"] for h in voted], marker=".", label="test, voted")
+        ax_score.plot([h["epoch"] + 1 for h in voted], [h["vote_score"] for h in voted], marker=".",
+                      label="test, voted")
     ax_score.set(xlabel="epoch", ylabel="test score (%)")
     ax_score.legend()
     fig.suptitle(title)

@@ -104,7 +104,8 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = Fa
                     "train_acc": percent(metrics.overall_accuracy(svm.predict(feats[0]), train.labels)),
                     "confusion_matrix": matrix.tolist(), "classes": train.classes}
     plot_confusion(matrix, train.classes, run_dir / CONFUSION,
-                   f"ModelNet40 linear probe, OA {test_metrics['overall_acc']:.2f} %, {coverage_note(data['coverage'])}")
+                   f"ModelNet40 linear probe, OA {test_metrics['overall_acc']:.2f} %, "
+                   f"{coverage_note(data['coverage'])}")
     records = make_records("probe/modelnet40", {k: test_metrics[k] for k in ("overall_acc", "mean_class_acc")},
                            init_report=init_report, config=config, data=data["coverage"],
                            protocol="linear SVM on frozen max+mean tokens (pkd)", run_dir=run_dir)

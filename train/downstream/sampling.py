@@ -4,8 +4,9 @@ Point-MAE's classification protocol (``tools/runner_finetune.py``): its datasets
 cloud (``datasets/ModelNetDataset.py``, ``ScanObjectNNDataset.py``, ``ModelNetDatasetFewShot.py``:
 ``np.random.shuffle(pt_idxs)`` for subset 'train'), so the 1200-point FPS that follows starts from a random
 point; a random 1024 of those (the same columns for the whole batch) are kept. Testing takes a plain
-1024-point FPS of the unshuffled cloud; voting repeats the training draw from that unshuffled FPS pool. ``random_scale_shift`` covers both of Point-MAE's augmentations: per-axis ScaleAndTranslate
-(classification) and the isotropic scale + shift of the part-segmentation script.
+1024-point FPS of the unshuffled cloud; voting repeats the training draw from that unshuffled FPS pool.
+``random_scale_shift`` covers both of Point-MAE's augmentations: per-axis ScaleAndTranslate (classification)
+and the isotropic scale + shift of the part-segmentation script.
 """
 
 from __future__ import annotations

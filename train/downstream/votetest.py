@@ -40,8 +40,9 @@ def test_modelnet40(run_dir: str | Path, votes: int = 10, passes: int = POINT_MA
     if votes < 1 or passes < 1:
         raise ConfigError(f"--votes and --passes must be at least 1, got {votes} and {passes}.")
     if weights not in WEIGHTS or not (run_dir / WEIGHTS[weights]).is_file():
+        present = ", ".join(w for w, f in WEIGHTS.items() if (run_dir / f).is_file()) or "none: finish the run"
         raise ConfigError(f"{run_dir / WEIGHTS.get(weights, weights)} does not exist; choose --weights from "
-                          f"{', '.join(w for w, f in WEIGHTS.items() if (run_dir / f).is_file()) or 'none: finish the run'}.")
+                          f"{present}.")
     out = run_dir / VOTE_RESULTS
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it.")
