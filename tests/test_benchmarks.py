@@ -219,7 +219,7 @@ def test_export_records_a_random_teacher_and_init_warns(tmp_path, caplog):
 def record(benchmark: str, value: float, seed: int, init: str = "scratch", **config) -> dict:
     return make_records(benchmark, {"overall_acc": value}, init_report={"init": init},
                         config={"seed": seed, "lr": 5e-4, **config}, data={"used": 9, "listed": 2468, "split": "test"},
-                        protocol="p", run_dir=f"runs/{benchmark}-{seed}")[0]
+                        protocol="p", run_dir=f"runs/{benchmark}-{seed}-{value}")[0]
 
 
 def test_compare_groups_equal_settings_over_seeds(tmp_path):
@@ -227,6 +227,7 @@ def test_compare_groups_equal_settings_over_seeds(tmp_path):
     records = [record("modelnet40", 90.0, 0), record("modelnet40", 92.0, 1), record("modelnet40", 95.0, 0, lr=1e-3),
                record("modelnet40", 80.0, 0, init="runs/x/encoder.pth")]
     rows = group_records(records)
+    assert group_records(records + [dict(records[0])]) == rows  # the same run's record read twice counts once
     assert [(r["init"], r["n"], r["mean"]) for r in rows if r["n"] == 2] == [("scratch", 2, 91.0)]
     assert next(r for r in rows if r["n"] == 2)["std"] == pytest.approx(1.0) and len(rows) == 3
     assert "| modelnet40 | overall_acc | scratch | 0, 1 | 2 | 91.00 ± 1.00 % | 9/2468 test (partial) |" in \

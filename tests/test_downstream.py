@@ -244,8 +244,7 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     passes = voted["vote_passes"]
     assert len(passes) == 3 and voted["summary"]["best"] == max(passes)
     assert voted["summary"]["mean"] == pytest.approx(np.mean(passes))
-    assert {r["metric"] for r in voted["records"]} == {"overall_acc", "vote_pass_mean", "vote_pass_std",
-                                                       "vote_pass_best"}
+    assert {r["metric"] for r in voted["records"]} == {"vote_pass_mean", "vote_pass_std", "vote_pass_best"}
     result = runner.invoke(app, ["test", "modelnet40", str(tmp_path / "cls"), "--votes", "2", "--passes", "3"])
     assert isinstance(result.exception, ConfigError) and "--overwrite" in str(result.exception)
 

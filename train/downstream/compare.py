@@ -57,8 +57,9 @@ def init_label(init: dict[str, Any]) -> str:
 
 def group_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the comparison: one per (benchmark, metric, init, settings), values pooled over seeds/folds."""
+    unique = {(r["run"], r["benchmark"], r["metric"]): r for r in records}  # a run counts once per metric
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
+    for r in unique.values():
         groups[(r["benchmark"], r["metric"], r["init"]["path"], r["settings"])].append(r)
     rows = []
     for (benchmark, metric, _, settings), members in sorted(groups.items()):

@@ -55,6 +55,8 @@ def plot_category_iou(per_category: dict[str, float], path: Path, title: str) ->
 def plot_curves(steps: list[dict[str, Any]], history: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Training loss per step and the test score (plain and voted, in percent) after every epoch."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     losses = [r for r in steps if r.get("kind") == "step"]
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax_loss.plot([r["step"] for r in losses], [r["loss"] for r in losses])
@@ -67,6 +69,8 @@ def plot_curves(steps: list[dict[str, Any]], history: list[dict[str, Any]], path
                       label="test, voted")
     ax_score.set(xlabel="epoch", ylabel="test score (%)")
     ax_score.legend()
+    for ax in (ax_loss, ax_score):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return _save(fig, path)
 
