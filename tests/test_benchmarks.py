@@ -197,6 +197,14 @@ def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
     assert values["fold_mean"] == pytest.approx(np.mean(accs)) and values["fold_std"] == pytest.approx(np.std(accs))
     assert folds[0]["config"]["epochs"] == 1 and folds[0]["data"]["fold"]["source"].endswith("0.pkl")
     assert folds[0]["records"][0]["benchmark"] == "fewshot/5way2shot" and folds[0]["data"]["test_shapes"] == 15
+    write_fold(tmp_path / "folds", 5, 2, 2)
+    result = CliRunner().invoke(app(), ["finetune", "fewshot", "--fold-files", str(tmp_path / "folds"), "--way", "5",
+                                        "--shot", "2", "--fold", "0", "--fold", "2", "--init", "scratch", "--resume",
+                                        "--run-dir", str(tmp_path / "fs"), "--num-points", "64", *TINY])
+    assert result.exit_code == 0, result.output  # fold 0 is continued (already done), fold 2 started
+    out = json.loads((tmp_path / "fs" / "results.json").read_text())
+    assert out["folds"] == {"0": accs[0], "1": accs[1], "2": out["folds"]["2"]}  # earlier fold 1 kept
+    assert out["summary"]["n"] == 3 and out["summary"]["mean"] == pytest.approx(np.mean(list(out["folds"].values())))
 
 
 # ---- results schema, random-teacher provenance and compare -----------------------------------------------

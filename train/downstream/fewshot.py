@@ -18,13 +18,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pkd.common.errors import DataError
+from pkd.common.errors import ConfigError, DataError
+from pkd.train.checkpoint import LAST
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import ClassificationTask, load_modelnet_split
 from pkd.train.downstream.engine import RESULTS, FinetuneConfig, finetune
@@ -131,19 +133,33 @@ def fewshot_task(cfg: FinetuneConfig) -> ClassificationTask:
 
 def run_fewshot(cfg: FinetuneConfig, run_dir: str | Path, folds: list[int], resume: bool = False,
                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune every fold in ``folds`` under ``run_dir/fold<k>``; ``run_dir/results.json`` holds the fold
-    accuracies and their mean ± std (population std)."""
+    """Fine-tune every fold in ``folds`` under ``run_dir/fold<k>``; ``run_dir/results.json`` then holds the
+    accuracy of every finished fold in ``run_dir`` (these and earlier ones) and their mean ± std (population).
+    ``resume`` continues folds that have a ``last.pt`` and starts the others."""
     run_dir = Path(run_dir)
-    per_fold = {}
     for fold in folds:
-        result = finetune(fewshot_task, dataclasses.replace(cfg, fold=fold), run_dir / f"fold{fold}",
-                          resume=resume, overwrite=overwrite, progress=progress)
-        per_fold[fold] = result["test"]["overall_acc"]
+        fold_dir = run_dir / f"fold{fold}"
+        result = finetune(fewshot_task, dataclasses.replace(cfg, fold=fold), fold_dir,
+                          resume=resume and (fold_dir / LAST).is_file(), overwrite=overwrite, progress=progress)
+    per_fold = finished_folds(run_dir, result["records"][0]["settings"])
     summary = metrics.mean_std_best(list(per_fold.values()))
     records = make_records(result["records"][0]["benchmark"],
                            {"fold_mean": summary["mean"], "fold_std": summary["std"]}, init_report=result["init"],
                            config=result["config"], data={"used": len(per_fold), "listed": FOLDS, "split": "folds"},
                            protocol=PROTOCOL, run_dir=run_dir)
-    payload = {"task": "fewshot", "folds": {str(k): v for k, v in per_fold.items()}, "summary": summary,
+    payload = {"task": "fewshot", "folds": {str(k): v for k, v in sorted(per_fold.items())}, "summary": summary,
                "fold_source": result["data"]["fold"]["source"], "config": result["config"]}
     return write_results(run_dir / RESULTS, payload, records)
+
+
+def finished_folds(run_dir: Path, settings: str) -> dict[int, float]:
+    """fold → test accuracy of every ``fold<k>/results.json`` in ``run_dir``; ConfigError for a fold run with
+    other settings (its accuracy would not belong in the mean)."""
+    found = {}
+    for path in run_dir.glob("fold*/" + RESULTS):
+        result = json.loads(path.read_text())
+        if result["records"][0]["settings"] != settings:
+            raise ConfigError(f"{path.parent} was run with other settings than this run; use another --run-dir "
+                              "for these settings, or --overwrite that fold.")
+        found[int(result["config"]["fold"])] = result["test"]["overall_acc"]
+    return found
