@@ -256,3 +256,14 @@ def test_compare_groups_equal_settings_over_seeds(tmp_path):
     done = subprocess.run([str(PKD_TRAIN), "compare", str(tmp_path / "old")], capture_output=True, text=True,
                           cwd=tmp_path)
     assert done.returncode == 2 and "no pkd-results/1 results" in done.stderr
+
+
+def test_usage_errors_exit_cleanly_through_the_console_script(tmp_path):
+    cases = [(["test", "modelnet40", str(tmp_path)], "no config.json"),
+             (["finetune", "fewshot", "--init", "scratch"], "--fold-files"),
+             (["finetune", "scanobjectnn", "--data", str(tmp_path), "--variant", "hardest", "--init", "scratch",
+               "--run-dir", str(tmp_path / "r"), "--device", "cpu"], "obj_bg, obj_only, pb_t50_rs")]
+    for args, message in cases:
+        done = subprocess.run([str(PKD_TRAIN), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "r").exists()
