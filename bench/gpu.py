@@ -8,8 +8,8 @@ Rows (every model is built with seeded random weights: the real teacher's and st
 * prep: the whole ``run_prep`` (teacher build, plan, read, decode, geometry, teacher, write, finalize) on
   the demo scene, every frame, frames/s against the teacher-only limit (the fp32 bare forward above);
 * train step distill and fine-tune step, bf16 autocast: the pkd student (distill head) and
-  ``PointClassifier`` against bench/train_step.py's Point-MAE port and a port of Point-MAE's
-  ``PointTransformer``, s/step (forward, backward, AdamW), peak GPU memory.
+  ``PointClassifier`` against bench/train_step.py's ports of Point-MAE (``PointMAEPort`` with the same
+  prefix head, ``PointMAEClassifierPort``), s/step (forward, backward, AdamW), peak GPU memory.
 
     bash bench/gpu.sh --out bench/results/gpu.json           # on the GPU machine (installs carried wheels)
     python bench/gpu.py --device cpu --quick --out /tmp/gpu.json   # CPU-safe parts at tiny sizes (tests)
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from train_step import PointMAEPort
+from train_step import PointMAEClassifierPort, PointMAEPort
 
 from pkd.preprocess.demo import write_demo_scene
 from pkd.preprocess.frame_sample import GeometryConfig
@@ -149,28 +149,6 @@ def prep_row(scene_root: Path, out: Path, device: torch.device, sizes: Sizes, th
 
 # ---- train steps ------------------------------------------------------------------------------------------
 
-class PortClassifier(PointMAEPort):
-    """Point-MAE's ``PointTransformer`` (models/Point_MAE.py, fine-tuning): cls token and cls_pos prepended,
-    ``x = block(x + pos)``, LayerNorm, the [cls, max over patches] head 2C → 256 → 256 → classes."""
-
-    def __init__(self, cfg: StudentConfig, num_classes: int) -> None:
-        super().__init__(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.cls_pos = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
-        self.head = PointClassifier(num_classes, cfg.dim, depth=1, heads=cfg.heads).cls_head_finetune
-
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        patches, centres, _ = self.group_divider(points)
-        x, pos = self.encoder(patches), self.pos_embed(centres)
-        batch = x.shape[0]
-        x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1)
-        pos = torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
-        for block in self.blocks:
-            x = block(x + pos)
-        x = self.norm(x)
-        return self.head(torch.cat([x[:, 0], x[:, 1:].max(dim=1).values], dim=-1))
-
-
 def step_seconds(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], device: torch.device,
                  sizes: Sizes) -> tuple[float, float | None]:
     """Median seconds of a bf16-autocast training step (forward, backward, AdamW) and peak GPU memory in MiB."""
@@ -198,7 +176,6 @@ def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     cfg, gen = sizes.train, torch.Generator().manual_seed(0)
     points = torch.randn(sizes.train_batch, cfg.num_points, 3, generator=gen).to(device)
     prefix = torch.randn(sizes.train_batch, 10, 768, generator=gen).to(device)
-    fine_cfg = dataclasses.replace(cfg, num_points=sizes.finetune_points)
     shapes = torch.randn(sizes.train_batch, sizes.finetune_points, 3, generator=gen).to(device)
     labels = torch.randint(0, sizes.classes, (sizes.train_batch,), generator=gen).to(device)
     torch.manual_seed(0)
@@ -208,8 +185,9 @@ def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
         "fine-tune": (lambda m: F.cross_entropy(m(shapes).float(), labels),
                       PointClassifier(sizes.classes, cfg.dim, cfg.depth, cfg.heads, cfg.drop_path, cfg.num_group,
                                       cfg.group_size),
-                      lambda m: F.cross_entropy(m(shapes).float(), labels), PortClassifier(fine_cfg, sizes.classes),
-                      sizes.finetune_points),
+                      lambda m: F.cross_entropy(m(shapes).float(), labels),
+                      PointMAEClassifierPort(cfg.dim, cfg.depth, cfg.heads, cfg.num_group, cfg.group_size,
+                                             sizes.classes), sizes.finetune_points),
     }
     rows = []
     for name, (loss, model, port_loss, port, num_points) in cases.items():
