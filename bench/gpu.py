@@ -49,7 +49,7 @@ from pkd.train.model import StudentConfig, build_student
 class Sizes:
     """How much work each row does: the GPU sizes, or tiny ones for a CPU smoke run (``--quick``)."""
 
-    frames: int = 600
+    frames: int = 300
     teacher_batch: int = 64
     prep_points: int = 4096
     train: StudentConfig = StudentConfig()

@@ -42,7 +42,7 @@ link_pkd() {  # pkd importable without installing: its folders under a pkd/ pack
 }
 
 install_dependencies() {  # the carried wheels, where pkd's dependencies are missing (the GPU image)
-    if "$PYTHON" -c "import zarr, numcodecs, google_crc32c, crc32c, fpsample; $OPEN_CLIP" 2>/dev/null; then
+    if "$PYTHON" -c "import zarr, numcodecs, google_crc32c, crc32c, fpsample, plyfile; $OPEN_CLIP" 2>/dev/null; then
         return
     fi
     if [ ! -d .whl ]; then

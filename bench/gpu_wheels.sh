@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(
     zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 crc32c==2.9.post0
-    open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+    open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 plyfile==1.1.5
 )
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 download() {
