@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from pkd.common import logs
 from pkd.common.cli import run_app
 from pkd.train.downstream.cli import finetune_app, probe_app
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.callback()(logs.cli_options)
 
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
+from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store
 from pkd.train import distributed
 from pkd.train.augment import AugmentConfig, augment
@@ -300,7 +300,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
     streams, chunk = loader.cfg.own_streams, loader.cfg.chunk
 
     ddp.train()
-    bar = tqdm(total=limit, initial=pos.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=limit, initial=pos.step, disable=not (progress and main), unit="step",
+                       desc=f"train {cfg.variant}", dynamic_ncols=True)
     saved_at = pos.step if resume else -1
     while pos.step < limit:
         tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
