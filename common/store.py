@@ -201,9 +201,10 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
     root = open_store(path)
     if split not in splits_of(root):
         held = ", ".join(f"{name} ({root[name].attrs['num_samples']} samples)" for name in splits_of(root)) or "none"
+        example = (splits_of(root) or ["test"])[0]
         raise StoreError(f"{path} has no split {split!r}; it holds {held}. Pass --split with one of those (e.g. "
-                         f"--split {(splits_of(root) or ['test'])[0]}), or prep a store from scenes of split {split!r}: "
-                         "pkd-prep assigns splits from the official ScanNet v2 lists (scans_test/ scenes are test).")
+                         f"--split {example}), or prep a store from scenes of split {split!r}: pkd-prep assigns "
+                         "splits from the official ScanNet v2 lists (scans_test/ scenes are test).")
     group = root[split]
     for stage in STAGES:
         done = done_shards(group, stage)

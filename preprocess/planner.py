@@ -50,7 +50,8 @@ def plan_splits(
         if not scenes:
             continue
         plan = SplitPlan(split, scenes, [])
-        for index, entry in enumerate(progress_bar(scenes, desc=f"plan {split}: poses", unit="scene", disable=not progress)):
+        bar = progress_bar(scenes, desc=f"plan {split}: poses", unit="scene", disable=not progress)
+        for index, entry in enumerate(bar):
             if limit is not None and len(plan.samples) >= limit:
                 break
             with open_scene(entry) as reader:

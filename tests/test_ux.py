@@ -1,5 +1,6 @@
 """A new user's first afternoon: split messages, early refusals, prep parameters, logs and progress, depth scale."""
 
+import json
 import logging
 import shutil
 import subprocess
@@ -48,7 +49,8 @@ def test_a_split_that_selects_no_scene_names_the_splits_found(scannet_scene):
 
 
 def test_a_store_without_the_split_names_its_splits_and_the_option(demo_store):
-    with pytest.raises(StoreError, match=r"no split 'test'; it holds train \(5 samples\). Pass --split .*--split train"):
+    expected = r"no split 'test'; it holds train \(5 samples\)\. Pass --split .*--split train"
+    with pytest.raises(StoreError, match=expected):
         store.open_split(demo_store, "test")
 
 
@@ -177,3 +179,39 @@ def test_depth_scale_is_refused_for_sens_files(demo_root):
     with pytest.raises(DataError, match="records its own depth scale; pass --source exported"):
         find_scenes(demo_root, depth_scale=5000)
     assert {e.kind for e in find_scenes(demo_root, source="exported", depth_scale=5000)} == {"exported"}
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional extra pkd[tensorboard] is not installed")
+    from store_factory import make_store
+
+    from pkd.train.model import StudentConfig
+    from pkd.train.trainer import TrainConfig, train
+
+    store_path = make_store(tmp_path / "pairs.zarr", n=8, num_points=128, shard_size=4)
+    model = StudentConfig(num_points=128, num_group=8, group_size=8, dim=32, depth=1, heads=2, num_concepts=4,
+                          head_hidden=32)
+    cfg = TrainConfig(store=str(store_path), model=model, epochs=2, warmup_epochs=1, batch_size=4, max_steps=3,
+                      device="cpu")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, tensorboard=True)
+    train(TrainConfig(**{**cfg.__dict__, "max_steps": 4}), run, resume=True, progress=False, tensorboard=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in ("kind", "step"):
+                expected.setdefault(f"{record['kind']}/{key}", []).append((record["step"], value))
+    scalars = _scalars(run / "tensorboard")
+    assert set(scalars) == set(expected) and "step/loss" in scalars and "epoch/loss" in scalars
+    for tag, values in expected.items():
+        assert [s for s, _ in scalars[tag]] == [s for s, _ in values], tag
+        np.testing.assert_allclose([v for _, v in scalars[tag]], [v for _, v in values], rtol=1e-6, err_msg=tag)
