@@ -215,3 +215,25 @@ def test_tensorboard_holds_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_
     for tag, values in expected.items():
         assert [s for s, _ in scalars[tag]] == [s for s, _ in values], tag
         np.testing.assert_allclose([v for _, v in scalars[tag]], [v for _, v in values], rtol=1e-6, err_msg=tag)
+
+
+def test_show_draws_the_points_from_the_camera_with_equal_axes(demo_store):
+    import matplotlib.pyplot as plt
+
+    from pkd.preprocess.show import camera_points, draw_points, load_sample
+
+    sample = load_sample(str(demo_store), "train", 2)
+    cam = camera_points(sample)
+    assert (cam[:, 2] >= 0.1 - 1e-4).all() and (cam[:, 2] <= 10.0 + 1e-4).all()  # the prep depth range, in front
+    np.testing.assert_allclose(np.linalg.norm(cam, axis=1),
+                               np.linalg.norm(sample.points - sample.pose[:3, 3], axis=1), rtol=1e-5)
+    fig = plt.figure()
+    ax = fig.add_subplot(projection="3d")
+    draw_points(ax, sample)
+    spans = [np.ptp(limits) for limits in (ax.get_xlim3d(), ax.get_ylim3d(), ax.get_zlim3d())]
+    np.testing.assert_allclose(spans, spans[0])
+    assert (ax.azim, ax.elev) == (-90, 12)  # looking forward from behind the camera
+    outside, inside, camera = (len(c._offsets3d[0]) for c in ax.collections)
+    assert (outside, inside, camera) == (int((~sample.in_view).sum()), int(sample.in_view.sum()), 1)
+    assert 0 < outside and 0 < inside
+    plt.close(fig)
