@@ -237,3 +237,17 @@ def test_show_draws_the_points_from_the_camera_with_equal_axes(demo_store):
     assert (outside, inside, camera) == (int((~sample.in_view).sum()), int(sample.in_view.sum()), 1)
     assert 0 < outside and 0 < inside
     plt.close(fig)
+
+
+def test_the_readme_snippet_reads_a_store(demo_store):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Reading the store"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    assert 'path = "pairs.zarr"\n' in code
+    namespace: dict = {}
+    exec(code.replace('path = "pairs.zarr"', f"path = {str(demo_store)!r}"), namespace)
+    group = zarr.open_group(str(demo_store), mode="r")["train"]
+    valid = group["valid"][:]
+    np.testing.assert_allclose(namespace["mean_prefix"], group["prefix"][:][valid].astype(np.float32).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    assert namespace["points"].shape == (1024, 3) and namespace["scene"] == "scene9000_00"
