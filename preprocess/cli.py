@@ -148,6 +148,9 @@ def scannet(
     _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
     if sampling not in ("fps", "random"):
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
+    if depth_scale is not None and not depth_scale > 0:
+        raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
+                          f"{depth_scale}.")
     summary = run_prep(cfg, out, run.config(seed), run.options(overwrite))
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")

@@ -179,6 +179,10 @@ def test_depth_scale_is_refused_for_sens_files(demo_root):
     with pytest.raises(DataError, match="records its own depth scale; pass --source exported"):
         find_scenes(demo_root, depth_scale=5000)
     assert {e.kind for e in find_scenes(demo_root, source="exported", depth_scale=5000)} == {"exported"}
+    out = subprocess.run([BIN / "pkd-prep", "scannet", "--root", str(demo_root), "--out", str(demo_root / "x.zarr"),
+                          "--teacher", "random", "--depth-scale", "0"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--depth-scale must be positive" in out.stderr and "Traceback" not in out.stderr
+    assert not (demo_root / "x.zarr").exists()
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
