@@ -9,7 +9,7 @@ import typer
 
 from pkd.common import logs
 from pkd.common.cli import run_app
-from pkd.train.downstream.cli import finetune_app, probe_app, test_app
+from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app, test_app
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.callback()(logs.cli_options)
@@ -138,6 +138,7 @@ def export(
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(probe_app, name="probe")
 app.add_typer(test_app, name="test")
+app.command("compare")(compare_runs)
 
 
 def main() -> None:
