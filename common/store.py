@@ -8,7 +8,8 @@ the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). L
         version     schema version (``VERSION``); it covers every attr below, ``prep`` and ``teacher``
                     included: renaming one of their fields bumps it and adds a step to ``_UPGRADES``
         prep        the PrepConfig (pkd.preprocess.prep) as plain data: dataset root, split, scenes,
-                    source, frame_skip, limit, shard_size, seed, geometry (num_points, sampling, ...)
+                    source, frame_skip, limit, shard_size, seed, geometry (num_points, sampling, ...),
+                    depth_scale
         teacher     TeacherAttrs: model names, weight files and sha256s, precision, device, random + seed,
                     the image transform (``transform.image_size`` is the teacher's centre crop)
         versions    package versions of the writer (pkd, numpy, zarr, torch, ...)
@@ -208,8 +209,9 @@ class SplitAttrs(_Plain):
 
 
 def _upgrade_v1(root: dict[str, Any], splits: dict[str, dict[str, Any]]) -> None:
-    """v1 had no ``skip_reasons`` (its columns were today's SKIP_REASONS) and wrote optional split attrs
-    only once known."""
+    """v1 had no ``skip_reasons`` (its columns were today's SKIP_REASONS), wrote optional split attrs only
+    once known, and read exported depth in millimetres without a ``depth_scale`` (None: the readers' default)."""
+    root["prep"] = {"depth_scale": None, **root.get("prep", {})}
     for attrs in splits.values():
         for key, value in (("skip_reasons", list(SKIP_REASONS)), ("color_sizes", []), ("plan", None),
                            ("plan_skipped", {}), ("skipped", None), ("valid", None)):
@@ -307,7 +309,7 @@ class ArraySpec:
 
 
 def array_specs(num_points: int, patch_tokens: bool = False) -> list[ArraySpec]:
-    """The per-sample arrays of a split, in the order DESIGN.md lists them."""
+    """The per-sample arrays of a split, in the order the module docstring lists them."""
     p = num_points
     specs = [
         ArraySpec("points", (p, 3), "float32", "geometry"),
@@ -468,7 +470,12 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
     """Open one complete split for reading; ``require`` names arrays a consumer needs."""
     root = open_store(path)
     if split not in splits_of(root):
-        raise StoreError(f"{path} has no split {split!r} (it has {splits_of(root)}); prep it with --split {split}.")
+        held = ", ".join(f"{name} ({_layout(split_group(root, name))[0]} samples)"
+                         for name in splits_of(root)) or "none"
+        example = (splits_of(root) or ["test"])[0]
+        raise StoreError(f"{path} has no split {split!r}; it holds {held}. Pass --split with one of those (e.g. "
+                         f"--split {example}), or prep a store from scenes of split {split!r}: pkd-prep assigns "
+                         "splits from the official ScanNet v2 lists (scans_test/ scenes are test).")
     group = split_group(root, split)
     for stage in STAGES:
         done = done_shards(group, stage)

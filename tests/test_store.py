@@ -41,7 +41,7 @@ def test_schema_of_this_version_is_pinned():
     assert field_names(PrepConfig(root="r")) == {
         "root", "split", "scenes", "source", "frame_skip", "limit", "shard_size", "seed", "geometry.num_points",
         "geometry.sampling", "geometry.fps_candidates", "geometry.min_depth", "geometry.max_depth",
-        "geometry.min_valid_pixels", "geometry.teacher_image_size"}
+        "geometry.min_valid_pixels", "geometry.teacher_image_size", "depth_scale"}
     assert field_names(teacher) == {
         "clip_model", "mapper", "kind", "random", "seed", "clip_weights", "clip_weights_sha256", "clipcap_weights",
         "clipcap_weights_sha256", "precision", "device", "clip_embed", "patch_tokens", "open_clip_version",
@@ -101,7 +101,8 @@ def rewrite_attrs(path: Path, root_change: dict, split_drop: tuple[str, ...] = (
 def test_version_1_store_is_read_then_upgraded(tmp_path):
     path = make_store(tmp_path / "v1.zarr", n=4, num_points=64, shard_size=2)
     v1_split_attrs = ("skip_reasons", "color_sizes", "plan", "plan_skipped")
-    rewrite_attrs(path, {"version": 1}, v1_split_attrs)
+    v1_prep = {k: v for k, v in zarr.open_group(str(path), mode="r").attrs["prep"].items() if k != "depth_scale"}
+    rewrite_attrs(path, {"version": 1, "prep": v1_prep}, v1_split_attrs)
     loader = StoreLoader(LoaderConfig(str(path), "train", ("points",), 2, 64, 0))
     assert sum(len(b["points"]) for b in loader.epoch(0)) == 4  # read without an upgrade
     assert store.read_attrs(store.open_store(path), path).read_version == 1
@@ -109,6 +110,7 @@ def test_version_1_store_is_read_then_upgraded(tmp_path):
     assert done.returncode == 0 and "version 1 -> 2" in done.stdout, done.stderr
     raw = zarr.open_group(str(path), mode="r")
     assert raw.attrs["version"] == 2 and raw["train"].attrs["skip_reasons"] == list(store.SKIP_REASONS)
+    assert raw.attrs["prep"]["depth_scale"] is None
     assert verify_store(str(path)) == []
 
 
