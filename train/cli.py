@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pkd.common.cli import run_app
-from pkd.train.downstream.cli import finetune_app, probe_app
+from pkd.train.downstream.cli import finetune_app, probe_app, test_app
 from pkd.train.options import config_options
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -110,6 +110,7 @@ def export(
 
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(probe_app, name="probe")
+app.add_typer(test_app, name="test")
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
-"""Typer sub-apps for ``pkd-train``: ``finetune modelnet40|shapenetpart`` and ``probe modelnet40``.
+"""Typer sub-apps for ``pkd-train``: ``finetune modelnet40|shapenetpart|scannet-seg``, ``test scannet-seg`` and
+``probe modelnet40``.
 
-Wire them with ``app.add_typer(finetune_app, name="finetune")`` and ``app.add_typer(probe_app, name="probe")``.
+Wire them with ``app.add_typer(finetune_app, name="finetune")``, ``app.add_typer(test_app, name="test")`` and
+``app.add_typer(probe_app, name="probe")``.
 Options left unset take the task's Point-MAE defaults (``engine.TASK_DEFAULTS``).
 """
 
@@ -13,6 +15,8 @@ import typer
 
 finetune_app = typer.Typer(help="Finetune an encoder on a downstream benchmark (Point-MAE's protocols).",
                            no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+test_app = typer.Typer(help="Score a finetuned run again on its benchmark's evaluation split.", no_args_is_help=True,
+                       add_completion=False, pretty_exceptions_enable=False)
 probe_app = typer.Typer(help="Score frozen encoder features with a linear SVM.", no_args_is_help=True,
                         add_completion=False, pretty_exceptions_enable=False)
 
@@ -56,8 +60,10 @@ def _finetune(task: str, data: Path, init: str, run_dir: Optional[Path], resume:
     if task == "modelnet40":
         summary = (f"OA {test['overall_acc']:.2%}, mean-class {test['mean_class_acc']:.2%}, "
                    f"{test['votes']}-vote OA {test['vote_overall_acc']:.2%}")
-    else:
+    elif task == "shapenetpart":
         summary = f"instance mIoU {test['instance_miou']:.4f}, class mIoU {test['class_miou']:.4f}"
+    else:
+        summary = _scene_summary(test)
     init_note = results["init"]
     typer.echo(f"{task} from {init_note['init']} ({init_note['used']} encoder tensors loaded, "
                f"{init_note['unexpected']} other keys ignored): {summary}, best epoch {results['best']['epoch']} "
@@ -92,6 +98,64 @@ def finetune_shapenetpart(data: Data, init: Init, splits: Splits = None, run_dir
               batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed,
               allow_missing=allow_missing, num_points=num_points, num_group=num_group, dim=dim, depth=depth,
               heads=heads)
+
+
+ScanNetData = Annotated[Path, typer.Option(help="ScanNet tree holding scans/<scene>/<scene>_vh_clean_2.ply and "
+                                              "_vh_clean_2.labels.ply")]
+ScanNetSplits = Annotated[Optional[Path], typer.Option(help="folder with scannetv2_train.txt / scannetv2_val.txt "
+                                                           "(default: the official lists)")]
+SegCache = Annotated[Path, typer.Option(help="folder of the parsed-mesh cache scannet_seg.zarr (built on first use)")]
+CropSize = Annotated[Optional[float], typer.Option(help="side in metres of the vertical column each input is drawn "
+                                                        "from (3.0)")]
+
+
+def _scene_summary(test: dict) -> str:
+    coverage = test["coverage"]
+    return (f"mIoU {test['value']:.1f}%, OA {100 * test['overall_acc']:.1f}% over {coverage['scenes']} val scenes "
+            f"({coverage['predicted_vertices']} of {coverage['vertices']} vertices predicted)")
+
+
+@finetune_app.command("scannet-seg")
+def finetune_scannet_seg(data: ScanNetData, init: Init, splits: ScanNetSplits = None, run_dir: RunDir = None,
+                         epochs: Annotated[Optional[int], typer.Option(help="default 200")] = None,
+                         batch_size: Annotated[Optional[int], typer.Option(help="global batch, default 16")] = None,
+                         lr: Annotated[Optional[float], typer.Option(help="peak learning rate, default 1e-3")] = None,
+                         max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0,
+                         allow_missing: Annotated[bool, typer.Option(help="use only the listed scenes present")]
+                         = False, cache_dir: SegCache = Path("runs/cache"), crop_size: CropSize = None,
+                         repeats: Annotated[Optional[int], typer.Option(help="random columns per train scene and "
+                                                                            "epoch (1)")] = None,
+                         num_points: Annotated[Optional[int], typer.Option(help="points per input (8192)")] = None,
+                         num_group: Annotated[Optional[int], typer.Option(help="patches per input (256)")] = None,
+                         dim: Dim = None, depth: Depth = None, heads: Heads = None, resume: Resume = False,
+                         overwrite: Overwrite = False) -> None:
+    """ScanNet v2 semantic segmentation (20 classes): mIoU over every vertex of the val scenes.
+
+    The official per-scene meshes are read once into a Zarr cache (--cache-dir).
+    Training draws random 8192-point columns of the scenes; the README's "ScanNet semantic segmentation" has it all."""
+    _finetune("scannet-seg", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
+              batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed,
+              allow_missing=allow_missing, cache_dir=cache_dir, crop_size=crop_size, repeats=repeats,
+              num_points=num_points,
+              num_group=num_group, dim=dim, depth=depth, heads=heads)
+
+
+@test_app.command("scannet-seg")
+def test_scannet_seg(run: Annotated[Path, typer.Argument(help="run directory of `pkd-train finetune scannet-seg`")],
+                     data: ScanNetData, splits: ScanNetSplits = None,
+                     out: Annotated[Optional[Path], typer.Option(help="output folder (default RUN/test)")] = None,
+                     device: Device = "auto",
+                     cache_dir: Annotated[Optional[Path], typer.Option(help="mesh cache folder (default: the run's)")]
+                     = None, allow_missing: Annotated[bool, typer.Option(help="score only the val scenes present")]
+                     = False, overwrite: Annotated[bool, typer.Option(help="replace an existing OUT/results.json")]
+                     = False) -> None:
+    """Score RUN's best weights on every vertex of the ScanNet val scenes: results.json, IoU chart, top view."""
+    from pkd.train.downstream.run import run_test
+    from pkd.train.downstream.scannet_seg import ScanNetSegTask
+
+    results = run_test(lambda cfg: ScanNetSegTask(cfg, train=False), run, out, overwrite=overwrite, data=data,
+                       splits=splits, device=device, cache_dir=cache_dir, allow_missing=allow_missing)
+    typer.echo(f"scannet-seg {run}: {_scene_summary(results['test'])} → {out or run / 'test'}/results.json")
 
 
 @probe_app.command("modelnet40")
