@@ -177,6 +177,18 @@ def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
     assert (out / "table.png").stat().st_size > 0
 
 
+def test_ablate_finetune_readout_adds_scratch_rows(store, tmp_path):
+    root = require_fixture("modelnet40")
+    readout = Readout("finetune", str(root / "modelnet40_normal_resampled"), str(root / "splits"),
+                      allow_missing=True, epochs=1, batch_size=4, cache_dir=str(tmp_path / "cache"), pool_points=300,
+                      num_points=128)
+    rows = run_ablation(config(store, max_steps=1), ["distill"], [0], tmp_path / "ft", readout, progress=False)
+    assert [(r["variant"], r["objective"], r["steps"]) for r in rows] == [("distill", "prefix MSE", 1),
+                                                                          ("scratch", None, None)]
+    assert all(0 <= r["finetune_oa"] <= 100 and r["probe_oa"] is None for r in rows)
+    assert (tmp_path / "ft" / "scratch-seed0" / "finetune" / "results.json").is_file()
+
+
 def test_ablate_cli_options_and_refusals(store, tmp_path):
     help_text = pkd_train("ablate", "--help", cwd=tmp_path).stdout
     for option in ("--grad-accum", "--weight-decay", "--drop-path", "--init", "--amp", "--min-lr", "--num-concepts",

@@ -43,6 +43,7 @@ class Readout:
     splits: str | None = None          # folder of the split lists, if not inside ``data``
     allow_missing: bool = False
     epochs: int | None = None          # fine-tuning epochs (default: the protocol's 300)
+    batch_size: int | None = None      # fine-tuning batch (default: the protocol's 32)
     cache_dir: str | None = "runs/cache"
     pool_points: int = 8192            # the protocol's FPS pool and input size (smaller only for tests)
     num_points: int = 1024
@@ -161,7 +162,8 @@ def _readout(base: TrainConfig, readout: Readout, init: str, seed: int, cell: Pa
     if readout.kind == "probe":
         results = probe_modelnet40(ProbeConfig(data=str(readout.data), **shared), cell / "probe")
     else:
-        cfg = FinetuneConfig.for_task("modelnet40", str(readout.data), epochs=readout.epochs, votes=1, **shared)
+        cfg = FinetuneConfig.for_task("modelnet40", str(readout.data), epochs=readout.epochs,
+                                      batch_size=readout.batch_size, votes=1, **shared)
         run_dir = cell / "finetune"
         results = run_finetune(cfg, run_dir, resume=(run_dir / LAST).is_file(), progress=progress)
     return 100.0 * float(results["test"]["overall_acc"])
