@@ -64,6 +64,8 @@ def ablate(
                            ] = None,
     allow_missing: Annotated[bool, typer.Option(help="readout on the listed ModelNet40 shapes that exist")] = False,
     eval_epochs: Annotated[Optional[int], typer.Option(help="fine-tuning epochs of the readout (default 300)")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="fine-tuning batch of the readout (default 32)")
+                               ] = None,
     resume: Annotated[bool, typer.Option(help="finish or extend the ablation of an earlier call (its settings are "
                                               "used; new --variants/--seeds add rows)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing runs/ablate-NAME")] = False,
@@ -84,7 +86,8 @@ def ablate(
         base = resume_config(saved, store_path(store), given_options(ctx, options), str(out))
     rows = run_ablation(base, _split(variants, str), _split(seeds, int), out,
                         Readout(readout, str(eval_data) if eval_data else None,
-                                str(eval_splits) if eval_splits else None, allow_missing, eval_epochs),
+                                str(eval_splits) if eval_splits else None, allow_missing, eval_epochs,
+                                eval_batch_size),
                         resume=resume, overwrite=overwrite)
     typer.echo(markdown(rows) + f"→ {out}/table.md")
 
