@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 import typer
 
+from pkd.common import logs
 from pkd.common.errors import PkdError
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run ``app``; a PkdError prints ``error: <message>`` and exits with its code."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pkd").setLevel(logging.INFO)
+    logs.configure()
     try:
         app(args=argv, standalone_mode=False)
     except PkdError as exc:

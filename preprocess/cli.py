@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pkd.common import logs
 from pkd.common.cli import run_app
 from pkd.common.errors import ConfigError
 from pkd.common.seg_cache import is_seg_cache, verify_cache
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.callback()(logs.cli_options)
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
 
@@ -125,6 +127,9 @@ def scannet(
     sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
     shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
     seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
+    depth_scale: Annotated[Optional[float], typer.Option(
+        help="Depth units per metre of exported depth PNGs (default 1000: millimetres, as ScanNet, 7-Scenes, "
+             "Redwood; TUM RGB-D: 5000). .sens files record their own.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store written with other arguments.")] = False,
     *,
     run: TeacherArgs,
@@ -139,10 +144,14 @@ def scannet(
         root=str(root.resolve()), split=split, scenes=tuple(scenes.split(",")) if scenes else None, source=source,
         frame_skip=frame_skip, limit=limit, shard_size=shard_size, seed=seed,
         geometry=GeometryConfig(num_points=points, sampling=sampling, min_valid_pixels=points),
+        depth_scale=depth_scale,
     )
     _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
     if sampling not in ("fps", "random"):
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
+    if depth_scale is not None and not depth_scale > 0:
+        raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
+                          f"{depth_scale}.")
     summary = run_prep(cfg, out, run.config(seed), run.options(overwrite))
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
@@ -208,6 +217,13 @@ def info(
                f"precision={teacher.get('precision')}")
     if teacher.get("random"):
         typer.echo("WARNING: this store's targets come from a RANDOM teacher (tests/demos only).")
+    prep = report["prep"] or {}
+    geometry = prep.get("geometry", {})
+    typer.echo(f"prep: {prep.get('root')} (split {prep.get('split')}, source {prep.get('source')}), frame skip "
+               f"{prep.get('frame_skip')}, limit {prep.get('limit')}, {geometry.get('num_points')} points "
+               f"({geometry.get('sampling')}), depth {geometry.get('min_depth')}-{geometry.get('max_depth')} m, "
+               f"depth scale {prep.get('depth_scale') or 'default (exported frames: 1000, .sens: its header)'}, "
+               f"seed {prep.get('seed')}, shard size {prep.get('shard_size')}")
     for name, s in report["splits"].items():
         typer.echo(f"{name}: {s['samples']} samples ({s['valid']} valid), {s['scenes']} scenes, "
                    f"{s['shards']} shards (done {s['shards_done']}), skipped {s['skipped'] or 'none'}")

@@ -16,20 +16,21 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from pkd.common import store
 from pkd.common.config import config_diff, package_versions, to_plain
 from pkd.common.errors import ConfigError, StoreError
+from pkd.common.logs import progress_bar
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
-from pkd.preprocess.scenes import find_scenes
-from pkd.preprocess.shard_writer import ShardJob, build_shard
-from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+from pkd.preprocess.scenes import SceneEntry, describe_splits, find_scenes
+from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
+from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher, teacher_config_identity
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class PrepConfig:
     shard_size: int = 512
     seed: int = 0
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    depth_scale: float | None = None
+
+    def scenes_to_read(self) -> list[SceneEntry]:
+        """The scenes this config selects under its root."""
+        return find_scenes(Path(self.root), self.split, self.scenes, self.source, self.depth_scale)
 
 
 @dataclass(frozen=True)
@@ -115,20 +121,12 @@ def _comparable_teacher(identity: dict) -> dict:
 
 def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,
                     patch_tokens: bool) -> zarr.Group:
-    prep = to_plain(cfg)
     if _store_exists(out):
         root = store.open_store(out, mode="r+")
-        geometry_diff = config_diff(root.attrs["prep"], prep)
-        teacher_diff = config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id),
-                                   "teacher.")
-        if geometry_diff or teacher_diff:
-            hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
-                    "with the new teacher options.")
-            raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(geometry_diff + teacher_diff)
-                              + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
-                              "or choose another --out." + hint)
+        _refuse_other_arguments(root, cfg, teacher_id, out)
         _check_plans(root, plans, cfg, out)
         return root
+    prep = to_plain(cfg)
     root = zarr.open_group(out, mode="w")
     for name, plan in plans.items():
         group = store.create_split(root, name, len(plan.samples), cfg.shard_size, cfg.geometry.num_points,
@@ -140,6 +138,23 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
         "versions": package_versions(), "status": "in-progress",
     })
     return root
+
+
+def _refuse_other_arguments(root: zarr.Group, cfg: PrepConfig, teacher_id: dict, out: str) -> None:
+    """Refuse to resume a store written with other prep arguments or another teacher, naming the differences.
+
+    ``teacher_id`` may hold only the keys known before the teacher is built (``teacher_config_identity``):
+    then just those are compared, so a wrong option is refused before the seconds-long teacher build.
+    """
+    recorded = {k: v for k, v in _comparable_teacher(root.attrs["teacher"]).items() if k in teacher_id}
+    geometry_diff = config_diff(root.attrs["prep"], to_plain(cfg))
+    teacher_diff = config_diff(recorded, _comparable_teacher(teacher_id), "teacher.")
+    if geometry_diff or teacher_diff:
+        hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
+                "with the new teacher options.")
+        raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(geometry_diff + teacher_diff)
+                          + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
+                          "or choose another --out." + hint)
 
 
 def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
@@ -180,15 +195,21 @@ def finalize(group: zarr.Group) -> dict:
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
-    with tqdm(total=sum(len(j.samples) for j in jobs), desc="prep", unit="frame", disable=not options.progress) as bar:
-        for job in jobs:
-            build_shard(root[job.split], job, teacher, options.teacher_batch, options.threads, lambda: bar.update())
+    for _, split_jobs in groupby(jobs, key=lambda job: job.split):
+        split_jobs = list(split_jobs)
+        with progress_bar(total=sum(len(j.samples) for j in split_jobs), desc=stage_name(split_jobs), unit="frame",
+                          disable=not options.progress) as bar:
+            for job in split_jobs:
+                build_shard(root[job.split], job, teacher, options.teacher_batch, options.threads, bar.update)
 
 
 def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
     """Build (or resume) the pair store at ``out``; returns a summary per split."""
     out = _absolute(out)
-    entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+    entries = cfg.scenes_to_read()
+    log.info("scenes under %s by split: %s", cfg.root, describe_splits(entries))
+    if not options.overwrite and _store_exists(out):
+        _refuse_other_arguments(store.open_store(out), cfg, teacher_config_identity(teacher_cfg), out)
     teacher = build_teacher(teacher_cfg)
     with store_lock(out):
         if options.overwrite and _store_exists(out):
@@ -219,7 +240,7 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
                     store.add_array(root[name], next(s for s in store.array_specs(cfg.geometry.num_points, True)
                                                      if s.name == "patch_tokens"))
             root.attrs.update({"teacher": teacher.identity, "status": "in-progress"})
-        entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+        entries = cfg.scenes_to_read()
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         _check_plans(root, plans, cfg, out)
         return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)

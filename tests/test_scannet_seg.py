@@ -173,7 +173,7 @@ def test_coverage_passes_predict_every_vertex():
 
 
 def test_iou_chart_title_is_not_clipped(tmp_path):
-    fig = class_iou_figure({name: 0.5 for name in class_names()}, "ScanNet val per-class IoU: " + "long " * 40)
+    fig = class_iou_figure({name: 50.0 for name in class_names()}, "ScanNet val per-class IoU: " + "long " * 40)
     fig.tight_layout()
     fig.canvas.draw()
     title, box = fig.axes[0].title.get_window_extent(), fig.bbox
@@ -182,7 +182,7 @@ def test_iou_chart_title_is_not_clipped(tmp_path):
 
 # ---- end to end -------------------------------------------------------------------------------------------
 
-def test_finetune_then_test_score_every_vertex(tree, tmp_path):
+def test_finetune_then_test_score_every_vertex_and_compare_counts_the_run_once(tree, tmp_path):
     runner, run = CliRunner(), tmp_path / "run"
     args = ["--data", str(tree), "--splits", str(tree / "splits"), "--cache-dir", str(tmp_path / "cache")]
     result = runner.invoke(app, ["finetune", "scannet-seg", *args, "--init", "scratch", "--run-dir", str(run),
@@ -191,24 +191,41 @@ def test_finetune_then_test_score_every_vertex(tree, tmp_path):
     results = json.loads((run / "results.json").read_text())
     test = results["test"]
     assert results["steps"] == 2 and len(results["history"]) == 2 and results["config"]["lr"] == 1e-3
-    assert {k: test[k] for k in ("benchmark", "metric", "seed")} == {"benchmark": "scannet-seg", "metric": "mIoU",
-                                                                     "seed": 0}
-    coverage = test["coverage"]
+    records = {r["metric"]: r for r in results["records"]}
+    assert set(records) == {"miou", "overall_acc"} and results["schema"] == "pkd-results/1"
+    assert {(r["benchmark"], r["unit"], r["seed"], r["run"]) for r in records.values()} == {("scannet-seg", "%", 0,
+                                                                                            str(run))}
+    assert records["miou"]["data"] == {"used": 1, "listed": 1, "split": "val"}
+    assert records["miou"]["value"] == test["miou"] and records["overall_acc"]["value"] == test["overall_acc"]
+    coverage = test["vertex_coverage"]
     vertices = len(read_scene(*scene_files(tree / "scans" / SCENE)).xyz)
     assert coverage["vertices"] == coverage["predicted_vertices"] == vertices and coverage["fraction"] == 1.0
     defined = [v for v in test["class_iou"].values() if v is not None]
-    assert test["value"] == pytest.approx(100 * np.mean(defined)) and 0 <= test["overall_acc"] <= 1
+    assert test["miou"] == pytest.approx(np.mean(defined)) and 0 <= test["overall_acc"] <= 100  # percent
+    assert max(h["score"] for h in results["history"]) == pytest.approx(test["miou"])  # best.pt's mIoU, percent
     assert test["class_iou"]["toilet"] is None or test["class_iou"]["toilet"] == 0.0  # absent from the demo
     assert (run / "class_iou.png").stat().st_size > 0 and (run / "scene_top_view.png").stat().st_size > 0
     assert results["data"]["train_scenes"] == 1 and results["data"]["missing_val"] == []
 
     result = runner.invoke(app, ["test", "scannet-seg", str(run), *args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    again = json.loads((run / "test" / "results.json").read_text())["test"]
-    assert again["value"] == pytest.approx(test["value"]) and again["coverage"] == coverage  # best.pt, same passes
+    rescored = json.loads((run / "test" / "results.json").read_text())
+    again = rescored["test"]
+    assert again["miou"] == pytest.approx(test["miou"]) and again["vertex_coverage"] == coverage  # best.pt, same passes
+    assert [(r["metric"], r["run"], r["settings"]) for r in rescored["records"]] == \
+        [(r["metric"], r["run"], r["settings"]) for r in results["records"]]
     assert (run / "test" / "scene_top_view.png").is_file()
     result = runner.invoke(app, ["test", "scannet-seg", str(run), *args, "--device", "cpu"])
     assert isinstance(result.exception, ConfigError) and "--overwrite" in str(result.exception)
+
+    table = tmp_path / "compare" / "table.md"
+    result = runner.invoke(app, ["compare", str(run), "--out", str(table)])
+    assert result.exit_code == 0, result.output
+    rows = {r["metric"]: r for r in json.loads(table.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"miou", "overall_acc"}
+    assert rows["miou"]["benchmark"] == "scannet-seg" and rows["miou"]["n"] == 1  # finetune + re-score: one run
+    assert rows["miou"]["mean"] == pytest.approx(test["miou"]) and rows["miou"]["init"] == "scratch"
+    assert "| scannet-seg | miou | scratch | 0 | 1 |" in table.read_text() and "1/1 val" in table.read_text()
 
 
 def test_finetune_resumes_bit_identically(tree, tmp_path):
@@ -234,5 +251,6 @@ def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, t
     done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 2 and results["steps"] == 1 and results["test"]["coverage"]["fraction"] == 1.0
+    assert results["world_size"] == 2 and results["steps"] == 1
+    assert results["test"]["vertex_coverage"]["fraction"] == 1.0
     assert seg_cache.verify_cache(tmp_path / "cache" / "scannet_seg.zarr") == []

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from pkd.common.errors import ConfigError, PkdError
+from pkd.common.logs import progress_bar
 from pkd.train import table
 from pkd.train.checkpoint import LAST
 from pkd.train.config import TrainConfig
@@ -145,7 +144,7 @@ def _run_cell(base: TrainConfig, row: dict[str, Any], readout: Readout, progress
     if readout.kind == "none" or row[f"{readout.kind}_oa"] is not None:
         return
     tic = time.perf_counter()
-    with tqdm(total=1, desc=f"{label} {readout.kind}", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=1, desc=f"{label} {readout.kind}", disable=not progress) as bar:
         row[f"{readout.kind}_oa"] = _readout(base, readout, init, seed, cell, progress)
         bar.update(1)
     row["wall_s"] += time.perf_counter() - tic
@@ -159,11 +158,13 @@ def _readout(base: TrainConfig, readout: Readout, init: str, seed: int, cell: Pa
     shared = dict(init=init, seed=seed, device=base.device, splits=readout.splits, allow_missing=readout.allow_missing,
                   cache_dir=readout.cache_dir, pool_points=readout.pool_points, num_points=readout.num_points,
                   dim=m.dim, depth=m.depth, heads=m.heads)
+    run_dir = cell / readout.kind  # an unfinished readout of this row (none is recorded) is ours to replace
     if readout.kind == "probe":
-        results = probe_modelnet40(ProbeConfig(data=str(readout.data), **shared), cell / "probe")
+        results = probe_modelnet40(ProbeConfig(data=str(readout.data), **shared), run_dir, overwrite=run_dir.exists())
     else:
         cfg = FinetuneConfig.for_task("modelnet40", str(readout.data), epochs=readout.epochs,
                                       batch_size=readout.batch_size, votes=1, **shared)
-        run_dir = cell / "finetune"
-        results = run_finetune(cfg, run_dir, resume=(run_dir / LAST).is_file(), progress=progress)
-    return 100.0 * float(results["test"]["overall_acc"])
+        resume = (run_dir / LAST).is_file()
+        results = run_finetune(cfg, run_dir, resume=resume, overwrite=run_dir.exists() and not resume,
+                               progress=progress)
+    return float(results["test"]["overall_acc"])  # percent, as results.json holds it

@@ -8,11 +8,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from pkd.common import logs
 from pkd.common.cli import run_app
-from pkd.train.downstream.cli import finetune_app, probe_app, test_app
+from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app, test_app
 from pkd.train.options import config_options
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.callback()(logs.cli_options)
 
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
 Resume = Annotated[bool, typer.Option(help="continue with the run's recorded settings (options given must match "
@@ -27,6 +29,8 @@ def distill(
     run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<store>-<variant>)")] = None,
     resume: Resume = False,
     overwrite: Annotated[bool, typer.Option(help="delete an existing --run-dir first")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="also write metrics.jsonl's scalars to RUN_DIR/tensorboard "
+                                                   "(needs pip install 'pkd[tensorboard]')")] = False,
     **options: Any,
 ) -> None:
     """Train one student on STORE (no teacher is loaded: targets come from the store)."""
@@ -39,7 +43,7 @@ def distill(
         cfg = resume_config(read_config(run_dir), store_path(store), given_options(ctx, options), str(run_dir))
     else:
         cfg = build_config(str(store), options)
-    summary = train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    summary = train(cfg, run_dir, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if summary["rank"]:
         return  # under torchrun only rank 0 reports
     held_out = "" if summary["val_loss"] is None else f", held-out loss {summary['val_loss']:.4g}"
@@ -114,6 +118,7 @@ def export(
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(probe_app, name="probe")
 app.add_typer(test_app, name="test")
+app.command("compare")(compare_runs)
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
+from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store
 from pkd.train import distributed
 from pkd.train.augment import augment
@@ -45,7 +45,7 @@ from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
 from pkd.train.heldout import HeldOut
 from pkd.train.losses import CropBox, LossSettings, compute_loss
-from pkd.train.metrics import MetricsLog
+from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
 from pkd.train.model import Student, variant_spec
 from pkd.train.options import option_values, run_option_names
 
@@ -240,18 +240,21 @@ def resolve_device(cfg: TrainConfig) -> TrainConfig:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, desc: str | None = None) -> dict[str, Any]:
+          progress: bool = True, desc: str | None = None, tensorboard: bool = False) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary (final and held-out loss, steps, samples/s, run_dir, whether
-    it stopped inside warm-up). ``desc`` labels the progress bar (default: the variant).
+    it stopped inside warm-up). ``desc`` labels the progress bar (default: "train <variant>").
+
+    ``tensorboard`` also writes the metrics as TensorBoard scalars under ``run_dir/tensorboard``.
 
     Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
     """
     with distributed.session(cfg.device) as rank_info:
-        return _train(cfg, Path(run_dir), resume, overwrite, progress, desc or cfg.variant, rank_info)
+        return _train(cfg, Path(run_dir), resume, overwrite, progress, desc or f"train {cfg.variant}", rank_info,
+                      tensorboard)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool, desc: str,
-           rank_info: DistInfo) -> dict[str, Any]:
+           rank_info: DistInfo, tensorboard: bool = False) -> dict[str, Any]:
     main, world = rank_info.main, rank_info.world_size
     cfg = resolve_device(dataclasses.replace(cfg, store=store_path(cfg.store)))
     distributed.check_global_batch(cfg.batch_size, rank_info)
@@ -290,7 +293,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
         write_config(run_dir, cfg, loader, world)
     distributed.barrier()  # the run directory is ready
     ddp = distributed.wrap_model(model, rank_info, device)
-    log_ = MetricsLog(run_dir, keep_until_step=pos.step, write=main)
+    sinks = [TensorBoardSink(run_dir / TENSORBOARD, pos.step)] if tensorboard and main else []
+    log_ = MetricsLog(run_dir, keep_until_step=pos.step, write=main, sinks=sinks)
 
     def autocast() -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp else nullcontext()
@@ -306,8 +310,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
     streams, chunk = loader.cfg.own_streams, loader.cfg.chunk
 
     ddp.train()
-    bar = tqdm(total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", dynamic_ncols=True,
-               desc=desc)
+    bar = progress_bar(total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", desc=desc,
+                       dynamic_ncols=True)
     saved_at = pos.step if resume else -1
     while pos.step < sched.stop:
         tic, step_loss, step_parts = time.perf_counter(), 0.0, {}

@@ -1,4 +1,5 @@
-"""Downstream metrics, pure numpy: classification accuracies, the ShapeNetPart IoUs and scene segmentation IoUs.
+"""Downstream metrics, pure numpy: classification accuracies (plain and voted), the ShapeNetPart IoUs, the
+scene segmentation IoUs, and the mean ± std of repeated scores. They return fractions; reports convert to percent.
 
 The part-segmentation IoUs follow the protocol every ShapeNetPart paper (PointNet++, Point-MAE) reports:
 a shape's IoU is the mean over the parts of its category, a part absent from both prediction and label
@@ -64,6 +65,17 @@ def class_miou(shape_ious: Sequence[float], categories: Sequence[str]) -> float:
     """Mean over the categories present of their mean shape IoU."""
     per_category = category_mious(shape_ious, categories)
     return float(np.mean(list(per_category.values()))) if per_category else 0.0
+
+
+def vote_accuracy(logits: np.ndarray, label: np.ndarray) -> float:
+    """Accuracy of the mean of (votes, N, classes) logits, as Point-MAE's ``validate_vote`` averages them."""
+    return overall_accuracy(np.asarray(logits).mean(axis=0).argmax(axis=-1), label)
+
+
+def mean_std_best(values: Sequence[float]) -> dict[str, float]:
+    """Mean, population standard deviation (ddof 0), best and count of repeated scores (vote passes, folds, seeds)."""
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std()), "best": float(array.max()), "n": int(array.size)}
 
 
 def scene_confusion(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:

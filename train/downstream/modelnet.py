@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pkd.common.errors import DataError
 from pkd.common.geometry import farthest_points
+from pkd.common.logs import progress_bar
 from pkd.train.downstream.files import normalize_unit_sphere, read_lines, read_point_file, require_dir, require_file
 
 SPLITS = ("train", "test")
@@ -114,8 +114,8 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
             points = stored["points"]
     else:
         points = np.stack([_pooled_shape(data, shape, num_points)
-                           for shape in tqdm(present, desc=f"ModelNet40 {split}: {num_points}-point FPS",
-                                             unit="shape", disable=len(present) < 256)])
+                           for shape in progress_bar(present, desc=f"ModelNet40 {split}: {num_points}-point FPS",
+                                                     unit="shape", disable=len(present) < 256)])
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")  # one per process: DDP ranks race

@@ -1,4 +1,4 @@
-"""Python entry points behind ``pkd-train finetune``, ``pkd-train test`` and ``pkd-train probe``."""
+"""Python entry points behind ``pkd-train finetune``, ``probe``, ``test`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,23 @@ from typing import Any, Callable
 
 from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import LAST, load_checkpoint
-from pkd.train.downstream.classification import ModelNetTask
-from pkd.train.downstream.engine import BEST, RESULTS, FinetuneConfig, Task, finetune, resolve_device
+from pkd.train.downstream.classification import modelnet_task
+from pkd.train.downstream.compare import compare
+from pkd.train.downstream.engine import BEST, RESULTS, FinetuneConfig, Task, finetune, resolve_device, task_records
+from pkd.train.downstream.fewshot import run_fewshot
 from pkd.train.downstream.probe import ProbeConfig, probe_modelnet40
+from pkd.train.downstream.results import write_results
 from pkd.train.downstream.scannet_seg import ScanNetSegTask
+from pkd.train.downstream.scanobjectnn import scanobjectnn_task
 from pkd.train.downstream.segmentation import ShapeNetPartTask
+from pkd.train.downstream.votetest import test_modelnet40
 from pkd.train.trainer import code_version
 
-TASKS = {"modelnet40": ModelNetTask, "shapenetpart": ShapeNetPartTask, "scannet-seg": ScanNetSegTask}
+TASKS = {"modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
+         "scannet-seg": ScanNetSegTask}
 
-__all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "run_test", "probe_modelnet40"]
+__all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "run_fewshot", "run_test", "probe_modelnet40",
+           "test_modelnet40", "compare"]
 
 
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -31,7 +38,8 @@ def run_test(build_task: Callable[[FinetuneConfig], Task], run_dir: str | Path, 
              overwrite: bool = False, **changes: Any) -> dict[str, Any]:
     """Score a finetuning run's best weights (its last.pt when it has no best.pt) again: the run's
     config.json with ``changes`` (None values ignored) on top, the task's test report and plots in ``out``
-    (default RUN/test); returns the results.json written there."""
+    (default RUN/test); returns the results.json written there, whose records name RUN as their run (so
+    ``compare`` counts the run once)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} holds no config.json; pass a run directory written by `pkd-train finetune`.")
@@ -51,5 +59,4 @@ def run_test(build_task: Callable[[FinetuneConfig], Task], run_dir: str | Path, 
     results = {"task": cfg.task, "run": str(run_dir), "weights": str(weights), "init": saved["init"],
                "test": task.report(out), "data": task.data_summary(), "config": dataclasses.asdict(cfg),
                "code": code_version()}
-    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return write_results(out / RESULTS, results, task_records(task, results, run_dir))

@@ -9,13 +9,16 @@ papers reuse): a vertical column of ``crop_size`` × ``crop_size`` metres (all h
 column on a random vertex of the scene (``repeats`` columns per scene and epoch, default 1), so a scene
 smaller than the column is taken whole and a larger one is cropped; ``num_points`` (8192) of its vertices
 are drawn at random (with replacement only when it has fewer). Coordinates are relative to the column
-centre and the scene's lowest vertex, divided by half the column size; colours are scaled to [0, 1]. Augmentations (seeded): rotation about z by U(0, 2π), isotropic
-scale U(0.8, 1.2), per-point jitter N(0, 0.01) clipped at ±0.05.
+centre and the scene's lowest vertex, divided by half the column size; colours are scaled to [0, 1].
+Augmentations (seeded): rotation about z by U(0, 2π), isotropic scale U(0.8, 1.2), per-point jitter
+N(0, 0.01) clipped at ±0.05.
 
 Evaluation labels every vertex of every val scene: the scene is tiled into non-overlapping columns of the
 same size, each column's vertices are shuffled (fixed seed) and cut into passes of ``num_points`` (the
 last pass padded with random repeats), so every vertex is predicted at least once; a vertex's logits are
-averaged over its predictions. Metrics: per-class IoU, mIoU over the 20 classes, overall accuracy.
+averaged over its predictions; every epoch is scored the same way (same passes). Metrics, in percent:
+per-class IoU, mIoU over the 20 classes (the headline record ``miou`` of ``results.json``, schema:
+``results``), overall accuracy.
 
 Model (``SceneSegmenter``): the 12-layer encoder on 256 patches of 32 points; the normed outputs of three
 blocks (``fetch_layers``, as Point-MAE's segmentation head) are concatenated per patch and propagated to
@@ -35,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from pkd.common.errors import DataError
+from pkd.common.logs import progress_bar
 from pkd.common.scannet_mesh import IGNORE, NUM_CLASSES, SceneMesh, class_names, split_scenes
 from pkd.common.seg_cache import build_cache, done_scenes, load_scene, open_cache
 from pkd.train import distributed
@@ -45,6 +48,7 @@ from pkd.train.downstream import metrics
 from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.models import FeaturePropagation, fetch_layers, run_blocks
 from pkd.train.downstream.plots import plot_class_iou, plot_top_view
+from pkd.train.downstream.results import coverage, coverage_note, percent
 from pkd.train.downstream.sampling import numpy_rng, shuffled_batches
 from pkd.train.encoder import PointEncoder
 from pkd.train.tokenizer import Group
@@ -149,15 +153,19 @@ class SceneSegmenter(nn.Module):
 
 @dataclass(frozen=True)
 class Scores:
-    """Full-coverage evaluation of the val scenes: confusion matrix, per-vertex predictions, coverage."""
+    """Full-coverage evaluation of the val scenes: confusion matrix, per-vertex predictions, vertex coverage."""
 
     matrix: np.ndarray
     predictions: list[np.ndarray]
-    coverage: dict[str, Any]
+    vertex_coverage: dict[str, Any]
 
 
 class ScanNetSegTask:
     """ScanNet train/val scenes and a ``SceneSegmenter``; ``train=False`` loads the val scenes only (testing)."""
+
+    benchmark = "scannet-seg"
+    protocol = "paper 2212.08974 §4.2.2 and appendix A.2; PointNet++'s ScanNet columns where it is silent"
+    headline = ("miou", "overall_acc")
 
     def __init__(self, cfg: FinetuneConfig, train: bool = True) -> None:
         self.cfg = cfg
@@ -168,7 +176,8 @@ class ScanNetSegTask:
 
     def data_summary(self) -> dict[str, Any]:
         summary = {"val_scenes": len(self.val_set.names), "missing_val": self.val_set.missing,
-                   "cache": str(cache_path(self.cfg)), "crop_size_m": self.cfg.crop_size}
+                   "cache": str(cache_path(self.cfg)), "crop_size_m": self.cfg.crop_size,
+                   "coverage": coverage(len(self.val_set.names), len(self.val_set.missing), "val")}
         if self.train_set is not None:
             summary.update(train_shapes=len(self.train_set.names), train_scenes=len(self.train_set.names),
                            missing_train=self.train_set.missing)
@@ -223,8 +232,8 @@ class ScanNetSegTask:
         matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
         predictions, passes, vertices, predicted, scored = [], 0, 0, 0, 0
         scenes = zip(self.val_set.names, self.val_set.scenes)
-        for i, (name, scene) in enumerate(tqdm(scenes, total=len(self.val_set.names), desc="val scenes",
-                                               disable=not progress, unit="scene")):
+        for i, (name, scene) in enumerate(progress_bar(scenes, total=len(self.val_set.names), desc="val scenes",
+                                                       disable=not progress, unit="scene")):
             pred, count, covered = self.predict_scene(scene, self.cfg.seed * 100_003 + i)
             matrix += metrics.scene_confusion(pred, scene.label, NUM_CLASSES, IGNORE)
             predictions.append(pred)
@@ -232,31 +241,33 @@ class ScanNetSegTask:
             vertices += len(pred)
             predicted += covered
             scored += int((scene.label != IGNORE).sum())
-        coverage = {"scenes": len(self.val_set.names), "missing_scenes": len(self.val_set.missing),
-                    "vertices": vertices, "predicted_vertices": predicted, "fraction": predicted / max(vertices, 1),
-                    "scored_vertices": scored, "passes": passes}
-        return Scores(matrix, predictions, coverage)
+        vertex_coverage = {"scenes": len(self.val_set.names), "missing_scenes": len(self.val_set.missing),
+                           "vertices": vertices, "predicted_vertices": predicted,
+                           "fraction": predicted / max(vertices, 1), "scored_vertices": scored, "passes": passes}
+        return Scores(matrix, predictions, vertex_coverage)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """mIoU (the score) and overall accuracy in percent; ``epoch`` changes nothing (fixed passes)."""
         scores = self._score()
-        miou = metrics.mean_iou(metrics.class_ious(scores.matrix))
-        return {"score": miou, "miou": miou, "overall_acc": _overall(scores.matrix)}
+        miou = percent(metrics.mean_iou(metrics.class_ious(scores.matrix)))
+        return {"score": miou, "miou": miou, "overall_acc": percent(_overall(scores.matrix))}
 
     def report(self, run_dir: Path) -> dict[str, Any]:
-        """Full-coverage val metrics in results.json's schema, the per-class IoU chart and one scene's top view."""
+        """Full-coverage val metrics in percent (mIoU, overall accuracy, per-class IoU), the vertex coverage, the
+        per-class IoU chart and one scene's top view."""
         scores = self._score(progress=True)
         ious = metrics.class_ious(scores.matrix)
-        miou = metrics.mean_iou(ious)
-        per_class = {name: None if np.isnan(v) else float(v) for name, v in zip(class_names(), ious)}
+        miou, overall = percent(metrics.mean_iou(ious)), percent(_overall(scores.matrix))
+        per_class = {name: None if np.isnan(v) else percent(v) for name, v in zip(class_names(), ious)}
         scene, name = self.val_set.scenes[0], self.val_set.names[0]
         plot_class_iou(per_class, run_dir / IOU_PLOT,
-                       f"ScanNet val per-class IoU: mIoU {100 * miou:.1f}%, OA {100 * _overall(scores.matrix):.1f}% "
-                       f"({scores.coverage['scenes']} scenes, every vertex)")
+                       f"ScanNet val per-class IoU: mIoU {miou:.2f} %, OA {overall:.2f} % "
+                       f"({coverage_note(self.data_summary()['coverage'], 'scenes')}, every vertex)")
         plot_top_view(scene.xyz, scores.predictions[0], scene.label, list(class_names()), IGNORE,
                       run_dir / SCENE_PLOT, f"{name}: top view by prediction (left) and ground truth (right)")
-        return {"benchmark": "scannet-seg", "metric": "mIoU", "value": 100 * miou, "split": "val",
-                "seed": self.cfg.seed, "miou": miou, "overall_acc": _overall(scores.matrix), "class_iou": per_class,
-                "coverage": scores.coverage, "plots": {"class_iou": IOU_PLOT, "scene": SCENE_PLOT, "scene_name": name}}
+        return {"miou": miou, "overall_acc": overall, "class_iou": per_class,
+                "vertex_coverage": scores.vertex_coverage,
+                "plots": {"class_iou": IOU_PLOT, "scene": SCENE_PLOT, "scene_name": name}}
 
 
 def _overall(matrix: np.ndarray) -> float:
