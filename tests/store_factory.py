@@ -50,14 +50,16 @@ def _spread(points: np.ndarray) -> np.ndarray:
 
 def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size: int = 4, patch_tokens: bool = True,
                invalid: tuple[int, ...] = (), stats: bool = True, seed: int = 0, split: str = "train",
-               color_size: tuple[int, int] | None = COLOR_SIZE) -> Path:
-    """Write a complete synthetic store at ``path`` with ``n`` samples of ``num_points`` points."""
+               color_size: tuple[int, int] | None = COLOR_SIZE, add_split: bool = False) -> Path:
+    """Write a complete synthetic store at ``path`` with ``n`` samples of ``num_points`` points
+    (``add_split``: add ``split`` to the store already at ``path``)."""
     rng = np.random.default_rng(seed)
-    root = zarr.open_group(str(path), mode="w")
-    prep = PrepConfig(root="synthetic", split=split, shard_size=shard_size, seed=seed,
-                      geometry=GeometryConfig(num_points=num_points))
-    write_root_attrs(root, RootAttrs(prep=to_plain(prep), teacher=synthetic_teacher(seed, patch_tokens), versions={},
-                                     status="complete"))
+    root = zarr.open_group(str(path), mode="a" if add_split else "w")
+    if not add_split:
+        prep = PrepConfig(root="synthetic", split=split, shard_size=shard_size, seed=seed,
+                          geometry=GeometryConfig(num_points=num_points))
+        write_root_attrs(root, RootAttrs(prep=to_plain(prep), teacher=synthetic_teacher(seed, patch_tokens),
+                                         versions={}, status="complete"))
     attrs = SplitAttrs(scenes=("s",), num_samples=n, shard_size=shard_size,
                        color_sizes=(color_size,) if color_size else (), skipped={}, valid=n - len(invalid))
     group = create_split(root, split, attrs, num_points, patch_tokens=patch_tokens)
