@@ -42,7 +42,7 @@ from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep
 from pkd.preprocess.scenes import find_scenes, open_scene
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
 from pkd.train.downstream.models import PointClassifier
-from pkd.train.model import StudentConfig, build_student
+from pkd.train.model import Student, StudentConfig
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     labels = torch.randint(0, sizes.classes, (sizes.train_batch,), generator=gen).to(device)
     torch.manual_seed(0)
     cases = {
-        "distill": (lambda m: F.mse_loss(m(points).pred.float(), prefix), build_student(cfg),
+        "distill": (lambda m: F.mse_loss(m(points).pred.float(), prefix), Student(cfg),
                     lambda m: F.mse_loss(m(points).float(), prefix), PointMAEPort(cfg), cfg.num_points),
         "fine-tune": (lambda m: F.cross_entropy(m(shapes).float(), labels),
                       PointClassifier(sizes.classes, cfg.dim, cfg.depth, cfg.heads, cfg.drop_path, cfg.num_group,
