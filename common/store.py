@@ -175,7 +175,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open an existing pair store, checking that it is a pkd-pairs store of a version we read."""
     if not _is_remote(path) and not Path(path).exists():
         raise StoreError(f"no pair store at {path}: create one with `pkd-prep scannet --root SCANNET --out {path}` "
-                         "or `pkd-prep demo`.")
+                         "(a synthetic scene to try it on: `pkd-prep demo-scene --out DIR`).")
     try:
         root = zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:

@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
+MAX_POINTS = 65536  # points per sample: bounds memory (points × shard size) and stays below a depth frame's pixels
 
 Store = Annotated[str, typer.Argument(help="Pair store path.")]
 Split = Annotated[str, typer.Option(help="Split of the store.")]
@@ -124,7 +125,9 @@ def scannet(
     sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
     shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
     seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store written with other arguments.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing store written with other arguments (the new one is built beside it as "
+             "OUT.overwrite and swapped in only once complete).")] = False,
     *,
     run: TeacherArgs,
 ) -> None:
@@ -140,6 +143,12 @@ def scannet(
         geometry=GeometryConfig(num_points=points, sampling=sampling, min_valid_pixels=points),
     )
     _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
+    if limit is not None:
+        _check_positive(limit=limit)
+    if points > MAX_POINTS:
+        raise ConfigError(f"--points {points} is above {MAX_POINTS}: a sample needs that many valid depth pixels (a "
+                          "ScanNet depth frame has 307,200) and memory grows with --points × --shard-size. Pass at "
+                          f"most {MAX_POINTS} (the paper uses 4096).")
     if sampling not in ("fps", "random"):
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
     summary = run_prep(cfg, out, run.config(seed), run.options(overwrite))

@@ -8,7 +8,6 @@ differences; ``overwrite`` replaces a pkd store (never a foreign folder).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -22,9 +21,9 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from pkd.common import store
+from pkd.common import lock, store
 from pkd.common.config import config_diff, package_versions, to_plain
-from pkd.common.errors import ConfigError, StoreError
+from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
 from pkd.preprocess.scenes import find_scenes
@@ -63,40 +62,33 @@ class RunOptions:
 
 @contextmanager
 def store_lock(out: str) -> Iterator[None]:
-    """Hold an exclusive lock (``<store>.lock`` beside a local store) for the whole prep.
-
-    A second prep on the same store is refused at once; the kernel drops the lock if the holder dies,
-    even by kill -9, so a stale lock file never blocks a resume. The holder removes the file when done.
-    """
+    """Hold the kernel lock ``<store>.lock`` beside a local store for the whole prep (see ``pkd.common.lock``):
+    a second prep on the same store is refused at once, naming the holder's pid."""
     if "://" in out:
         log.warning("%s is remote: pkd cannot lock it, make sure no other prep writes it", out)
         yield
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise StoreError(f"another pkd-prep (pid {handle.read().strip() or '?'}) is writing {out}; wait for it "
-                             "to finish or stop it, then rerun this command to resume.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a store; choose another --out.")
+    with lock.exclusive(out, "pkd-prep", StoreError):
+        yield
 
 
-def _remove_store(out: str) -> None:
+def _staging(out: str) -> str:
+    """Where ``--overwrite`` builds the replacement of ``out``: beside it, swapped in only on success."""
     if "://" in out:
         raise ConfigError(f"--overwrite is not supported for remote store {out}; delete it with your storage tools.")
-    store.open_store(out)
-    shutil.rmtree(out)
+    store.open_store(out)  # refuses a foreign folder before anything is written
+    return str(Path(out).with_name(Path(out).name + ".overwrite"))
+
+
+def _swap(staging: str, out: str) -> None:
+    """Replace ``out`` by the finished ``staging`` store (two renames), then delete the old one."""
+    old = Path(out).with_name(Path(out).name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old)
 
 
 def _store_exists(out: str) -> bool:
@@ -113,14 +105,29 @@ def _comparable_teacher(identity: dict) -> dict:
     return {k: v for k, v in identity.items() if k not in ("device", "open_clip_version")}
 
 
+def _differences(root: zarr.Group, prep: dict, teacher_id: dict) -> tuple[list[str], list[str]]:
+    """How a store's recorded prep and teacher differ from this run's."""
+    return (config_diff(root.attrs["prep"], prep),
+            config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id), "teacher."))
+
+
+def _drop_stale_staging(staging: str, cfg: PrepConfig, teacher_id: dict) -> None:
+    """Keep an interrupted ``--overwrite`` build of the same arguments (it resumes), delete any other."""
+    if Path(staging).exists():
+        try:
+            stale = any(_differences(store.open_store(staging), to_plain(cfg), teacher_id))
+        except StoreError:
+            stale = True
+        if stale:
+            shutil.rmtree(staging)
+
+
 def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,
                     patch_tokens: bool) -> zarr.Group:
     prep = to_plain(cfg)
     if _store_exists(out):
         root = store.open_store(out, mode="r+")
-        geometry_diff = config_diff(root.attrs["prep"], prep)
-        teacher_diff = config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id),
-                                   "teacher.")
+        geometry_diff, teacher_diff = _differences(root, prep, teacher_id)
         if geometry_diff or teacher_diff:
             hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
                     "with the new teacher options.")
@@ -191,14 +198,32 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
     entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
     teacher = build_teacher(teacher_cfg)
     with store_lock(out):
-        if options.overwrite and _store_exists(out):
-            _remove_store(out)
+        target = _staging(out) if options.overwrite and _store_exists(out) else out
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         if not any(plan.samples for plan in plans.values()):
-            raise ConfigError(f"no usable frames under {cfg.root} (every kept frame had an invalid pose); "
-                              "check the scans or lower --frame-skip.")
-        root = _open_or_create(out, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
-        return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
+            skipped = Counter()
+            for plan in plans.values():
+                skipped.update(plan.skipped)
+            raise DataError(f"no usable frames under {cfg.root}: every frame numbered 0, {cfg.frame_skip}, "
+                            f"{2 * cfg.frame_skip}, … was skipped ({dict(skipped) or 'the scenes hold no frames'}); "
+                            "check the scans or lower --frame-skip.")
+        if target != out:
+            _drop_stale_staging(target, cfg, teacher.identity)
+        root = _open_or_create(target, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
+        summary = _execute(target, root, cfg, plans, teacher, teacher_cfg, options)
+        _require_valid(summary, target, out)
+        if target != out:
+            _swap(target, out)
+        return summary
+
+
+def _require_valid(summary: dict, written: str, out: str) -> None:
+    """DataError when a split ended without one valid sample: training on it would be meaningless."""
+    empty = [f"{name} ({s['samples']} planned, skipped {s['skipped']})" for name, s in summary.items() if not s["valid"]]
+    if empty:
+        kept = f"; {out} is untouched (the new store is at {written})" if written != out else ""
+        raise DataError(f"no valid sample in split {', '.join(empty)}: check the depth frames and that --points "
+                        f"is not above the valid depth pixels of a frame{kept}.")
 
 
 def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:

@@ -71,7 +71,7 @@ def find_scenes(
         raise DataError(f"unknown scene source {source!r}; use one of {', '.join(SOURCES)}.")
     if not root.is_dir():
         raise DataError(f"ScanNet root {root} does not exist or is not a folder; pass the folder holding scans/ "
-                        "(or a scene folder), or create a demo scene with `pkd-prep demo`.")
+                        "(or a scene folder), or create a demo scene with `pkd-prep demo-scene --out DIR`.")
     found: dict[str, SceneEntry] = {}
     for folder in _scene_folders(root):
         entry = _entry(folder, source)
@@ -95,6 +95,10 @@ def find_scenes(
         chosen = [found[name] for name in dict.fromkeys(scenes)]
     else:
         chosen = [e for e in found.values() if split in ("all", e.split)]
+        if not chosen:
+            present = sorted({e.split for e in found.values()})
+            raise DataError(f"no scene under {root} is in split {split!r} (its {len(found)} scenes are in "
+                            f"{', '.join(present)}); pass --split {present[0]} or --split all.")
     return sorted(chosen, key=lambda e: (SPLITS.index(e.split), e.name))
 
 
