@@ -52,7 +52,15 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pkd").setLevel(logging.INFO)
     debug = os.environ.get("PKD_DEBUG") == "1"
-    signal.signal(signal.SIGTERM, _Signals.on_term)
+    previous = signal.signal(signal.SIGTERM, _Signals.on_term)
+    try:
+        _run_and_exit(app, argv, debug)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_and_exit(app: typer.Typer, argv: list[str] | None, debug: bool) -> None:
+    """Run ``app`` and turn its outcome into an exit code and at most one paragraph on stderr."""
     try:
         code = app(args=argv, standalone_mode=False)
     except PkdError as exc:
