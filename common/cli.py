@@ -16,25 +16,14 @@ import logging
 import os
 import signal
 import sys
-from types import FrameType
 
 import typer
 from typer._click.exceptions import ClickException
 
 from pkd.common.errors import PkdError
+from pkd.common.signals import Interrupts
 
 INTERRUPTED = 130  # what typer returns for a KeyboardInterrupt (128 + SIGINT)
-
-
-class _Signals:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does (so every ``finally`` runs); remembers which came."""
-
-    received = signal.SIGINT
-
-    @classmethod
-    def on_term(cls, signum: int, frame: FrameType | None) -> None:
-        cls.received = signal.Signals(signum)
-        raise KeyboardInterrupt
 
 
 def _one_paragraph(exc: BaseException) -> str:
@@ -52,7 +41,7 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pkd").setLevel(logging.INFO)
     debug = os.environ.get("PKD_DEBUG") == "1"
-    previous = signal.signal(signal.SIGTERM, _Signals.on_term)
+    previous = signal.signal(signal.SIGTERM, Interrupts.on_term)
     try:
         _run_and_exit(app, argv, debug)
     finally:
@@ -80,5 +69,5 @@ def _run_and_exit(app: typer.Typer, argv: list[str] | None, debug: bool) -> None
         sys.exit(1)
     if code == INTERRUPTED:
         typer.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(128 + _Signals.received)
+        sys.exit(128 + Interrupts.received)
     sys.exit(code if isinstance(code, int) else 0)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pkd.common import signals
 from pkd.common.errors import ConfigError, OutputError, TrainingError
 
 LAST = "last.pt"
@@ -28,11 +29,12 @@ def atomic_save(obj: Any, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with signals.deferred():  # an interrupt waits for the write: torch.save would turn it into a RuntimeError
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if not isinstance(exc, (OSError, RuntimeError)):
