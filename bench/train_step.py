@@ -5,11 +5,16 @@ Cases (each in its own subprocess, so peak memory is that case's alone):
   pointmae       faithful port of Point-MAE's encoder forward (manual attention, ``x = block(x + pos)``)
                  plus the same-size prefix head on mean+max pooled tokens, in-memory batches
   student-store  pkd ``distill`` student fed by ``StoreLoader`` from a synthetic store on disk
+  finetune       pkd ``PointClassifier`` fine-tuning step (15 classes, as ``finetune scanobjectnn``)
+  finetune-pointmae  port of Point-MAE's ``PointTransformer`` (models/Point_MAE.py: cls token, blocks fed
+                 ``x + pos``, head on [cls, max]); both take the same per-batch sampling (shuffle, FPS pool,
+                 random subset, ScaleAndTranslate) so the ratio compares the models
 
 Both models use pkd's pure-torch FPS/kNN tokenizer (Point-MAE's is CUDA-only). Peak memory is the
 ``ru_maxrss`` growth during the timed loop on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
 
     python bench/train_step.py --points 1024 --batch 8 --steps 3 --out bench/results/cpu.json
+    python bench/train_step.py --points 2048 --groups 128 --cases finetune,finetune-pointmae   # ScanObjectNN
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkd.train.augment import AugmentConfig, augment
+from pkd.train.downstream.classification import training_draw
+from pkd.train.downstream.models import PointClassifier
 from pkd.train.encoder import init_weights, positional_embedding
 from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import StudentConfig, build_student
 from pkd.train.tokenizer import Group
 
 CASES = ("student", "pointmae", "student-store")
+FINETUNE_CASES = ("finetune", "finetune-pointmae")
+SCANOBJECTNN_CLASSES = 15
 
 
 class PortEncoder(nn.Module):
@@ -117,6 +126,40 @@ class PointMAEPort(nn.Module):
         return self.head(torch.cat([x.mean(1), x.max(1).values], -1)).reshape(-1, 10, 768)
 
 
+class PointMAEClassifierPort(nn.Module):
+    """Point-MAE's PointTransformer: cls token and position, blocks on ``x + pos``, norm, [cls, max] → head."""
+
+    def __init__(self, dim: int, depth: int, heads: int, num_group: int, group_size: int, classes: int) -> None:
+        super().__init__()
+        self.group_divider = Group(num_group, group_size)
+        self.encoder = PortEncoder(dim)
+        self.pos_embed = positional_embedding(dim)
+        self.cls_token, self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.randn(1, 1, dim))
+        rates = torch.linspace(0, 0.1, depth).tolist()
+        self.blocks = nn.ModuleList([PortBlock(dim, heads, r) for r in rates])
+        self.norm = nn.LayerNorm(dim)
+        self.cls_head_finetune = nn.Sequential(
+            nn.Linear(2 * dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, classes))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        patches, centres, _ = self.group_divider(points)
+        tokens = self.encoder(patches)
+        batch = tokens.shape[0]
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+        pos = torch.cat([self.cls_pos.expand(batch, -1, -1), self.pos_embed(centres)], dim=1)
+        for block in self.blocks:
+            x = block(x + pos)
+        x = self.norm(x)
+        return self.cls_head_finetune(torch.cat([x[:, 0], x[:, 1:].max(1).values], dim=-1))
+
+
+def finetune_model(case: str, args: argparse.Namespace) -> nn.Module:
+    if case == "finetune":
+        return PointClassifier(SCANOBJECTNN_CLASSES, num_group=args.groups)
+    return PointMAEClassifierPort(384, 12, 6, args.groups, 32, SCANOBJECTNN_CLASSES)
+
+
 def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [{"points": torch.randn(batch, points, 3, generator=g).to(device),
@@ -126,9 +169,13 @@ def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[
 def run_case(case: str, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps after one warm-up step; returns samples/s, s/step and peak memory."""
     device = torch.device(args.device)
-    cfg = StudentConfig(num_points=args.points)
+    cfg = StudentConfig(num_points=args.points, num_group=args.groups)
     torch.manual_seed(0)
-    model = (PointMAEPort(cfg) if case == "pointmae" else build_student(cfg)).to(device).train()
+    if case in FINETUNE_CASES:
+        model = finetune_model(case, args)
+    else:
+        model = PointMAEPort(cfg) if case == "pointmae" else build_student(cfg)
+    model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
 
@@ -145,13 +192,18 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     else:
         batches = iter(make_batches(args.steps + 1, args.batch, args.points, device))
 
-    def step() -> None:
-        batch = {k: v.to(device) for k, v in next(batches).items()}
+    labels = torch.arange(args.batch, device=device) % SCANOBJECTNN_CLASSES
+
+    def step_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if case in FINETUNE_CASES:
+            return F.cross_entropy(model(training_draw(batch["points"], args.points, gen)), labels)
         batch["points"] = augment(batch["points"], AugmentConfig(), gen)
         if case == "pointmae":
-            loss = F.mse_loss(model(batch["points"]), batch["prefix"])
-        else:
-            loss, _ = compute_loss(model, batch, LossSettings())
+            return F.mse_loss(model(batch["points"]), batch["prefix"])
+        return compute_loss(model, batch, LossSettings())[0]
+
+    def step() -> None:
+        loss = step_loss({k: v.to(device) for k, v in next(batches).items()})
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -189,6 +241,7 @@ def summarise(case: str, runs: list[dict], batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=4096)
+    parser.add_argument("--groups", type=int, default=64, help="patches per cloud (ScanObjectNN fine-tuning: 128)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
     parser.add_argument("--rounds", type=int, default=3, help="cases run interleaved this many times (noisy hosts)")
@@ -209,6 +262,7 @@ def main() -> None:
         for _, case in ((r, c) for r in range(args.rounds) for c in cases):
             cmd = [sys.executable, __file__, "--case", case, "--tmp", tmp, "--points", str(args.points),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+                   "--groups", str(args.groups),
                    "--workers", str(args.workers)]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode:
@@ -223,8 +277,13 @@ def main() -> None:
         ratios["student_cpu_vs_pointmae"] = by["student"]["cpu_s_per_step"] / by["pointmae"]["cpu_s_per_step"]
     if "student" in by and "student-store" in by:
         ratios["store_fed_vs_in_memory"] = by["student-store"]["samples_per_s"] / by["student"]["samples_per_s"]
+    if set(FINETUNE_CASES) <= set(by):
+        ratios["finetune_time_vs_pointmae"] = by["finetune"]["s_per_step"] / by["finetune-pointmae"]["s_per_step"]
+        ratios["finetune_time_vs_pointmae_best"] = (by["finetune"]["best_s_per_step"]
+                                                    / by["finetune-pointmae"]["best_s_per_step"])
     result = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "points": args.points, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+              "points": args.points, "groups": args.groups, "batch": args.batch, "steps": args.steps,
+              "rounds": args.rounds,
               "workers": args.workers, "rows": rows, **ratios}
     print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds")
     print(f"{'case':<14} {'s/step med':>10} {'s/step best':>11} {'cpu s/step':>10} {'samples/s':>10} {'peak MiB':>9} "

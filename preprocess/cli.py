@@ -13,7 +13,9 @@ from typing import Annotated, Optional
 import typer
 
 from pkd.common.cli import run_app
-from pkd.common.errors import ConfigError
+from pkd.common import lock
+from pkd.common.errors import ConfigError, StoreError
+from pkd.common.seg_cache import is_seg_cache, verify_cache
 from pkd.common.verify import store_info, verify_store
 from pkd.preprocess.frame_sample import GeometryConfig
 
@@ -176,6 +178,31 @@ def demo_scene(
     typer.echo(f"wrote {write_demo_scene(out, num_frames=frames, layout=layout, seed=seed)}")
 
 
+@app.command("scannet-seg")
+def scannet_seg(
+    root: Annotated[Path, typer.Option(help="ScanNet tree with scans/<scene>/<scene>_vh_clean_2[.labels].ply.")],
+    out: Annotated[Path, typer.Option(help="Cache to create or complete (e.g. seg.zarr).")],
+    split: Annotated[str, typer.Option(help="train | val | all (train and val: the scenes with labels).")] = "all",
+    splits: Annotated[Optional[Path], typer.Option(help="Folder with scannetv2_train/val.txt (default: official).")]
+    = None,
+    allow_missing: Annotated[bool, typer.Option(help="Skip listed scenes whose PLYs are absent.")] = False,
+) -> None:
+    """Parse the labelled ScanNet meshes once into a Zarr cache for `pkd-train finetune scannet-seg`.
+
+    Rerunning resumes (scenes already cached are kept); `pkd-prep verify OUT` checks every checksum.
+    """
+    from pkd.common.scannet_mesh import split_scenes
+    from pkd.common.seg_cache import build_cache
+
+    if split not in ("train", "val", "all"):
+        raise ConfigError(f"--split {split!r}: choose train, val or all.")
+    names = [n for s in (("train", "val") if split == "all" else (split,)) for n in split_scenes(s, splits)]
+    with lock.exclusive(out, "pkd-prep scannet-seg", StoreError):
+        summary = build_cache(root, out, names, allow_missing=allow_missing)
+    typer.echo(f"{out}: {summary['written']} scenes written, {summary['kept']} already cached"
+               + (f", {len(summary['missing'])} missing" if summary["missing"] else ""))
+
+
 @app.command()
 def info(
     store: Store,
@@ -199,8 +226,10 @@ def info(
 
 @app.command()
 def verify(store: Store) -> None:
-    """Check every shard (done, shapes, dtypes, checksums, no NaN/inf, attrs); exit 1 on any fault."""
-    faults = verify_store(store)
+    """Check every shard (done, shapes, dtypes, checksums, no NaN/inf, attrs); exit 1 on any fault.
+
+    Also checks a ScanNet segmentation cache (`pkd-prep scannet-seg`) scene by scene."""
+    faults = verify_cache(store) if is_seg_cache(store) else verify_store(store)
     for fault in faults:
         typer.echo(f"FAULT {fault}", err=True)
     if faults:

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pkd.preprocess.demo_mesh import write_demo_mesh, write_demo_splits
 from pkd.preprocess.frames import Camera
 from pkd.preprocess.sens import write_sens
 
@@ -57,7 +58,8 @@ def lost_tracking_frame(num_frames: int) -> int | None:
 def write_demo_scene(
     out: str | Path, num_frames: int = 250, layout: str = "both", seed: int = 0, name: str = "scene9000_00"
 ) -> Path:
-    """Write the synthetic scene under ``out/scans/<name>/`` as a .sens and/or the exported layout;
+    """Write the synthetic scene under ``out/scans/<name>/`` as a .sens and/or the exported layout, plus its
+    labelled mesh (``<name>_vh_clean_2[.labels].ply``) and ``out/splits/`` lists naming it for segmentation;
     returns the scene folder. Deterministic given ``seed``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -91,6 +93,8 @@ def write_demo_scene(
     else:
         for _ in frames():
             pass
+    write_demo_mesh(scene, ROOM, BOXES, SPHERE, seed)
+    write_demo_splits(Path(out), name)
     return scene
 
 

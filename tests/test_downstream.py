@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from pkd.common.errors import ConfigError, DataError, WeightsError
 from pkd.train.downstream import metrics
-from pkd.train.downstream.cli import finetune_app, probe_app
+from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app
+from pkd.train.downstream.cli import test_app as eval_app
 from pkd.train.downstream.modelnet import load_modelnet40
 from pkd.train.downstream.models import FeaturePropagation, PartSegmenter, PointClassifier, fetch_layers, init_encoder
 from pkd.train.downstream.run import FinetuneConfig, run_finetune
@@ -202,6 +203,8 @@ def cli_app() -> typer.Typer:
     app = typer.Typer()
     app.add_typer(finetune_app, name="finetune")
     app.add_typer(probe_app, name="probe")
+    app.add_typer(eval_app, name="test")
+    app.command("compare")(compare_runs)
     return app
 
 
@@ -224,10 +227,31 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     assert cls["steps"] == 4 and cls["init"]["used"] == len(source.state_dict()) and len(cls["history"]) == 2
     assert {"overall_acc", "mean_class_acc", "vote_overall_acc", "vote_mean_class_acc"} <= set(cls["test"])
     assert (tmp_path / "cls" / "confusion.png").stat().st_size > 0 and (tmp_path / "cls" / "best.pt").is_file()
+    assert (tmp_path / "cls" / "best_vote.pt").is_file() and (tmp_path / "cls" / "curves.png").stat().st_size > 0
+    assert all("vote_overall_acc" in h for h in cls["history"])
+    assert cls["best"]["vote_score"] == max(h["vote_overall_acc"] for h in cls["history"])
+    records = {r["metric"]: r for r in cls["records"]}
+    assert set(records) == {"overall_acc", "mean_class_acc", "vote_overall_acc", "best_vote_overall_acc"}
+    assert records["overall_acc"]["value"] == cls["test"]["overall_acc"] and records["overall_acc"]["unit"] == "%"
+    assert records["overall_acc"]["data"] == {"used": 9, "listed": 2468, "split": "test"}
+    assert "9/2468 test shapes (--allow-missing)" in result.output
+    assert cls["test"]["overall_acc"] == pytest.approx(100 * np.trace(cls["test"]["confusion_matrix"]) / 9)
+
+    result = runner.invoke(app, ["test", "modelnet40", str(tmp_path / "cls"), "--votes", "2", "--passes", "3",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    voted = json.loads((tmp_path / "cls" / "test_votes.json").read_text())
+    passes = voted["vote_passes"]
+    assert len(passes) == 3 and voted["summary"]["best"] == max(passes)
+    assert voted["summary"]["mean"] == pytest.approx(np.mean(passes))
+    assert {r["metric"] for r in voted["records"]} == {"vote_pass_mean", "vote_pass_std", "vote_pass_best"}
+    result = runner.invoke(app, ["test", "modelnet40", str(tmp_path / "cls"), "--votes", "2", "--passes", "3"])
+    assert isinstance(result.exception, ConfigError) and "--overwrite" in str(result.exception)
 
     result = runner.invoke(app, ["probe", "modelnet40", *mn, "--init", "scratch", "--run-dir", str(tmp_path / "probe")])
     assert result.exit_code == 0, result.output
-    assert 0 <= json.loads((tmp_path / "probe" / "results.json").read_text())["test"]["overall_acc"] <= 1
+    assert 0 <= json.loads((tmp_path / "probe" / "results.json").read_text())["test"]["overall_acc"] <= 100
+    assert (tmp_path / "probe" / "config.json").is_file()
 
     part_data, meta = shapenetpart
     result = runner.invoke(app, ["finetune", "shapenetpart", "--data", str(part_data), "--splits", str(meta),
@@ -236,7 +260,9 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     assert result.exit_code == 0, result.output
     seg = json.loads((tmp_path / "seg" / "results.json").read_text())
     assert seg["data"]["train_shapes"] == 5 and seg["data"]["test_shapes"] == 11 and seg["steps"] == 2
-    assert 0 < seg["test"]["instance_miou"] <= 1 and seg["test"]["class_miou"] == seg["test"]["category_miou"]["Cap"]
+    assert 1 < seg["test"]["instance_miou"] <= 100 and seg["test"]["class_miou"] == seg["test"]["category_miou"]["Cap"]
+    assert {r["metric"] for r in seg["records"]} == {"instance_miou", "class_miou"}
+    assert seg["config"]["decay_epochs"] is None  # cosine over all epochs (Point-MAE segmentation/main.py)
     assert (tmp_path / "seg" / "category_iou.png").stat().st_size > 0
 
     result = runner.invoke(app, ["finetune", "modelnet40", "--data", str(tmp_path / "nowhere"), "--init", "scratch",

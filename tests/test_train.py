@@ -258,7 +258,8 @@ def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, caps
     code, _, err = run("export", "runs/a", "--out", "enc.pth")
     assert code == 0, err
     weights = torch.load(tmp_path / "enc.pth", weights_only=True)
-    assert list(weights) == ["base_model"] and "MAE_encoder.norm.weight" in weights["base_model"]
+    assert list(weights) == ["base_model", "pkd"] and "MAE_encoder.norm.weight" in weights["base_model"]
+    assert weights["pkd"]["store"] == str(store) and "random" in weights["pkd"]["teacher"]  # the store's teacher
     assert all(k.startswith("MAE_encoder.") for k in weights["base_model"])
     code, _, err = run("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t")
     assert code == 0, err

@@ -7,8 +7,10 @@ Point-MAE's ``PointTransformer.load_model_from_ckpt`` reads ``ckpt['base_model']
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from pkd.train.encoder import PointEncoder
 from pkd.train.model import Student
 
 ENCODER_PREFIX = "MAE_encoder."
+PROVENANCE = "pkd"          # export entry: the store (path, teacher identity) the encoder was distilled from
 STRIP_PREFIXES = ("module.", "MAE_encoder.", "base_model.")
 
 
@@ -30,7 +33,8 @@ def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def export_encoder(run_or_ckpt: str | Path, out: str | Path) -> Path:
     """Write the encoder of a run (its ``last.pt``) or of a checkpoint file as a Point-MAE checkpoint."""
     path = Path(run_or_ckpt)
-    ckpt = load_checkpoint(path / LAST if path.is_dir() else path)
+    ckpt_path = path / LAST if path.is_dir() else path
+    ckpt = load_checkpoint(ckpt_path)
     state = encoder_state(ckpt.get("model", {}))
     if not state:
         raise TrainingError(f"{path} holds no MAE_encoder.* weights; pass a pkd-train run directory or its last.pt.")
@@ -41,8 +45,25 @@ def export_encoder(run_or_ckpt: str | Path, out: str | Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the folder {out.parent} ({exc.strerror}); choose another --out.") from exc
-    atomic_save({"base_model": {k: v.clone() for k, v in state.items()}}, out)
+    atomic_save({"base_model": {k: v.clone() for k, v in state.items()}, PROVENANCE: run_provenance(ckpt_path)}, out)
     return out
+
+
+def run_provenance(ckpt_path: Path) -> dict[str, Any] | None:
+    """Store path and teacher identity of the distill run a checkpoint belongs to (its ``config.json``)."""
+    config = ckpt_path.parent / "config.json"
+    if not config.is_file():
+        return None
+    store = json.loads(config.read_text()).get("store")
+    return {"store": store.get("path"), "teacher": store.get("teacher")} if isinstance(store, dict) else None
+
+
+def checkpoint_provenance(path: Path) -> dict[str, Any] | None:
+    """What ``export_encoder`` recorded about an export's store, or the run's own record for a run checkpoint;
+    None for a foreign (e.g. Point-MAE) checkpoint. Point-MAE's loader ignores the extra entry."""
+    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    recorded = raw.get(PROVENANCE) if isinstance(raw, dict) else None
+    return recorded if isinstance(recorded, dict) else run_provenance(path)
 
 
 @dataclass(frozen=True)

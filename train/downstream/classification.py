@@ -1,8 +1,12 @@
-"""ModelNet40 classification finetuning (Point-MAE's ``runner_finetune``) as a ``Task`` for the shared loop.
+"""Shape classification finetuning (Point-MAE's ``tools/runner_finetune.py``) as a ``Task`` for the shared loop.
 
-Training: FPS 1200 of each pooled shape, a random 1024 of those, per-axis ScaleAndTranslate, cross-entropy.
-Evaluation: a plain 1024-point FPS. Voting (the final report): logits averaged over ``votes`` training-style
-draws with ScaleAndTranslate, as Point-MAE's ``validate_vote`` (one 10-vote pass, not its best-of-300 test).
+One protocol for ModelNet40, ScanObjectNN and few-shot ModelNet40; only the shapes differ. Training: each
+cloud shuffled (seeded), an FPS pool of 1200 (1024 points) / 2400 (2048) points starting from its first,
+now random, point, a random ``num_points`` of the pool, per-axis ScaleAndTranslate, cross-entropy.
+Evaluation after every epoch: a plain ``num_points`` FPS of the unshuffled cloud, plus, when ``votes`` > 0,
+logits averaged over ``votes`` training-style draws from the unshuffled pool (``validate_vote``), seeded by
+(seed, epoch). The engine keeps the best plain epoch (``ckpt-best``) and the best voting epoch
+(``ckpt-best_vote``). Point-MAE votes only on ModelNet40: its ``validate_vote`` has no 2048-point branch.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
+from pkd.train.downstream.results import coverage, coverage_note, percent
 from pkd.train.downstream.sampling import (fps, fps_pool_size, ordered_batches, random_columns, random_scale_shift,
-                                           shuffled_batches)
+                                           shuffle_points, shuffled_batches, stage_bar)
 
 SCALE, TRANSLATE = (2.0 / 3.0, 3.0 / 2.0), 0.2
 CONFUSION = "confusion.png"
+MODELNET_PROTOCOL = "Point-MAE cfgs/finetune_modelnet.yaml, tools/runner_finetune.py"
 
 
 def load_modelnet_split(cfg: Any, split: str) -> ShapeSet:
@@ -34,26 +40,49 @@ def load_modelnet_split(cfg: Any, split: str) -> ShapeSet:
 
 
 def class_metrics(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Overall and mean-class accuracy in percent."""
     pred = logits.argmax(dim=-1).numpy()
-    return {"overall_acc": metrics.overall_accuracy(pred, labels),
-            "mean_class_acc": metrics.mean_class_accuracy(pred, labels, num_classes)}
+    return {"overall_acc": percent(metrics.overall_accuracy(pred, labels)),
+            "mean_class_acc": percent(metrics.mean_class_accuracy(pred, labels, num_classes))}
 
 
-class ModelNetTask:
-    """ModelNet40 train/test data, a ``PointClassifier``, and Point-MAE's sampling protocol."""
+def augmented_draw(pool: torch.Tensor, num_points: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``num_points`` of an FPS pool, then ScaleAndTranslate (training and voting draws)."""
+    return random_scale_shift(random_columns(pool, num_points, generator), generator, SCALE, TRANSLATE, per_axis=True)
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
-        self.cfg = cfg
-        self.train_set = load_modelnet_split(cfg, "train")
-        self.test_set = load_modelnet_split(cfg, "test")
-        self.classes = self.train_set.classes
-        self.model = PointClassifier(len(self.classes), cfg.dim, cfg.depth, cfg.heads, cfg.drop_path,
+
+def fps_pool(points: torch.Tensor, num_points: int) -> torch.Tensor:
+    """The FPS pool of ``runner_finetune``: 1200 points for 1024, 2400 for 2048, at most the cloud."""
+    return fps(points, fps_pool_size(num_points, points.shape[1]))
+
+
+def training_draw(points: torch.Tensor, num_points: int, generator: torch.Generator) -> torch.Tensor:
+    """Point-MAE's training input from (B, P, 3) clouds: shuffled, FPS pool, random subset, ScaleAndTranslate."""
+    return augmented_draw(fps_pool(shuffle_points(points, generator), num_points), num_points, generator)
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A torch generator fixed by ``keys`` (e.g. seed and epoch)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+class ClassificationTask:
+    """Train/test ``ShapeSet``s, a ``PointClassifier`` and Point-MAE's sampling protocol."""
+
+    headline = ("overall_acc", "mean_class_acc", "vote_overall_acc")
+
+    def __init__(self, cfg: FinetuneConfig, train_set: ShapeSet, test_set: ShapeSet, classes: list[str],
+                 benchmark: str, protocol: str, extra: dict[str, Any] | None = None) -> None:
+        self.cfg, self.train_set, self.test_set, self.classes = cfg, train_set, test_set, classes
+        self.benchmark, self.protocol, self.extra = benchmark, protocol, extra or {}
+        self.model = PointClassifier(len(classes), cfg.dim, cfg.depth, cfg.heads, cfg.drop_path,
                                      cfg.num_group, cfg.group_size).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
         return {"train_shapes": len(self.train_set.labels), "test_shapes": len(self.test_set.labels),
                 "missing_train": self.train_set.missing, "missing_test": self.test_set.missing,
-                "classes": len(self.classes)}
+                "classes": len(self.classes),
+                "coverage": coverage(len(self.test_set.labels), self.test_set.missing, "test"), **self.extra}
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         return shuffled_batches(len(self.train_set.labels), self.cfg.batch_size, self.cfg.seed, epoch)
@@ -61,16 +90,8 @@ class ModelNetTask:
     def _points(self, shapes: ShapeSet, batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(shapes.points[batch]).to(self.cfg.device)
 
-    def _fps_pool(self, points: torch.Tensor) -> torch.Tensor:
-        return fps(points, fps_pool_size(self.cfg.num_points, points.shape[1]))
-
-    def _augmented(self, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A random num_points of the FPS pool, then ScaleAndTranslate (training and voting draws)."""
-        return random_scale_shift(random_columns(pool, self.cfg.num_points, generator), generator,
-                                  SCALE, TRANSLATE, per_axis=True)
-
     def loss(self, model: torch.nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        logits = model(self._augmented(self._fps_pool(self._points(self.train_set, batch)), generator))
+        logits = model(training_draw(self._points(self.train_set, batch), self.cfg.num_points, generator))
         return F.cross_entropy(logits, torch.from_numpy(self.train_set.labels[batch]).to(logits.device))
 
     @cached_property
@@ -80,30 +101,49 @@ class ModelNetTask:
                           for batch in ordered_batches(len(self.test_set.labels), self.cfg.batch_size)])
 
     @torch.no_grad()
-    def test_logits(self, votes: int = 0) -> torch.Tensor:
+    def test_logits(self, votes: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N_test, classes) logits: plain FPS when ``votes`` is 0, else the mean over ``votes`` augmented draws."""
         self.model.eval()
-        generator = torch.Generator().manual_seed(self.cfg.seed)
+        batches = ordered_batches(len(self.test_set.labels), self.cfg.batch_size)
         out = []
-        for batch in ordered_batches(len(self.test_set.labels), self.cfg.batch_size):
+        for batch in stage_bar(batches, f"{votes}-vote evaluation" if votes else "evaluation", len(batches)):
             if votes:
-                pool = self._fps_pool(self._points(self.test_set, batch))
-                logits = torch.stack([self.model(self._augmented(pool, generator)) for _ in range(votes)]).mean(0)
+                pool = fps_pool(self._points(self.test_set, batch), self.cfg.num_points)
+                logits = torch.stack([self.model(augmented_draw(pool, self.cfg.num_points, generator))
+                                      for _ in range(votes)]).mean(0)
             else:
                 logits = self.model(self._plain_test_points[batch].to(self.cfg.device))
             out.append(logits.float().cpu())
         return torch.cat(out)
 
-    def evaluate(self) -> dict[str, float]:
+    def vote_accuracy(self, generator: torch.Generator) -> dict[str, float]:
+        """One ``votes``-vote pass: overall and mean-class accuracy in percent."""
+        return class_metrics(self.test_logits(self.cfg.votes, generator), self.test_set.labels, len(self.classes))
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
         result = class_metrics(self.test_logits(), self.test_set.labels, len(self.classes))
-        return {"score": result["overall_acc"], **result}
+        scores = {"score": result["overall_acc"], **result}
+        if self.cfg.votes:
+            vote = self.vote_accuracy(seeded(self.cfg.seed, epoch))
+            scores.update(vote_score=vote["overall_acc"], vote_overall_acc=vote["overall_acc"],
+                          vote_mean_class_acc=vote["mean_class_acc"])
+        return scores
 
     def report(self, run_dir: Path) -> dict[str, Any]:
         logits = self.test_logits()
         plain = class_metrics(logits, self.test_set.labels, len(self.classes))
-        vote = class_metrics(self.test_logits(self.cfg.votes), self.test_set.labels, len(self.classes))
         matrix = metrics.confusion_matrix(logits.argmax(-1).numpy(), self.test_set.labels, len(self.classes))
-        plot_confusion(matrix, self.classes, run_dir / CONFUSION, f"ModelNet40 test, OA {plain['overall_acc']:.2%}")
-        return {**plain, "votes": self.cfg.votes, "vote_overall_acc": vote["overall_acc"],
-                "vote_mean_class_acc": vote["mean_class_acc"], "confusion_matrix": matrix.tolist(),
-                "classes": self.classes}
+        note = coverage_note(self.data_summary()["coverage"])
+        plot_confusion(matrix, self.classes, run_dir / CONFUSION,
+                       f"{self.benchmark} test, OA {plain['overall_acc']:.2f} %, {note}")
+        result = {**plain, "votes": self.cfg.votes, "confusion_matrix": matrix.tolist(), "classes": self.classes}
+        if self.cfg.votes:
+            vote = self.vote_accuracy(seeded(self.cfg.seed))
+            result.update(vote_overall_acc=vote["overall_acc"], vote_mean_class_acc=vote["mean_class_acc"])
+        return result
+
+
+def modelnet_task(cfg: FinetuneConfig) -> ClassificationTask:
+    """ModelNet40 (``cfgs/finetune_modelnet.yaml``): 8192-point FPS pools, 1024 points, 10 votes."""
+    train, test = load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test")
+    return ClassificationTask(cfg, train, test, train.classes, "modelnet40", MODELNET_PROTOCOL)

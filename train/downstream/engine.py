@@ -1,14 +1,15 @@
-"""The finetuning loop shared by classification and part segmentation.
+"""The finetuning loop shared by classification, part segmentation and scene segmentation.
 
 A ``Task`` owns its data and model and knows how to compute a training loss, a per-epoch score and the
 final test report; ``finetune`` does the rest, top to bottom: prepare the run directory, initialise the
 encoder from ``--init``, AdamW with Point-MAE's per-epoch schedule (linear warm-up from ``min_lr``, then
 cosine, as timm's ``CosineLRScheduler``), gradient clipping, an evaluation after every epoch with the best
-weights kept in ``best.pt``, an atomic ``last.pt`` (``--resume`` continues bit-identically), and finally
-the test report of the best weights in ``results.json``.
+weights kept in ``best.pt`` (and, for tasks that vote, the best voting epoch's in ``best_vote.pt``), an
+atomic ``last.pt`` (``--resume`` continues bit-identically), ``curves.png`` (loss and test score per
+epoch), and finally the test report of the best weights in ``results.json`` (schema: ``results``).
 
 Model selection follows Point-MAE: the best epoch is chosen on the test split (the benchmarks have no
-validation split); ``results.json`` says so.
+validation split; ScanNet's is val, the split it reports); ``results.json`` says so.
 """
 
 from __future__ import annotations
@@ -32,20 +33,33 @@ from pkd.train import distributed
 from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
                                   set_rng_state)
 from pkd.train.downstream.models import init_encoder
+from pkd.train.downstream.plots import plot_curves
+from pkd.train.downstream.results import coverage_note, make_records, write_results
 from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
 from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir, run_lock
 
 BEST = "best.pt"
+BEST_VOTE = "best_vote.pt"
+CURVES = "curves.png"
 RESULTS = "results.json"
 SELECTION = "best epoch chosen on the test split, as Point-MAE does (these benchmarks have no validation split)"
 RESUME_MAY_CHANGE = ("max_steps", "device", "cache_dir")
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # cfgs/finetune_modelnet.yaml
+    # Point-MAE cfgs/finetune_modelnet.yaml
     "modelnet40": {},
-    # segmentation/main.py with the README's --learning_rate 0.0002 --epoch 300 (cosine over 100 epochs)
-    "shapenetpart": dict(batch_size=16, lr=2e-4, decay_epochs=100, num_points=2048, num_group=128),
+    # Point-MAE segmentation/main.py (current): --learning_rate 0.0002 --epoch 300, batch 16, 2048 points;
+    # CosineLRScheduler(t_initial=args.epoch, warmup_t=10): cosine over all epochs
+    "shapenetpart": dict(batch_size=16, lr=2e-4, num_points=2048, num_group=128, votes=0),
+    # Point-MAE cfgs/finetune_scan_{objbg,objonly,hardest}.yaml: 2048 points, 128 groups, 300 epochs;
+    # no voting (runner_finetune.validate_vote has no 2048-point branch)
+    "scanobjectnn": dict(num_points=2048, num_group=128, votes=0),
+    # Point-MAE cfgs/fewshot.yaml: 150 epochs, 1024 points, 64 groups, cls_dim 40; run without --vote
+    "fewshot": dict(epochs=150, votes=0),
+    # the paper's appendix A.2 (lr 1e-3, weight decay 1e-2, 200 epochs, cosine; no warm-up stated); no voting
+    "scannet-seg": dict(epochs=200, warmup_epochs=0, batch_size=16, lr=1e-3, weight_decay=1e-2, num_points=8192,
+                        num_group=256, votes=0),
 }
 
 
@@ -80,15 +94,26 @@ class FinetuneConfig:
     drop_path: float = 0.1
     num_group: int = 64
     group_size: int = 32
+    variant: str | None = None          # ScanObjectNN: obj_bg, obj_only or pb_t50_rs
+    way: int = 0                        # few-shot: classes, shots per class, fold index
+    shot: int = 0
+    fold: int = 0
+    folds: str | None = None            # few-shot: folder of {way}way_{shot}shot/{fold}.pkl (None: generated)
+    crop_size: float = 3.0              # ScanNet: side of the vertical column (metres) an input is drawn from
+    repeats: int = 1                    # ScanNet: random columns drawn from every train scene per epoch
 
     def __post_init__(self) -> None:
         if self.task not in TASK_DEFAULTS:
             raise ConfigError(f"unknown finetuning task {self.task!r}; use one of {', '.join(TASK_DEFAULTS)}.")
-        for name in ("epochs", "num_points", "votes"):
+        for name in ("epochs", "num_points", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.votes < 0:
+            raise ConfigError(f"votes must be 0 (no voting) or more, got {self.votes}.")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be at least 2 (the heads use BatchNorm), got {self.batch_size}.")
+        if self.crop_size <= 0:
+            raise ConfigError(f"crop_size must be positive (metres), got {self.crop_size}.")
         if self.num_group > self.num_points:
             raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups.")
 
@@ -108,7 +133,7 @@ class Task(Protocol):
     def epoch_batches(self, epoch: int) -> list[np.ndarray]: ...
     def loss(self, model: nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor: ...
     # ``model`` is ``self.model`` or its DDP wrapper: training forwards go through it
-    def evaluate(self) -> dict[str, float]: ...           # must hold "score" (higher is better)
+    def evaluate(self, epoch: int) -> dict[str, float]: ...  # "score" (higher is better), optional "vote_score"
     def report(self, run_dir: Path) -> dict[str, Any]: ...  # final test metrics (+ plots) of the current weights
 
 
@@ -138,6 +163,8 @@ class State:
     batch: int = 0
     best_score: float = -1.0
     best_epoch: int = -1
+    best_vote_score: float = -1.0
+    best_vote_epoch: int = -1
     history: tuple[dict[str, float], ...] = ()
 
 
@@ -202,6 +229,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
     bar = tqdm(total=limit, initial=state.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     while state.step < limit:
+        bar.set_description(f"{run_dir.name}: {cfg.task} fine-tuning, epoch {state.epoch + 1}/{cfg.epochs}")
         lr = epoch_lr(state.epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -230,28 +258,58 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
             state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
         if main:
             _save(run_dir, cfg, model, optimizer, state, init_report)
-            log.plot()
+            plot_curves(log.records, state.history, run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
     bar.close()
     distributed.barrier()
     if (run_dir / BEST).is_file():
         model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
-    results = {"task": cfg.task, "init": init_report, "selection": SELECTION,
-               "best": {"epoch": state.best_epoch, "score": state.best_score}, "steps": state.step,
+    best = {"epoch": state.best_epoch, "score": state.best_score}
+    if state.best_vote_epoch >= 0:
+        best.update(vote_epoch=state.best_vote_epoch, vote_score=state.best_vote_score)
+    results = {"task": cfg.task, "init": init_report, "selection": SELECTION, "best": best, "steps": state.step,
                "test": task.report(run_dir) if main else None, "history": list(state.history),
                "data": task.data_summary(), "config": dataclasses.asdict(cfg), "code": code_version(),
                "world_size": world}
     if main:
-        (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+        results = write_results(run_dir / RESULTS, results, task_records(task, results, run_dir))
     distributed.barrier()
     return results
 
 
+def task_records(task: Task, results: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """The schema records of a finished run (or a re-scoring without ``best``): the task's headline test
+    metrics, plus the best voting epoch."""
+    test = results["test"]
+    values = {k: test[k] for k in getattr(task, "headline", ()) if k in test}
+    if "vote_score" in results.get("best", {}):
+        values["best_vote_overall_acc"] = results["best"]["vote_score"]
+    data = results["data"].get("coverage") or {"used": results["data"]["test_shapes"],
+                                               "listed": results["data"]["test_shapes"], "split": "test"}
+    return make_records(getattr(task, "benchmark", results["task"]), values, init_report=results["init"],
+                        config=results["config"], data=data, protocol=getattr(task, "protocol", ""),
+                        run_dir=run_dir)
+
+
+def describe_data(results: dict[str, Any]) -> str:
+    """Console note on how much of the test split (ScanNet: val scenes) a run used."""
+    data = results["data"]
+    if "coverage" not in data:
+        return f"{data['test_shapes']} test shapes"
+    return coverage_note(data["coverage"], "scenes" if results["task"] == "scannet-seg" else "shapes")
+
+
 def _evaluate(task: Task, state: State, run_dir: Path, write: bool = True) -> State:
     """Score the current weights (every rank, same result); keep them in best.pt when they beat the best so far."""
-    metrics = task.evaluate()
-    history = state.history + ({"epoch": state.epoch, "step": state.step, **metrics},)
+    metrics = task.evaluate(state.epoch)
+    state = dataclasses.replace(state, history=state.history + ({"epoch": state.epoch, "step": state.step,
+                                                                 **metrics},))
+    weights = {"model": task.model.state_dict(), "epoch": state.epoch, "metrics": metrics}
     if metrics["score"] > state.best_score:
         if write:
-            atomic_save({"model": task.model.state_dict(), "epoch": state.epoch, "metrics": metrics}, run_dir / BEST)
-        return dataclasses.replace(state, best_score=metrics["score"], best_epoch=state.epoch, history=history)
-    return dataclasses.replace(state, history=history)
+            atomic_save(weights, run_dir / BEST)
+        state = dataclasses.replace(state, best_score=metrics["score"], best_epoch=state.epoch)
+    if metrics.get("vote_score", -1.0) > state.best_vote_score:
+        if write:
+            atomic_save(weights, run_dir / BEST_VOTE)
+        state = dataclasses.replace(state, best_vote_score=metrics["vote_score"], best_vote_epoch=state.epoch)
+    return state

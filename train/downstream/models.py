@@ -14,6 +14,7 @@ per-point MLP 3392 → 512 → 256 → 50 (for C = 384) gives part logits.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -22,10 +23,11 @@ from torch import nn
 from pkd.common.errors import WeightsError
 from pkd.train.checkpoint import LAST
 from pkd.train.encoder import PointEncoder, init_weights
-from pkd.train.export import LoadReport, load_pointmae_checkpoint
+from pkd.train.export import LoadReport, checkpoint_provenance, load_pointmae_checkpoint
 from pkd.train.tokenizer import Group, gather_points
 
 SCRATCH = "scratch"
+log = logging.getLogger(__name__)
 
 
 def run_blocks(encoder: PointEncoder, patches: torch.Tensor, centres: torch.Tensor,
@@ -140,5 +142,13 @@ def init_encoder(encoder: PointEncoder, init: str | Path) -> dict:
         raise WeightsError(f"{path} provides only {len(report.used)} of the encoder's {total} "
                            f"weights (missing e.g. {report.missing[:3]}); it is an encoder of another depth. "
                            "Match --depth/--dim/--heads to the checkpoint.")
+    provenance = checkpoint_provenance(path) or {}
+    teacher = provenance.get("teacher")
+    random_teacher = bool(teacher.get("random")) if isinstance(teacher, dict) else None
+    if random_teacher:
+        log.warning("!!! %s was distilled from a RANDOM TEACHER store (%s): its numbers say nothing about pkd's "
+                    "pre-training; distill from a store made with the real ClipCap weights.", path,
+                    provenance.get("store"))
     return {"init": str(path), "used": len(report.used), "missing": report.missing,
-            "unexpected": len(report.unexpected), "unexpected_examples": report.unexpected[:5]}
+            "unexpected": len(report.unexpected), "unexpected_examples": report.unexpected[:5],
+            "store": provenance.get("store"), "teacher": teacher, "random_teacher": random_teacher}

@@ -2,7 +2,8 @@
 
 Features: the max and the mean of the encoder's final (normalised) patch tokens (2·C), of a plain
 1024-point FPS of each shape, without augmentation. The SVM is scikit-learn's ``LinearSVC`` on
-standardised features. Minutes on a GPU: one forward pass per shape.
+standardised features. Minutes on a GPU: one forward pass per shape. Like every command that writes a run
+folder, it refuses an existing one unless ``overwrite`` is given (checked before any work).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pkd.common.errors import ConfigError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import CONFUSION, load_modelnet_split
 from pkd.train.downstream.engine import RESULTS, resolve_device
+from pkd.train.downstream.results import coverage, coverage_note, make_records, percent, write_results
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_confusion
-from pkd.train.downstream.sampling import fps, ordered_batches
+from pkd.train.downstream.sampling import fps, ordered_batches, stage_bar
 from pkd.train.encoder import PointEncoder
 from pkd.train.tokenizer import Group
-from pkd.train.trainer import code_version
+from pkd.train.trainer import code_version, prepare_run_dir
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,12 @@ class ProbeConfig:
 
 @torch.no_grad()
 def encoder_features(encoder: PointEncoder, group: Group, shapes: ShapeSet, num_points: int, batch_size: int,
-                     device: str) -> np.ndarray:
+                     device: str, desc: str = "probe features") -> np.ndarray:
     """(N, 2·C) max- and mean-pooled final tokens of every shape."""
     encoder.eval()
     out = []
-    for batch in ordered_batches(len(shapes.labels), batch_size):
+    batches = ordered_batches(len(shapes.labels), batch_size)
+    for batch in stage_bar(batches, desc, len(batches)):
         points = torch.from_numpy(shapes.points[batch]).to(device)
         patches, centres, _ = group(fps(points, num_points))
         tokens, _ = encoder(patches, centres)
@@ -66,13 +69,16 @@ def encoder_features(encoder: PointEncoder, group: Group, shapes: ShapeSet, num_
     return np.concatenate(out)
 
 
-def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Fit the SVM on train features, score test; writes results.json and confusion.png in ``run_dir``."""
+def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Fit the SVM on train features, score test; writes config.json, results.json and confusion.png in
+    ``run_dir``, which must not exist yet unless ``overwrite``."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=False, overwrite=overwrite, act=False)
     torch.manual_seed(cfg.seed)
     train, test = load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test")
     if len(set(train.labels.tolist())) < 2:
@@ -80,23 +86,28 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path) -> dict[str, Any]:
     encoder = PointEncoder(cfg.dim, cfg.depth, cfg.heads, drop_path=0.0).to(cfg.device)
     init_report = init_encoder(encoder, cfg.init)
     group = Group(cfg.num_group, cfg.group_size)
-    feats = [encoder_features(encoder, group, s, cfg.num_points, cfg.batch_size, cfg.device) for s in (train, test)]
+    feats = [encoder_features(encoder, group, s, cfg.num_points, cfg.batch_size, cfg.device, f"probe features ({name})")
+             for name, s in (("train", train), ("test", test))]
     svm = make_pipeline(StandardScaler(), LinearSVC(C=cfg.svm_c, max_iter=20000, random_state=cfg.seed))
     svm.fit(feats[0], train.labels)
     pred = svm.predict(feats[1])
     num_classes = len(train.classes)
     matrix = metrics.confusion_matrix(pred, test.labels, num_classes)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    test_metrics = {"overall_acc": metrics.overall_accuracy(pred, test.labels),
-                    "mean_class_acc": metrics.mean_class_accuracy(pred, test.labels, num_classes),
-                    "train_acc": metrics.overall_accuracy(svm.predict(feats[0]), train.labels),
+    prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+    data = {"train_shapes": len(train.labels), "test_shapes": len(test.labels), "missing_train": train.missing,
+            "missing_test": test.missing, "coverage": coverage(len(test.labels), test.missing, "test")}
+    config = dataclasses.asdict(cfg)
+    (run_dir / "config.json").write_text(json.dumps({"config": config, "init": init_report, "data": data,
+                                                     "code": code_version()}, indent=2) + "\n")
+    test_metrics = {"overall_acc": percent(metrics.overall_accuracy(pred, test.labels)),
+                    "mean_class_acc": percent(metrics.mean_class_accuracy(pred, test.labels, num_classes)),
+                    "train_acc": percent(metrics.overall_accuracy(svm.predict(feats[0]), train.labels)),
                     "confusion_matrix": matrix.tolist(), "classes": train.classes}
     plot_confusion(matrix, train.classes, run_dir / CONFUSION,
-                   f"ModelNet40 linear probe, OA {test_metrics['overall_acc']:.2%}")
-    results = {"task": "probe-modelnet40", "init": init_report, "test": test_metrics,
-               "data": {"train_shapes": len(train.labels), "test_shapes": len(test.labels),
-                        "missing_train": train.missing, "missing_test": test.missing},
-               "config": dataclasses.asdict(cfg), "code": code_version()}
-    (run_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+                   f"ModelNet40 linear probe, OA {test_metrics['overall_acc']:.2f} %, "
+                   f"{coverage_note(data['coverage'])}")
+    records = make_records("probe/modelnet40", {k: test_metrics[k] for k in ("overall_acc", "mean_class_acc")},
+                           init_report=init_report, config=config, data=data["coverage"],
+                           protocol="linear SVM on frozen max+mean tokens (pkd)", run_dir=run_dir)
+    return write_results(run_dir / RESULTS, {"task": "probe-modelnet40", "init": init_report, "test": test_metrics,
+                                             "data": data, "config": config, "code": code_version()}, records)

@@ -1,21 +1,62 @@
-"""Python entry points behind ``pkd-train finetune`` and ``pkd-train probe``."""
+"""Python entry points behind ``pkd-train finetune``, ``probe``, ``test`` and ``compare``."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from pkd.train.downstream.classification import ModelNetTask
-from pkd.train.downstream.engine import FinetuneConfig, finetune
+from pkd.common.errors import ConfigError
+from pkd.train.checkpoint import LAST, load_checkpoint
+from pkd.train.downstream.classification import modelnet_task
+from pkd.train.downstream.compare import compare
+from pkd.train.downstream.engine import BEST, RESULTS, FinetuneConfig, Task, finetune, resolve_device, task_records
+from pkd.train.downstream.fewshot import run_fewshot
 from pkd.train.downstream.probe import ProbeConfig, probe_modelnet40
+from pkd.train.downstream.results import write_results
+from pkd.train.downstream.scannet_seg import ScanNetSegTask
+from pkd.train.downstream.scanobjectnn import scanobjectnn_task
 from pkd.train.downstream.segmentation import ShapeNetPartTask
+from pkd.train.downstream.votetest import test_modelnet40
+from pkd.train.trainer import code_version
 
-TASKS = {"modelnet40": ModelNetTask, "shapenetpart": ShapeNetPartTask}
+TASKS = {"modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
+         "scannet-seg": ScanNetSegTask}
 
-__all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "probe_modelnet40"]
+__all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "run_fewshot", "run_test", "probe_modelnet40",
+           "test_modelnet40", "compare"]
 
 
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:
-    """Finetune ``cfg.task`` (modelnet40 or shapenetpart) into ``run_dir``; returns results.json's content."""
+    """Finetune ``cfg.task`` (a key of TASKS) into ``run_dir``; returns results.json's content."""
     return finetune(TASKS[cfg.task], cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def run_test(build_task: Callable[[FinetuneConfig], Task], run_dir: str | Path, out: str | Path | None = None,
+             overwrite: bool = False, **changes: Any) -> dict[str, Any]:
+    """Score a finetuning run's best weights (its last.pt when it has no best.pt) again: the run's
+    config.json with ``changes`` (None values ignored) on top, the task's test report and plots in ``out``
+    (default RUN/test); returns the results.json written there, whose records name RUN as their run (so
+    ``compare`` counts the run once)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{run_dir} holds no config.json; pass a run directory written by `pkd-train finetune`.")
+    saved = json.loads((run_dir / "config.json").read_text())
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in changes.items() if v is not None}
+    cfg = FinetuneConfig(**{**saved["config"], **given})
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    weights = run_dir / BEST if (run_dir / BEST).is_file() else run_dir / LAST
+    if not weights.is_file():
+        raise ConfigError(f"{run_dir} has neither {BEST} nor {LAST}; finish (or --resume) the finetuning first.")
+    out = Path(out) if out else run_dir / "test"
+    if (out / RESULTS).exists() and not overwrite:
+        raise ConfigError(f"{out / RESULTS} exists; pass --overwrite to replace it or --out for another folder.")
+    task = build_task(cfg)
+    task.model.load_state_dict(load_checkpoint(weights)["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"task": cfg.task, "run": str(run_dir), "weights": str(weights), "init": saved["init"],
+               "test": task.report(out), "data": task.data_summary(), "config": dataclasses.asdict(cfg),
+               "code": code_version()}
+    return write_results(out / RESULTS, results, task_records(task, results, run_dir))

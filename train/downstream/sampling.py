@@ -1,15 +1,22 @@
 """Batch-level point sampling and augmentation for finetuning, on whatever device the batch is on.
 
-Point-MAE's ModelNet40 protocol: training takes a 1200-point FPS of each pooled shape and a random 1024 of
-those (the same columns for the whole batch), testing a plain 1024-point FPS; voting repeats the training
-draw. ``random_scale_shift`` covers both of Point-MAE's augmentations: per-axis ScaleAndTranslate
-(classification) and the isotropic scale + shift of the part-segmentation script.
+Point-MAE's classification protocol (``tools/runner_finetune.py``): its datasets shuffle every training
+cloud (``datasets/ModelNetDataset.py``, ``ScanObjectNNDataset.py``, ``ModelNetDatasetFewShot.py``:
+``np.random.shuffle(pt_idxs)`` for subset 'train'), so the 1200-point FPS that follows starts from a random
+point; a random 1024 of those (the same columns for the whole batch) are kept. Testing takes a plain
+1024-point FPS of the unshuffled cloud; voting repeats the training draw from that unshuffled FPS pool.
+``random_scale_shift`` covers both of Point-MAE's augmentations: per-axis ScaleAndTranslate (classification)
+and the isotropic scale + shift of the part-segmentation script.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pkd.train.tokenizer import farthest_point_sample, gather_points
 
@@ -17,6 +24,12 @@ from pkd.train.tokenizer import farthest_point_sample, gather_points
 def fps(points: torch.Tensor, num: int) -> torch.Tensor:
     """(B, P, 3) → the (B, num, 3) farthest point sample starting at point 0."""
     return gather_points(points, farthest_point_sample(points, num))
+
+
+def shuffle_points(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Every cloud of (B, P, 3) in its own random point order (Point-MAE's per-sample ``np.random.shuffle``)."""
+    order = torch.rand(points.shape[:2], generator=generator).argsort(dim=1).to(points.device)
+    return torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
 
 
 def fps_pool_size(num_points: int, available: int) -> int:
@@ -52,3 +65,11 @@ def ordered_batches(count: int, batch_size: int) -> list[np.ndarray]:
 def numpy_rng(generator: torch.Generator) -> np.random.Generator:
     """A numpy generator seeded from ``generator``, for draws numpy does better (resampling shapes)."""
     return np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+
+
+T = TypeVar("T")
+
+
+def stage_bar(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """A transient progress bar named after its stage (evaluation, voting, features); silent when not a TTY."""
+    return iter(tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None))
