@@ -32,6 +32,8 @@ from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
 
 log = logging.getLogger(__name__)
 
+CREATING = "creating"  # store status until every split's (empty) arrays exist
+
 
 @dataclass(frozen=True)
 class PrepConfig:
@@ -125,7 +127,7 @@ def _drop_stale_staging(staging: str, cfg: PrepConfig, teacher_id: dict) -> None
 def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,
                     patch_tokens: bool) -> zarr.Group:
     prep = to_plain(cfg)
-    if _store_exists(out):
+    if _store_exists(out) and not _half_created(out):
         root = store.open_store(out, mode="r+")
         geometry_diff, teacher_diff = _differences(root, prep, teacher_id)
         if geometry_diff or teacher_diff:
@@ -136,17 +138,27 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
                               "or choose another --out." + hint)
         _check_plans(root, plans, cfg, out)
         return root
-    root = zarr.open_group(out, mode="w")
+    root = zarr.open_group(out, mode="w", attributes={  # one write: a pkd store from its first file on
+        "format": store.FORMAT, "version": store.VERSION, "prep": prep, "teacher": teacher_id,
+        "versions": package_versions(), "status": CREATING,
+    })
     for name, plan in plans.items():
         group = store.create_split(root, name, len(plan.samples), cfg.shard_size, cfg.geometry.num_points,
                                    [e.name for e in plan.scenes], patch_tokens=patch_tokens)
         group.attrs.update({"plan": plan.fingerprint(), "plan_skipped": dict(plan.skipped),
                             "color_sizes": [list(size) for size in plan.color_sizes]})
-    root.attrs.update({
-        "format": store.FORMAT, "version": store.VERSION, "prep": prep, "teacher": teacher_id,
-        "versions": package_versions(), "status": "in-progress",
-    })
+    root.attrs["status"] = "in-progress"
     return root
+
+
+def _half_created(out: str) -> bool:
+    """A store interrupted before its first shard (an empty folder, or status still CREATING): created again."""
+    if "://" not in out and Path(out).is_dir() and not any(Path(out).iterdir()):
+        return True
+    try:
+        return zarr.open_group(out, mode="r").attrs.get("status") == CREATING
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
 
 
 def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:

@@ -341,6 +341,17 @@ def test_signal_at_a_random_moment_of_prep_then_rerun_equals_the_clean_store(dem
     assert_same_arrays(arrays(out), clean_arrays)
 
 
+@pytest.mark.parametrize("leftover", ["empty folder", "creating"])
+def test_a_store_interrupted_while_being_created_is_created_again(demo_root, clean_arrays, tmp_path, leftover):
+    out = tmp_path / "pairs.zarr"
+    out.mkdir()
+    if leftover == "creating":  # what an interrupt leaves between the root's metadata and the split arrays
+        zarr.open_group(str(out), mode="w", attributes={"format": store.FORMAT, "version": store.VERSION,
+                                                         "status": "creating", "prep": {}, "teacher": {}})
+    check(run(*prep_args(demo_root, out)), 0, f"wrote {out}")
+    assert_same_arrays(arrays(out), clean_arrays)
+
+
 # ---- downstream: the ModelNet40 FPS cache follows file contents -----------------------------------------
 
 def test_modelnet_cache_rebuilds_a_replaced_shape(tmp_path):
