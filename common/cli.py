@@ -12,7 +12,6 @@ code; its exceptions are ``typer._click`` classes, not ``click`` ones.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ import sys
 import typer
 from typer._click.exceptions import ClickException
 
+from pkd.common import logs
 from pkd.common.errors import PkdError
 from pkd.common.signals import Interrupts
 
@@ -38,8 +38,7 @@ def _one_paragraph(exc: BaseException) -> str:
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run ``app`` and exit with the code the module docstring lists."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pkd").setLevel(logging.INFO)
+    logs.configure()
     debug = os.environ.get("PKD_DEBUG") == "1"
     previous = signal.signal(signal.SIGTERM, Interrupts.on_term)
     try:

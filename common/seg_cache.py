@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pkd.common.errors import DataError, StoreError
+from pkd.common.logs import progress_bar
 from pkd.common.scannet_mesh import CLASS_IDS, DOWNLOAD_HINT, IGNORE, NUM_CLASSES, SceneMesh, class_names, \
     find_scan_folder, read_scene, scene_files
 
@@ -109,7 +109,8 @@ def build_cache(data: str | Path, path: str | Path, scenes: Iterable[str], allow
             missing.append(scene)
             continue
         todo.append((scene, files))
-    for scene, files in tqdm(todo, desc="caching ScanNet meshes", unit="scene", disable=not progress or not todo):
+    for scene, files in progress_bar(todo, desc="caching ScanNet meshes", unit="scene",
+                                     disable=not progress or not todo):
         _write_scene(root, scene, read_scene(*files), files)
     return {"written": len(todo), "kept": len(done), "missing": missing}
 

@@ -63,7 +63,7 @@ class ArraySpec:
 
 
 def array_specs(num_points: int, patch_tokens: bool = False) -> list[ArraySpec]:
-    """The per-sample arrays of a split, in the order DESIGN.md lists them."""
+    """The per-sample arrays of a split, in the order the module docstring lists them."""
     p = num_points
     specs = [
         ArraySpec("points", (p, 3), "float32", "geometry"),
@@ -227,7 +227,11 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
     """Open one complete split for reading; ``require`` names arrays a consumer needs."""
     root = open_store(path)
     if split not in splits_of(root):
-        raise StoreError(f"{path} has no split {split!r} (it has {splits_of(root)}); prep it with --split {split}.")
+        held = ", ".join(f"{name} ({root[name].attrs['num_samples']} samples)" for name in splits_of(root)) or "none"
+        example = (splits_of(root) or ["test"])[0]
+        raise StoreError(f"{path} has no split {split!r}; it holds {held}. Pass --split with one of those (e.g. "
+                         f"--split {example}), or prep a store from scenes of split {split!r}: pkd-prep assigns "
+                         "splits from the official ScanNet v2 lists (scans_test/ scenes are test).")
     group = root[split]
     for stage in STAGES:
         done = done_shards(group, stage)

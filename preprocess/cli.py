@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pkd.common import logs
 from pkd.common.cli import run_app
 from pkd.common import lock
 from pkd.common.errors import ConfigError, StoreError
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.callback()(logs.cli_options)
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
 MAX_POINTS = 65536  # points per sample: bounds memory (points × shard size) and stays below a depth frame's pixels
@@ -127,6 +129,9 @@ def scannet(
     sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
     shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
     seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
+    depth_scale: Annotated[Optional[float], typer.Option(
+        help="Depth units per metre of exported depth PNGs (default 1000: millimetres, as ScanNet, 7-Scenes, "
+             "Redwood; TUM RGB-D: 5000). .sens files record their own.")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing store written with other arguments (the new one is built beside it as "
              "OUT.overwrite and swapped in only once complete).")] = False,
@@ -143,6 +148,7 @@ def scannet(
         root=str(root.resolve()), split=split, scenes=tuple(scenes.split(",")) if scenes else None, source=source,
         frame_skip=frame_skip, limit=limit, shard_size=shard_size, seed=seed,
         geometry=GeometryConfig(num_points=points, sampling=sampling, min_valid_pixels=points),
+        depth_scale=depth_scale,
     )
     _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
     if limit is not None:
@@ -153,6 +159,9 @@ def scannet(
                           f"most {MAX_POINTS} (the paper uses 4096).")
     if sampling not in ("fps", "random"):
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
+    if depth_scale is not None and not depth_scale > 0:
+        raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
+                          f"{depth_scale}.")
     summary = run_prep(cfg, out, run.config(seed), run.options(overwrite))
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
@@ -219,6 +228,13 @@ def info(
                f"precision={teacher.get('precision')}")
     if teacher.get("random"):
         typer.echo("WARNING: this store's targets come from a RANDOM teacher (tests/demos only).")
+    prep = report["prep"] or {}
+    geometry = prep.get("geometry", {})
+    typer.echo(f"prep: {prep.get('root')} (split {prep.get('split')}, source {prep.get('source')}), frame skip "
+               f"{prep.get('frame_skip')}, limit {prep.get('limit')}, {geometry.get('num_points')} points "
+               f"({geometry.get('sampling')}), depth {geometry.get('min_depth')}-{geometry.get('max_depth')} m, "
+               f"depth scale {prep.get('depth_scale') or 'default (exported frames: 1000, .sens: its header)'}, "
+               f"seed {prep.get('seed')}, shard size {prep.get('shard_size')}")
     for name, s in report["splits"].items():
         typer.echo(f"{name}: {s['samples']} samples ({s['valid']} valid), {s['scenes']} scenes, "
                    f"{s['shards']} shards (done {s['shards_done']}), skipped {s['skipped'] or 'none'}")

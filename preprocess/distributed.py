@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import zarr
 from dask.distributed import Client, LocalCluster, as_completed
-from tqdm import tqdm
 
-from pkd.preprocess.shard_writer import ShardJob, build_shard
+from pkd.common.logs import progress_bar
+from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def run_on_dask(out: str, jobs: list[ShardJob], teacher_cfg: TeacherConfig, teac
         futures = [client.submit(shard_task, out, job, teacher_cfg, teacher_batch, threads, retries=RETRIES,
                                  key=f"pkd-shard-{job.split}-{job.shard}", pure=False) for job in jobs]
         sizes = {f.key: len(job.samples) for f, job in zip(futures, jobs)}
-        with tqdm(total=sum(sizes.values()), desc="prep (dask)", unit="frame", disable=not progress) as bar:
+        with progress_bar(total=sum(sizes.values()), desc=f"{stage_name(jobs)} (dask)", unit="frame",
+                          disable=not progress) as bar:
             for future in as_completed(futures):
                 future.result()
                 bar.update(sizes[future.key])

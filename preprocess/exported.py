@@ -6,7 +6,8 @@ use them)::
             [<scene>.txt with colorWidth/colorHeight/depthWidth/depthHeight]
 
 Frame numbers are the file stems (ScanNet does not zero-pad them; padded names are read too). Only
-frames with all three files count; the others are listed in ``missing``.
+frames with all three files count; the others are listed in ``missing``. Frames from another sensor
+use the same layout; ``depth_scale`` gives their depth units per metre (1000: millimetres, as ScanNet).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ class ExportedReader:
     of NaN for that frame, so the planner counts it as an invalid pose like ScanNet's -inf poses.
     """
 
-    def __init__(self, scene_dir: str | Path, name: str | None = None):
+    def __init__(self, scene_dir: str | Path, name: str | None = None, depth_scale: float = DEPTH_SHIFT):
+        if not depth_scale > 0:
+            raise DataError(f"depth scale {depth_scale} of {scene_dir} must be positive (depth units per metre: "
+                            "1000 for millimetres).")
+        self.depth_scale = float(depth_scale)
         self.path = Path(scene_dir)
         self.name = name or self.path.name
         self.bytes_read = 0
@@ -73,7 +78,7 @@ class ExportedReader:
             depth_to_color=depth_to_color,
             color_size=_size(meta, "color", first_color),
             depth_size=_size(meta, "depth", first_depth),
-            depth_shift=DEPTH_SHIFT,
+            depth_shift=self.depth_scale,
         )
 
     def _meta(self) -> dict[str, str]:

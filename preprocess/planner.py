@@ -13,9 +13,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
 from pkd.common import geometry
+from pkd.common.logs import progress_bar
 from pkd.common.store import SPLITS, shard_ranges
 from pkd.preprocess.scenes import SceneEntry, open_scene
 
@@ -53,7 +52,8 @@ def plan_splits(
         if not scenes:
             continue
         plan = SplitPlan(split, scenes, [])
-        for index, entry in enumerate(tqdm(scenes, desc=f"plan {split}", unit="scene", disable=not progress)):
+        bar = progress_bar(scenes, desc=f"plan {split}: poses", unit="scene", disable=not progress)
+        for index, entry in enumerate(bar):
             if limit is not None and len(plan.samples) >= limit:
                 break
             with open_scene(entry) as reader:

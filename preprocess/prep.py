@@ -15,20 +15,21 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from pkd.common import lock, store
 from pkd.common.config import config_diff, package_versions, to_plain
 from pkd.common.errors import ConfigError, DataError, StoreError
+from pkd.common.logs import progress_bar
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
-from pkd.preprocess.scenes import find_scenes
-from pkd.preprocess.shard_writer import ShardJob, build_shard
-from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+from pkd.preprocess.scenes import SceneEntry, describe_splits, find_scenes
+from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
+from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher, teacher_config_identity
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class PrepConfig:
     shard_size: int = 512
     seed: int = 0
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    depth_scale: float | None = None
+
+    def scenes_to_read(self) -> list[SceneEntry]:
+        """The scenes this config selects under its root."""
+        return find_scenes(Path(self.root), self.split, self.scenes, self.source, self.depth_scale)
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,13 @@ def store_lock(out: str) -> Iterator[None]:
         log.warning("%s is remote: pkd cannot lock it, make sure no other prep writes it", out)
         yield
         return
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"--out {out} is an existing file, not a store; choose another --out.")
     with lock.exclusive(out, "pkd-prep", StoreError):
         yield
+
+
+def _refuse_a_file(out: str) -> None:
+    if "://" not in out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a store; choose another --out.")
 
 
 def _staging(out: str) -> str:
@@ -93,6 +102,16 @@ def _swap(staging: str, out: str) -> None:
     shutil.rmtree(old)
 
 
+def _drop_stale_staging(staging: str, cfg: PrepConfig, teacher_id: dict) -> None:
+    """Keep an interrupted ``--overwrite`` build of the same arguments (it resumes), delete any other."""
+    if not Path(staging).exists() or _half_created(staging):
+        return
+    try:
+        _refuse_other_arguments(store.open_store(staging), cfg, teacher_id, staging)
+    except (ConfigError, StoreError):
+        shutil.rmtree(staging)
+
+
 def _store_exists(out: str) -> bool:
     if "://" in out:
         try:
@@ -107,37 +126,14 @@ def _comparable_teacher(identity: dict) -> dict:
     return {k: v for k, v in identity.items() if k not in ("device", "open_clip_version")}
 
 
-def _differences(root: zarr.Group, prep: dict, teacher_id: dict) -> tuple[list[str], list[str]]:
-    """How a store's recorded prep and teacher differ from this run's."""
-    return (config_diff(root.attrs["prep"], prep),
-            config_diff(_comparable_teacher(root.attrs["teacher"]), _comparable_teacher(teacher_id), "teacher."))
-
-
-def _drop_stale_staging(staging: str, cfg: PrepConfig, teacher_id: dict) -> None:
-    """Keep an interrupted ``--overwrite`` build of the same arguments (it resumes), delete any other."""
-    if Path(staging).exists():
-        try:
-            stale = any(_differences(store.open_store(staging), to_plain(cfg), teacher_id))
-        except StoreError:
-            stale = True
-        if stale:
-            shutil.rmtree(staging)
-
-
 def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: dict,
                     patch_tokens: bool) -> zarr.Group:
-    prep = to_plain(cfg)
     if _store_exists(out) and not _half_created(out):
         root = store.open_store(out, mode="r+")
-        geometry_diff, teacher_diff = _differences(root, prep, teacher_id)
-        if geometry_diff or teacher_diff:
-            hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
-                    "with the new teacher options.")
-            raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(geometry_diff + teacher_diff)
-                              + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
-                              "or choose another --out." + hint)
+        _refuse_other_arguments(root, cfg, teacher_id, out)
         _check_plans(root, plans, cfg, out)
         return root
+    prep = to_plain(cfg)
     root = zarr.open_group(out, mode="w", attributes={  # one write: a pkd store from its first file on
         "format": store.FORMAT, "version": store.VERSION, "prep": prep, "teacher": teacher_id,
         "versions": package_versions(), "status": CREATING,
@@ -159,6 +155,23 @@ def _half_created(out: str) -> bool:
         return zarr.open_group(out, mode="r").attrs.get("status") == CREATING
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return False
+
+
+def _refuse_other_arguments(root: zarr.Group, cfg: PrepConfig, teacher_id: dict, out: str) -> None:
+    """Refuse to resume a store written with other prep arguments or another teacher, naming the differences.
+
+    ``teacher_id`` may hold only the keys known before the teacher is built (``teacher_config_identity``):
+    then just those are compared, so a wrong option is refused before the seconds-long teacher build.
+    """
+    recorded = {k: v for k, v in _comparable_teacher(root.attrs["teacher"]).items() if k in teacher_id}
+    geometry_diff = config_diff(root.attrs["prep"], to_plain(cfg))
+    teacher_diff = config_diff(recorded, _comparable_teacher(teacher_id), "teacher.")
+    if geometry_diff or teacher_diff:
+        hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
+                "with the new teacher options.")
+        raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(geometry_diff + teacher_diff)
+                          + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
+                          "or choose another --out." + hint)
 
 
 def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
@@ -199,15 +212,22 @@ def finalize(group: zarr.Group) -> dict:
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
-    with tqdm(total=sum(len(j.samples) for j in jobs), desc="prep", unit="frame", disable=not options.progress) as bar:
-        for job in jobs:
-            build_shard(root[job.split], job, teacher, options.teacher_batch, options.threads, lambda: bar.update())
+    for _, split_jobs in groupby(jobs, key=lambda job: job.split):
+        split_jobs = list(split_jobs)
+        with progress_bar(total=sum(len(j.samples) for j in split_jobs), desc=stage_name(split_jobs), unit="frame",
+                          disable=not options.progress) as bar:
+            for job in split_jobs:
+                build_shard(root[job.split], job, teacher, options.teacher_batch, options.threads, bar.update)
 
 
 def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
     """Build (or resume) the pair store at ``out``; returns a summary per split."""
     out = _absolute(out)
-    entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+    entries = cfg.scenes_to_read()
+    log.info("scenes under %s by split: %s", cfg.root, describe_splits(entries))
+    _refuse_a_file(out)
+    if not options.overwrite and _store_exists(out) and not _half_created(out):
+        _refuse_other_arguments(store.open_store(out), cfg, teacher_config_identity(teacher_cfg), out)
     teacher = build_teacher(teacher_cfg)
     with store_lock(out):
         target = _staging(out) if options.overwrite and _store_exists(out) else out
@@ -256,7 +276,7 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
                     store.add_array(root[name], next(s for s in store.array_specs(cfg.geometry.num_points, True)
                                                      if s.name == "patch_tokens"))
             root.attrs.update({"teacher": teacher.identity, "status": "in-progress"})
-        entries = find_scenes(Path(cfg.root), cfg.split, cfg.scenes, cfg.source)
+        entries = cfg.scenes_to_read()
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         _check_plans(root, plans, cfg, out)
         return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)

@@ -8,14 +8,14 @@ in ``pkd.data_manifests``; a scene in none of them (the demo scene, a user's own
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from pkd.common.errors import DataError
-from pkd.preprocess.exported import ExportedReader
+from pkd.preprocess.exported import DEPTH_SHIFT, ExportedReader
 from pkd.preprocess.frames import SceneReader
 from pkd.preprocess.sens import SensReader
 
@@ -35,6 +35,7 @@ class SceneEntry:
     split: str
     path: Path
     kind: str
+    depth_scale: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -60,10 +61,12 @@ def find_scenes(
     split: str = "all",
     scenes: Sequence[str] | None = None,
     source: str = "auto",
+    depth_scale: float | None = None,
 ) -> list[SceneEntry]:
     """Scenes under ``root`` in the given split (or all), optionally only those named, ordered by split
     (train, val, test) then name. ``source`` picks the .sens file or the exported layout ("auto" prefers
-    .sens when a folder has both)."""
+    .sens when a folder has both). ``depth_scale`` (depth units per metre) overrides the exported layout's
+    millimetres; a .sens file records its own."""
     root = Path(root)
     if split not in (*SPLITS, "all"):
         raise DataError(f"unknown split {split!r}; use one of {', '.join((*SPLITS, 'all'))}.")
@@ -74,7 +77,7 @@ def find_scenes(
                         "(or a scene folder), or create a demo scene with `pkd-prep demo-scene --out DIR`.")
     found: dict[str, SceneEntry] = {}
     for folder in _scene_folders(root):
-        entry = _entry(folder, source)
+        entry = _entry(folder, source, depth_scale)
         if entry is None:
             continue
         if entry.name in found:
@@ -95,11 +98,26 @@ def find_scenes(
         chosen = [found[name] for name in dict.fromkeys(scenes)]
     else:
         chosen = [e for e in found.values() if split in ("all", e.split)]
-        if not chosen:
-            present = sorted({e.split for e in found.values()})
-            raise DataError(f"no scene under {root} is in split {split!r} (its {len(found)} scenes are in "
-                            f"{', '.join(present)}); pass --split {present[0]} or --split all.")
+    if not chosen:
+        raise DataError(f"no scene under {root} is in split {split!r}; the scenes there fall in "
+                        f"{describe_splits(found.values())}. Splits follow the official ScanNet v2 lists "
+                        "(scans_test/ scenes are test; scenes in no list count as train); pass --split all or one "
+                        "of the splits found.")
+    sens = next((e for e in chosen if e.kind == "sens"), None)
+    if depth_scale is not None and sens is not None:
+        raise DataError(f"--depth-scale applies to exported frames, but {sens.path} is a .sens file, which records "
+                        "its own depth scale; pass --source exported or drop --depth-scale.")
     return sorted(chosen, key=lambda e: (SPLITS.index(e.split), e.name))
+
+
+def describe_splits(entries: Iterable[SceneEntry]) -> str:
+    """Which splits scenes fall in, e.g. "train: 2 scenes (scene0000_00, scene0001_00); test: 1 scene (...)"."""
+    by_split: dict[str, list[str]] = {}
+    for entry in entries:
+        by_split.setdefault(entry.split, []).append(entry.name)
+    return "; ".join(f"{split}: {len(names)} scene{'s' * (len(names) != 1)} ({', '.join(sorted(names)[:3])}"
+                     f"{', ...' * (len(names) > 3)})"
+                     for split, names in sorted(by_split.items(), key=lambda item: SPLITS.index(item[0])))
 
 
 def open_scene(entry: SceneEntry) -> SceneReader:
@@ -107,7 +125,7 @@ def open_scene(entry: SceneEntry) -> SceneReader:
     if entry.kind == "sens":
         return SensReader(entry.path, name=entry.name)
     if entry.kind == "exported":
-        return ExportedReader(entry.path, name=entry.name)
+        return ExportedReader(entry.path, name=entry.name, depth_scale=entry.depth_scale or DEPTH_SHIFT)
     raise DataError(f"scene {entry.name}: unknown kind {entry.kind!r} (expected 'sens' or 'exported').")
 
 
@@ -136,10 +154,10 @@ def _is_exported(folder: Path) -> bool:
     return all((folder / part).is_dir() for part in ("color", "depth", "pose"))
 
 
-def _entry(folder: Path, source: str) -> SceneEntry | None:
+def _entry(folder: Path, source: str, depth_scale: float | None) -> SceneEntry | None:
     name, sens = folder.name, _sens_file(folder)
     if sens is not None and source in ("auto", "sens"):
-        return SceneEntry(name, split_of(name), sens, "sens")
+        return SceneEntry(name, split_of(name), sens, "sens", depth_scale)
     if _is_exported(folder) and source in ("auto", "exported"):
-        return SceneEntry(name, split_of(name), folder, "exported")
+        return SceneEntry(name, split_of(name), folder, "exported", depth_scale)
     return None

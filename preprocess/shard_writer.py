@@ -7,7 +7,7 @@ assignment per array followed by its done flag, so no partial shard ever counts.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -36,6 +36,13 @@ class ShardJob:
     seed: int
     geometry: GeometryConfig
     stages: tuple[str, ...]
+
+
+def stage_name(jobs: Sequence[ShardJob]) -> str:
+    """What a progress bar over these jobs does, e.g. "prep test: geometry+teacher"."""
+    splits = ",".join(dict.fromkeys(job.split for job in jobs))
+    stages = "+".join(stage for stage in store.STAGES if any(stage in job.stages for job in jobs))
+    return f"prep {splits}: {stages}"
 
 
 @dataclass

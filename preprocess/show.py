@@ -75,7 +75,8 @@ def color_frame(path: str, sample: StoredSample) -> np.ndarray | None:
 def render(sample: StoredSample, image: np.ndarray | None, out: Path, caption: str | None = None) -> Path:
     """Write a 1500x500 PNG: color frame with crop box, the teacher's crop, and the colored points."""
     fig = plt.figure(figsize=FIGSIZE, dpi=DPI)
-    frame_ax, crop_ax = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2)
+    grid = fig.add_gridspec(1, 3, width_ratios=(1.0, 0.85, 1.15))
+    frame_ax, crop_ax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     if image is not None:
         u0, v0, u1, v1 = geometry.teacher_crop_box(image.shape[1], image.shape[0])
         frame_ax.imshow(image)
@@ -87,31 +88,46 @@ def render(sample: StoredSample, image: np.ndarray | None, out: Path, caption: s
     crop_ax.set_title("what the teacher sees")
     for ax in (frame_ax, crop_ax):
         ax.axis("off")
-    cloud_ax = fig.add_subplot(1, 3, 3, projection="3d")
-    _draw_points(cloud_ax, sample)
+    draw_points(fig.add_subplot(grid[2], projection="3d"), sample)
     title = f"caption: {caption}" if caption else f"{sample.split}[{sample.index}]"
     if sample.random_teacher:
         title += "   (RANDOM teacher: targets are meaningless)"
     fig.suptitle(title)
+    fig.subplots_adjust(top=0.8, bottom=0.08, left=0.02, right=0.97)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out
 
 
-def _draw_points(ax, sample: StoredSample) -> None:
-    """Points seen from above and behind the camera, so the view reads like the photo."""
-    points = sample.points
-    ax.scatter(points[:, 0], points[:, 1], points[:, 2], c=sample.colors / 255.0, s=1.5, depthshade=False)
-    forward = sample.pose[:3, 2]
-    ax.view_init(elev=35, azim=float(np.degrees(np.arctan2(forward[1], forward[0]))) + 180)
-    span = (points.max(0) - points.min(0)).max() / 2
-    for centre, setter in zip((points.max(0) + points.min(0)) / 2, (ax.set_xlim, ax.set_ylim, ax.set_zlim)):
-        setter(centre - span, centre + span)
-    ax.set_title(f"{len(points)} points, {int(sample.in_view.sum())} inside the crop")
-    ax.set_xlabel("x (m)")
-    ax.set_ylabel("y (m)")
-    ax.set_zlabel("z (m)")
+def camera_points(sample: StoredSample) -> np.ndarray:
+    """The sample's world points in its camera's frame (x right, y down, z forward, metres)."""
+    rotation, centre = sample.pose[:3, :3].astype(np.float64), sample.pose[:3, 3].astype(np.float64)
+    return (sample.points - centre) @ rotation
+
+
+def draw_points(ax, sample: StoredSample) -> None:
+    """Points in the camera's frame, seen from just behind and above the camera, equal axes: the view reads
+    like the photo. Points inside the teacher's crop keep their color; the others are grey and smaller."""
+    cam = camera_points(sample)
+    right, forward, up = cam[:, 0], cam[:, 2], -cam[:, 1]
+    inside = sample.in_view
+    ax.scatter(right[~inside], forward[~inside], up[~inside], c="0.65", s=0.8, depthshade=False)
+    ax.scatter(right[inside], forward[inside], up[inside], c=sample.colors[inside] / 255.0, s=2.5, depthshade=False)
+    ax.scatter([0.0], [0.0], [0.0], c="red", marker="^", s=30)
+    low, high = np.minimum(cam.min(0), 0.0), np.maximum(cam.max(0), 0.0)
+    middle, span = (low + high) / 2, (high - low).max() / 2
+    ax.set_xlim(middle[0] - span, middle[0] + span)
+    ax.set_ylim(middle[2] - span, middle[2] + span)
+    ax.set_zlim(-middle[1] - span, -middle[1] + span)
+    ax.set_box_aspect((1, 1, 1), zoom=1.15)
+    ax.set_proj_type("persp")
+    ax.view_init(elev=12, azim=-90)
+    ax.set_title(f"{len(cam)} points seen from behind the camera (red)\nin color: {int(inside.sum())} inside the "
+                 f"teacher crop; grey: {int((~inside).sum())} outside")
+    ax.set_xlabel("right (m)")
+    ax.set_ylabel("forward (m)")
+    ax.set_zlabel("up (m)")
 
 
 def write_ply(sample: StoredSample, out: Path) -> Path:

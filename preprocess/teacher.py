@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from pkd.common.errors import ConfigError, WeightsError
+from pkd.common.logs import demoted
 from pkd.common.store import CLIP_DIM, PREFIX_SHAPE
 from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.torchvision_compat import import_open_clip
@@ -153,6 +154,21 @@ def _transform_identity(open_clip, transform) -> dict:
     }
 
 
+def teacher_config_identity(cfg: TeacherConfig) -> dict:
+    """The part of a teacher's identity its config decides, known without building it (weights hashed later)."""
+    random = cfg.kind == "random"
+    return {
+        "clip_model": tw.CLIP_MODEL,
+        "mapper": MAPPER_NAME,
+        "kind": cfg.kind,
+        "random": random,
+        "seed": cfg.seed if random else None,
+        "precision": cfg.precision,
+        "clip_embed": "encode_image, unnormalised",
+        "patch_tokens": "ln_post then proj, 7x7 grid" if cfg.patch_tokens else None,
+    }
+
+
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     """Build the frozen teacher from local weight files (or seeded random weights for kind='random')."""
     device = _check_config(cfg)
@@ -165,7 +181,8 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
         clipcap_path = Path(cfg.clipcap_weights)
         mapper_state = tw.clipcap_mlp_state_dict(clipcap_path, PREFIX_LENGTH, EMBED_DIM, CLIP_DIM)
     open_clip = import_open_clip()
-    with torch.random.fork_rng(devices=[]):
+    # open_clip warns that it loaded no pretrained weights: pkd loads them itself below
+    with torch.random.fork_rng(devices=[]), demoted("", "No pretrained weights loaded"):
         torch.manual_seed(cfg.seed)
         model, _, transform = open_clip.create_model_and_transforms(
             tw.CLIP_MODEL, pretrained=None, device="cpu",
@@ -185,19 +202,12 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     visual.eval().requires_grad_(False).to(device)
     mapper.eval().requires_grad_(False).to(device)
     identity = {
-        "clip_model": tw.CLIP_MODEL,
-        "mapper": MAPPER_NAME,
-        "kind": cfg.kind,
-        "random": random,
-        "seed": cfg.seed if random else None,
+        **teacher_config_identity(cfg),
         "clip_weights": None if random else clip_path.name,
         "clip_weights_sha256": None if random else tw.sha256_file(clip_path),
         "clipcap_weights": None if random else clipcap_path.name,
         "clipcap_weights_sha256": None if random else tw.sha256_file(clipcap_path),
-        "precision": cfg.precision,
         "device": device.type,
-        "clip_embed": "encode_image, unnormalised",
-        "patch_tokens": "ln_post then proj, 7x7 grid" if cfg.patch_tokens else None,
         "transform": _transform_identity(open_clip, transform),
         "open_clip_version": open_clip.__version__,
     }

@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from pkd.common import logs
 from pkd.common.cli import run_app
 from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app, test_app
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.callback()(logs.cli_options)
 
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
 
@@ -66,6 +68,8 @@ def distill(
     no_augment: Annotated[bool, typer.Option(help="only normalise clouds, no scale/translate")] = False,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt")] = False,
     overwrite: Annotated[bool, typer.Option(help="delete an existing --run-dir first")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="also write metrics.jsonl's scalars to RUN_DIR/tensorboard "
+                                                   "(needs pip install 'pkd[tensorboard]')")] = False,
 ) -> None:
     """Train one student on STORE (no teacher is loaded: targets come from the store)."""
     from pkd.train.trainer import train
@@ -78,7 +82,7 @@ def distill(
                   normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps,
                   save_every=save_every)
     run_dir = run_dir or Path("runs") / f"{Path(store).stem}-{variant}"
-    summary = train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    summary = train(cfg, run_dir, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if summary["rank"]:
         return  # under torchrun only rank 0 reports
     typer.echo(f"{summary['variant']}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "

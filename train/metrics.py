@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pkd.common.errors import ConfigError
+
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
 
 
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl``; on resume drops records past the checkpoint's step."""
 
-    def __init__(self, run_dir: Path, keep_until_step: int = 0, write: bool = True) -> None:
-        """``write=False`` (DDP ranks other than 0) keeps the records in memory and never touches the files."""
+    def __init__(self, run_dir: Path, keep_until_step: int = 0, write: bool = True,
+                 sinks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> None:
+        """``write=False`` (DDP ranks other than 0) keeps the records in memory and never touches the files;
+        ``sinks`` also receive every new record (e.g. ``TensorBoardSink``)."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS
         self.write = write
+        self.sinks = list(sinks) if write else []
         self.records: list[dict[str, Any]] = []
         if not write:
             return
@@ -32,6 +39,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
     def step(self, **values: Any) -> None:
         self._append({"kind": "step", **values})
@@ -69,6 +78,28 @@ class MetricsLog:
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
         tmp.replace(self.run_dir / CURVES)
+
+
+class TensorBoardSink:
+    """The numeric fields of every metrics.jsonl record as TensorBoard scalars ``<kind>/<field>`` at its step.
+
+    Needs the optional ``tensorboard`` package (``pip install 'pkd[tensorboard]'``). On resume, events
+    past the checkpoint's step (written before an interruption) are purged, as metrics.jsonl drops them.
+    """
+
+    def __init__(self, log_dir: Path, keep_until_step: int = 0) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'pkd[tensorboard]' "
+                              "(or drop --tensorboard; metrics.jsonl holds the same numbers).") from exc
+        self.writer = SummaryWriter(str(log_dir), purge_step=keep_until_step + 1 if keep_until_step else None)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        self.writer.flush()
 
 
 def _mean(records: list[dict[str, Any]], key: str) -> float:

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pkd.common import lock
 from pkd.common.errors import ConfigError, StoreError, TrainingError
+from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store
 from pkd.train import distributed
 from pkd.train.augment import AugmentConfig, augment
@@ -44,7 +44,7 @@ from pkd.train.data import LoaderConfig, StoreLoader, store_path, target_stats
 from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
 from pkd.train.losses import CropBox, LossSettings, compute_loss
-from pkd.train.metrics import MetricsLog
+from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
 from pkd.train.model import StudentConfig, build_student, variant_spec
 
 # fields a resumed run may change without changing what it computes
@@ -249,13 +249,15 @@ def resolve_streams(cfg: TrainConfig, ckpt: dict | None, world_size: int) -> Tra
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, tensorboard: bool = False) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary (final loss, steps, samples/s, run_dir).
+
+    ``tensorboard`` also writes the metrics as TensorBoard scalars under ``run_dir/tensorboard``.
 
     Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
     """
     with distributed.session(cfg.device) as rank_info, run_lock(Path(run_dir), rank_info):
-        return _train(cfg, Path(run_dir), resume, overwrite, progress, rank_info)
+        return _train(cfg, Path(run_dir), resume, overwrite, progress, rank_info, tensorboard)
 
 
 def run_lock(run_dir: Path, rank_info: DistInfo) -> AbstractContextManager:
@@ -264,7 +266,7 @@ def run_lock(run_dir: Path, rank_info: DistInfo) -> AbstractContextManager:
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool,
-           rank_info: DistInfo) -> dict[str, Any]:
+           rank_info: DistInfo, tensorboard: bool = False) -> dict[str, Any]:
     main, world = rank_info.main, rank_info.world_size
     cfg = dataclasses.replace(cfg, store=store_path(cfg.store))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -304,14 +306,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
         write_config(run_dir, cfg, loader, world)
     distributed.barrier()  # the run directory is ready
     ddp = distributed.wrap_model(model, rank_info, device)
-    log = MetricsLog(run_dir, keep_until_step=pos.step, write=main)
+    sinks = [TensorBoardSink(run_dir / TENSORBOARD, pos.step)] if tensorboard and main else []
+    log = MetricsLog(run_dir, keep_until_step=pos.step, write=main, sinks=sinks)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
     samples_per_step = cfg.batch_size * cfg.grad_accum
     epoch_batches = steps_per_epoch * cfg.grad_accum
     streams, chunk = loader.cfg.own_streams, loader.cfg.chunk
 
     ddp.train()
-    bar = tqdm(total=limit, initial=pos.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=limit, initial=pos.step, disable=not (progress and main), unit="step",
+                       desc=f"train {cfg.variant}", dynamic_ncols=True)
     saved_at = pos.step if resume else -1
     while pos.step < limit:
         tic, step_loss, step_parts = time.perf_counter(), 0.0, {}

@@ -26,9 +26,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pkd.common.errors import ConfigError, TrainingError
+from pkd.common.logs import progress_bar
 from pkd.train import distributed
 from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
                                   set_rng_state)
@@ -227,7 +227,8 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     ddp = distributed.wrap_model(model, rank_info, device)
     log = MetricsLog(run_dir, keep_until_step=state.step, write=main)
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
-    bar = tqdm(total=limit, initial=state.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=limit, initial=state.step, disable=not (progress and main), unit="step",
+                       desc=f"finetune {cfg.task}", dynamic_ncols=True)
     while state.step < limit:
         bar.set_description(f"{run_dir.name}: {cfg.task} fine-tuning, epoch {state.epoch + 1}/{cfg.epochs}")
         lr = epoch_lr(state.epoch, cfg)

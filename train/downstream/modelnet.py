@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pkd.common.errors import DataError
 from pkd.common.geometry import farthest_points
+from pkd.common.logs import progress_bar
 from pkd.train.downstream.files import normalize_unit_sphere, read_lines, read_point_file, require_dir, require_file
 
 SPLITS = ("train", "test")
@@ -130,7 +130,7 @@ def _pooled_shapes(data: Path, shapes: list[str], num_points: int, cache: Path |
                 stale = np.flatnonzero((stored["stamps"] != stamps).any(axis=1))
     if points is None:
         points = np.empty((len(shapes), num_points, 3), dtype=np.float32)
-    for i in tqdm(stale, desc=desc, unit="shape", disable=len(stale) < 256):
+    for i in progress_bar(stale, desc=desc, unit="shape", disable=len(stale) < 256):
         points[i] = _pooled_shape(data, shapes[i], num_points)
     if cache is not None and len(stale):
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,14 @@ and the isotropic scale + shift of the part-segmentation script.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from pkd.common.logs import progress_bar
 from pkd.train.tokenizer import farthest_point_sample, gather_points
 
 
@@ -72,4 +73,5 @@ T = TypeVar("T")
 
 def stage_bar(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """A transient progress bar named after its stage (evaluation, voting, features); silent when not a TTY."""
-    return iter(tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None))
+    return iter(progress_bar(items, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                             disable=not sys.stderr.isatty()))

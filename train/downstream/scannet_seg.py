@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from pkd.common.errors import DataError
+from pkd.common.logs import progress_bar
 from pkd.common.scannet_mesh import IGNORE, NUM_CLASSES, SceneMesh, class_names, split_scenes
 from pkd.common.seg_cache import build_cache, done_scenes, load_scene, open_cache
 from pkd.train import distributed
@@ -232,8 +232,8 @@ class ScanNetSegTask:
         matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
         predictions, passes, vertices, predicted, scored = [], 0, 0, 0, 0
         scenes = zip(self.val_set.names, self.val_set.scenes)
-        for i, (name, scene) in enumerate(tqdm(scenes, total=len(self.val_set.names), desc="val scenes",
-                                               disable=not progress, unit="scene")):
+        for i, (name, scene) in enumerate(progress_bar(scenes, total=len(self.val_set.names), desc="val scenes",
+                                                       disable=not progress, unit="scene")):
             pred, count, covered = self.predict_scene(scene, self.cfg.seed * 100_003 + i)
             matrix += metrics.scene_confusion(pred, scene.label, NUM_CLASSES, IGNORE)
             predictions.append(pred)
