@@ -1,7 +1,8 @@
 """Benchmark one training step (forward + backward + AdamW) of the pkd student against a Point-MAE port.
 
 Cases (each in its own subprocess, so peak memory is that case's alone):
-  student        pkd ``distill`` student, in-memory batches
+  student        pkd ``distill`` student (the paper's head: an MLP on all 32 concept tokens), in-memory batches
+  student-pooled the same student with ``--head pooled`` (mean+max pooled concepts), in-memory batches
   pointmae       faithful port of Point-MAE's encoder forward (manual attention, ``x = block(x + pos)``)
                  plus the same-size prefix head on mean+max pooled tokens, in-memory batches
   student-store  pkd ``distill`` student fed by ``StoreLoader`` from a synthetic store on disk
@@ -39,10 +40,10 @@ from pkd.train.downstream.classification import training_draw
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.encoder import init_weights, positional_embedding
 from pkd.train.losses import LossSettings, compute_loss
-from pkd.train.model import StudentConfig, build_student
+from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import Group
 
-CASES = ("student", "pointmae", "student-store")
+CASES = ("student", "student-pooled", "pointmae", "student-store")
 FINETUNE_CASES = ("finetune", "finetune-pointmae")
 SCANOBJECTNN_CLASSES = 15
 
@@ -169,12 +170,14 @@ def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[
 def run_case(case: str, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps after one warm-up step; returns samples/s, s/step and peak memory."""
     device = torch.device(args.device)
-    cfg = StudentConfig(num_points=args.points, num_group=args.groups)
+    cfg = StudentConfig(num_points=args.points, num_group=args.groups,
+                        head="pooled" if case == "student-pooled" else "flat")
+    settings = LossSettings.of(cfg)
     torch.manual_seed(0)
     if case in FINETUNE_CASES:
         model = finetune_model(case, args)
     else:
-        model = PointMAEPort(cfg) if case == "pointmae" else build_student(cfg)
+        model = PointMAEPort(cfg) if case == "pointmae" else Student(cfg)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
@@ -200,7 +203,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         batch["points"] = augment(batch["points"], AugmentConfig(), gen)
         if case == "pointmae":
             return F.mse_loss(model(batch["points"]), batch["prefix"])
-        return compute_loss(model, batch, LossSettings())[0]
+        return compute_loss(model, batch, settings)[0]
 
     def step() -> None:
         loss = step_loss({k: v.to(device) for k, v in next(batches).items()})
@@ -275,6 +278,8 @@ def main() -> None:
         ratios["student_time_vs_pointmae"] = by["student"]["s_per_step"] / by["pointmae"]["s_per_step"]
         ratios["student_time_vs_pointmae_best"] = by["student"]["best_s_per_step"] / by["pointmae"]["best_s_per_step"]
         ratios["student_cpu_vs_pointmae"] = by["student"]["cpu_s_per_step"] / by["pointmae"]["cpu_s_per_step"]
+    if "student" in by and "student-pooled" in by:
+        ratios["flat_head_vs_pooled_head"] = by["student"]["s_per_step"] / by["student-pooled"]["s_per_step"]
     if "student" in by and "student-store" in by:
         ratios["store_fed_vs_in_memory"] = by["student-store"]["samples_per_s"] / by["student"]["samples_per_s"]
     if set(FINETUNE_CASES) <= set(by):

@@ -36,6 +36,12 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
     return lines
 
 
+def option(default: Any, help: str, *, run: bool = False) -> Any:
+    """A dataclass field carrying its command-line help; ``run=True`` marks a run option (one that does not
+    change what is computed, so a resumed run may change it). CLIs derive their options from such fields."""
+    return dataclasses.field(default=default, metadata={"help": help, "run": run})
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages whose behaviour a store or run depends on."""
     found = {}

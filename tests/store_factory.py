@@ -26,10 +26,11 @@ def _spread(points: np.ndarray) -> np.ndarray:
 
 def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size: int = 4, patch_tokens: bool = True,
                invalid: tuple[int, ...] = (), stats: bool = True, seed: int = 0, split: str = "train",
-               color_size: tuple[int, int] | None = COLOR_SIZE) -> Path:
-    """Write a complete synthetic store at ``path`` with ``n`` samples of ``num_points`` points."""
+               color_size: tuple[int, int] | None = COLOR_SIZE, add_split: bool = False) -> Path:
+    """Write a complete synthetic store at ``path`` with ``n`` samples of ``num_points`` points
+    (``add_split``: add ``split`` to the store already at ``path``)."""
     rng = np.random.default_rng(seed)
-    root = zarr.open_group(str(path), mode="w")
+    root = zarr.open_group(str(path), mode="a" if add_split else "w")
     prep = {"num_points": num_points, "seed": seed}
     root.attrs.update({"format": FORMAT, "version": VERSION, "prep": prep,
                        "teacher": {"name": "synthetic", "random": True}})

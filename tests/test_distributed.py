@@ -196,15 +196,15 @@ def test_resume_across_world_sizes(store, tmp_path):
     straight = tmp_path / "straight"
     train(config(store, "recon", max_steps=6), straight, progress=False)
     # 2 processes for 3 steps, then 1 process to 6
-    torchrun(store, tmp_path / "a", "--max-steps", 3, variant="recon")
+    torchrun(store, tmp_path / "a", "--max-steps", 6, "--stop-after", 3, variant="recon")
     assert load_checkpoint(tmp_path / "a" / LAST)["position"] == {"step": 3, "epoch": 0, "batch": 3}
     summary = train(dataclasses.replace(config(store, "recon", max_steps=6), streams=None), tmp_path / "a", resume=True,
                     progress=False)
     assert summary["steps"] == 6
     assert_same_params(straight, tmp_path / "a")
     # 1 process for 5 steps (past the epoch boundary), then 2 processes to 6
-    train(config(store, "recon", max_steps=5), tmp_path / "b", progress=False)
-    torchrun(store, tmp_path / "b", "--max-steps", 6, "--resume", variant="recon")
+    train(config(store, "recon", max_steps=6, stop_after=5), tmp_path / "b", progress=False)
+    torchrun(store, tmp_path / "b", "--resume", variant="recon")
     assert_same_params(straight, tmp_path / "b")
     steps = [r["step"] for r in records(tmp_path / "b") if r["kind"] == "step"]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -10,7 +10,7 @@ from pkd.common.errors import ConfigError, WeightsError
 from pkd.train.checkpoint import atomic_save
 from pkd.train.encoder import PointEncoder
 from pkd.train.export import encoder_state, load_pointmae_checkpoint
-from pkd.train.model import StudentConfig, build_student
+from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import Group, farthest_point_sample, knn
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
@@ -43,7 +43,7 @@ def test_full_size_encoder_has_pointmae_keys_and_shapes():
 
 @pytest.mark.parametrize("variant", ["distill", "no-concept", "clip-target", "local", "recon", "recon+distill"])
 def test_student_prefixes_and_output_shapes(variant):
-    student = build_student(StudentConfig(**TINY, variant=variant))
+    student = Student(StudentConfig(**TINY, variant=variant))
     prefixes = {k.split(".")[0] for k in student.state_dict()}
     assert not any("cls_token" in k or "cls_pos" in k for k in student.state_dict())
     expected = {"MAE_encoder"}
@@ -102,13 +102,13 @@ def test_group_patches_are_relative_to_centres():
 
 def test_export_round_trip_gives_identical_encoder_outputs(tmp_path):
     cfg = StudentConfig(**TINY)
-    trained = build_student(cfg)
+    trained = Student(cfg)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     path = tmp_path / "encoder.pth"
     atomic_save({"base_model": encoder_state(trained.state_dict())}, path)
-    fresh = build_student(cfg)
+    fresh = Student(cfg)
     report = load_pointmae_checkpoint(path, fresh)
     assert report.missing == [] and report.unexpected == []
     assert len(report.used) == len(pointmae_encoder_keys(2))
@@ -119,7 +119,7 @@ def test_export_round_trip_gives_identical_encoder_outputs(tmp_path):
 
 def test_pointmae_loader_logic_accepts_export(tmp_path):
     """Mirror PointTransformer.load_model_from_ckpt: strip prefixes, load non-strictly, nothing unexpected."""
-    state = encoder_state(build_student(StudentConfig(**TINY)).state_dict())
+    state = encoder_state(Student(StudentConfig(**TINY)).state_dict())
     base = {k.replace("module.", ""): v for k, v in {"module." + k: v for k, v in state.items()}.items()}
     base = {k[len("MAE_encoder."):] if k.startswith("MAE_encoder") else k: v for k, v in base.items()}
     incompatible = PointEncoder(48, 2, 4).load_state_dict(base, strict=False)

@@ -18,7 +18,7 @@ from pkd.common.store import write_shard
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, target_stats
 from pkd.train.losses import CropBox, LossSettings, compute_loss, patch_cells
-from pkd.train.model import StudentConfig, build_student
+from pkd.train.model import Student, StudentConfig
 from pkd.train.trainer import TrainConfig, train
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
@@ -108,13 +108,14 @@ def test_patch_cells_follow_the_teacher_crop():
 
 def test_one_optimisation_step_lowers_the_loss(store):
     torch.manual_seed(0)
-    model = build_student(StudentConfig(**{**TINY, "drop_path": 0.0}))
+    cfg = StudentConfig(**{**TINY, "drop_path": 0.0})
+    model = Student(cfg)
     batch = next(iter(loader(store, num_points=128, arrays=("points", "prefix")).epoch(0)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before, _ = compute_loss(model, batch, LossSettings())
+    before, _ = compute_loss(model, batch, LossSettings.of(cfg))
     before.backward()
     opt.step()
-    after, _ = compute_loss(model, batch, LossSettings())
+    after, _ = compute_loss(model, batch, LossSettings.of(cfg))
     assert float(after.detach()) < float(before.detach())
 
 
@@ -137,7 +138,7 @@ def test_every_variant_trains_two_steps(store, tmp_path, variant):
 def test_resume_is_bit_identical(store, tmp_path):
     cfg = config(store, "recon+distill", max_steps=6)
     train(cfg, tmp_path / "straight", progress=False)
-    train(dataclasses.replace(cfg, max_steps=3), tmp_path / "split", progress=False)
+    train(dataclasses.replace(cfg, stop_after=3), tmp_path / "split", progress=False)
     assert load_checkpoint(tmp_path / "split" / LAST)["position"] == {"step": 3, "epoch": 0, "batch": 3}
     train(cfg, tmp_path / "split", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "straight" / LAST)
@@ -261,9 +262,10 @@ def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, caps
     assert list(weights) == ["base_model", "pkd"] and "MAE_encoder.norm.weight" in weights["base_model"]
     assert weights["pkd"]["store"] == str(store) and "random" in weights["pkd"]["teacher"]  # the store's teacher
     assert all(k.startswith("MAE_encoder.") for k in weights["base_model"])
-    code, _, err = run("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t")
+    code, _, err = run("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t",
+                       "--eval", "none")
     assert code == 0, err
-    rows = json.loads((tmp_path / "runs" / "ablate-t" / "table.json").read_text())
+    rows = json.loads((tmp_path / "runs" / "ablate-t" / "table.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["distill", "no-concept"] and all(r["steps"] == 1 for r in rows)
     assert "| distill |" in (tmp_path / "runs" / "ablate-t" / "table.md").read_text()
     assert "Train one student" in run("distill", "--help")[1]
@@ -278,7 +280,7 @@ def test_python_m_entry_point_reports_errors_without_traceback(tmp_path):
 def test_training_never_imports_the_teacher(store, tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        import pkd.train, pkd.train.cli, pkd.train.trainer, pkd.train.export, pkd.train.run, pkd.train.data
+        import pkd.train, pkd.train.cli, pkd.train.trainer, pkd.train.export, pkd.train.ablate, pkd.train.data
         from pkd.train.model import StudentConfig
         from pkd.train.trainer import TrainConfig, train
         cfg = TrainConfig(store={str(store)!r}, model=StudentConfig(**{TINY!r}), batch_size=4, max_steps=1)

@@ -203,11 +203,11 @@ def test_tensorboard_holds_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_
     store_path = make_store(tmp_path / "pairs.zarr", n=8, num_points=128, shard_size=4)
     model = StudentConfig(num_points=128, num_group=8, group_size=8, dim=32, depth=1, heads=2, num_concepts=4,
                           head_hidden=32)
-    cfg = TrainConfig(store=str(store_path), model=model, epochs=2, warmup_epochs=1, batch_size=4, max_steps=3,
+    cfg = TrainConfig(store=str(store_path), model=model, epochs=2, warmup_epochs=1, batch_size=4, max_steps=4,
                       device="cpu")
     run = tmp_path / "run"
-    train(cfg, run, progress=False, tensorboard=True)
-    train(TrainConfig(**{**cfg.__dict__, "max_steps": 4}), run, resume=True, progress=False, tensorboard=True)
+    train(TrainConfig(**{**cfg.__dict__, "stop_after": 3}), run, progress=False, tensorboard=True)
+    train(cfg, run, resume=True, progress=False, tensorboard=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     expected: dict[str, list[tuple[int, float]]] = {}
     for record in records:

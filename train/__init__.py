@@ -1,7 +1,8 @@
 """Training stage: store-backed loader, student, losses, trainer and export. Never imports the teacher.
 
 Modules, one job each: ``tokenizer`` (FPS + kNN patches), ``encoder`` (Point-MAE encoder, its key names),
-``concept`` (shared-weight concept queries), ``model`` (StudentConfig, variants, build_student),
-``augment``, ``losses``, ``data`` (StoreLoader), ``checkpoint``, ``metrics``, ``trainer`` (TrainConfig,
-train), ``export`` (Point-MAE checkpoints in and out), ``run`` (ablations), ``cli`` (``pkd-train``).
+``concept`` (shared-weight concept queries), ``model`` (StudentConfig, variants, Student), ``config``
+(TrainConfig), ``options`` (CLI options derived from the configs), ``augment``, ``losses``, ``data``
+(StoreLoader), ``heldout`` (held-out loss), ``checkpoint``, ``metrics``, ``trainer`` (train), ``export``
+(Point-MAE checkpoints in and out), ``ablate`` and ``table`` (ablations), ``cli`` (``pkd-train``).
 """

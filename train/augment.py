@@ -6,15 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
+from pkd.common.config import option
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Per-sample, per-axis scale U(scale_low, scale_high) and translation U(-translate, translate)."""
 
-    enabled: bool = True
-    scale_low: float = 2.0 / 3.0
-    scale_high: float = 3.0 / 2.0
-    translate: float = 0.2
+    enabled: bool = option(True, "scale and translate clouds (off: only normalise them to the unit sphere)")
+    scale_low: float = option(2.0 / 3.0, "lowest per-axis scale")
+    scale_high: float = option(3.0 / 2.0, "highest per-axis scale")
+    translate: float = option(0.2, "largest per-axis translation")
 
 
 def normalize_unit_sphere(points: torch.Tensor) -> torch.Tensor:

@@ -98,4 +98,5 @@ def load_training_state(ckpt: dict, saved: dict, current: dict, may_change: tupl
         raise ConfigError(f"{run_dir} was trained with different settings ({', '.join(differ)}); resume with the "
                           f"same arguments (only {', '.join(may_change)} may change) or start a new run.")
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if "optimizer" in ckpt:  # absent in a finished run saved without it (nothing left to train)
+        optimizer.load_state_dict(ckpt["optimizer"])

@@ -2,131 +2,111 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from pkd.common import logs
 from pkd.common.cli import run_app
 from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app, test_app
+from pkd.train.options import config_options
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.callback()(logs.cli_options)
 
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
-
-
-def _config(store: Path, variant: str, *, num_points: int, num_group: int, group_size: int, dim: int, depth: int,
-            heads: int, device: str, no_augment: bool = False, init: Optional[Path] = None,
-            drop_path: float = 0.1, **train: object):
-    """A TrainConfig from CLI options; ``train`` holds options named exactly as TrainConfig fields."""
-    import torch
-
-    from pkd.train.augment import AugmentConfig
-    from pkd.train.model import StudentConfig
-    from pkd.train.trainer import TrainConfig
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = StudentConfig(num_points=num_points, num_group=num_group, group_size=group_size, dim=dim, depth=depth,
-                          heads=heads, drop_path=drop_path, variant=variant)
-    return TrainConfig(store=str(store), model=model, device=device, augment=AugmentConfig(enabled=not no_augment),
-                       init=str(init) if init else None, **train)
+Resume = Annotated[bool, typer.Option(help="continue with the run's recorded settings (options given must match "
+                                           "them, except run options such as --num-workers, --device, --stop-after)")]
 
 
 @app.command()
+@config_options()
 def distill(
+    ctx: typer.Context,
     store: Store,
-    variant: Annotated[str, typer.Option(help="distill | no-concept | clip-target | local | recon | recon+distill")] = "distill",
     run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<store>-<variant>)")] = None,
-    split: str = "train",
-    epochs: int = 250,
-    warmup_epochs: int = 10,
-    batch_size: Annotated[int, typer.Option(help="global batch (split over torchrun processes)")] = 32,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    num_workers: Annotated[int, typer.Option(help="loader worker processes (each reads whole shards)")] = 0,
-    shuffle_shards: Annotated[int, typer.Option(help="shuffle samples within windows of this many shards")] = 4,
-    normalize_targets: Annotated[bool, typer.Option(help="standardise targets with the store's stats")] = False,
-    recon_weight: Annotated[float, typer.Option(help="weight of the reconstruction loss in recon+distill")] = 1.0,
-    max_steps: Annotated[Optional[int], typer.Option(help="stop after this many optimizer steps")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="also checkpoint every N steps")] = None,
-    num_points: Annotated[int, typer.Option(help="points per cloud fed to the student (subsampled)")] = 4096,
-    num_group: Annotated[int, typer.Option(help="patches (FPS centres) per cloud")] = 64,
-    group_size: Annotated[int, typer.Option(help="points per patch (kNN)")] = 32,
-    dim: int = 384,
-    depth: int = 12,
-    heads: int = 6,
-    drop_path: Annotated[float, typer.Option(help="stochastic depth (its masks differ between world sizes)")] = 0.1,
-    streams: Annotated[Optional[int], typer.Option(
-        help="data streams (a multiple of the torchrun process count); default: one per process")] = None,
-    init: Annotated[Optional[Path], typer.Option(help="initialise the encoder from a Point-MAE checkpoint")] = None,
-    no_augment: Annotated[bool, typer.Option(help="only normalise clouds, no scale/translate")] = False,
-    resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt")] = False,
+    resume: Resume = False,
     overwrite: Annotated[bool, typer.Option(help="delete an existing --run-dir first")] = False,
     tensorboard: Annotated[bool, typer.Option(help="also write metrics.jsonl's scalars to RUN_DIR/tensorboard "
                                                    "(needs pip install 'pkd[tensorboard]')")] = False,
+    **options: Any,
 ) -> None:
     """Train one student on STORE (no teacher is loaded: targets come from the store)."""
-    from pkd.train.trainer import train
+    from pkd.train.data import store_path
+    from pkd.train.options import build_config, given_options, resume_config
+    from pkd.train.trainer import read_config, train
 
-    cfg = _config(store, variant, num_points=num_points, num_group=num_group, group_size=group_size, dim=dim,
-                  depth=depth, heads=heads, device=device, no_augment=no_augment, init=init, drop_path=drop_path,
-                  streams=streams, split=split,
-                  epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                  weight_decay=weight_decay, seed=seed, num_workers=num_workers, shuffle_shards=shuffle_shards,
-                  normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps,
-                  save_every=save_every)
-    run_dir = run_dir or Path("runs") / f"{Path(store).stem}-{variant}"
+    run_dir = run_dir or Path("runs") / f"{Path(store).stem}-{options['variant']}"
+    if resume:
+        cfg = resume_config(read_config(run_dir), store_path(store), given_options(ctx, options), str(run_dir))
+    else:
+        cfg = build_config(str(store), options)
     summary = train(cfg, run_dir, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if summary["rank"]:
         return  # under torchrun only rank 0 reports
-    typer.echo(f"{summary['variant']}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}, "
-               f"{summary['samples_per_s']:.1f} samples/s → {run_dir}")
+    held_out = "" if summary["val_loss"] is None else f", held-out loss {summary['val_loss']:.4g}"
+    warmup = " (stopped inside warm-up)" if summary["in_warmup"] else ""
+    typer.echo(f"{summary['variant']}: {summary['steps']} of {summary['schedule_steps']} steps{warmup}, final loss "
+               f"{summary['final_loss']:.4g}{held_out}, {summary['samples_per_s']:.1f} samples/s → {run_dir}")
 
 
 @app.command()
+@config_options(exclude=("variant", "seed"))
 def ablate(
+    ctx: typer.Context,
     store: Store,
-    variants: Annotated[str, typer.Option(help="comma-separated variants")] = "distill,no-concept,clip-target,recon",
+    variants: Annotated[str, typer.Option(help="comma-separated variants")] = "distill,no-concept,clip-target,recon,"
+                                                                             "recon+distill",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds: every variant (and readout) once per seed")] = "0",
     name: Annotated[Optional[str], typer.Option(help="writes runs/ablate-NAME (default: the store's name)")] = None,
-    epochs: int = 250,
-    warmup_epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "auto",
-    num_workers: int = 0,
-    normalize_targets: bool = False,
-    recon_weight: float = 1.0,
-    max_steps: Optional[int] = None,
-    num_points: int = 4096,
-    num_group: int = 64,
-    group_size: int = 32,
-    dim: int = 384,
-    depth: int = 12,
-    heads: int = 6,
-    overwrite: Annotated[bool, typer.Option(help="replace existing per-variant run folders")] = False,
+    readout: Annotated[str, typer.Option("--eval", help="readout per encoder on ModelNet40: probe (linear SVM), "
+                                                        "finetune (no voting; adds scratch rows) or none")] = "probe",
+    eval_data: Annotated[Optional[Path], typer.Option(help="ModelNet40 folder (modelnet40_normal_resampled)")] = None,
+    eval_splits: Annotated[Optional[Path], typer.Option(help="ModelNet40 split lists, if not inside --eval-data")
+                           ] = None,
+    allow_missing: Annotated[bool, typer.Option(help="readout on the listed ModelNet40 shapes that exist")] = False,
+    eval_epochs: Annotated[Optional[int], typer.Option(help="fine-tuning epochs of the readout (default 300)")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="fine-tuning batch of the readout (default 32)")
+                               ] = None,
+    resume: Annotated[bool, typer.Option(help="finish or extend the ablation of an earlier call (its settings are "
+                                              "used; new --variants/--seeds add rows)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing runs/ablate-NAME")] = False,
+    **options: Any,
 ) -> None:
-    """Train every variant with the same settings; write table.md and table.json under runs/ablate-NAME."""
-    from pkd.train.run import format_table, run_ablation
+    """Pre-train every variant (per seed) with the same settings, read each encoder out on ModelNet40, and
+    write table.json, table.md and table.png under runs/ablate-NAME."""
+    from pkd.train.ablate import Readout, run_ablation
+    from pkd.train.config import TrainConfig
+    from pkd.train.data import store_path
+    from pkd.train.options import build_config, given_options, resume_config
+    from pkd.train.table import TABLE_JSON, markdown
 
-    cfg = _config(store, "distill", num_points=num_points, num_group=num_group, group_size=group_size, dim=dim,
-                  depth=depth, heads=heads, device=device, epochs=epochs, warmup_epochs=warmup_epochs,
-                  batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers,
-                  normalize_targets=normalize_targets, recon_weight=recon_weight, max_steps=max_steps)
     out = Path("runs") / f"ablate-{name or Path(store).stem}"
-    rows = run_ablation(cfg, [v.strip() for v in variants.split(",") if v.strip()], out, overwrite=overwrite)
-    typer.echo(format_table(rows) + f"→ {out}/table.md")
+    base = build_config(str(store), options)
+    if resume and (out / TABLE_JSON).is_file():
+        saved = TrainConfig.from_dict(json.loads((out / TABLE_JSON).read_text())["config"])
+        base = resume_config(saved, store_path(store), given_options(ctx, options), str(out))
+    rows = run_ablation(base, _split(variants, str), _split(seeds, int), out,
+                        Readout(readout, str(eval_data) if eval_data else None,
+                                str(eval_splits) if eval_splits else None, allow_missing, eval_epochs,
+                                eval_batch_size),
+                        resume=resume, overwrite=overwrite)
+    typer.echo(markdown(rows) + f"→ {out}/table.md")
+
+
+def _split(values: str, kind: type) -> list:
+    try:
+        return [kind(v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"{values!r} is not a comma-separated list of {kind.__name__} ({exc})") from exc
 
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="run directory (uses its last.pt) or a checkpoint file")],
+    run: Annotated[Path, typer.Argument(help="run directory (uses its last.pt, with or without optimizer state) "
+                                             "or a checkpoint file")],
     out: Annotated[Path, typer.Option(help="where to write the Point-MAE checkpoint")] = Path("encoder.pth"),
 ) -> None:
     """Write the student's encoder as {'base_model': {'MAE_encoder.<key>': tensor}} for Point-MAE finetuning."""

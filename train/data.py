@@ -152,21 +152,30 @@ class _WindowDataset(IterableDataset):
         out = {}
         for name in self.cfg.arrays:
             values = np.concatenate([read_shard(group, name, a, b)[v] for (a, b), v in zip(ranges, valid)])[perm]
-            if name in self.stats:
-                mean, std = self.stats[name]
-                values = (values.astype(np.float32) - mean) / std
-            out[name] = values
-        stored = group["points"].shape[1]
-        if self.cfg.num_points < stored:
-            keep = np.argpartition(rng.random((len(perm), stored)), self.cfg.num_points - 1, axis=1)
-            keep = np.sort(keep[:, :self.cfg.num_points], axis=1)
-            for name in set(out) & set(POINT_ARRAYS):
-                out[name] = np.take_along_axis(out[name], keep.reshape(*keep.shape, *(1,) * (out[name].ndim - 2)),
-                                               axis=1)
-        return out
+            out[name] = normalize(values, self.stats.get(name))
+        return subsample_points(out, self.cfg.num_points, rng)
 
 
-def _to_tensor(values: np.ndarray) -> torch.Tensor:
+def subsample_points(arrays: dict[str, np.ndarray], num_points: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Keep ``num_points`` random points (in stored order) of every sample, in every per-point array."""
+    count, stored = arrays["points"].shape[:2]
+    if num_points >= stored:
+        return arrays
+    keep = np.argpartition(rng.random((count, stored)), num_points - 1, axis=1)
+    keep = np.sort(keep[:, :num_points], axis=1)
+    return {name: np.take_along_axis(values, keep.reshape(*keep.shape, *(1,) * (values.ndim - 2)), axis=1)
+            if name in POINT_ARRAYS else values for name, values in arrays.items()}
+
+
+def normalize(values: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """(values - mean) / std with a target's stats; ``values`` unchanged without stats."""
+    if stats is None:
+        return values
+    mean, std = stats
+    return (values.astype(np.float32) - mean) / std
+
+
+def to_tensor(values: np.ndarray) -> torch.Tensor:
     if values.dtype == np.uint16:
         values = values.astype(np.int32)
     elif values.dtype in (np.float16, np.float64):
@@ -243,7 +252,7 @@ class StoreLoader:
                     if queue[0][1] == len(window["points"]):
                         queue.popleft()
                 have[s] -= size
-            yield {k: _to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+            yield {k: to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
             count -= 1
 
 

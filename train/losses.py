@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pkd.common.geometry import teacher_crop_box
 from pkd.common.store import PATCH_TOKENS
-from pkd.train.model import Student, random_mask
+from pkd.train.model import MaskedDecoder, Student, StudentConfig, Variant, random_mask, variant_spec
 from pkd.train.tokenizer import gather_points
 
 GRID = int(round(PATCH_TOKENS ** 0.5))
@@ -61,21 +61,35 @@ def local_alignment(pred: torch.Tensor, patch_tokens: torch.Tensor, centre_pixel
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Settings of ``compute_loss`` that do not live in the model."""
+    """What ``compute_loss`` computes: the variant, its reconstruction mask, loss weights and the teacher crop."""
 
+    variant: Variant
+    num_group: int
+    mask_ratio: float
     recon_weight: float = 1.0
     crop: CropBox | None = None
 
+    @classmethod
+    def of(cls, model: StudentConfig, recon_weight: float = 1.0, crop: CropBox | None = None) -> "LossSettings":
+        """The settings of a student config's variant."""
+        return cls(variant_spec(model.variant), model.num_group, model.mask_ratio, recon_weight, crop)
 
-def compute_loss(model: Student, batch: dict[str, torch.Tensor], settings: LossSettings,
-                 mask_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of one batch and its named parts (as floats, for logging)."""
-    spec = model.spec
+    def mask(self, batch: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """A reconstruction mask (B, G) drawn from ``generator``."""
+        return random_mask(batch, self.num_group, self.mask_ratio, generator)
+
+
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: LossSettings,
+                 mask_generator: torch.Generator | list[torch.Generator] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of one batch and its named parts (as floats, for logging).
+
+    ``model`` is a Student of ``settings.variant`` or its DDP wrapper; only its forward is called.
+    """
+    spec = settings.variant
     mask = None
     if spec.recon:
-        cfg = model.cfg
-        mask = random_mask(batch["points"].shape[0], cfg.num_group, cfg.mask_ratio, mask_generator)
-        mask = mask.to(batch["points"].device)
+        mask = settings.mask(batch["points"].shape[0], mask_generator).to(batch["points"].device)
     out = model(batch["points"], mask)
     parts: dict[str, torch.Tensor] = {}
     if spec.head == "token":
@@ -86,8 +100,20 @@ def compute_loss(model: Student, batch: dict[str, torch.Tensor], settings: LossS
     elif spec.target is not None:
         parts["distill"] = F.mse_loss(out.pred.float(), batch[spec.target])
     if spec.recon:
-        k = out.recon_pred.shape[-2]
-        parts["recon"] = chamfer_l2(out.recon_pred.float().reshape(-1, k, 3), out.recon_target.float().reshape(-1, k, 3))
+        parts["recon"] = patch_chamfer(out.recon_pred, out.recon_target)
     weights = {"recon": settings.recon_weight if spec.target else 1.0}
     total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
     return total, {name: float(value.detach()) for name, value in parts.items()}
+
+
+def patch_chamfer(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Chamfer-L2 of predicted and true masked patches (B, M, k, 3), patch by patch."""
+    k = pred.shape[-2]
+    return chamfer_l2(pred.float().reshape(-1, k, 3), target.float().reshape(-1, k, 3))
+
+
+def monitor_recon_loss(model: Student, decoder: MaskedDecoder, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Chamfer-L2 of a (frozen, randomly initialised) ``decoder`` reconstructing the masked patches from the
+    student encoder's visible tokens: the paper's Table 7 probe of what distillation does to reconstruction."""
+    patches, centres, _ = model.group_divider(points)
+    return patch_chamfer(*model.reconstruct(decoder, patches, centres, mask))

@@ -1,4 +1,4 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON record per step and per epoch) and ``curves.png`` (loss, lr)."""
+"""Run metrics: ``metrics.jsonl`` (one JSON record per step, epoch and held-out evaluation) and ``curves.png``."""
 
 from __future__ import annotations
 
@@ -51,28 +51,49 @@ class MetricsLog:
         self._append({"kind": "epoch", "epoch": epoch, "step": step, "loss": _mean(steps, "loss"),
                       "samples_per_s": _mean(steps, "samples_per_s")})
 
-    def summary(self) -> dict[str, Any]:
-        """Last step's loss and the mean samples/s over the steps logged (first step excluded when possible)."""
-        steps = [r for r in self.records if r["kind"] == "step"]
-        if not steps:
-            return {"final_loss": None, "samples_per_s": None}
-        return {"final_loss": steps[-1]["loss"], "samples_per_s": _mean(steps[1:] or steps, "samples_per_s")}
+    def has(self, kind: str, step: int) -> bool:
+        """Whether a record of ``kind`` was logged at ``step`` (e.g. by the run before a resume)."""
+        return any(r["kind"] == kind and r["step"] == step for r in self.records)
 
-    def plot(self) -> None:
-        """Write curves.png: loss (log scale) and learning rate against step."""
+    def val(self, **values: Any) -> None:
+        """A held-out evaluation (epoch, step, loss, its parts, samples)."""
+        self._append({"kind": "val", **values})
+
+    def summary(self) -> dict[str, Any]:
+        """Last step's loss, last held-out loss, and the mean samples/s over the steps logged (first step
+        excluded when possible)."""
+        steps = [r for r in self.records if r["kind"] == "step"]
+        vals = [r for r in self.records if r["kind"] == "val"]
+        return {"final_loss": steps[-1]["loss"] if steps else None, "val_loss": vals[-1]["loss"] if vals else None,
+                "samples_per_s": _mean(steps[1:] or steps, "samples_per_s") if steps else None}
+
+    def plot(self, title: str = "") -> None:
+        """Write curves.png under ``title``: training and held-out loss (log scale), learning rate, against step."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
 
         steps = [r for r in self.records if r["kind"] == "step"]
+        vals = [r for r in self.records if r["kind"] == "val"]
         if not steps or not self.write:
             return
-        x = [r["step"] for r in steps]
-        fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
-        ax_loss.plot(x, [r["loss"] for r in steps])
-        ax_loss.set(xlabel="step", ylabel="loss", yscale="log" if min(r["loss"] for r in steps) > 0 else "linear")
-        ax_lr.plot(x, [r["lr"] for r in steps])
+        fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.8))
+        ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train")
+        if vals:
+            ax_loss.plot([r["step"] for r in vals], [r["loss"] for r in vals], "o-", label="held-out")
+            ax_loss.legend()
+        losses = [r["loss"] for r in steps + vals]
+        log_scale = min(losses) > 0
+        ax_loss.set(xlabel="step", ylabel="loss", yscale="log" if log_scale else "linear")
+        ax_lr.plot([r["step"] for r in steps], [r["lr"] for r in steps])
         ax_lr.set(xlabel="step", ylabel="learning rate")
+        plain = FormatStrFormatter("%g")  # 0.2, 1e-05: no offsets, no 10^x labels
+        for axis in (ax_loss.yaxis, ax_lr.yaxis):
+            axis.set_major_formatter(plain)
+        if log_scale and max(losses) < 10 * min(losses):  # less than a decade: label the minor ticks too
+            ax_loss.yaxis.set_minor_formatter(plain)
+        fig.suptitle(title)
         fig.tight_layout()
         tmp = self.run_dir / f".{CURVES}.tmp.png"
         fig.savefig(tmp, dpi=100)

@@ -3,10 +3,12 @@
 State-dict prefixes: ``MAE_encoder.*`` (exported, Point-MAE names), ``concept.*`` and ``head.*`` (distillation),
 ``MAE_decoder.*`` (masked reconstruction; never exported).
 
-Head choice for the prefix: the 32 concept tokens are mean- and max-pooled (2·C) and a 2-layer MLP
-(2·C → head_hidden → 10·768) maps them to the prefix. ``no-concept`` uses the very same head on the
-pooled point tokens, so the two ablation arms differ only by the concept module; a flattened 32·C input
-would add ~12 M head parameters (and their optimizer cost) for the concept arm alone.
+Concept head (paper §3.4, appendix A.1: the concepts are "sent into an MLP"): ``head="flat"`` (default)
+flattens the 32 concept tokens in query order (32·C) and a 2-layer MLP (32·C → head_hidden → 10·768) maps
+them to the prefix, so every concept keeps its identity (its own input weights) and the queries can
+specialise. ``head="pooled"`` mean- and max-pools the concepts first (2·C), which makes the queries
+interchangeable; it is kept to measure that difference. ``no-concept`` always pools the point tokens
+(their order is an FPS artefact, so flattening them would mean nothing).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pkd.common.config import option
 from pkd.common.errors import ConfigError
 from pkd.common.store import CLIP_DIM, PREFIX_SHAPE
 from pkd.train.concept import ConceptModule
@@ -31,6 +34,7 @@ class Variant:
     target: str | None      # store array the head regresses, None for pure reconstruction
     head: str | None        # "concept" | "pool" | "token" | None
     recon: bool             # Point-MAE masked reconstruction loss
+    objective: str          # what its loss measures (losses of different objectives are not comparable)
     extra_arrays: tuple[str, ...] = ()
 
     @property
@@ -40,18 +44,20 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "distill": Variant("prefix", "concept", False),
-    "no-concept": Variant("prefix", "pool", False),
-    "clip-target": Variant("clip_embed", "concept", False),
-    "local": Variant("patch_tokens", "token", False, ("pixels", "in_view")),
-    "recon": Variant(None, None, True),
-    "recon+distill": Variant("prefix", "concept", True),
+    "distill": Variant("prefix", "concept", False, "prefix MSE"),
+    "no-concept": Variant("prefix", "pool", False, "prefix MSE"),
+    "clip-target": Variant("clip_embed", "concept", False, "CLIP-embedding MSE"),
+    "local": Variant("patch_tokens", "token", False, "patch-token cosine", ("pixels", "in_view")),
+    "recon": Variant(None, None, True, "Chamfer-L2"),
+    "recon+distill": Variant("prefix", "concept", True, "prefix MSE + w·Chamfer-L2"),
 }
+HEADS = ("flat", "pooled")
 
 TARGET_SHAPES = {"prefix": PREFIX_SHAPE, "clip_embed": (CLIP_DIM,), "patch_tokens": (CLIP_DIM,)}
 
 
 def variant_spec(name: str) -> Variant:
+    """The Variant called ``name``; ConfigError naming the choices for an unknown one."""
     if name not in VARIANTS:
         raise ConfigError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}.")
     return VARIANTS[name]
@@ -61,27 +67,40 @@ def variant_spec(name: str) -> Variant:
 class StudentConfig:
     """Architecture of a student; defaults are the paper's (Point-MAE's ViT-S-like encoder)."""
 
-    num_points: int = 4096
-    num_group: int = 64
-    group_size: int = 32
-    dim: int = 384
-    depth: int = 12
-    heads: int = 6
-    drop_path: float = 0.1
-    num_concepts: int = 32
-    concept_mlp_ratio: float = 1.0
-    head_hidden: int = 1024
-    decoder_depth: int = 4
-    mask_ratio: float = 0.6
-    variant: str = "distill"
+    num_points: int = option(4096, "points per cloud fed to the student (subsampled)")
+    num_group: int = option(64, "patches (FPS centres) per cloud")
+    group_size: int = option(32, "points per patch (kNN)")
+    dim: int = option(384, "encoder width")
+    depth: int = option(12, "encoder blocks")
+    heads: int = option(6, "attention heads")
+    drop_path: float = option(0.1, "stochastic depth (its masks differ between world sizes)")
+    num_concepts: int = option(32, "concept queries")
+    concept_mlp_ratio: float = option(1.0, "MLP width of the shared concept block, relative to dim")
+    head: str = option("flat", "flat: the MLP reads all concept tokens (paper); pooled: mean+max pooled concepts")
+    head_hidden: int = option(1024, "hidden width of the 2-layer prediction MLP")
+    decoder_depth: int = option(3, "transformer blocks of the reconstruction decoder (paper: 3)")
+    mask_ratio: float = option(0.6, "fraction of patches masked for reconstruction")
+    variant: str = option("distill", "distill | no-concept | clip-target | local | recon | recon+distill")
 
     def __post_init__(self) -> None:
         variant_spec(self.variant)
+        if self.head not in HEADS:
+            raise ConfigError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
+        small = [f"{k} {getattr(self, k)}" for k in ("num_points", "num_group", "group_size", "dim", "depth", "heads",
+                                                      "num_concepts", "head_hidden", "decoder_depth")
+                 if getattr(self, k) < 1]
+        if small:
+            raise ConfigError(f"{', '.join(small)}: must be at least 1.")
         if self.dim % self.heads:
             raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}.")
         if self.num_group > self.num_points or self.group_size > self.num_points:
             raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups of "
                               f"{self.group_size} points.")
+        if not 0 < int(self.mask_ratio * self.num_group) < self.num_group:
+            raise ConfigError(f"mask_ratio {self.mask_ratio} must mask some but not all of the {self.num_group} "
+                              "patches.")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"drop_path {self.drop_path} must lie in [0, 1).")
 
 
 class MaskedDecoder(nn.Module):
@@ -132,8 +151,7 @@ class Student(nn.Module):
         if self.spec.head == "concept":
             self.concept = ConceptModule(cfg.dim, cfg.num_concepts, cfg.heads, cfg.concept_mlp_ratio)
         if self.spec.head is not None:
-            in_dim = cfg.dim if self.spec.head == "token" else 2 * cfg.dim
-            self.head = Mlp(in_dim, cfg.head_hidden, out_dim)
+            self.head = Mlp(self._head_inputs(), cfg.head_hidden, out_dim)
             self.head.apply(init_weights)
         if self.spec.recon:
             self.MAE_decoder = MaskedDecoder(cfg.dim, cfg.decoder_depth, cfg.heads, cfg.group_size, cfg.drop_path)
@@ -148,22 +166,37 @@ class Student(nn.Module):
         if self.spec.recon:
             if mask is None:
                 raise ValueError("a reconstruction variant needs a patch mask")
-            visible, _ = self.MAE_encoder(patches, centres, mask)
-            out.recon_pred = self.MAE_decoder(visible, centres, mask)
-            out.recon_target = patches[mask].reshape(out.recon_pred.shape)
+            out.recon_pred, out.recon_target = self.reconstruct(self.MAE_decoder, patches, centres, mask)
         return out
+
+    def reconstruct(self, decoder: MaskedDecoder, patches: torch.Tensor, centres: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decoder``'s prediction of the masked patches from the visible ones, and those patches (B, M, k, 3)."""
+        visible, _ = self.MAE_encoder(patches, centres, mask)
+        pred = decoder(visible, centres, mask)
+        return pred, patches[mask].reshape(pred.shape)
+
+    def _head_inputs(self) -> int:
+        if self.spec.head == "token":
+            return self.cfg.dim
+        if self.spec.head == "concept" and self.cfg.head == "flat":
+            return self.cfg.num_concepts * self.cfg.dim
+        return 2 * self.cfg.dim
 
     def _predict(self, tokens: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
         if self.spec.head == "token":
             return self.head(tokens)
-        pooled = self.concept(layers) if self.spec.head == "concept" else tokens
-        features = torch.cat([pooled.mean(1), pooled.max(1).values], dim=-1)
+        if self.spec.head == "concept":
+            concepts = self.concept(layers)
+            features = concepts.flatten(1) if self.cfg.head == "flat" else _mean_max(concepts)
+        else:
+            features = _mean_max(tokens)
         return self.head(features).reshape(tokens.shape[0], *TARGET_SHAPES[self.spec.target])
 
 
-def build_student(cfg: StudentConfig) -> Student:
-    """A freshly initialised student for ``cfg``."""
-    return Student(cfg)
+def _mean_max(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) → (B, 2·C): mean and max over the tokens (order-invariant)."""
+    return torch.cat([tokens.mean(1), tokens.max(1).values], dim=-1)
 
 
 def random_mask(batch: int, num_group: int, ratio: float,

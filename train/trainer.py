@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 import shutil
 import subprocess
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,67 +38,20 @@ from pkd.common.errors import ConfigError, StoreError, TrainingError
 from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store
 from pkd.train import distributed
-from pkd.train.augment import AugmentConfig, augment
+from pkd.train.augment import augment
 from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
                                   set_rng_state)
+from pkd.train.config import TrainConfig
 from pkd.train.data import LoaderConfig, StoreLoader, store_path, target_stats
 from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
+from pkd.train.heldout import HeldOut
 from pkd.train.losses import CropBox, LossSettings, compute_loss
 from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
-from pkd.train.model import StudentConfig, build_student, variant_spec
+from pkd.train.model import Student, variant_spec
+from pkd.train.options import option_values, run_option_names
 
-# fields a resumed run may change without changing what it computes
-RESUME_MAY_CHANGE = ("max_steps", "save_every", "num_workers")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run; recorded verbatim in ``runs/NAME/config.json`` and in every checkpoint."""
-
-    store: str
-    split: str = "train"
-    model: StudentConfig = field(default_factory=StudentConfig)
-    epochs: int = 250
-    warmup_epochs: int = 10
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    seed: int = 0
-    device: str = "cpu"
-    amp: bool = True
-    num_workers: int = 0
-    shuffle_shards: int = 4
-    normalize_targets: bool = False
-    recon_weight: float = 1.0
-    max_steps: int | None = None
-    save_every: int | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    init: str | None = None
-    streams: int | None = None  # data streams (see pkd.train.data); None: one per process of the first launch
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
-            raise ConfigError(f"--streams {self.streams} must be at least 1 and divide the batch size "
-                              f"{self.batch_size} (every stream gives each batch the same number of samples).")
-        if self.warmup_epochs < 0 or self.num_workers < 0 or self.lr <= 0:
-            raise ConfigError("warmup_epochs and num_workers must be ≥ 0 and lr > 0.")
-
-    @property
-    def variant(self) -> str:
-        return self.model.variant
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**{**d, "model": StudentConfig(**d["model"]), "augment": AugmentConfig(**d["augment"])})
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +61,24 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps of warm-up and of the whole schedule, and where this launch stops."""
+
+    warmup: int
+    total: int
+    stop: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "Schedule":
+        """``epochs`` × ``steps_per_epoch`` steps, or ``max_steps`` with warm-up the same fraction of them."""
+        if cfg.max_steps:
+            total, warmup = cfg.max_steps, round(cfg.max_steps * cfg.warmup_epochs / cfg.epochs)
+        else:
+            total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+        return cls(warmup=min(warmup, total), total=total, stop=min(total, cfg.stop_after or total))
 
 
 def lr_at(step: int, cfg: TrainConfig, warmup: int, total: int) -> float:
@@ -153,8 +125,9 @@ def code_version() -> dict[str, str | None]:
     return {"pkd": pkd_version, "git_commit": commit}
 
 
-def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[StoreLoader, LossSettings]:
-    """The loader and loss settings of a run; StoreError/ConfigError if the store cannot serve the variant."""
+def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[StoreLoader, LossSettings, HeldOut | None]:
+    """The loader, loss settings and held-out data of a run; StoreError/ConfigError if the store cannot serve
+    the variant."""
     spec = variant_spec(cfg.variant)
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
     crop = None
@@ -169,7 +142,9 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
     loader = StoreLoader(LoaderConfig(cfg.store, cfg.split, spec.arrays, cfg.batch_size, cfg.model.num_points,
                                       cfg.seed, cfg.shuffle_shards, rank_info.rank, rank_info.world_size,
                                       cfg.streams or rank_info.world_size), cfg.num_workers, stats)
-    return loader, LossSettings(recon_weight=cfg.recon_weight, crop=crop)
+    settings = LossSettings.of(cfg.model, cfg.recon_weight, crop)
+    heldout = HeldOut.open(cfg, spec.arrays, stats, settings, max(1, cfg.batch_size // rank_info.world_size))
+    return loader, settings, heldout
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, act: bool = True) -> None:
@@ -209,6 +184,14 @@ def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader, world_siz
     (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
+def read_config(run_dir: Path) -> TrainConfig:
+    """The config a run recorded in its config.json; ConfigError when there is none."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"nothing to resume in {run_dir} (no config.json); drop --resume to start a new run.")
+    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+
+
 def restore(ckpt: dict, run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             rank_info: DistInfo = DistInfo()) -> Position:
     """Load checkpoint ``ckpt`` into model and optimizer, restore RNGs; refuse a checkpoint of a different config.
@@ -216,9 +199,10 @@ def restore(ckpt: dict, run_dir: Path, cfg: TrainConfig, model: torch.nn.Module,
     Rank r > 0 restores its own RNG state when the checkpoint was written by as many processes, else it
     reseeds from (seed, rank, step): only drop-path draws from it.
     """
-    load_training_state(ckpt, {"streams": 1, **ckpt["config"]}, cfg.to_dict(), RESUME_MAY_CHANGE, run_dir, model,
-                        optimizer)
     pos = Position(**ckpt["position"])
+    saved = TrainConfig.from_dict({"streams": 1, **ckpt["config"]})
+    load_training_state(ckpt, {"store": saved.store, **option_values(saved)},
+                        {"store": cfg.store, **option_values(cfg)}, run_option_names(), run_dir, model, optimizer)
     ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(ranks) == rank_info.world_size:
         set_rng_state(ranks[rank_info.rank])
@@ -229,15 +213,20 @@ def restore(ckpt: dict, run_dir: Path, cfg: TrainConfig, model: torch.nn.Module,
     return pos
 
 
-def save(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          pos: Position) -> None:
-    """Write ``last.pt`` (rank 0; under DDP every rank must call this: it gathers their RNG states)."""
+    """Write ``last.pt`` (rank 0; under DDP every rank must call this: it gathers their RNG states).
+
+    ``optimizer`` None leaves the optimizer state out (a finished run under ``--no-keep-optimizer``).
+    """
     states = distributed.all_gather_object(rng_state())
     if not distributed.is_main():
         return
-    atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "position": dataclasses.asdict(pos), "rng": states[0], "rng_ranks": states if len(states) > 1 else [],
-                 "config": cfg.to_dict(), "code": code_version()}, run_dir / LAST)
+    state = {"model": unwrap(model).state_dict(), "position": dataclasses.asdict(pos), "rng": states[0],
+             "rng_ranks": states if len(states) > 1 else [], "config": cfg.to_dict(), "code": code_version()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    atomic_save(state, run_dir / LAST)
 
 
 def resolve_streams(cfg: TrainConfig, ckpt: dict | None, world_size: int) -> TrainConfig:
@@ -248,16 +237,26 @@ def resolve_streams(cfg: TrainConfig, ckpt: dict | None, world_size: int) -> Tra
     return dataclasses.replace(cfg, streams=streams)
 
 
+def resolve_device(cfg: TrainConfig) -> TrainConfig:
+    """``device`` made explicit (auto: cuda when torch sees one) and ``amp`` false where it does nothing (CPU)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
+    return dataclasses.replace(cfg, device=device, amp=cfg.amp and device.startswith("cuda"))
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, tensorboard: bool = False) -> dict[str, Any]:
-    """Train (or resume) one run; returns a summary (final loss, steps, samples/s, run_dir).
+          progress: bool = True, desc: str | None = None, tensorboard: bool = False) -> dict[str, Any]:
+    """Train (or resume) one run; returns a summary (final and held-out loss, steps, samples/s, run_dir, whether
+    it stopped inside warm-up). ``desc`` labels the progress bar (default: "train <variant>").
 
     ``tensorboard`` also writes the metrics as TensorBoard scalars under ``run_dir/tensorboard``.
 
     Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
     """
     with distributed.session(cfg.device) as rank_info, run_lock(Path(run_dir), rank_info):
-        return _train(cfg, Path(run_dir), resume, overwrite, progress, rank_info, tensorboard)
+        return _train(cfg, Path(run_dir), resume, overwrite, progress, desc or f"train {cfg.variant}", rank_info,
+                      tensorboard)
 
 
 def run_lock(run_dir: Path, rank_info: DistInfo) -> AbstractContextManager:
@@ -265,21 +264,23 @@ def run_lock(run_dir: Path, rank_info: DistInfo) -> AbstractContextManager:
     return lock.exclusive(run_dir, "run", ConfigError) if rank_info.main else nullcontext()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool,
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool, desc: str,
            rank_info: DistInfo, tensorboard: bool = False) -> dict[str, Any]:
     main, world = rank_info.main, rank_info.world_size
-    cfg = dataclasses.replace(cfg, store=store_path(cfg.store))
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
+    cfg = resolve_device(dataclasses.replace(cfg, store=store_path(cfg.store)))
     distributed.check_global_batch(cfg.batch_size, rank_info)
     prepare_run_dir(run_dir, resume, overwrite, act=False)
     ckpt = load_checkpoint(run_dir / LAST) if resume else None
     cfg = resolve_streams(cfg, ckpt, world)
-    loader, settings = open_data(cfg, rank_info)
+    loader, settings, heldout = open_data(cfg, rank_info)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(f"--grad-accum {cfg.grad_accum} needs more batches than the {loader.steps_per_epoch} "
                           "an epoch has; lower it or the batch size.")
+    sched = Schedule.of(cfg, steps_per_epoch)
+    if ckpt is not None and "optimizer" not in ckpt and ckpt["position"]["step"] < sched.stop:
+        raise ConfigError(f"{run_dir / LAST} was saved without its optimizer state (--no-keep-optimizer) and cannot "
+                          "be trained further; export it, or start a new run.")
     distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
     if main:
         prepare_run_dir(run_dir, resume, overwrite)
@@ -288,13 +289,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     device = distributed.local_device(cfg.device, rank_info)
-    model = build_student(cfg.model).to(device)
+    model = Student(cfg.model).to(device)
     if cfg.init and not resume:
         load_pointmae_checkpoint(cfg.init, model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    limit = min(total_steps, cfg.max_steps or total_steps)
     if ckpt is not None:
         pos = restore(ckpt, run_dir, cfg, model, optimizer, rank_info)
         del ckpt
@@ -307,17 +305,26 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
     distributed.barrier()  # the run directory is ready
     ddp = distributed.wrap_model(model, rank_info, device)
     sinks = [TensorBoardSink(run_dir / TENSORBOARD, pos.step)] if tensorboard and main else []
-    log = MetricsLog(run_dir, keep_until_step=pos.step, write=main, sinks=sinks)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
+    log_ = MetricsLog(run_dir, keep_until_step=pos.step, write=main, sinks=sinks)
+
+    def autocast() -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp else nullcontext()
+
+    def evaluate() -> None:
+        """Log the held-out loss at the current step (rank 0 computes it; the others wait)."""
+        if heldout is not None and main and not log_.has("val", pos.step):
+            log_.val(epoch=pos.epoch, step=pos.step, **heldout.evaluate(model, device, autocast))
+        distributed.barrier()
+
     samples_per_step = cfg.batch_size * cfg.grad_accum
     epoch_batches = steps_per_epoch * cfg.grad_accum
     streams, chunk = loader.cfg.own_streams, loader.cfg.chunk
 
     ddp.train()
-    bar = progress_bar(total=limit, initial=pos.step, disable=not (progress and main), unit="step",
-                       desc=f"train {cfg.variant}", dynamic_ncols=True)
+    bar = progress_bar(total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", desc=desc,
+                       dynamic_ncols=True)
     saved_at = pos.step if resume else -1
-    while pos.step < limit:
+    while pos.step < sched.stop:
         tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
         for batch in loader.epoch(pos.epoch, start_batch=pos.batch):
             micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
@@ -327,7 +334,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
                                          for points, g in zip(batch["points"].split(chunk), generators)])
             last_micro = (pos.batch + 1) % cfg.grad_accum == 0
             with ddp.no_sync() if rank_info.distributed and not last_micro else nullcontext():
-                with autocast:
+                with autocast():
                     loss, parts = compute_loss(ddp, batch, settings,
                                                generators[0] if len(generators) == 1 else generators)
                 means = distributed.all_reduce_mean(
@@ -343,32 +350,45 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
             if pos.batch % cfg.grad_accum:
                 continue
 
-            lr = lr_at(pos.step, cfg, warmup_steps, total_steps)
+            lr = lr_at(pos.step, cfg, sched.warmup, sched.total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             pos = dataclasses.replace(pos, step=pos.step + 1)
             rate = samples_per_step / (time.perf_counter() - tic)
-            log.step(step=pos.step, epoch=pos.epoch, loss=step_loss, lr=lr, samples_per_s=rate, **step_parts)
+            log_.step(step=pos.step, epoch=pos.epoch, loss=step_loss, lr=lr, samples_per_s=rate, **step_parts)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4g}", samples_s=f"{rate:.1f}")
-            if cfg.save_every and pos.step % cfg.save_every == 0:
+            epoch_done = pos.batch >= epoch_batches
+            if cfg.val_every and pos.step % cfg.val_every == 0 and not epoch_done:
+                evaluate()
+            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < sched.total:
                 save(run_dir, cfg, ddp, optimizer, pos)
                 saved_at = pos.step
             tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
-            if pos.step >= limit or pos.batch >= epoch_batches:
+            if pos.step >= sched.stop or epoch_done:
                 break
         if pos.batch >= epoch_batches:
-            log.epoch(epoch=pos.epoch, step=pos.step)
+            log_.epoch(epoch=pos.epoch, step=pos.step)
+            evaluate()
             pos = Position(step=pos.step, epoch=pos.epoch + 1, batch=0)
-            save(run_dir, cfg, ddp, optimizer, pos)
-            saved_at = pos.step
-            log.plot()
+            if pos.step < sched.total:
+                save(run_dir, cfg, ddp, optimizer, pos)
+                saved_at = pos.step
+            log_.plot(f"{run_dir.name} ({cfg.variant})")
     bar.close()
-    if saved_at != pos.step:
-        save(run_dir, cfg, ddp, optimizer, pos)
-    log.plot()
+    if pos.step >= sched.total and pos.batch:  # the schedule ended mid-epoch: its held-out loss too
+        evaluate()
+    if saved_at != pos.step:  # the final state (the schedule's end or --stop-after)
+        keep = cfg.keep_optimizer or pos.step < sched.total
+        save(run_dir, cfg, ddp, optimizer if keep else None, pos)
+    log_.plot(f"{run_dir.name} ({cfg.variant})")
+    in_warmup = pos.step < sched.warmup
+    if in_warmup and main:
+        log.warning("%s stopped at step %d, inside the %d warm-up steps: its learning rate never reached --lr %g.",
+                    run_dir, pos.step, sched.warmup, cfg.lr)
     distributed.barrier()  # rank 0 has written everything before any rank returns
-    return {"run_dir": str(run_dir), "variant": cfg.variant, "steps": pos.step, "world_size": world,
-            "rank": rank_info.rank, **log.summary()}
+    return {"run_dir": str(run_dir), "variant": cfg.variant, "steps": pos.step, "schedule_steps": sched.total,
+            "warmup_steps": sched.warmup, "in_warmup": in_warmup, "world_size": world, "rank": rank_info.rank,
+            **log_.summary()}

@@ -1,0 +1,211 @@
+"""Issue 11: the paper's concept head, decoder depth, --max-steps schedules, held-out loss, checkpoint size,
+resume from a run's config, and `pkd-train ablate` read out on the real ModelNet40 fixture."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_fixture
+from store_factory import make_store
+
+from pkd.common.errors import ConfigError
+from pkd.train.ablate import Readout, run_ablation
+from pkd.train.checkpoint import LAST, load_checkpoint
+from pkd.train.config import TrainConfig
+from pkd.train.export import export_encoder
+from pkd.train.model import Student, StudentConfig
+from pkd.train.trainer import Schedule, lr_at, train
+
+TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
+TINY_CLI = ["--num-points", "128", "--num-group", "16", "--group-size", "8", "--dim", "48", "--depth", "2",
+            "--heads", "4", "--num-concepts", "4", "--head-hidden", "32", "--batch-size", "4", "--epochs", "3",
+            "--warmup-epochs", "1", "--device", "cpu"]
+PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """16 train samples (4 batches of 4) and 6 held-out ones."""
+    path = make_store(tmp_path_factory.mktemp("abl") / "pairs.zarr", n=16, num_points=160, shard_size=4)
+    return make_store(path, n=6, num_points=160, shard_size=4, seed=1, split="val", add_split=True)
+
+
+def config(store, variant="distill", **kw) -> TrainConfig:
+    model = StudentConfig(**{**TINY, **kw.pop("model", {})}, variant=variant)
+    return TrainConfig(store=str(store), model=model, epochs=3, warmup_epochs=1, batch_size=4, **kw)
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def pkd_train(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([PKD_TRAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+# ---- model ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head, changes", [("flat", True), ("pooled", False)])
+def test_the_flat_head_reads_every_concept_and_the_pooled_one_cannot_tell_them_apart(head, changes):
+    torch.manual_seed(0)
+    student = Student(StudentConfig(**TINY, head=head)).eval()
+    points = torch.randn(2, 128, 3)
+    before = student(points).pred
+    with torch.no_grad():
+        student.concept.queries.copy_(student.concept.queries[:, [1, 0, 3, 2]])
+    after = student(points).pred
+    assert torch.allclose(before, after, atol=1e-5) is not changes
+    assert student.head.fc1.in_features == (4 * 48 if head == "flat" else 2 * 48)
+
+
+def test_decoder_depth_and_config_checks():
+    assert len(Student(StudentConfig(**TINY, variant="recon")).MAE_decoder.blocks.blocks) == 3
+    assert len(Student(StudentConfig(**TINY, variant="recon", decoder_depth=2)).MAE_decoder.blocks.blocks) == 2
+    with pytest.raises(ConfigError, match="unknown head 'mean'"):
+        StudentConfig(head="mean")
+    with pytest.raises(ConfigError, match="unknown variant"):
+        StudentConfig(variant="distil")
+    with pytest.raises(ConfigError, match="min_lr"):
+        TrainConfig(store="s", min_lr=1.0)
+
+
+# ---- schedule, held-out loss, checkpoints --------------------------------------------------------------------
+
+def test_max_steps_makes_the_whole_schedule():
+    cfg = TrainConfig(store="s", epochs=250, warmup_epochs=10, max_steps=2000)
+    sched = Schedule.of(cfg, steps_per_epoch=3000)
+    assert (sched.warmup, sched.total, sched.stop) == (80, 2000, 2000)
+    assert lr_at(sched.warmup - 1, cfg, sched.warmup, sched.total) == cfg.lr  # the peak is reached
+    assert lr_at(sched.total, cfg, sched.warmup, sched.total) == pytest.approx(cfg.min_lr)
+    assert lr_at(1040, cfg, sched.warmup, sched.total) == pytest.approx((cfg.lr + cfg.min_lr) / 2)  # cosine midpoint
+    plain = Schedule.of(dataclasses.replace(cfg, max_steps=None, stop_after=7), steps_per_epoch=3000)
+    assert (plain.warmup, plain.total, plain.stop) == (30000, 750000, 7)
+
+
+def test_a_run_logs_its_schedule_and_says_when_it_stops_inside_warm_up(store, tmp_path):
+    summary = train(config(store, max_steps=6), tmp_path / "full", progress=False)
+    lrs = [r["lr"] for r in records(tmp_path / "full", "step")]
+    assert summary["warmup_steps"] == 2 and summary["schedule_steps"] == 6 and not summary["in_warmup"]
+    assert lrs[:2] == pytest.approx([0.5e-3, 1e-3])  # warm-up reaches the peak
+    assert lrs[2] == lrs[1] and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.2e-3  # then the cosine
+    stopped = train(config(store, max_steps=6, stop_after=1), tmp_path / "early", progress=False)
+    assert stopped["in_warmup"] and stopped["steps"] == 1
+    record = json.loads((tmp_path / "full" / "config.json").read_text())["config"]
+    assert record["amp"] is False and record["device"] == "cpu"  # never claims bf16 autocast on CPU
+
+
+def test_held_out_loss_every_epoch_and_every_n_steps_resumes_identically(store, tmp_path):
+    cfg = config(store, "distill", max_steps=6, val_every=3, val_max_samples=5, monitor_recon=True)
+    summary = train(cfg, tmp_path / "straight", progress=False)
+    vals = records(tmp_path / "straight", "val")
+    assert [(r["epoch"], r["step"]) for r in vals] == [(0, 3), (0, 4), (1, 6)]
+    assert all(r["samples"] == 5 and r["loss"] > 0 and r["monitor_recon"] > 0 for r in vals)
+    assert summary["val_loss"] == vals[-1]["loss"]
+    train(dataclasses.replace(cfg, stop_after=4), tmp_path / "split", progress=False)
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    assert records(tmp_path / "split", "val") == vals
+    assert (tmp_path / "straight" / "curves.png").stat().st_size > 0
+    no_val = train(config(store, max_steps=1, val_split="test"), tmp_path / "none", progress=False)
+    assert no_val["val_loss"] is None and not records(tmp_path / "none", "val")
+
+
+def test_no_keep_optimizer_shrinks_the_final_checkpoint_and_export_still_works(store, tmp_path):
+    train(config(store, max_steps=2), tmp_path / "kept", progress=False)
+    train(config(store, max_steps=2, keep_optimizer=False), tmp_path / "lean", progress=False)
+    assert "optimizer" not in load_checkpoint(tmp_path / "lean" / LAST)
+    assert (tmp_path / "lean" / LAST).stat().st_size < 0.6 * (tmp_path / "kept" / LAST).stat().st_size
+    assert export_encoder(tmp_path / "lean", tmp_path / "enc.pth").is_file()
+    assert train(config(store, max_steps=2, keep_optimizer=False), tmp_path / "lean", resume=True,
+                 progress=False)["steps"] == 2  # finished: nothing to do
+    train(config(store, max_steps=4, stop_after=1, keep_optimizer=False), tmp_path / "paused", progress=False)
+    assert "optimizer" in load_checkpoint(tmp_path / "paused" / LAST)  # unfinished runs stay resumable
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(store, tmp_path):
+    run = tmp_path / "run"
+    done = pkd_train("distill", store, *TINY_CLI, "--max-steps", 3, "--stop-after", 1, "--lr", "0.002",
+                     "--run-dir", run, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    refused = pkd_train("distill", store, "--run-dir", run, "--resume", "--lr", "0.5", "--dim", "48", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--lr 0.5 (the run has 0.002)" in refused.stderr and "--dim" not in refused.stderr
+    done = pkd_train("distill", store, "--run-dir", run, "--resume", "--device", "cpu", "--num-workers", "1",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "3 of 3 steps" in done.stdout
+    assert load_checkpoint(run / LAST)["position"]["step"] == 3
+
+
+# ---- ablate ------------------------------------------------------------------------------------------------
+
+def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
+    root = require_fixture("modelnet40")
+    readout = Readout("probe", str(root / "modelnet40_normal_resampled"), str(root / "splits"),
+                      allow_missing=True, cache_dir=str(tmp_path / "cache"), pool_points=300, num_points=128)
+    base = config(store, max_steps=2)
+    out = tmp_path / "ablate-t"
+    rows = run_ablation(base, ["distill", "recon"], [0, 1], out, readout, progress=False)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("distill", 0), ("distill", 1), ("recon", 0), ("recon", 1)]
+    assert all(r["steps"] == 2 and 0 <= r["probe_oa"] <= 100 and r["val_loss"] > 0 for r in rows)
+    assert [r["objective"] for r in rows[::2]] == ["prefix MSE", "Chamfer-L2"]
+    assert all((out / f"{v}-seed{s}" / "probe" / "results.json").is_file() for v in ("distill", "recon")
+               for s in (0, 1))
+    with pytest.raises(ConfigError, match="holds an ablation already"):
+        run_ablation(base, ["distill"], [0], out, readout, progress=False)
+    with pytest.raises(ConfigError, match=r"other settings \(lr\)"):
+        run_ablation(dataclasses.replace(base, lr=0.5), ["distill"], [0], out, readout, resume=True, progress=False)
+
+    # an interrupted readout, then a call with another variant: the first rows stay, only the missing work runs
+    table = json.loads((out / "table.json").read_text())
+    table["rows"][1]["probe_oa"] = None
+    (out / "table.json").write_text(json.dumps(table))
+    trained = (out / "distill-seed0" / LAST).stat().st_mtime_ns
+    rows = run_ablation(base, ["no-concept", "distill"], [0, 1], out, readout, resume=True, progress=False)
+    assert [(r["variant"], r["seed"]) for r in rows][-2:] == [("no-concept", 0), ("no-concept", 1)]
+    assert len(rows) == 6 and all(r["probe_oa"] is not None for r in rows)
+    assert (out / "distill-seed0" / LAST).stat().st_mtime_ns == trained
+    markdown = (out / "table.md").read_text()
+    assert "| distill | prefix MSE | 2 |" in markdown and " ± " in markdown
+    assert (out / "table.png").stat().st_size > 0
+
+
+def test_ablate_finetune_readout_adds_scratch_rows(store, tmp_path):
+    root = require_fixture("modelnet40")
+    readout = Readout("finetune", str(root / "modelnet40_normal_resampled"), str(root / "splits"),
+                      allow_missing=True, epochs=1, batch_size=4, cache_dir=str(tmp_path / "cache"), pool_points=300,
+                      num_points=128)
+    rows = run_ablation(config(store, max_steps=1), ["distill"], [0], tmp_path / "ft", readout, progress=False)
+    assert [(r["variant"], r["objective"], r["steps"]) for r in rows] == [("distill", "prefix MSE", 1),
+                                                                          ("scratch", None, None)]
+    assert all(0 <= r["finetune_oa"] <= 100 and r["probe_oa"] is None for r in rows)
+    assert (tmp_path / "ft" / "scratch-seed0" / "finetune" / "results.json").is_file()
+
+
+def test_ablate_cli_options_and_refusals(store, tmp_path):
+    help_text = pkd_train("ablate", "--help", cwd=tmp_path).stdout
+    for option in ("--grad-accum", "--weight-decay", "--drop-path", "--init", "--amp", "--min-lr", "--num-concepts",
+                   "--mask-ratio", "--head", "--decoder-depth", "--val-every", "--seeds", "--eval-data"):
+        assert option in help_text, option
+    refused = pkd_train("ablate", store, *TINY_CLI, "--max-steps", 1, "--name", "x", cwd=tmp_path)
+    assert refused.returncode == 2 and "--eval-data" in refused.stderr and not (tmp_path / "runs").exists()
+    done = pkd_train("ablate", store, *TINY_CLI, "--max-steps", 1, "--name", "x", "--eval", "none",
+                     "--variants", "distill", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "runs" / "ablate-x" / "table.json").read_text())["rows"]
+    assert [(r["variant"], r["seed"], r["steps"], r["probe_oa"]) for r in rows] == [("distill", 0, 1, None)]
+    again = pkd_train("ablate", store, "--name", "x", "--eval", "none", "--variants", "distill", cwd=tmp_path)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = pkd_train("ablate", store, "--name", "x", "--eval", "none", "--variants", "distill,recon", "--resume",
+                        cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = json.loads((tmp_path / "runs" / "ablate-x" / "table.json").read_text())["rows"]
+    assert [(r["variant"], r["steps"]) for r in rows] == [("distill", 1), ("recon", 1)]
+    assert np.isfinite(rows[1]["train_loss"])

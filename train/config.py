@@ -1,0 +1,94 @@
+"""``TrainConfig``: one pre-training run, the single source of ``pkd-train distill`` and ``ablate`` options.
+
+Every field carries its CLI help (``pkd.common.config.option``); ``pkd.train.options`` turns the fields of
+``TrainConfig``, ``StudentConfig`` and ``AugmentConfig`` into typer options, so each option and its default
+is declared here once. Fields marked ``run=True`` do not change what is computed: a resumed run may change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from pkd.common.config import option
+from pkd.common.errors import ConfigError
+from pkd.train.augment import AugmentConfig
+from pkd.train.model import StudentConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; recorded verbatim in ``runs/NAME/config.json`` and in every checkpoint."""
+
+    store: str
+    split: str = option("train", "store split to train on")
+    model: StudentConfig = field(default_factory=StudentConfig)
+    epochs: int = option(250, "epochs of the schedule (without --max-steps)")
+    warmup_epochs: int = option(10, "linear warm-up epochs (with --max-steps: the same fraction of its steps)")
+    batch_size: int = option(32, "global batch (split over torchrun processes)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on biases, norms, tokens, queries)")
+    seed: int = option(0, "seed of the loader order, augmentation, masks and initialisation")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto", run=True)
+    amp: bool = option(True, "bf16 autocast (CUDA only; recorded as false on CPU)")
+    num_workers: int = option(0, "loader worker processes (each reads whole shards)", run=True)
+    shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
+    normalize_targets: bool = option(False, "standardise targets with the store's stats")
+    recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
+    max_steps: int | None = option(None, "make the whole schedule this many optimizer steps (warm-up and cosine "
+                                         "scaled to fit)")
+    stop_after: int | None = option(None, "stop after this many optimizer steps without changing the schedule "
+                                          "(resume later)", run=True)
+    save_every: int | None = option(None, "also checkpoint every N steps", run=True)
+    keep_optimizer: bool = option(True, "keep the optimizer state in last.pt when the run ends (--no-keep-optimizer: "
+                                         "a third of the size, export still works, the run cannot be extended)",
+                                  run=True)
+    val_split: str = option("val", "held-out split whose loss is logged every epoch (skipped when absent)")
+    val_every: int | None = option(None, "also log the held-out loss every N steps", run=True)
+    val_max_samples: int | None = option(None, "held-out samples per evaluation (default: all)")
+    monitor_recon: bool = option(False, "log the held-out Chamfer loss of a frozen random decoder on masked "
+                                        "patches (paper Table 7)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    init: str | None = option(None, "initialise the encoder from a Point-MAE checkpoint")
+    streams: int | None = option(None, "data streams (a multiple of the torchrun process count); default: one per "
+                                       "process of the first launch")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_steps", "stop_after", "save_every", "val_every", "val_max_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 when given, got {getattr(self, name)}.")
+        if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
+            raise ConfigError(f"--streams {self.streams} must be at least 1 and divide the batch size "
+                              f"{self.batch_size} (every stream gives each batch the same number of samples).")
+        if self.warmup_epochs < 0 or self.num_workers < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_epochs, num_workers and weight_decay must be ≥ 0 and lr > 0.")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr {self.min_lr} must lie between 0 and lr {self.lr}.")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto.")
+
+    @property
+    def variant(self) -> str:
+        return self.model.variant
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config a run recorded (``config.json``'s ``config``); fields added since take their defaults."""
+        return cls(**{**_known(cls, d), "model": StudentConfig(**_known(StudentConfig, d["model"])),
+                      "augment": AugmentConfig(**_known(AugmentConfig, d["augment"]))})
+
+
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}

@@ -1,0 +1,128 @@
+"""Typer options derived from ``TrainConfig`` (and its model and augment configs): one declaration per option.
+
+Each config field becomes ``--field-name`` (nested fields flattened: ``--dim``, ``--head``; the augment
+switch is ``--augment/--no-augment``) with the field's default and help. ``distill`` and ``ablate`` take
+the same options; ``resume_config`` implements ``--resume`` on a run's recorded config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Optional, Union, get_args, get_origin, get_type_hints
+
+from pkd.common.errors import ConfigError
+from pkd.train.augment import AugmentConfig
+from pkd.train.config import TrainConfig
+from pkd.train.model import StudentConfig
+
+if TYPE_CHECKING:
+    import typer
+
+SECTIONS: dict[str | None, type] = {None: TrainConfig, "model": StudentConfig, "augment": AugmentConfig}
+RENAMED = {("augment", "enabled"): "augment"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One CLI option: where its value lives in a TrainConfig, its type and its field."""
+
+    section: str | None
+    field: dataclasses.Field
+    kind: Any
+
+    @property
+    def run(self) -> bool:
+        return bool(self.field.metadata.get("run"))
+
+    def parameter(self, name: str) -> inspect.Parameter:
+        import typer
+
+        annotation = Annotated[self.kind, typer.Option(help=self.field.metadata["help"])]
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=self.field.default,
+                                 annotation=annotation)
+
+
+def _cli_type(hint: Any) -> Any:
+    args = get_args(hint)
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+        return Optional[next(a for a in args if a is not type(None))]
+    return hint
+
+
+def _options() -> dict[str, Option]:
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                out[RENAMED.get((section, f.name), f.name)] = Option(section, f, _cli_type(hints[f.name]))
+    return out
+
+
+OPTIONS = {"variant": _options()["variant"], **_options()}
+
+
+def config_options(exclude: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+    """Decorate a typer command taking ``**options``: it gains every config option except ``exclude``."""
+    def decorate(func: Callable) -> Callable:
+        own = inspect.signature(func, eval_str=True)
+        added = [opt.parameter(name) for name, opt in OPTIONS.items() if name not in set(exclude)]
+        params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD] + added
+        func.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        func.__annotations__ = {**get_type_hints(func, include_extras=True),
+                                **{p.name: p.annotation for p in added}}
+        return func
+    return decorate
+
+
+def build_config(store: str, values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from option values (options not in ``values`` take their defaults)."""
+    parts: dict[str | None, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in values.items():
+        opt = OPTIONS[name]
+        parts[opt.section][opt.field.name] = value
+    return TrainConfig(store=store, model=StudentConfig(**parts["model"]), augment=AugmentConfig(**parts["augment"]),
+                       **parts[None])
+
+
+def option_values(cfg: TrainConfig) -> dict[str, Any]:
+    """Every option's value in ``cfg``, by option name."""
+    return {name: getattr(cfg if opt.section is None else getattr(cfg, opt.section), opt.field.name)
+            for name, opt in OPTIONS.items()}
+
+
+def given_options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``values`` that were typed on the command line (or set in the environment)."""
+    return {k: v for k, v in values.items() if k in OPTIONS and _given(ctx, k)}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: str) -> TrainConfig:
+    """``saved`` (a run's recorded config) with the run options of ``given`` applied.
+
+    Options not given keep the saved values (run options not given take their defaults); a given option that changes what is computed must equal the
+    saved value, else ConfigError naming each difference (``what`` names the run in the message).
+    """
+    recorded = option_values(saved)
+    differ = [f"--{k.replace('_', '-')} {v!r} (the run has {recorded[k]!r})" for k, v in given.items()
+              if not OPTIONS[k].run and v != recorded[k]]
+    if store != saved.store:
+        differ.insert(0, f"store {store} (the run has {saved.store})")
+    if differ:
+        runs = ", ".join(f"--{k.replace('_', '-')}" for k, o in OPTIONS.items() if o.run)
+        raise ConfigError(f"{what} was trained with other settings: {'; '.join(differ)}. Resume without those "
+                          f"flags (the run's own values are used; only {runs} may change) or start a new run.")
+    kept = {k: v for k, v in recorded.items() if not OPTIONS[k].run}
+    return build_config(saved.store, {**kept, **{k: v for k, v in given.items() if OPTIONS[k].run}})
+
+
+def run_option_names() -> tuple[str, ...]:
+    """Options a resumed run may change (they do not change what is computed)."""
+    return tuple(name for name, opt in OPTIONS.items() if opt.run)
