@@ -244,16 +244,16 @@ def test_export_to_a_folder_or_unwritable_place_is_one_paragraph(trained, tmp_pa
     check(run(TRAIN, "export", trained, "--out", unwritable(tmp_path) / "enc.pth"), 1, "cannot write")
 
 
-def test_checkpoint_save_over_the_file_size_limit_keeps_the_last_one(demo_store, trained, tmp_path):
+def test_checkpoint_save_over_the_file_size_limit_keeps_the_last_one(demo_store, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
+    check(run(TRAIN, "distill", demo_store, *TINY, "--max-steps", 4, "--stop-after", 1, "--run-dir", run_dir), 0)
     before = (run_dir / LAST).read_bytes()
     limit = len(before) // 2
 
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run([TRAIN, "distill", str(demo_store), *TINY, "--max-steps", "2", "--run-dir", str(run_dir),
+    result = subprocess.run([TRAIN, "distill", str(demo_store), *TINY, "--max-steps", "4", "--run-dir", str(run_dir),
                              "--resume"], capture_output=True, text=True, preexec_fn=small_files, timeout=300)
     check(result, 1, f"cannot write {run_dir / LAST}", "the previous last.pt is untouched")
     assert (run_dir / LAST).read_bytes() == before
@@ -312,10 +312,10 @@ def test_sigint_at_a_random_moment_of_training_then_rerun_equals_the_clean_run(d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_interrupted_before_the_first_checkpoint_points_to_overwrite(demo_store, tmp_path):
+def test_interrupted_before_the_first_checkpoint_points_to_overwrite(demo_store, trained, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text("{}")
+    shutil.copy(trained / "config.json", run_dir / "config.json")  # what a run stopped before step 1 holds
     check(run(TRAIN, "distill", demo_store, *TINY, "--run-dir", run_dir, "--resume"), 2,
           "stopped before its first checkpoint", "pass --overwrite instead of --resume")
     check(run(TRAIN, "distill", demo_store, *TINY, "--run-dir", run_dir), 2, "pass --overwrite to start it again")
