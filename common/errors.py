@@ -23,5 +23,11 @@ class WeightsError(PkdError):
     """Model weights are missing, of another architecture or unreadable."""
 
 
+class OutputError(PkdError):
+    """An output cannot be written (read-only folder, full disk, file-size limit): a fault, exit code 1."""
+
+    exit_code = 1
+
+
 class TrainingError(PkdError):
     """Training cannot go on (NaN loss, corrupt checkpoint, store lacking arrays a variant needs)."""

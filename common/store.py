@@ -64,6 +64,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from pkd.common import geometry
 from pkd.common.config import from_plain, to_plain
@@ -77,7 +78,8 @@ CLIP_DIM = 512
 PATCH_TOKENS = 49
 SKIP_REASONS = ("invalid_pose", "non_rigid_pose", "too_few_depth", "undecodable")
 STAGES = ("geometry", "teacher")
-STATUSES = ("in-progress", "complete")
+CREATING = "creating"  # status until every split's (empty) arrays exist (prep then starts over)
+STATUSES = (CREATING, "in-progress", "complete")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -402,7 +404,8 @@ def write_shard(
     attrs = split_attrs(group)
     start, stop = shard_ranges(attrs.num_samples, attrs.shard_size)[shard]
     for name, values in data.items():
-        array = array_of(group, name)
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a file per shard: see missing_shards
+            array = array_of(group, name)
         if values.shape != (stop - start, *array.shape[1:]):
             raise ValueError(f"shard {shard} of {name!r}: got shape {values.shape}, expected "
                              f"{(stop - start, *array.shape[1:])}")
@@ -417,6 +420,31 @@ def done_shards(group: zarr.Group, stage: str) -> np.ndarray:
     return np.asarray(array_of(group, f"done_{stage}")[:]).astype(bool)
 
 
+async def _keys(group: zarr.Group) -> set[str]:
+    return {key async for key in group.store.list_prefix(f"{group.path}/")}
+
+
+def missing_shards(group: zarr.Group) -> list[tuple[str, int]]:
+    """(array, shard) for every shard a done flag promises but whose file is gone.
+
+    zarr reads an absent chunk back as its fill value (zeros), so a deleted file would otherwise pass as
+    data. Writers write even all-zero chunks (``write_shard``), so every done shard has one file per
+    array; one listing of the split finds them all.
+    """
+    keys = sync(_keys(group))
+    stages = {spec.name: spec.stage for spec in array_specs(0, patch_tokens=True)}
+    done = {stage: done_shards(group, stage) for stage in STAGES}
+    missing = []
+    for name, array in group.arrays():
+        if name not in stages:
+            continue
+        for shard in np.flatnonzero(done[stages[name]]):
+            key = array.metadata.encode_chunk_key((int(shard),) + (0,) * (array.ndim - 1))
+            if f"{group.path}/{name}/{key}" not in keys:
+                missing.append((name, int(shard)))
+    return missing
+
+
 def reset_stage(group: zarr.Group, stage: str) -> None:
     """Mark every shard of a stage as not done, e.g. before recomputing targets with another teacher."""
     array_of(group, f"done_{stage}")[:] = 0
@@ -425,7 +453,7 @@ def reset_stage(group: zarr.Group, stage: str) -> None:
 def _open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
     if not is_remote(path) and not Path(path).exists():
         raise StoreError(f"no pair store at {path}: create one with `pkd-prep scannet --root SCANNET --out {path}` "
-                         "or `pkd-prep demo`.")
+                         "(a synthetic scene to try it on: `pkd-prep demo-scene --out DIR`).")
     try:
         return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
@@ -487,6 +515,11 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
         if name not in present:
             hint = " (prep with --patch-tokens)" if name == "patch_tokens" else ""
             raise StoreError(f"{path}/{split} has no array {name!r}{hint}.")
+    missing = missing_shards(group)
+    if missing:
+        raise StoreError(f"{path}/{split}: {len(missing)} shard file(s) are missing, e.g. {missing[0][0]} shard "
+                         f"{missing[0][1]}; they would read back as zeros. Run `pkd-prep verify {path}` and rebuild "
+                         "the store (rerun the prep with --overwrite, or restore it from a copy).")
     return group
 
 

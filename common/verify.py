@@ -11,6 +11,7 @@ from pkd.common import store
 from pkd.common.errors import StoreError
 
 FINITE_ARRAYS = ("points", "pose", "prefix", "clip_embed", "patch_tokens")
+STATS_ARRAYS = ("prefix", "clip_embed")  # finalize() records their per-dimension mean/std
 
 
 def _size_on_disk(path: str) -> int | None:
@@ -61,6 +62,8 @@ def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
         missing = np.flatnonzero(~store.done_shards(group, stage))
         if missing.size:
             faults.append(f"{name}: shards {missing.tolist()} lack their {stage} arrays (rerun the prep command)")
+    faults += [f"{name}/{array} shard {shard}: file missing (it would read back as zeros; rebuild the store)"
+               for array, shard in store.missing_shards(group)]
     if faults:
         return faults
     num_scenes = len(group.attrs["scenes"])
@@ -81,6 +84,29 @@ def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
         for array in FINITE_ARRAYS:
             if array in values and not np.isfinite(values[array][valid]).all():
                 faults.append(f"{where}: {array} holds NaN or inf")
+    return faults + _check_stats(name, group)
+
+
+def _check_stats(name: str, group: zarr.Group) -> list[str]:
+    """The recorded target statistics (``--normalize-targets`` divides by them): present, finite, std > 0."""
+    valid = int(group["valid"][:].sum())
+    if not valid:
+        return [f"{name}: no valid sample"]
+    faults = []
+    for array in STATS_ARRAYS:
+        stats = store.read_stats(group, array)
+        if stats is None:
+            faults.append(f"{name}/stats: no {array} mean/std recorded (rerun the prep command)")
+            continue
+        mean, std = stats
+        if mean.shape != group[array].shape[1:] or std.shape != mean.shape:
+            faults.append(f"{name}/stats: {array} mean/std of shape {mean.shape}/{std.shape}, expected "
+                          f"{group[array].shape[1:]}")
+        elif not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            faults.append(f"{name}/stats: {array} mean/std hold NaN or inf")
+        elif valid > 1 and not (std > 0).all():
+            faults.append(f"{name}/stats: {array} std is 0 in {int((std <= 0).sum())} of {std.size} dimensions "
+                          f"over {valid} valid samples (identical targets: check the teacher)")
     return faults
 
 

@@ -14,7 +14,8 @@ import typer
 
 from pkd.common import logs
 from pkd.common.cli import run_app
-from pkd.common.errors import ConfigError
+from pkd.common import lock
+from pkd.common.errors import ConfigError, StoreError
 from pkd.common.seg_cache import is_seg_cache, verify_cache
 from pkd.common.verify import store_info, verify_store
 from pkd.preprocess.frame_sample import GeometryConfig
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.callback()(logs.cli_options)
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
+MAX_POINTS = 65536  # points per sample: bounds memory (points × shard size) and stays below a depth frame's pixels
 
 Store = Annotated[str, typer.Argument(help="Pair store path.")]
 Split = Annotated[str, typer.Option(help="Split of the store.")]
@@ -130,7 +132,9 @@ def scannet(
     depth_scale: Annotated[Optional[float], typer.Option(
         help="Depth units per metre of exported depth PNGs (default 1000: millimetres, as ScanNet, 7-Scenes, "
              "Redwood; TUM RGB-D: 5000). .sens files record their own.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store written with other arguments.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing store written with other arguments (the new one is built beside it as "
+             "OUT.overwrite and swapped in only once complete).")] = False,
     *,
     run: TeacherArgs,
 ) -> None:
@@ -147,6 +151,12 @@ def scannet(
         depth_scale=depth_scale,
     )
     _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
+    if limit is not None:
+        _check_positive(limit=limit)
+    if points > MAX_POINTS:
+        raise ConfigError(f"--points {points} is above {MAX_POINTS}: a sample needs that many valid depth pixels (a "
+                          "ScanNet depth frame has 307,200) and memory grows with --points × --shard-size. Pass at "
+                          f"most {MAX_POINTS} (the paper uses 4096).")
     if sampling not in ("fps", "random"):
         raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
     if depth_scale is not None and not depth_scale > 0:
@@ -196,7 +206,8 @@ def scannet_seg(
     if split not in ("train", "val", "all"):
         raise ConfigError(f"--split {split!r}: choose train, val or all.")
     names = [n for s in (("train", "val") if split == "all" else (split,)) for n in split_scenes(s, splits)]
-    summary = build_cache(root, out, names, allow_missing=allow_missing)
+    with lock.exclusive(out, "pkd-prep scannet-seg", StoreError):
+        summary = build_cache(root, out, names, allow_missing=allow_missing)
     typer.echo(f"{out}: {summary['written']} scenes written, {summary['kept']} already cached"
                + (f", {len(summary['missing'])} missing" if summary["missing"] else ""))
 

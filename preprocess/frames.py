@@ -55,6 +55,7 @@ class SceneReader(Protocol):
     name: str
     path: Path
     camera: Camera
+    missing: list[int]  # frame numbers whose files are incomplete (exported layout); counted, never read
 
     def frame_numbers(self) -> list[int]: ...
 

@@ -18,6 +18,8 @@ from pkd.common.logs import progress_bar
 from pkd.common.store import SPLITS, shard_ranges
 from pkd.preprocess.scenes import SceneEntry, open_scene
 
+MISSING_FILES = "missing_files"  # an exported frame lacking its color, depth or pose file
+
 
 @dataclass
 class SplitPlan:
@@ -56,6 +58,7 @@ def plan_splits(
                 break
             with open_scene(entry) as reader:
                 plan.color_sizes.append(tuple(reader.camera.color_size))
+                plan.skipped[MISSING_FILES] += sum(f % frame_skip == 0 for f in reader.missing)
                 for frame in (f for f in reader.frame_numbers() if f % frame_skip == 0):
                     problem = geometry.pose_problem(reader.pose(frame))
                     if problem:
@@ -65,5 +68,6 @@ def plan_splits(
                     if limit is not None and len(plan.samples) >= limit:
                         break
         plan.scenes = plan.scenes[: len(plan.color_sizes)]
+        plan.skipped = +plan.skipped  # drop zero counts
         plans[split] = plan
     return plans

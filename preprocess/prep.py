@@ -8,7 +8,6 @@ differences; ``overwrite`` replaces a pkd store (never a foreign folder).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -23,9 +22,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pkd.common import store
+from pkd.common import lock, store
 from pkd.common.config import config_diff, from_plain, package_versions, to_plain
-from pkd.common.errors import ConfigError, StoreError
+from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
@@ -34,6 +33,7 @@ from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher, teacher_config_identity
 
 log = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -70,40 +70,46 @@ class RunOptions:
 
 @contextmanager
 def store_lock(out: str) -> Iterator[None]:
-    """Hold an exclusive lock (``<store>.lock`` beside a local store) for the whole prep.
-
-    A second prep on the same store is refused at once; the kernel drops the lock if the holder dies,
-    even by kill -9, so a stale lock file never blocks a resume. The holder removes the file when done.
-    """
+    """Hold the kernel lock ``<store>.lock`` beside a local store for the whole prep (see ``pkd.common.lock``):
+    a second prep on the same store is refused at once, naming the holder's pid."""
     if store.is_remote(out):
         log.warning("%s is remote: pkd cannot lock it, make sure no other prep writes it", out)
         yield
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise StoreError(f"another pkd-prep (pid {handle.read().strip() or '?'}) is writing {out}; wait for it "
-                             "to finish or stop it, then rerun this command to resume.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
+    with lock.exclusive(out, "pkd-prep", StoreError):
+        yield
 
 
-def _remove_store(out: str) -> None:
+def _refuse_a_file(out: str) -> None:
+    if not store.is_remote(out) and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a store; choose another --out.")
+
+
+def _staging(out: str) -> str:
+    """Where ``--overwrite`` builds the replacement of ``out``: beside it, swapped in only on success."""
     if store.is_remote(out):
         raise ConfigError(f"--overwrite is not supported for remote store {out}; delete it with your storage tools.")
-    store.open_store(out)
-    shutil.rmtree(out)
+    store.open_store(out)  # refuses a foreign folder before anything is written
+    return str(Path(out).with_name(Path(out).name + ".overwrite"))
+
+
+def _swap(staging: str, out: str) -> None:
+    """Replace ``out`` by the finished ``staging`` store (two renames), then delete the old one."""
+    old = Path(out).with_name(Path(out).name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old)
+
+
+def _drop_stale_staging(staging: str, cfg: PrepConfig, teacher_id: Mapping[str, Any]) -> None:
+    """Keep an interrupted ``--overwrite`` build of the same arguments (it resumes), delete any other."""
+    if not Path(staging).exists() or _half_created(staging):
+        return
+    try:
+        _refuse_other_arguments(store.open_store(staging), cfg, teacher_id, staging)
+    except (ConfigError, StoreError):
+        shutil.rmtree(staging)
 
 
 def _store_exists(out: str) -> bool:
@@ -118,13 +124,14 @@ def _store_exists(out: str) -> bool:
 
 def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: store.TeacherAttrs,
                     patch_tokens: bool) -> zarr.Group:
-    if _store_exists(out):
+    if _store_exists(out) and not _half_created(out):
         root = store.open_store(out, mode="r+")
         _refuse_other_arguments(root, cfg, teacher_id.comparable(), out)
         _check_plans(root, plans, cfg, out)
         return root
     prep = to_plain(cfg)
-    root = zarr.open_group(out, mode="w")
+    created = store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(), status=store.CREATING)
+    root = zarr.open_group(out, mode="w", attributes=created.to_dict())  # one write: a pkd store from its first file
     for name, plan in plans.items():
         split = store.SplitAttrs(scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples),
                                  shard_size=cfg.shard_size, color_sizes=tuple(plan.color_sizes),
@@ -133,6 +140,16 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
     store.write_root_attrs(root, store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(),
                                                  status="in-progress"))
     return root
+
+
+def _half_created(out: str) -> bool:
+    """A store interrupted before its first shard (an empty folder, or status still CREATING): created again."""
+    if not store.is_remote(out) and Path(out).is_dir() and not any(Path(out).iterdir()):
+        return True
+    try:
+        return zarr.open_group(out, mode="r").attrs.get("status") == store.CREATING
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
 
 
 def _refuse_other_arguments(root: zarr.Group, cfg: PrepConfig, teacher_id: Mapping[str, Any], out: str) -> None:
@@ -206,18 +223,37 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
     out = store.store_path(out)
     entries = cfg.scenes_to_read()
     log.info("scenes under %s by split: %s", cfg.root, describe_splits(entries))
-    if not options.overwrite and _store_exists(out):
+    _refuse_a_file(out)
+    if not options.overwrite and _store_exists(out) and not _half_created(out):
         _refuse_other_arguments(store.open_store(out), cfg, teacher_config_identity(teacher_cfg), out)
     teacher = build_teacher(teacher_cfg)
     with store_lock(out):
-        if options.overwrite and _store_exists(out):
-            _remove_store(out)
+        target = _staging(out) if options.overwrite and _store_exists(out) else out
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         if not any(plan.samples for plan in plans.values()):
-            raise ConfigError(f"no usable frames under {cfg.root} (every kept frame had an invalid pose); "
-                              "check the scans or lower --frame-skip.")
-        root = _open_or_create(out, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
-        return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
+            skipped = Counter()
+            for plan in plans.values():
+                skipped.update(plan.skipped)
+            raise DataError(f"no usable frames under {cfg.root}: every frame numbered 0, {cfg.frame_skip}, "
+                            f"{2 * cfg.frame_skip}, … was skipped ({dict(skipped) or 'the scenes hold no frames'}); "
+                            "check the scans or lower --frame-skip.")
+        if target != out:
+            _drop_stale_staging(target, cfg, teacher.identity)
+        root = _open_or_create(target, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
+        summary = _execute(target, root, cfg, plans, teacher, teacher_cfg, options)
+        _require_valid(summary, target, out)
+        if target != out:
+            _swap(target, out)
+        return summary
+
+
+def _require_valid(summary: dict, written: str, out: str) -> None:
+    """DataError when a split ended without one valid sample: training on it would be meaningless."""
+    empty = [f"{name} ({s['samples']} planned, skipped {s['skipped']})" for name, s in summary.items() if not s["valid"]]
+    if empty:
+        kept = f"; {out} is untouched (the new store is at {written})" if written != out else ""
+        raise DataError(f"no valid sample in split {', '.join(empty)}: check the depth frames and that --points "
+                        f"is not above the valid depth pixels of a frame{kept}.")
 
 
 def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:

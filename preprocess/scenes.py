@@ -74,7 +74,7 @@ def find_scenes(
         raise DataError(f"unknown scene source {source!r}; use one of {', '.join(SOURCES)}.")
     if not root.is_dir():
         raise DataError(f"ScanNet root {root} does not exist or is not a folder; pass the folder holding scans/ "
-                        "(or a scene folder), or create a demo scene with `pkd-prep demo`.")
+                        "(or a scene folder), or create a demo scene with `pkd-prep demo-scene --out DIR`.")
     found: dict[str, SceneEntry] = {}
     for folder in _scene_folders(root):
         entry = _entry(folder, source, depth_scale)

@@ -62,6 +62,7 @@ class SensReader:
         self.path = Path(path)
         self.name = name or self.path.stem
         self.bytes_read = 0
+        self.missing: list[int] = []  # a .sens file holds every frame it indexes
         self._index: _Index | None = None
         try:
             self._file = open(self.path, "rb", buffering=0)

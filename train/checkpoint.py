@@ -14,20 +14,41 @@ from typing import Any
 import numpy as np
 import torch
 
-from pkd.common.errors import ConfigError, TrainingError
+from pkd.common import signals
+from pkd.common.errors import ConfigError, OutputError, TrainingError
 
 LAST = "last.pt"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
+    """torch.save to ``path`` so that a crash leaves either the old file or the new one, never half of one.
+
+    A failed write (full disk, file-size limit, read-only folder) removes its temp file and raises an
+    OutputError naming ``path``.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with signals.deferred():  # an interrupt waits for the write: torch.save would turn it into a RuntimeError
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
+        kept = f"; the previous {path.name} is untouched" if path.is_file() else ""
+        raise OutputError(f"cannot write {path} ({exc}){kept}. Free disk space, raise the file-size limit or choose "
+                          "a writable path, then rerun the same command.") from exc
+
+
+def last_good(run_dir: Path) -> str:
+    """What a failed run leaves to resume from, for error messages."""
+    last = Path(run_dir) / LAST
+    return (f"the last good checkpoint {last} is untouched (--resume continues from it)" if last.is_file()
+            else f"no checkpoint was written yet in {run_dir}")
 
 
 def load_checkpoint(path: Path) -> dict:

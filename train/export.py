@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pkd.common.errors import ConfigError, TrainingError, WeightsError
+from pkd.common.errors import ConfigError, OutputError, TrainingError, WeightsError
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint
 from pkd.train.encoder import PointEncoder
 from pkd.train.model import Student
@@ -39,7 +39,12 @@ def export_encoder(run_or_ckpt: str | Path, out: str | Path) -> Path:
     if not state:
         raise TrainingError(f"{path} holds no MAE_encoder.* weights; pass a pkd-train run directory or its last.pt.")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; pass a file path such as {out / 'encoder.pth'}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder {out.parent} ({exc.strerror}); choose another --out.") from exc
     atomic_save({"base_model": {k: v.clone() for k, v in state.items()}, PROVENANCE: run_provenance(ckpt_path)}, out)
     return out
 
@@ -87,7 +92,10 @@ def load_pointmae_checkpoint(path: str | Path, model: nn.Module) -> LoadReport:
     except FileNotFoundError as exc:
         raise ConfigError(f"no checkpoint at {path}; pass an existing file to --init.") from exc
     except Exception as exc:
-        raise WeightsError(f"cannot read {path} as a tensor-only checkpoint ({exc}).") from exc
+        reason = ("the file is empty" if Path(path).stat().st_size == 0
+                  else f"not a torch checkpoint file: {type(exc).__name__} {exc}")
+        raise WeightsError(f"cannot read {path} as a tensor-only checkpoint ({reason}); pass a Point-MAE or "
+                           "`pkd-train export` .pth file.") from exc
     state = raw.get("base_model", raw.get("model", raw)) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds no state dict (expected a 'base_model' or 'model' entry).")

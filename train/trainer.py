@@ -25,7 +25,7 @@ import random
 import shutil
 import subprocess
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pkd.common.errors import ConfigError, TrainingError
+from pkd.common import lock
+from pkd.common.errors import ConfigError, StoreError, TrainingError
 from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store, store_path, teacher_crop
 from pkd.train import distributed
 from pkd.train.augment import augment
-from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, load_training_state, rng_state, set_rng_state
+from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
+                                  set_rng_state)
 from pkd.train.config import TrainConfig
 from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
@@ -142,14 +144,18 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, act: bool = Tr
     """Refuse to clobber an existing run unless told to resume it or overwrite it; ``act=False`` only checks."""
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both.")
+    started = (run_dir / "config.json").is_file() and not (run_dir / LAST).is_file()
     if resume:
         if not (run_dir / LAST).is_file():
-            raise ConfigError(f"nothing to resume in {run_dir} (no {LAST}); drop --resume to start a new run.")
+            fix = ("it stopped before its first checkpoint: pass --overwrite instead of --resume to start it again"
+                   if started else "drop --resume to start a new run")
+            raise ConfigError(f"nothing to resume in {run_dir} (no {LAST}); {fix}.")
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --run-dir.")
+            fix = ("it stopped before its first checkpoint, so pass --overwrite to start it again" if started else
+                   "pass --resume to continue it, --overwrite to replace it")
+            raise ConfigError(f"run directory {run_dir} already exists; {fix}, or choose another --run-dir.")
         if not ((run_dir / "config.json").is_file() or (run_dir / LAST).is_file()):
             raise ConfigError(f"{run_dir} is not empty and is not a pkd-train run (no config.json or {LAST}); "
                               "--overwrite only replaces run directories. Choose another --run-dir.")
@@ -241,9 +247,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
 
     Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
     """
-    with distributed.session(cfg.device) as rank_info:
+    with distributed.session(cfg.device) as rank_info, run_lock(Path(run_dir), rank_info):
         return _train(cfg, Path(run_dir), resume, overwrite, progress, desc or f"train {cfg.variant}", rank_info,
                       tensorboard)
+
+
+def run_lock(run_dir: Path, rank_info: DistInfo) -> AbstractContextManager:
+    """Rank 0 holds the kernel lock ``<run_dir>.lock`` for the whole run: a second run on it is refused."""
+    return lock.exclusive(run_dir, "run", ConfigError) if rank_info.main else nullcontext()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool, desc: str,
@@ -323,7 +334,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
                     torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64))
                 if not torch.isfinite(means[0]):
                     raise TrainingError(f"loss became {float(means[0])} at step {pos.step + 1} (epoch {pos.epoch}); "
-                                        f"training stopped, the last good checkpoint {run_dir / LAST} is untouched. "
+                                        f"training stopped, {last_good(run_dir)}. "
                                         "Check the store's targets for NaN/inf or lower --lr.")
                 (loss / cfg.grad_accum).backward()
             step_loss += float(means[0]) / cfg.grad_accum

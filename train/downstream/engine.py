@@ -30,13 +30,14 @@ from torch import nn
 from pkd.common.errors import ConfigError, TrainingError
 from pkd.common.logs import progress_bar
 from pkd.train import distributed
-from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, load_training_state, rng_state, set_rng_state
+from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
+                                  set_rng_state)
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
 from pkd.train.downstream.results import coverage_note, make_records, write_results
 from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
-from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir
+from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir, run_lock
 
 BEST = "best.pt"
 BEST_VOTE = "best_vote.pt"
@@ -188,7 +189,7 @@ def _save(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch
 def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: str | Path,
              resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Finetune (or resume) one run, under torchrun too; writes ``results.json`` and returns its content."""
-    with distributed.session(resolve_device(cfg.device)) as rank_info:
+    with distributed.session(resolve_device(cfg.device)) as rank_info, run_lock(Path(run_dir), rank_info):
         return _finetune(build_task, cfg, Path(run_dir), resume, overwrite, progress, rank_info)
 
 
@@ -240,8 +241,8 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
             local_loss = task.loss(ddp, batch[rank_info.rank::world], generator)
             loss = distributed.all_reduce_mean(local_loss.detach())  # DDP averages the gradients likewise
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; the last good checkpoint "
-                                    f"{run_dir / LAST} is untouched. Lower --lr or check the data.")
+                raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; {last_good(run_dir)}. "
+                                    "Lower --lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
             local_loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -109,16 +109,35 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
         raise DataError(f"none of the {len(ids)} shapes in modelnet40_{split}.txt exist under {data}; "
                         "point --data at the modelnet40_normal_resampled folder.")
     cache = _cache_path(Path(cache_dir), data, split, num_points, present) if cache_dir else None
+    points = _pooled_shapes(data, present, num_points, cache, f"ModelNet40 {split}: {num_points}-point FPS")
+    return ShapeSet(points, np.asarray(labels, dtype=np.int64), present, classes, missing)
+
+
+def _stamps(data: Path, shapes: list[str]) -> np.ndarray:
+    """(size, mtime in ns) of every shape file: what the cache checks to notice a replaced file."""
+    stats = [(data / shape.rsplit("_", 1)[0] / f"{shape}.txt").stat() for shape in shapes]
+    return np.array([(s.st_size, s.st_mtime_ns) for s in stats], dtype=np.int64).reshape(-1, 2)
+
+
+def _pooled_shapes(data: Path, shapes: list[str], num_points: int, cache: Path | None, desc: str) -> np.ndarray:
+    """Every shape pooled by ``_pooled_shape``; with a cache, only shapes whose file changed are pooled again."""
+    stamps = _stamps(data, shapes)
+    points, stale = None, np.arange(len(shapes))
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
-            points = stored["points"]
-    else:
-        points = np.stack([_pooled_shape(data, shape, num_points)
-                           for shape in progress_bar(present, desc=f"ModelNet40 {split}: {num_points}-point FPS",
-                                                     unit="shape", disable=len(present) < 256)])
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")  # one per process: DDP ranks race
-            np.savez(tmp, points=points)
+            if "stamps" in stored and stored["stamps"].shape == stamps.shape:
+                points = stored["points"]
+                stale = np.flatnonzero((stored["stamps"] != stamps).any(axis=1))
+    if points is None:
+        points = np.empty((len(shapes), num_points, 3), dtype=np.float32)
+    for i in progress_bar(stale, desc=desc, unit="shape", disable=len(stale) < 256):
+        points[i] = _pooled_shape(data, shapes[i], num_points)
+    if cache is not None and len(stale):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")  # one per process: DDP ranks race
+        try:
+            np.savez(tmp, points=points, stamps=stamps)
             tmp.replace(cache)
-    return ShapeSet(points, np.asarray(labels, dtype=np.int64), present, classes, missing)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return points
