@@ -27,7 +27,7 @@ def exclusive(target: str | Path, holder: str, error: type[PkdError] = ConfigErr
     path = lock_path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
+        handle = open(path, "a+")  # noqa: SIM115 (held, locked, for the whole with-block of the caller)
     except OSError as exc:
         raise error(f"cannot create the lock file {path} ({exc.strerror}); {Path(target).parent} must be a "
                     "writable folder: fix its permissions or choose another output path.") from exc

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from tqdm import tqdm
@@ -73,7 +73,7 @@ def configure(progress: bool = True, log_file: Path | None = None) -> None:
 def cli_options(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Turn progress bars off (on a pipe they "
                                               f"print one line every {LINE_SECONDS:.0f} s).")] = False,
-    log_file: Annotated[Optional[Path], typer.Option(help="Also write every log record (with DEBUG detail and "
+    log_file: Annotated[Path | None, typer.Option(help="Also write every log record (with DEBUG detail and "
                                                           "timestamps) to this file; it is appended to.")] = None,
 ) -> None:
     """Options every pkd command line takes before its command (a typer app callback)."""

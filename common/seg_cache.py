@@ -12,7 +12,8 @@ scene hundreds of times, so ``build_cache`` parses each scene once into::
 Chunks of 2^20 vertices (a whole scene in one chunk per array, for most scans), Blosc-lz4 + CRC32C: lz4
 decodes several times faster than zstd and reading is what the cache is for (bench/scannet_seg.py); a
 flipped byte fails on read (a StoreError naming the scene) instead of being trained on. Building is
-resumable: scenes already done are kept, a scene whose write was interrupted is rewritten whole. One process writes a cache at a time (under torchrun, rank 0).
+resumable: scenes already done are kept, a scene whose write was interrupted is rewritten whole. One process
+writes a cache at a time (under torchrun, rank 0).
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pkd.common.errors import DataError, StoreError
 from pkd.common.logs import progress_bar
-from pkd.common.scannet_mesh import CLASS_IDS, DOWNLOAD_HINT, IGNORE, NUM_CLASSES, SceneMesh, class_names, \
-    find_scan_folder, read_scene, scene_files
+from pkd.common.scannet_mesh import (
+    CLASS_IDS,
+    DOWNLOAD_HINT,
+    IGNORE,
+    NUM_CLASSES,
+    SceneMesh,
+    class_names,
+    find_scan_folder,
+    read_scene,
+    scene_files,
+)
 
 FORMAT = "pkd-scannet-seg"
 VERSION = 1

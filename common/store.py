@@ -22,7 +22,7 @@ the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). L
         color_sizes   (width, height) of each scene's colour frames: with ``transform.image_size`` it
                       gives the teacher's crop of ``pixels``
         plan          fingerprint of the planned samples (a resume checks the dataset did not change)
-        plan_skipped  frames dropped at plan time, by reason (unusable pose)
+        plan_skipped  frames dropped at plan time, by reason (unusable pose, ``missing_files``)
         skipped       all skipped frames by reason (plan time + ``skipped_counts``); null until finalized
         valid         number of valid samples; null until finalized
       arrays, first axis the sample (N) or the shard:
@@ -77,6 +77,7 @@ PREFIX_SHAPE = (10, 768)
 CLIP_DIM = 512
 PATCH_TOKENS = 49
 SKIP_REASONS = ("invalid_pose", "non_rigid_pose", "too_few_depth", "undecodable")
+MISSING_FILES = "missing_files"  # plan time only (no ``skipped_counts`` column): an exported frame lacks a file
 STAGES = ("geometry", "teacher")
 CREATING = "creating"  # status until every split's (empty) arrays exist (prep then starts over)
 STATUSES = (CREATING, "in-progress", "complete")
@@ -201,9 +202,10 @@ class SplitAttrs(_Plain):
                f"{len(self.color_sizes)} color_sizes for {len(self.scenes)} scenes")
         _check(self.valid is None or 0 <= self.valid <= self.num_samples,
                f"valid {self.valid} outside 0..{self.num_samples}")
+        known = {*self.skip_reasons, MISSING_FILES}
         reasons = set(self.plan_skipped) | set(self.skipped or {})
-        _check(reasons <= set(self.skip_reasons), f"skip reasons {sorted(reasons - set(self.skip_reasons))} "
-               f"are not in skip_reasons {self.skip_reasons}")
+        _check(reasons <= known, f"skip reasons {sorted(reasons - known)} are not in skip_reasons "
+               f"{self.skip_reasons} nor {MISSING_FILES!r}")
 
     @property
     def num_shards(self) -> int:

@@ -8,13 +8,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from pkd.common import logs
+from pkd.common import lock, logs
 from pkd.common.cli import run_app
-from pkd.common import lock
 from pkd.common.errors import ConfigError, StoreError
 from pkd.common.seg_cache import is_seg_cache, verify_cache
 from pkd.common.verify import store_info, verify_store
@@ -39,11 +38,11 @@ Index = Annotated[int, typer.Option(help="Sample index within the split.")]
 TEACHER_OPTIONS = (
     ("teacher", Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")],
      "clipcap"),
-    ("clip_weights", Annotated[Optional[str], typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
+    ("clip_weights", Annotated[str | None, typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
                                                                 "'openai' downloads.")], None),
-    ("clipcap_weights", Annotated[Optional[str], typer.Option(help="ClipCap conceptual_weights.pt (MLP mapper).")],
+    ("clipcap_weights", Annotated[str | None, typer.Option(help="ClipCap conceptual_weights.pt (MLP mapper).")],
      None),
-    ("weights_dir", Annotated[Optional[Path], typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")],
+    ("weights_dir", Annotated[Path | None, typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")],
      None),
     ("device", Annotated[str, typer.Option(help="cpu | cuda (teacher device).")], "cpu"),
     ("precision", Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")], "fp32"),
@@ -53,7 +52,7 @@ TEACHER_OPTIONS = (
     ("threads", Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")], 2),
     ("workers", Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
                                                  "(0: run in this process).")], 0),
-    ("scheduler", Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler "
+    ("scheduler", Annotated[str | None, typer.Option(help="Address of an existing dask scheduler "
                                                              "(tcp://host:8786); one task per shard.")], None),
     ("progress", Annotated[bool, typer.Option(help="Show progress bars.")], True),
 )
@@ -64,16 +63,16 @@ class TeacherArgs:
     """The parsed TEACHER_OPTIONS of a command."""
 
     teacher: str
-    clip_weights: Optional[str]
-    clipcap_weights: Optional[str]
-    weights_dir: Optional[Path]
+    clip_weights: str | None
+    clipcap_weights: str | None
+    weights_dir: Path | None
     device: str
     precision: str
     patch_tokens: bool
     teacher_batch: int
     threads: int
     workers: int
-    scheduler: Optional[str]
+    scheduler: str | None
     progress: bool
 
     def config(self, seed: int):
@@ -121,15 +120,15 @@ def scannet(
     root: Annotated[Path, typer.Option(help="ScanNet tree (with scans/, scans_test/) or a single scene folder.")],
     out: Annotated[str, typer.Option(help="Store path or fsspec URL (e.g. pairs.zarr, s3://bucket/pairs.zarr).")],
     split: Annotated[str, typer.Option(help="train | val | test | all (official ScanNet v2 lists).")] = "all",
-    scenes: Annotated[Optional[str], typer.Option(help="Comma-separated scene names to keep.")] = None,
+    scenes: Annotated[str | None, typer.Option(help="Comma-separated scene names to keep.")] = None,
     source: Annotated[str, typer.Option(help="auto (prefer .sens) | sens | exported.")] = "auto",
     frame_skip: Annotated[int, typer.Option(help="Keep frames numbered 0, N, 2N, ...")] = 25,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many frames per split (quick runs).")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many frames per split (quick runs).")] = None,
     points: Annotated[int, typer.Option(help="Points per sample.")] = 4096,
     sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
     shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
     seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
-    depth_scale: Annotated[Optional[float], typer.Option(
+    depth_scale: Annotated[float | None, typer.Option(
         help="Depth units per metre of exported depth PNGs (default 1000: millimetres, as ScanNet, 7-Scenes, "
              "Redwood; TUM RGB-D: 5000). .sens files record their own.")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -192,7 +191,7 @@ def scannet_seg(
     root: Annotated[Path, typer.Option(help="ScanNet tree with scans/<scene>/<scene>_vh_clean_2[.labels].ply.")],
     out: Annotated[Path, typer.Option(help="Cache to create or complete (e.g. seg.zarr).")],
     split: Annotated[str, typer.Option(help="train | val | all (train and val: the scenes with labels).")] = "all",
-    splits: Annotated[Optional[Path], typer.Option(help="Folder with scannetv2_train/val.txt (default: official).")]
+    splits: Annotated[Path | None, typer.Option(help="Folder with scannetv2_train/val.txt (default: official).")]
     = None,
     allow_missing: Annotated[bool, typer.Option(help="Skip listed scenes whose PLYs are absent.")] = False,
 ) -> None:
@@ -293,9 +292,9 @@ def show(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("sample.png"),
     index: Index = 0,
     split: Split = "train",
-    clipcap_weights: Annotated[Optional[str], typer.Option(help="ClipCap weights with gpt.* keys: adds the "
+    clipcap_weights: Annotated[str | None, typer.Option(help="ClipCap weights with gpt.* keys: adds the "
                                                                 "caption.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="GPT-2 tokenizer folder (HF format) for the caption.")]
+    tokenizer: Annotated[str | None, typer.Option(help="GPT-2 tokenizer folder (HF format) for the caption.")]
     = None,
 ) -> None:
     """One picture of a sample: color frame with the teacher crop, the crop, the colored points (+caption)."""
@@ -321,7 +320,7 @@ def caption(
     typer.echo(_caption(load_sample(store, split, index).prefix, clipcap_weights, tokenizer, beam))
 
 
-def _caption(prefix, clipcap_weights: str, tokenizer: Optional[str], beam: int) -> str:
+def _caption(prefix, clipcap_weights: str, tokenizer: str | None, beam: int) -> str:
     from pkd.preprocess.caption import load_captioner
 
     if tokenizer is None:

@@ -8,6 +8,7 @@ done flag; dask retries the task elsewhere and the retry rewrites the shard whol
 from __future__ import annotations
 
 import logging
+
 import zarr
 from dask.distributed import Client, LocalCluster, as_completed
 

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 
 from pkd.common import geometry
 from pkd.common.logs import progress_bar
-from pkd.common.store import SPLITS, shard_ranges
+from pkd.common.store import MISSING_FILES, SPLITS, shard_ranges
 from pkd.preprocess.scenes import SceneEntry, open_scene
-
-MISSING_FILES = "missing_files"  # an exported frame lacking its color, depth or pose file
 
 
 @dataclass

@@ -249,7 +249,8 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
 
 def _require_valid(summary: dict, written: str, out: str) -> None:
     """DataError when a split ended without one valid sample: training on it would be meaningless."""
-    empty = [f"{name} ({s['samples']} planned, skipped {s['skipped']})" for name, s in summary.items() if not s["valid"]]
+    empty = [f"{name} ({s['samples']} planned, skipped {s['skipped']})"
+             for name, s in summary.items() if not s["valid"]]
     if empty:
         kept = f"; {out} is untouched (the new store is at {written})" if written != out else ""
         raise DataError(f"no valid sample in split {', '.join(empty)}: check the depth frames and that --points "

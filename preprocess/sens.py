@@ -65,7 +65,7 @@ class SensReader:
         self.missing: list[int] = []  # a .sens file holds every frame it indexes
         self._index: _Index | None = None
         try:
-            self._file = open(self.path, "rb", buffering=0)
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (kept open for seeks; close() ends it)
         except OSError as exc:
             raise DataError(f"cannot open {self.path} ({exc.strerror}); check the path to the ScanNet scan.") from exc
         try:

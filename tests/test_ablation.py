@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_fixture
-from store_factory import make_store
 
 from pkd.common.errors import ConfigError
 from pkd.train.ablate import Readout, run_ablation
@@ -22,6 +20,9 @@ from pkd.train.config import TrainConfig
 from pkd.train.export import export_encoder
 from pkd.train.model import Student, StudentConfig
 from pkd.train.trainer import Schedule, lr_at, train
+
+from conftest import require_fixture
+from store_factory import make_store
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 TINY_CLI = ["--num-points", "128", "--num-group", "16", "--group-size", "8", "--dim", "48", "--depth", "2",

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import require_fixture
 from typer.testing import CliRunner
 
 from pkd.common.errors import ConfigError, DataError, WeightsError
@@ -26,6 +25,8 @@ from pkd.train.downstream.run import FinetuneConfig, run_finetune
 from pkd.train.downstream.shapenetpart import CATEGORIES, load_shapenetpart
 from pkd.train.encoder import PointEncoder
 from pkd.train.export import export_encoder
+
+from conftest import require_fixture
 
 torch.set_num_threads(1)  # the CI machine is shared: threads only contend
 

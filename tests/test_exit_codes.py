@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import DEMO_POINTS, require_fixture
 
 from pkd.common import store
 from pkd.train.checkpoint import LAST
+
+from conftest import DEMO_POINTS, require_fixture
 
 BIN = Path(sys.executable).parent
 PREP, TRAIN = str(BIN / "pkd-prep"), str(BIN / "pkd-train")

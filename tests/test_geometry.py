@@ -67,8 +67,9 @@ def test_teacher_crop_box_of_scannet_color():
 
 
 def test_teacher_crop_box_matches_the_clip_transform():
-    from pkd.preprocess.torchvision_compat import import_open_clip
     from PIL import Image
+
+    from pkd.preprocess.torchvision_compat import import_open_clip
 
     open_clip = import_open_clip()
     transform = open_clip.image_transform(224, is_train=False)

@@ -19,7 +19,8 @@ TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4
 def pointmae_encoder_keys(depth: int) -> set[str]:
     """The state-dict keys of Point-MAE's MaskTransformer (models/Point_MAE.py), written out by hand."""
     bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-    keys = {f"encoder.{conv}.{i}.{p}" for conv in ("first_conv", "second_conv") for i in (0, 3) for p in ("weight", "bias")}
+    keys = {f"encoder.{conv}.{i}.{p}" for conv in ("first_conv", "second_conv") for i in (0, 3)
+            for p in ("weight", "bias")}
     keys |= {f"encoder.{conv}.1.{p}" for conv in ("first_conv", "second_conv") for p in bn}
     keys |= {f"pos_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     keys |= {"norm.weight", "norm.bias"}

@@ -15,8 +15,8 @@ import zarr
 from pkd.common import store
 from pkd.common.errors import ConfigError, StoreError
 from pkd.common.verify import store_info, verify_store
-from pkd.preprocess import prep as prep_module
 from pkd.preprocess import demo
+from pkd.preprocess import prep as prep_module
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.prep import RunOptions, run_prep, store_lock
 from pkd.preprocess.teacher import TeacherConfig

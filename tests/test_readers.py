@@ -12,13 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import require_fixture
 from pkd.common.errors import DataError
 from pkd.preprocess.demo import lost_tracking_frame, write_demo_scene
 from pkd.preprocess.exported import ExportedReader
 from pkd.preprocess.frames import Camera, FrameDecodeError, RawFrame, SceneReader, decode_color, decode_depth
 from pkd.preprocess.scenes import SceneEntry, find_scenes, open_scene
 from pkd.preprocess.sens import FRAME_HEADER, SensReader, write_sens
+
+from conftest import require_fixture
 
 REAL_SCENE = "scannet_sample/scans_test/scene0707_00"
 SMALL = (80, 60)

@@ -173,7 +173,7 @@ def test_coverage_passes_predict_every_vertex():
 
 
 def test_iou_chart_title_is_not_clipped(tmp_path):
-    fig = class_iou_figure({name: 50.0 for name in class_names()}, "ScanNet val per-class IoU: " + "long " * 40)
+    fig = class_iou_figure(dict.fromkeys(class_names(), 50.0), "ScanNet val per-class IoU: " + "long " * 40)
     fig.tight_layout()
     fig.canvas.draw()
     title, box = fig.axes[0].title.get_window_extent(), fig.bbox

@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from store_factory import make_store
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
 from pkd.common.store import teacher_crop, write_shard
@@ -20,6 +19,8 @@ from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, target_stats
 from pkd.train.losses import CropBox, LossSettings, compute_loss, patch_cells
 from pkd.train.model import Student, StudentConfig
 from pkd.train.trainer import TrainConfig, train
+
+from store_factory import make_store
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 VARIANTS = ["distill", "no-concept", "clip-target", "local", "recon", "recon+distill"]

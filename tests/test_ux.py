@@ -195,10 +195,10 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_holds_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_path):
     pytest.importorskip("tensorboard", reason="the optional extra pkd[tensorboard] is not installed")
-    from store_factory import make_store
-
     from pkd.train.model import StudentConfig
     from pkd.train.trainer import TrainConfig, train
+
+    from store_factory import make_store
 
     store_path = make_store(tmp_path / "pairs.zarr", n=8, num_points=128, shard_size=4)
     model = StudentConfig(num_points=128, num_group=8, group_size=8, dim=32, depth=1, heads=2, num_concepts=4,
@@ -239,7 +239,7 @@ def test_show_draws_the_points_from_the_camera_with_equal_axes(demo_store):
     assert (ax.azim, ax.elev) == (-90, 12)  # looking forward from behind the camera
     outside, inside, camera = (len(c._offsets3d[0]) for c in ax.collections)
     assert (outside, inside, camera) == (int((~sample.in_view).sum()), int(sample.in_view.sum()), 1)
-    assert 0 < outside and 0 < inside
+    assert outside > 0 and inside > 0
     plt.close(fig)
 
 

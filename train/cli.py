@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -26,7 +26,7 @@ Resume = Annotated[bool, typer.Option(help="continue with the run's recorded set
 def distill(
     ctx: typer.Context,
     store: Store,
-    run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<store>-<variant>)")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="output folder (default runs/<store>-<variant>)")] = None,
     resume: Resume = False,
     overwrite: Annotated[bool, typer.Option(help="delete an existing --run-dir first")] = False,
     tensorboard: Annotated[bool, typer.Option(help="also write metrics.jsonl's scalars to RUN_DIR/tensorboard "
@@ -60,15 +60,15 @@ def ablate(
     variants: Annotated[str, typer.Option(help="comma-separated variants")] = "distill,no-concept,clip-target,recon,"
                                                                              "recon+distill",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds: every variant (and readout) once per seed")] = "0",
-    name: Annotated[Optional[str], typer.Option(help="writes runs/ablate-NAME (default: the store's name)")] = None,
+    name: Annotated[str | None, typer.Option(help="writes runs/ablate-NAME (default: the store's name)")] = None,
     readout: Annotated[str, typer.Option("--eval", help="readout per encoder on ModelNet40: probe (linear SVM), "
                                                         "finetune (no voting; adds scratch rows) or none")] = "probe",
-    eval_data: Annotated[Optional[Path], typer.Option(help="ModelNet40 folder (modelnet40_normal_resampled)")] = None,
-    eval_splits: Annotated[Optional[Path], typer.Option(help="ModelNet40 split lists, if not inside --eval-data")
+    eval_data: Annotated[Path | None, typer.Option(help="ModelNet40 folder (modelnet40_normal_resampled)")] = None,
+    eval_splits: Annotated[Path | None, typer.Option(help="ModelNet40 split lists, if not inside --eval-data")
                            ] = None,
     allow_missing: Annotated[bool, typer.Option(help="readout on the listed ModelNet40 shapes that exist")] = False,
-    eval_epochs: Annotated[Optional[int], typer.Option(help="fine-tuning epochs of the readout (default 300)")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(help="fine-tuning batch of the readout (default 32)")
+    eval_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs of the readout (default 300)")] = None,
+    eval_batch_size: Annotated[int | None, typer.Option(help="fine-tuning batch of the readout (default 32)")
                                ] = None,
     resume: Annotated[bool, typer.Option(help="finish or extend the ablation of an earlier call (its settings are "
                                               "used; new --variants/--seeds add rows)")] = False,
@@ -77,9 +77,9 @@ def ablate(
 ) -> None:
     """Pre-train every variant (per seed) with the same settings, read each encoder out on ModelNet40, and
     write table.json, table.md and table.png under runs/ablate-NAME."""
+    from pkd.common.store import store_path
     from pkd.train.ablate import Readout, run_ablation
     from pkd.train.config import TrainConfig
-    from pkd.common.store import store_path
     from pkd.train.options import build_config, given_options, resume_config
     from pkd.train.table import TABLE_JSON, markdown
 

@@ -83,7 +83,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """The config a run recorded (``config.json``'s ``config``); fields added since take their defaults."""
         return cls(**{**_known(cls, d), "model": StudentConfig(**_known(StudentConfig, d["model"])),
                       "augment": AugmentConfig(**_known(AugmentConfig, d["augment"]))})

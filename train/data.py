@@ -121,7 +121,7 @@ class _Epoch:
 class _WindowDataset(IterableDataset):
     """Yields whole windows (dicts of numpy arrays, shuffled, subsampled, normalised): the items ``todo`` names."""
 
-    def __init__(self, cfg: LoaderConfig, epoch: "_Epoch", todo: list[int],
+    def __init__(self, cfg: LoaderConfig, epoch: _Epoch, todo: list[int],
                  stats: Mapping[str, tuple[np.ndarray, np.ndarray]], group: zarr.Group | None) -> None:
         self.cfg, self.epoch, self.todo, self.stats = cfg, epoch, todo, stats
         self._group = group

@@ -38,7 +38,7 @@ class HeldOut:
 
     @classmethod
     def open(cls, cfg: TrainConfig, arrays: tuple[str, ...], stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
-             settings: LossSettings, batch_size: int) -> "HeldOut | None":
+             settings: LossSettings, batch_size: int) -> HeldOut | None:
         """The run's held-out data, or None (said once in the log) when the store has no such split."""
         if cfg.val_split not in splits_of(open_store(cfg.store)):
             log.warning("%s has no %r split: no held-out loss is logged (pass --val-split to use another).",

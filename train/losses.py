@@ -65,7 +65,7 @@ class LossSettings:
     crop: CropBox | None = None
 
     @classmethod
-    def of(cls, model: StudentConfig, recon_weight: float = 1.0, crop: CropBox | None = None) -> "LossSettings":
+    def of(cls, model: StudentConfig, recon_weight: float = 1.0, crop: CropBox | None = None) -> LossSettings:
         """The settings of a student config's variant."""
         return cls(variant_spec(model.variant), model.num_group, model.mask_ratio, recon_weight, crop)
 
@@ -107,7 +107,8 @@ def patch_chamfer(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return chamfer_l2(pred.float().reshape(-1, k, 3), target.float().reshape(-1, k, 3))
 
 
-def monitor_recon_loss(model: Student, decoder: MaskedDecoder, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def monitor_recon_loss(model: Student, decoder: MaskedDecoder, points: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
     """Chamfer-L2 of a (frozen, randomly initialised) ``decoder`` reconstructing the masked patches from the
     student encoder's visible tokens: the paper's Table 7 probe of what distillation does to reconstruction."""
     patches, centres, _ = model.group_divider(points)

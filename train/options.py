@@ -48,7 +48,7 @@ class Option:
 def _cli_type(hint: Any) -> Any:
     args = get_args(hint)
     if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
-        return Optional[next(a for a in args if a is not type(None))]
+        return Optional[next(a for a in args if a is not type(None))]  # noqa: UP045 (a runtime hint for typer)
     return hint
 
 
@@ -107,8 +107,9 @@ def _given(ctx: typer.Context, name: str) -> bool:
 def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: str) -> TrainConfig:
     """``saved`` (a run's recorded config) with the run options of ``given`` applied.
 
-    Options not given keep the saved values (run options not given take their defaults); a given option that changes what is computed must equal the
-    saved value, else ConfigError naming each difference (``what`` names the run in the message).
+    Options not given keep the saved values (run options not given take their defaults); a given option that
+    changes what is computed must equal the saved value, else ConfigError naming each difference (``what``
+    names the run in the message).
     """
     recorded = option_values(saved)
     differ = [f"--{k.replace('_', '-')} {v!r} (the run has {recorded[k]!r})" for k, v in given.items()

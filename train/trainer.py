@@ -34,13 +34,20 @@ import numpy as np
 import torch
 
 from pkd.common import lock
-from pkd.common.errors import ConfigError, StoreError, TrainingError
+from pkd.common.errors import ConfigError, TrainingError
 from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store, store_path, teacher_crop
 from pkd.train import distributed
 from pkd.train.augment import augment
-from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
-                                  set_rng_state)
+from pkd.train.checkpoint import (
+    LAST,
+    atomic_save,
+    last_good,
+    load_checkpoint,
+    load_training_state,
+    rng_state,
+    set_rng_state,
+)
 from pkd.train.config import TrainConfig
 from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
@@ -72,7 +79,7 @@ class Schedule:
     stop: int
 
     @classmethod
-    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "Schedule":
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
         """``epochs`` × ``steps_per_epoch`` steps, or ``max_steps`` with warm-up the same fraction of them."""
         if cfg.max_steps:
             total, warmup = cfg.max_steps, round(cfg.max_steps * cfg.warmup_epochs / cfg.epochs)

@@ -26,8 +26,15 @@ from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
 from pkd.train.downstream.results import coverage, coverage_note, percent
-from pkd.train.downstream.sampling import (fps, fps_pool_size, ordered_batches, random_columns, shuffle_points,
-                                           shuffled_batches, stage_bar)
+from pkd.train.downstream.sampling import (
+    fps,
+    fps_pool_size,
+    ordered_batches,
+    random_columns,
+    shuffle_points,
+    shuffled_batches,
+    stage_bar,
+)
 
 SCALE, TRANSLATE = (2.0 / 3.0, 3.0 / 2.0), 0.2
 CONFUSION = "confusion.png"

@@ -9,7 +9,7 @@ Options left unset take the task's Point-MAE defaults (``engine.TASK_DEFAULTS``)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -23,26 +23,26 @@ test_app = typer.Typer(help="Re-score a finished fine-tuning run with a benchmar
 Data = Annotated[Path, typer.Option(help="dataset folder (modelnet40_normal_resampled or ShapeNetPart)")]
 Init = Annotated[str, typer.Option(help="encoder.pth (pkd-train export or any Point-MAE checkpoint), a pkd run "
                                         "directory, or 'scratch'")]
-Splits = Annotated[Optional[Path], typer.Option(help="folder with the split lists, if not inside --data")]
-RunDir = Annotated[Optional[Path], typer.Option(help="output folder (default runs/<task>-<init name>)")]
-Epochs = Annotated[Optional[int], typer.Option(help="default 300")]
-BatchSize = Annotated[Optional[int], typer.Option(help="default 32 (ModelNet40) / 16 (ShapeNetPart)")]
-Lr = Annotated[Optional[float], typer.Option(help="peak learning rate, default 5e-4 / 2e-4")]
-MaxSteps = Annotated[Optional[int], typer.Option(help="stop after this many optimizer steps")]
+Splits = Annotated[Path | None, typer.Option(help="folder with the split lists, if not inside --data")]
+RunDir = Annotated[Path | None, typer.Option(help="output folder (default runs/<task>-<init name>)")]
+Epochs = Annotated[int | None, typer.Option(help="default 300")]
+BatchSize = Annotated[int | None, typer.Option(help="default 32 (ModelNet40) / 16 (ShapeNetPart)")]
+Lr = Annotated[float | None, typer.Option(help="peak learning rate, default 5e-4 / 2e-4")]
+MaxSteps = Annotated[int | None, typer.Option(help="stop after this many optimizer steps")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 AllowMissing = Annotated[bool, typer.Option(help="use only the listed shapes that exist")]
 Resume = Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt")]
 Overwrite = Annotated[bool, typer.Option(help="replace an existing --run-dir")]
 TrustPickle = Annotated[bool, typer.Option(help="read Point-MAE's modelnet40_*_fps.dat pickles (runs their code)")]
-CacheDir = Annotated[Optional[Path], typer.Option(help="cache of the 8192-point FPS per shape (.npz)")]
-NumPoints = Annotated[Optional[int], typer.Option(help="points per shape fed to the model (1024 / 2048)")]
-NumGroup = Annotated[Optional[int], typer.Option(help="patches per shape (64 / 128)")]
-Dim = Annotated[Optional[int], typer.Option(help="encoder width (384)")]
-Depth = Annotated[Optional[int], typer.Option(help="encoder blocks (12)")]
-Heads = Annotated[Optional[int], typer.Option(help="attention heads (6)")]
+CacheDir = Annotated[Path | None, typer.Option(help="cache of the 8192-point FPS per shape (.npz)")]
+NumPoints = Annotated[int | None, typer.Option(help="points per shape fed to the model (1024 / 2048)")]
+NumGroup = Annotated[int | None, typer.Option(help="patches per shape (64 / 128)")]
+Dim = Annotated[int | None, typer.Option(help="encoder width (384)")]
+Depth = Annotated[int | None, typer.Option(help="encoder blocks (12)")]
+Heads = Annotated[int | None, typer.Option(help="attention heads (6)")]
 
 
-def _run_dir(task: str, init: str, run_dir: Optional[Path]) -> Path:
+def _run_dir(task: str, init: str, run_dir: Path | None) -> Path:
     return run_dir or Path("runs") / f"{task}-{Path(init).stem or 'scratch'}"
 
 
@@ -61,7 +61,7 @@ def _summary(results: dict[str, Any]) -> str:
     return f"{values} ({note})"
 
 
-def _finetune(task: str, data: Path, init: str, run_dir: Optional[Path], resume: bool, overwrite: bool,
+def _finetune(task: str, data: Path, init: str, run_dir: Path | None, resume: bool, overwrite: bool,
               **options: Any) -> None:
     from pkd.train.downstream.run import FinetuneConfig, run_finetune
 
@@ -112,25 +112,25 @@ def finetune_shapenetpart(data: Data, init: Init, splits: Splits = None, run_dir
 
 ScanNetData = Annotated[Path, typer.Option(help="ScanNet tree holding scans/<scene>/<scene>_vh_clean_2.ply and "
                                               "_vh_clean_2.labels.ply")]
-ScanNetSplits = Annotated[Optional[Path], typer.Option(help="folder with scannetv2_train.txt / scannetv2_val.txt "
+ScanNetSplits = Annotated[Path | None, typer.Option(help="folder with scannetv2_train.txt / scannetv2_val.txt "
                                                            "(default: the official lists)")]
 SegCache = Annotated[Path, typer.Option(help="folder of the parsed-mesh cache scannet_seg.zarr (built on first use)")]
-CropSize = Annotated[Optional[float], typer.Option(help="side in metres of the vertical column each input is drawn "
+CropSize = Annotated[float | None, typer.Option(help="side in metres of the vertical column each input is drawn "
                                                         "from (3.0)")]
 
 
 @finetune_app.command("scannet-seg")
 def finetune_scannet_seg(data: ScanNetData, init: Init, splits: ScanNetSplits = None, run_dir: RunDir = None,
-                         epochs: Annotated[Optional[int], typer.Option(help="default 200")] = None,
-                         batch_size: Annotated[Optional[int], typer.Option(help="global batch, default 16")] = None,
-                         lr: Annotated[Optional[float], typer.Option(help="peak learning rate, default 1e-3")] = None,
+                         epochs: Annotated[int | None, typer.Option(help="default 200")] = None,
+                         batch_size: Annotated[int | None, typer.Option(help="global batch, default 16")] = None,
+                         lr: Annotated[float | None, typer.Option(help="peak learning rate, default 1e-3")] = None,
                          max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0,
                          allow_missing: Annotated[bool, typer.Option(help="use only the listed scenes present")]
                          = False, cache_dir: SegCache = Path("runs/cache"), crop_size: CropSize = None,
-                         repeats: Annotated[Optional[int], typer.Option(help="random columns per train scene and "
+                         repeats: Annotated[int | None, typer.Option(help="random columns per train scene and "
                                                                             "epoch (1)")] = None,
-                         num_points: Annotated[Optional[int], typer.Option(help="points per input (8192)")] = None,
-                         num_group: Annotated[Optional[int], typer.Option(help="patches per input (256)")] = None,
+                         num_points: Annotated[int | None, typer.Option(help="points per input (8192)")] = None,
+                         num_group: Annotated[int | None, typer.Option(help="patches per input (256)")] = None,
                          dim: Dim = None, depth: Depth = None, heads: Heads = None, resume: Resume = False,
                          overwrite: Overwrite = False) -> None:
     """ScanNet v2 semantic segmentation (20 classes): mIoU over every vertex of the val scenes.
@@ -161,15 +161,15 @@ def finetune_scanobjectnn(
 @finetune_app.command("fewshot")
 def finetune_fewshot(
         init: Init,
-        data: Annotated[Optional[Path], typer.Option(
+        data: Annotated[Path | None, typer.Option(
             help="modelnet40_normal_resampled, to generate folds (not needed with --fold-files)")] = None,
-        fold_files: Annotated[Optional[Path], typer.Option(
+        fold_files: Annotated[Path | None, typer.Option(
             help="folder of the published {way}way_{shot}shot/{fold}.pkl files (read without running code)")] = None,
         way: Annotated[int, typer.Option(help="classes per fold (5 or 10)")] = 5,
         shot: Annotated[int, typer.Option(help="training shapes per class (10 or 20)")] = 10,
-        fold: Annotated[Optional[List[int]], typer.Option(help="fold to run (repeatable; default all 10)")] = None,
+        fold: Annotated[list[int] | None, typer.Option(help="fold to run (repeatable; default all 10)")] = None,
         splits: Splits = None, run_dir: RunDir = None,
-        epochs: Annotated[Optional[int], typer.Option(help="default 150")] = None, batch_size: BatchSize = None,
+        epochs: Annotated[int | None, typer.Option(help="default 150")] = None, batch_size: BatchSize = None,
         lr: Lr = None, max_steps: MaxSteps = None,
         device: Device = "auto",
         seed: Annotated[int, typer.Option(help="training seed; also draws generated folds")] = 0,
@@ -214,9 +214,9 @@ def test_modelnet40(
 @test_app.command("scannet-seg")
 def test_scannet_seg(run: Annotated[Path, typer.Argument(help="run directory of `pkd-train finetune scannet-seg`")],
                      data: ScanNetData, splits: ScanNetSplits = None,
-                     out: Annotated[Optional[Path], typer.Option(help="output folder (default RUN/test)")] = None,
+                     out: Annotated[Path | None, typer.Option(help="output folder (default RUN/test)")] = None,
                      device: Device = "auto",
-                     cache_dir: Annotated[Optional[Path], typer.Option(help="mesh cache folder (default: the run's)")]
+                     cache_dir: Annotated[Path | None, typer.Option(help="mesh cache folder (default: the run's)")]
                      = None, allow_missing: Annotated[bool, typer.Option(help="score only the val scenes present")]
                      = False, overwrite: Annotated[bool, typer.Option(help="replace an existing OUT/results.json")]
                      = False) -> None:
@@ -230,13 +230,13 @@ def test_scannet_seg(run: Annotated[Path, typer.Argument(help="run directory of 
 
 
 def compare_runs(
-        runs: Annotated[List[Path], typer.Argument(help="run folders (searched recursively) or results files")],
+        runs: Annotated[list[Path], typer.Argument(help="run folders (searched recursively) or results files")],
         out: Annotated[Path, typer.Option(help="Markdown table; .json and .png are written beside it")] = Path(
             "runs/compare/table.md"),
         overwrite: Annotated[bool, typer.Option(help="replace an existing table")] = False) -> None:
     """One table across runs: every results.json / test_votes.json, mean ± std over seeds of equal settings."""
-    from pkd.train.downstream.run import compare
     from pkd.train.downstream.compare import format_markdown
+    from pkd.train.downstream.run import compare
 
     rows, skipped = compare(runs, out, overwrite=overwrite)
     for line in skipped:

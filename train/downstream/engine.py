@@ -19,9 +19,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,12 +31,19 @@ from torch import nn
 from pkd.common.errors import ConfigError, TrainingError
 from pkd.common.logs import progress_bar
 from pkd.train import distributed
-from pkd.train.checkpoint import (LAST, atomic_save, last_good, load_checkpoint, load_training_state, rng_state,
-                                  set_rng_state)
+from pkd.train.checkpoint import (
+    LAST,
+    atomic_save,
+    last_good,
+    load_checkpoint,
+    load_training_state,
+    rng_state,
+    set_rng_state,
+)
+from pkd.train.distributed import DistInfo
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
 from pkd.train.downstream.results import coverage_note, make_records, write_results
-from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
 from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir, run_lock
 
@@ -118,7 +126,7 @@ class FinetuneConfig:
             raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups.")
 
     @classmethod
-    def for_task(cls, task: str, data: str | Path, **overrides: Any) -> "FinetuneConfig":
+    def for_task(cls, task: str, data: str | Path, **overrides: Any) -> FinetuneConfig:
         """The task's Point-MAE defaults, with ``overrides`` (None values are ignored) on top."""
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(task=task, data=str(data), **{**TASK_DEFAULTS.get(task, {}), **given})

@@ -21,10 +21,10 @@ from pkd.common.errors import ConfigError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import CONFUSION, load_modelnet_split
 from pkd.train.downstream.engine import RESULTS, resolve_device
-from pkd.train.downstream.results import coverage, coverage_note, make_records, percent, write_results
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_confusion
+from pkd.train.downstream.results import coverage, coverage_note, make_records, percent, write_results
 from pkd.train.downstream.sampling import fps, ordered_batches, stage_bar
 from pkd.train.encoder import PointEncoder
 from pkd.train.tokenizer import Group

@@ -1,8 +1,9 @@
 """The one ``results.json`` schema every downstream benchmark writes and ``pkd-train compare`` reads.
 
 A results file (``results.json`` of a fine-tune, probe or few-shot run; ``test_votes.json`` of
-``pkd-train test modelnet40``; ``RUN/test/results.json`` of ``test scannet-seg``) is a JSON object with ``"schema": "pkd-results/1"`` and ``"records"``, a list of
-records; the rest of the file (history, config, per-class numbers) is free-form per benchmark. A record:
+``pkd-train test modelnet40``; ``RUN/test/results.json`` of ``test scannet-seg``) is a JSON object with
+``"schema": "pkd-results/1"`` and ``"records"``, a list of records; the rest of the file (history, config,
+per-class numbers) is free-form per benchmark. A record:
 
 - ``benchmark``: ``modelnet40``, ``shapenetpart``, ``scanobjectnn/obj_bg|obj_only|pb_t50_rs``,
   ``fewshot/<way>way<shot>shot``, ``probe/modelnet40``, ``scannet-seg``;

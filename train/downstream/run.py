@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import LAST, load_checkpoint

@@ -232,7 +232,7 @@ class ScanNetSegTask:
         matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
         predictions, passes, vertices, predicted, scored = [], 0, 0, 0, 0
         scenes = zip(self.val_set.names, self.val_set.scenes)
-        for i, (name, scene) in enumerate(progress_bar(scenes, total=len(self.val_set.names), desc="val scenes",
+        for i, (_name, scene) in enumerate(progress_bar(scenes, total=len(self.val_set.names), desc="val scenes",
                                                        disable=not progress, unit="scene")):
             pred, count, covered = self.predict_scene(scene, self.cfg.seed * 100_003 + i)
             matrix += metrics.scene_confusion(pred, scene.label, NUM_CLASSES, IGNORE)

@@ -3,8 +3,8 @@
 Point-MAE's ``tools/runner_finetune.py`` ``test`` runs ``test_vote(times=10)`` for ``time in range(1, 300)``
 (299 passes of 10 votes) and prints the best pass. We report the mean, the population std and the best of
 the passes (each pass seeded by the run's seed and its index) as records in ``RUN/test_votes.json``
-(schema: ``results``), with the plain FPS accuracy of the same weights beside them. The best of many passes is an optimistic
-number: it is what Point-MAE-family papers print as "with voting"; the mean is the expected single pass.
+(schema: ``results``), with the plain FPS accuracy of the same weights beside them. The best of many passes is an
+optimistic number: it is what Point-MAE-family papers print as "with voting"; the mean is the expected single pass.
 """
 
 from __future__ import annotations
