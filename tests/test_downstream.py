@@ -288,6 +288,23 @@ def test_resume_continues_bit_identically(modelnet, tmp_path):
         run_finetune(cfg, tmp_path / "straight", progress=False)
 
 
+def test_cli_resume_takes_the_runs_recorded_options(modelnet, tmp_path):
+    data, splits = modelnet
+    runner, app = CliRunner(), cli_app()
+    common = ["finetune", "modelnet40", "--data", str(data), "--splits", str(splits), "--pool-points", "300",
+              "--cache-dir", str(tmp_path / "cache"), "--init", "scratch", "--run-dir", str(tmp_path / "run"),
+              *TINY_CLI]
+    first = runner.invoke(app, [*common, "--num-points", "128", "--epochs", "2", "--batch-size", "4", "--votes", "1",
+                                "--max-steps", "3"])
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, [*common, "--resume"])  # no --num-points/--epochs/--batch-size retyped
+    assert resumed.exit_code == 0, resumed.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 4 and results["config"]["batch_size"] == 4 and results["config"]["max_steps"] is None
+    clash = runner.invoke(app, [*common, "--resume", "--batch-size", "8"])
+    assert isinstance(clash.exception, ConfigError) and "(batch_size)" in str(clash.exception)
+
+
 def test_downstream_never_imports_the_teacher():
     code = ("import sys, pkd.train.downstream.cli, pkd.train.downstream.run; "
             "bad = [m for m in ('open_clip', 'transformers', 'pkd.preprocess') if m in sys.modules]; "

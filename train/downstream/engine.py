@@ -54,6 +54,18 @@ RESULTS = "results.json"
 SELECTION = "best epoch chosen on the test split, as Point-MAE does (these benchmarks have no validation split)"
 RESUME_MAY_CHANGE = ("max_steps", "device", "cache_dir")
 
+
+def resume_options(run_dir: str | Path, options: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """For ``--resume``: options not ``given`` on the command line take the values recorded in ``run_dir``'s
+    config.json, so no flag has to be typed again; run options (RESUME_MAY_CHANGE) keep their defaults, and
+    options given must still match the recorded ones (the restore refuses any other difference, naming it)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return options
+    saved = json.loads(path.read_text())["config"]
+    return {k: saved[k] if k not in given and k in saved and k not in RESUME_MAY_CHANGE else v
+            for k, v in options.items()}
+
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # Point-MAE cfgs/finetune_modelnet.yaml
     "modelnet40": {},
