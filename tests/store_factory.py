@@ -65,7 +65,7 @@ def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size:
     group = create_split(root, split, attrs, num_points, patch_tokens=patch_tokens)
     prefix_map = rng.normal(size=(3, int(np.prod(PREFIX_SHAPE)))).astype(np.float32)
     clip_map = rng.normal(size=(3, CLIP_DIM)).astype(np.float32)
-    prefixes = []
+    targets: dict[str, list[np.ndarray]] = {"prefix": [], "clip_embed": []}
     for shard, start in enumerate(range(0, n, shard_size)):
         m = min(shard_size, n - start)
         spread, offset = rng.uniform(0.2, 2.0, size=(m, 1, 3)), rng.normal(size=(m, 1, 3))
@@ -80,12 +80,14 @@ def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size:
         }, skipped={})
         feats = (_spread(points) - 0.4) * 5
         prefix = (feats @ prefix_map).reshape(m, *PREFIX_SHAPE)
-        prefixes.append(prefix.astype(np.float16)[valid])
         teacher = {"prefix": prefix.astype(np.float16), "clip_embed": (feats @ clip_map).astype(np.float16)}
+        for name, kept in targets.items():
+            kept.append(teacher[name][valid])
         if patch_tokens:
             teacher["patch_tokens"] = rng.normal(size=(m, PATCH_TOKENS, CLIP_DIM)).astype(np.float16)
         write_shard(group, shard, "teacher", teacher)
-    if stats:
-        valid_prefix = np.concatenate(prefixes).astype(np.float64)
-        write_stats(group, "prefix", valid_prefix.mean(0), valid_prefix.std(0))
+    if stats:  # as prep's finalize records them: per dimension over the valid samples
+        for name, kept in targets.items():
+            values = np.concatenate(kept).astype(np.float64)
+            write_stats(group, name, values.mean(0), values.std(0))
     return Path(path)

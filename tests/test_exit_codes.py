@@ -334,7 +334,7 @@ def test_signal_at_a_random_moment_of_prep_then_rerun_equals_the_clean_store(dem
     time.sleep(random.Random(os.getpid() + code).uniform(0.0, 2.0))
     proc.send_signal(sig)
     out_text, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
+    if proc.returncode == 0 or f"wrote {out}" in out_text + err:  # a loaded machine can finish within the window
         pytest.skip("prep finished before the signal arrived")
     check(subprocess.CompletedProcess(proc.args, proc.returncode, out_text, err), code, INTERRUPTED)
     check(run(*prep_args(demo_root, out)), 0, f"wrote {out}")
