@@ -96,10 +96,11 @@ def option_values(cfg: TrainConfig) -> dict[str, Any]:
 
 def given_options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     """The options of ``values`` that were typed on the command line (or set in the environment)."""
-    return {k: v for k, v in values.items() if k in OPTIONS and _given(ctx, k)}
+    return {k: v for k, v in values.items() if k in OPTIONS and was_given(ctx, k)}
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
+def was_given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` of the running command was typed (or set in the environment), not defaulted."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 

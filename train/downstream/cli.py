@@ -65,9 +65,10 @@ def _given_on_command_line() -> set[str]:
     """Names of the running command's parameters that were typed (not left at their defaults)."""
     from typer._click.globals import get_current_context  # typer 0.29 vendors click (see pkd.common.cli)
 
+    from pkd.train.options import was_given
+
     ctx = get_current_context()
-    return {name for name in ctx.params if (source := ctx.get_parameter_source(name)) is not None
-            and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+    return {name for name in ctx.params if was_given(ctx, name)}
 
 
 def _finetune(task: str, data: Path, init: str, run_dir: Path | None, resume: bool, overwrite: bool,
