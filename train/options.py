@@ -7,13 +7,11 @@ the same options; ``resume_config`` implements ``--resume`` on a run's recorded 
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import types
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Annotated, Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pkd.common.errors import ConfigError
+from pkd.common.options import Option, dataclass_options, was_given, with_options
 from pkd.train.augment import AugmentConfig
 from pkd.train.config import TrainConfig
 from pkd.train.model import StudentConfig
@@ -21,61 +19,25 @@ from pkd.train.model import StudentConfig
 if TYPE_CHECKING:
     import typer
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 SECTIONS: dict[str | None, type] = {None: TrainConfig, "model": StudentConfig, "augment": AugmentConfig}
-RENAMED = {("augment", "enabled"): "augment"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One CLI option: where its value lives in a TrainConfig, its type and its field."""
-
-    section: str | None
-    field: dataclasses.Field
-    kind: Any
-
-    @property
-    def run(self) -> bool:
-        return bool(self.field.metadata.get("run"))
-
-    def parameter(self, name: str) -> inspect.Parameter:
-        import typer
-
-        annotation = Annotated[self.kind, typer.Option(help=self.field.metadata["help"])]
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=self.field.default,
-                                 annotation=annotation)
-
-
-def _cli_type(hint: Any) -> Any:
-    args = get_args(hint)
-    if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
-        return Optional[next(a for a in args if a is not type(None))]  # noqa: UP045 (a runtime hint for typer)
-    return hint
+RENAMED = {"augment": {"enabled": "augment"}}
 
 
 def _options() -> dict[str, Option]:
-    out = {}
+    out: dict[str, Option] = {}
     for section, cls in SECTIONS.items():
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if "help" in f.metadata:
-                out[RENAMED.get((section, f.name), f.name)] = Option(section, f, _cli_type(hints[f.name]))
+        out.update(dataclass_options(cls, section, RENAMED.get(section or "")))
     return out
 
 
 OPTIONS = {"variant": _options()["variant"], **_options()}
 
 
-def config_options(exclude: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+def config_options(exclude: Iterable[str] = ()) -> Callable[[F], F]:
     """Decorate a typer command taking ``**options``: it gains every config option except ``exclude``."""
-    def decorate(func: Callable) -> Callable:
-        own = inspect.signature(func, eval_str=True)
-        added = [opt.parameter(name) for name, opt in OPTIONS.items() if name not in set(exclude)]
-        params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD] + added
-        func.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
-        func.__annotations__ = {**get_type_hints(func, include_extras=True),
-                                **{p.name: p.annotation for p in added}}
-        return func
-    return decorate
+    return with_options(opt.parameter(name) for name, opt in OPTIONS.items() if name not in set(exclude))
 
 
 def build_config(store: str, values: dict[str, Any]) -> TrainConfig:
@@ -97,12 +59,6 @@ def option_values(cfg: TrainConfig) -> dict[str, Any]:
 def given_options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     """The options of ``values`` that were typed on the command line (or set in the environment)."""
     return {k: v for k, v in values.items() if k in OPTIONS and was_given(ctx, k)}
-
-
-def was_given(ctx: typer.Context, name: str) -> bool:
-    """Whether option ``name`` of the running command was typed (or set in the environment), not defaulted."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: str) -> TrainConfig:

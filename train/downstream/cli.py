@@ -61,25 +61,16 @@ def _summary(results: dict[str, Any]) -> str:
     return f"{values} ({note})"
 
 
-def _given_on_command_line() -> set[str]:
-    """Names of the running command's parameters that were typed (not left at their defaults)."""
-    from typer._click.globals import get_current_context  # typer 0.29 vendors click (see pkd.common.cli)
-
-    from pkd.train.options import was_given
-
-    ctx = get_current_context()
-    return {name for name in ctx.params if was_given(ctx, name)}
-
-
 def _finetune(task: str, data: Path, init: str, run_dir: Path | None, resume: bool, overwrite: bool,
               **options: Any) -> None:
+    from pkd.common.options import given_on_command_line
     from pkd.train.downstream.engine import resume_options
     from pkd.train.downstream.run import FinetuneConfig, run_finetune
 
     out = _run_dir(task, init, run_dir)
     paths = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     if resume:
-        paths = resume_options(out, paths, _given_on_command_line())
+        paths = resume_options(out, paths, given_on_command_line())
     cfg = FinetuneConfig.for_task(task, data, init=init, **paths)
     results = run_finetune(cfg, out, resume=resume, overwrite=overwrite)
     if results["test"] is None:  # a DDP rank other than 0: rank 0 reports
