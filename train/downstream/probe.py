@@ -20,15 +20,15 @@ import torch
 from pkd.common.errors import ConfigError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import CONFUSION, load_modelnet_split
-from pkd.train.downstream.engine import RESULTS, resolve_device
+from pkd.train.downstream.engine import RESULTS
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_confusion
 from pkd.train.downstream.results import coverage, coverage_note, make_records, percent, write_results
 from pkd.train.downstream.sampling import fps, ordered_batches, stage_bar
 from pkd.train.encoder import PointEncoder
+from pkd.train.runs import code_version, prepare_run_dir, resolve_device
 from pkd.train.tokenizer import Group
-from pkd.train.trainer import code_version, prepare_run_dir
 
 
 @dataclass(frozen=True)
