@@ -160,7 +160,8 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Point-MAE's split: no weight decay on biases, norms and learned tokens/queries."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         skip = param.ndim <= 1 or name.endswith("token") or name.endswith("queries")
         (no_decay if skip else decay).append(param)

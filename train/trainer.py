@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -96,9 +96,10 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
 def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader, world_size: int = 1) -> None:
     """Record the run: its config, the store it reads (teacher, prep, samples) and the launch's world size."""
     root = open_store(cfg.store)
+    num_samples = int(cast(int, loader.group.attrs["num_samples"]))
     runs.write_config(run_dir, cfg.to_dict(),
                       store={"path": cfg.store, "split": cfg.split, "teacher": root.attrs.get("teacher"),
-                             "prep": root.attrs.get("prep"), "num_samples": int(loader.group.attrs["num_samples"])},
+                             "prep": root.attrs.get("prep"), "num_samples": num_samples},
                       launch={"world_size": world_size})
 
 
@@ -267,7 +268,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
                        dynamic_ncols=True)
     saved_at = pos.step if resume else -1
     while pos.step < sched.stop:
-        tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
+        tic, step_loss = time.perf_counter(), 0.0
+        step_parts: dict[str, float] = {}
         for batch in run.loader.epoch(pos.epoch, start_batch=pos.batch):
             loss, parts = _micro_batch(run, ddp, batch, pos, run_dir)
             step_loss += loss / cfg.grad_accum

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from pkd.train.distributed import DistInfo
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
 from pkd.train.downstream.results import coverage_note, make_records, write_results
+from pkd.train.encoder import PointEncoder
 from pkd.train.metrics import MetricsLog
 from pkd.train.runs import (
     CONFIG,
@@ -150,7 +151,8 @@ class FinetuneConfig:
 class Task(Protocol):
     """What ``finetune`` needs from a downstream task."""
 
-    model: nn.Module
+    @property
+    def model(self) -> nn.Module: ...  # read-only here, so a task may declare its own module type
 
     def data_summary(self) -> dict[str, Any]: ...
     def epoch_batches(self, epoch: int) -> list[np.ndarray]: ...
@@ -212,7 +214,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     if batches_per_epoch == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({task.data_summary()['train_shapes']} shapes); lower it.")
-    init_report = {} if resume else init_encoder(model.MAE_encoder, cfg.init)
+    init_report = {} if resume else init_encoder(cast(PointEncoder, model.MAE_encoder), cfg.init)
     prepare_run_dir(run_dir, resume, overwrite, act=False)  # every rank refuses alike: none waits alone
     distributed.barrier()
     if main:
@@ -258,7 +260,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
             state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
         if main:
             _save(run_dir, cfg, model, optimizer, state, init_report)
-            plot_curves(log.records, state.history, run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
+            plot_curves(log.records, list(state.history), run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
     bar.close()
     distributed.barrier()
     if (run_dir / BEST).is_file():

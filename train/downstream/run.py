@@ -22,8 +22,9 @@ from pkd.train.downstream.segmentation import ShapeNetPartTask
 from pkd.train.downstream.votetest import test_modelnet40
 from pkd.train.runs import code_version, resolve_device
 
-TASKS = {"modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
-         "scannet-seg": ScanNetSegTask}
+TASKS: dict[str, Callable[[FinetuneConfig], Task]] = {
+    "modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
+    "scannet-seg": ScanNetSegTask}
 
 __all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "run_fewshot", "run_test", "probe_modelnet40",
            "test_modelnet40", "compare"]
