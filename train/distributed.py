@@ -219,21 +219,10 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
-class DDP(nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel whose unknown attributes read through to the wrapped module (``model.spec``, …)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
 def wrap_model(model: nn.Module, rank_info: DistInfo, device: torch.device,
                find_unused_parameters: bool = True) -> nn.Module:
-    """``model`` itself in a single process; under torchrun, synchronised batch norm inside DDP.
+    """``model`` itself in a single process; under torchrun, synchronised batch norm inside DDP (a plain wrapper:
+    callers keep the module's settings, such as its variant, themselves; see ``LossSettings``).
 
     ``find_unused_parameters`` (default on) lets a forward leave parameters without gradient, as the
     students do (e.g. the concept head never reads the encoder's final norm, kept for Point-MAE export).
@@ -243,7 +232,8 @@ def wrap_model(model: nn.Module, rank_info: DistInfo, device: torch.device,
     model = convert_sync_batchnorm(model, device)
     ids = [device.index] if device.type == "cuda" else None
     # batch-norm buffers are identical on every rank (synchronised statistics): no per-forward broadcast
-    return DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                               find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

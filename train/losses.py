@@ -55,7 +55,7 @@ def local_alignment(pred: torch.Tensor, patch_tokens: torch.Tensor, centre_pixel
     return ((1 - cos) * keep).sum() / keep.sum().clamp_min(1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossSettings:
     """What ``compute_loss`` computes: the variant, its reconstruction mask, loss weights and the teacher crop."""
 
@@ -68,7 +68,8 @@ class LossSettings:
     @classmethod
     def of(cls, model: StudentConfig, recon_weight: float = 1.0, crop: CropBox | None = None) -> LossSettings:
         """The settings of a student config's variant."""
-        return cls(variant_spec(model.variant), model.num_group, model.mask_ratio, recon_weight, crop)
+        return cls(variant=variant_spec(model.variant), num_group=model.num_group, mask_ratio=model.mask_ratio,
+                   recon_weight=recon_weight, crop=crop)
 
     def mask(self, batch: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
         """A reconstruction mask (B, G) drawn from ``generator`` (None: torch's global generator)."""

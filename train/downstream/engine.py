@@ -162,7 +162,7 @@ class Task(Protocol):
     def report(self, run_dir: Path) -> dict[str, Any]: ...  # final test metrics (+ plots) of the current weights
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class State:
     """Progress of a run: optimizer steps, epoch, batches done in it, and the best evaluation so far."""
 
