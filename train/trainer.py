@@ -1,9 +1,11 @@
 """The training loop: AdamW, linear warm-up + cosine per step, metrics, plots, atomic resumable checkpoints.
 
-Read ``train`` top to bottom: open the data, build the student, restore or record the run, then loop
-over epochs and batches. Every random draw is reproducible: the loader's order from (seed, epoch), the
-augmentation and masks from (seed, micro-batch index), drop-path from the torch RNG saved in checkpoints,
-so a resumed run continues bit-identically.
+Read ``_train`` top to bottom: ``_setup`` opens the data and builds the student, ``_start`` restores or
+records the run, then the loop runs over epochs and micro-batches (``_micro_batch``, ``_optimizer_step``)
+and ``_finish`` ends the launch; the run folder, resume rule and checkpoint format are ``pkd.train.runs``'s,
+the learning rate ``pkd.train.schedule``'s. Every random draw is reproducible: the loader's order from
+(seed, epoch), the augmentation and masks from (seed, micro-batch index), drop-path from the torch RNG
+saved in checkpoints, so a resumed run continues bit-identically.
 
 Under ``torchrun`` (see ``pkd.train.distributed``) every process runs ``train``: the model is wrapped in
 DistributedDataParallel, ``batch_size`` stays the global batch and each rank reads whole shards of its
