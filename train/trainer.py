@@ -152,7 +152,7 @@ def resolve_streams(cfg: TrainConfig, ckpt: dict[str, Any] | None, world_size: i
     return dataclasses.replace(cfg, streams=streams)
 
 
-def resolve_device(cfg: TrainConfig) -> TrainConfig:
+def with_device(cfg: TrainConfig) -> TrainConfig:
     """``device`` made explicit (``runs.resolve_device``) and ``amp`` false where it does nothing (CPU)."""
     device = runs.resolve_device(cfg.device)
     return dataclasses.replace(cfg, device=device, amp=cfg.amp and device.startswith("cuda"))
@@ -176,7 +176,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool,
            rank_info: DistInfo) -> tuple[Setup, dict[str, Any] | None]:
     """Check the run directory (every rank alike), open the data, build the student and its optimizer; returns
     them with the checkpoint to resume from (None for a new run). Rank 0 prepares the run directory."""
-    cfg = resolve_device(dataclasses.replace(cfg, store=store_path(cfg.store)))
+    cfg = with_device(dataclasses.replace(cfg, store=store_path(cfg.store)))
     distributed.check_global_batch(cfg.batch_size, rank_info)
     prepare_run_dir(run_dir, resume, overwrite, act=False)
     ckpt = load_checkpoint(run_dir / LAST) if resume else None
