@@ -31,7 +31,7 @@ from pkd.preprocess.demo import BOXES, ROOM, SPHERE
 from pkd.preprocess.demo_mesh import write_demo_mesh, write_demo_splits
 from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.scannet_seg import ScanNetSegTask
-from pkd.train.trainer import param_groups
+from pkd.train.runs import param_groups
 
 from _report import write_report
 

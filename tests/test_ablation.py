@@ -19,7 +19,8 @@ from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.config import TrainConfig
 from pkd.train.export import export_encoder
 from pkd.train.model import Student, StudentConfig
-from pkd.train.trainer import Schedule, lr_at, train
+from pkd.train.schedule import Schedule, lr_at
+from pkd.train.trainer import train
 
 from conftest import require_fixture
 from store_factory import make_store
@@ -82,12 +83,14 @@ def test_decoder_depth_and_config_checks():
 
 def test_max_steps_makes_the_whole_schedule():
     cfg = TrainConfig(store="s", epochs=250, warmup_epochs=10, max_steps=2000)
-    sched = Schedule.of(cfg, steps_per_epoch=3000)
+    sched = Schedule.of(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=3000,
+                        max_steps=cfg.max_steps)
     assert (sched.warmup, sched.total, sched.stop) == (80, 2000, 2000)
-    assert lr_at(sched.warmup - 1, cfg, sched.warmup, sched.total) == cfg.lr  # the peak is reached
-    assert lr_at(sched.total, cfg, sched.warmup, sched.total) == pytest.approx(cfg.min_lr)
-    assert lr_at(1040, cfg, sched.warmup, sched.total) == pytest.approx((cfg.lr + cfg.min_lr) / 2)  # cosine midpoint
-    plain = Schedule.of(dataclasses.replace(cfg, max_steps=None, stop_after=7), steps_per_epoch=3000)
+    rates = dict(lr=cfg.lr, min_lr=cfg.min_lr, warmup=sched.warmup, total=sched.total)
+    assert lr_at(sched.warmup - 1, **rates) == cfg.lr  # the peak is reached
+    assert lr_at(sched.total, **rates) == pytest.approx(cfg.min_lr)
+    assert lr_at(1040, **rates) == pytest.approx((cfg.lr + cfg.min_lr) / 2)  # cosine midpoint
+    plain = Schedule.of(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=3000, stop_after=7)
     assert (plain.warmup, plain.total, plain.stop) == (30000, 750000, 7)
 
 
@@ -138,7 +141,7 @@ def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(store, tmp_pa
     refused = pkd_train("distill", store, "--run-dir", run, "--resume", "--lr", "0.5", "--dim", "48", cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--lr 0.5 (the run has 0.002)" in refused.stderr and "--dim" not in refused.stderr
-    done = pkd_train("distill", store, "--run-dir", run, "--resume", "--device", "cpu", "--num-workers", "1",
+    done = pkd_train("distill", store, "--run-dir", run, "--resume", "--device", "cpu", "--loader-workers", "1",
                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "3 of 3 steps" in done.stdout

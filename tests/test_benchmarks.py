@@ -21,7 +21,7 @@ from pkd.common.errors import DataError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.cli import compare_runs, finetune_app
 from pkd.train.downstream.compare import format_markdown, group_records
-from pkd.train.downstream.engine import FinetuneConfig, epoch_lr
+from pkd.train.downstream.engine import FinetuneConfig
 from pkd.train.downstream.fewshot import generate_fold, read_fold
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
@@ -29,6 +29,7 @@ from pkd.train.downstream.results import make_records, settings_digest
 from pkd.train.downstream.sampling import shuffle_points
 from pkd.train.encoder import PointEncoder
 from pkd.train.export import export_encoder
+from pkd.train.schedule import epoch_lr
 
 torch.set_num_threads(1)
 
@@ -71,7 +72,8 @@ def test_training_clouds_are_shuffled_per_cloud_and_seeded():
 
 def test_shapenetpart_cosine_spans_all_epochs():
     cfg = FinetuneConfig.for_task("shapenetpart", "x", epochs=300)
-    lrs = [epoch_lr(e, cfg) for e in range(300)]
+    lrs = [epoch_lr(e, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs, total=cfg.decay_epochs or cfg.epochs)
+           for e in range(300)]
     assert lrs[100] > 1e-4 and lrs[299] > cfg.min_lr  # before: the floor from epoch 100 on
     assert lrs[299] == pytest.approx(cfg.min_lr + 0.5 * (2e-4 - cfg.min_lr) * (1 + math.cos(math.pi * 299 / 300)))
 

@@ -187,7 +187,7 @@ def test_cpu_sync_batchnorm_under_torchrun_equals_batchnorm_of_the_global_batch(
 
 def test_torchrun_two_processes_match_one_process(store, tmp_path):
     # gradient accumulation (DDP no_sync) and loader workers included
-    torchrun(store, tmp_path / "ddp", "--save-every", 3, "--grad-accum", 2, "--num-workers", 1)
+    torchrun(store, tmp_path / "ddp", "--save-every", 3, "--grad-accum", 2, "--loader-workers", 1)
     train(config(store, grad_accum=2), tmp_path / "one", progress=False)
     np.testing.assert_allclose(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-4)
     assert_same_params(tmp_path / "one", tmp_path / "ddp")

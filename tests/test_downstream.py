@@ -302,7 +302,7 @@ def test_cli_resume_takes_the_runs_recorded_options(modelnet, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["steps"] == 4 and results["config"]["batch_size"] == 4 and results["config"]["max_steps"] is None
     clash = runner.invoke(app, [*common, "--resume", "--batch-size", "8"])
-    assert isinstance(clash.exception, ConfigError) and "(batch_size)" in str(clash.exception)
+    assert isinstance(clash.exception, ConfigError) and "(batch_size: 4 -> 8)" in str(clash.exception)
 
 
 def test_downstream_never_imports_the_teacher():

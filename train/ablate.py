@@ -155,9 +155,10 @@ def _readout(base: TrainConfig, readout: Readout, init: str, seed: int, cell: Pa
     from pkd.train.downstream.run import FinetuneConfig, ProbeConfig, probe_modelnet40, run_finetune
 
     m = base.model
-    shared = dict(init=init, seed=seed, device=base.device, splits=readout.splits, allow_missing=readout.allow_missing,
-                  cache_dir=readout.cache_dir, pool_points=readout.pool_points, num_points=readout.num_points,
-                  dim=m.dim, depth=m.depth, heads=m.heads)
+    shared: dict[str, Any] = dict(init=init, seed=seed, device=base.device, splits=readout.splits,
+                                  allow_missing=readout.allow_missing, cache_dir=readout.cache_dir,
+                                  pool_points=readout.pool_points, num_points=readout.num_points, dim=m.dim,
+                                  depth=m.depth, heads=m.heads)
     run_dir = cell / readout.kind  # an unfinished readout of this row (none is recorded) is ours to replace
     if readout.kind == "probe":
         results = probe_modelnet40(ProbeConfig(data=str(readout.data), **shared), run_dir, overwrite=run_dir.exists())

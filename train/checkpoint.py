@@ -1,4 +1,6 @@
-"""Checkpoints: written atomically (temp file + os.replace), read with ``weights_only=True``.
+"""Checkpoint files: written atomically (temp file + os.replace), read with ``weights_only=True``; RNG states.
+
+What a resumable checkpoint holds, and the resume rule, are ``pkd.train.runs``'s.
 
 A checkpoint holds only tensors and plain Python values (dicts, lists, numbers, strings), so loading
 one never executes code from the file.
@@ -9,13 +11,13 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from pkd.common import signals
-from pkd.common.errors import ConfigError, OutputError, TrainingError
+from pkd.common.errors import OutputError, TrainingError
 
 LAST = "last.pt"
 
@@ -51,20 +53,21 @@ def last_good(run_dir: Path) -> str:
             else f"no checkpoint was written yet in {run_dir}")
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's payload; TrainingError if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}; train first or pass the right run directory.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return payload
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise TrainingError(f"cannot read checkpoint {path} ({exc}); it is damaged or not a pkd checkpoint.") from exc
 
 
-def rng_state() -> dict:
+def rng_state() -> dict[str, Any]:
     """torch, CUDA, numpy and python global RNG states as tensors and plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, words, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -75,7 +78,7 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``rng_state`` captured."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
@@ -84,19 +87,3 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(w) for w in p["words"]), p["gauss"]))
-
-
-def load_training_state(ckpt: dict, saved: dict, current: dict, may_change: tuple[str, ...], run_dir: Path,
-                        model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a checkpoint's model and optimizer after checking it was written with the same settings.
-
-    ``saved`` and ``current`` are the plain configs of the checkpoint and of this run; only the keys in
-    ``may_change`` may differ (settings that do not change what is computed).
-    """
-    differ = sorted(k for k in set(saved) | set(current) if k not in may_change and saved.get(k) != current.get(k))
-    if differ:
-        raise ConfigError(f"{run_dir} was trained with different settings ({', '.join(differ)}); resume with the "
-                          f"same arguments (only {', '.join(may_change)} may change) or start a new run.")
-    model.load_state_dict(ckpt["model"])
-    if "optimizer" in ckpt:  # absent in a finished run saved without it (nothing left to train)
-        optimizer.load_state_dict(ckpt["optimizer"])

@@ -18,7 +18,8 @@ app.callback()(logs.cli_options)
 
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
 Resume = Annotated[bool, typer.Option(help="continue with the run's recorded settings (options given must match "
-                                           "them, except run options such as --num-workers, --device, --stop-after)")]
+                                           "them, except run options such as --loader-workers, --device, "
+                                           "--stop-after)")]
 
 
 @app.command()

@@ -17,6 +17,7 @@ from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+RENAMED = {"num_workers": "loader_workers"}  # fields of older runs' config.json and checkpoints
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class TrainConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (not on biases, norms, tokens, queries)")
     seed: int = option(0, "seed of the loader order, augmentation, masks and initialisation")
     device: str = option("auto", "cpu, cuda, cuda:N or auto", run=True)
-    amp: bool = option(True, "bf16 autocast (CUDA only; recorded as false on CPU)")
-    num_workers: int = option(0, "loader worker processes (each reads whole shards)", run=True)
+    amp: bool = option(True, "bf16 autocast (CUDA only; recorded as false on CPU; follows --device on resume)",
+                       run=True)
+    loader_workers: int = option(0, "DataLoader worker processes (each reads whole shards)", run=True)
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
     recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
@@ -68,8 +70,8 @@ class TrainConfig:
         if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
             raise ConfigError(f"--streams {self.streams} must be at least 1 and divide the batch size "
                               f"{self.batch_size} (every stream gives each batch the same number of samples).")
-        if self.warmup_epochs < 0 or self.num_workers < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_epochs, num_workers and weight_decay must be ≥ 0 and lr > 0.")
+        if self.warmup_epochs < 0 or self.loader_workers < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_epochs, loader_workers and weight_decay must be ≥ 0 and lr > 0.")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr {self.min_lr} must lie between 0 and lr {self.lr}.")
         if self.device.split(":")[0] not in DEVICES:
@@ -84,7 +86,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """The config a run recorded (``config.json``'s ``config``); fields added since take their defaults."""
+        """The config a run recorded (``config.json``'s ``config`` or a checkpoint's); fields added since take
+        their defaults, renamed run options (RENAMED) their new names."""
+        d = {RENAMED.get(k, k): v for k, v in d.items()}
         return cls(**{**_known(cls, d), "model": StudentConfig(**_known(StudentConfig, d["model"])),
                       "augment": AugmentConfig(**_known(AugmentConfig, d["augment"]))})
 

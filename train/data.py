@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ MIN_STD = 1e-6
 
 def target_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-element mean and std of a target array: the split's recorded stats, else computed from valid samples."""
-    shape = group[name].shape[1:]
+    shape = cast(zarr.Array, group[name]).shape[1:]
     recorded = read_stats(group, name)
     if recorded is not None:
         mean, std = (np.asarray(v, dtype=np.float64).reshape(shape) for v in recorded)
@@ -201,12 +202,12 @@ class StoreLoader:
             raise ConfigError(f"batch size {cfg.batch_size} does not split into {streams} data streams; pass a "
                               f"--batch-size that is a multiple of {streams} (or change --streams).")
         self.group = open_split(cfg.store, cfg.split, require=cfg.arrays)
-        stored = self.group["points"].shape[1]
+        stored = cast(zarr.Array, self.group["points"]).shape[1]
         if cfg.num_points > stored:
             raise ConfigError(f"the model wants {cfg.num_points} points per sample but {cfg.store}/{cfg.split} "
                               f"stores {stored}; pass --num-points {stored} or less.")
         self.shards = [(start, stop) for _, start, stop in iter_shards(self.group)]
-        self.valid = self.group["valid"][:].astype(bool)
+        self.valid = np.asarray(cast(zarr.Array, self.group["valid"])[:]).astype(bool)
         per_shard = sorted(int(self.valid[a:b].sum()) for a, b in self.shards)
         worst_stream = sum(per_shard[:len(per_shard) // streams])
         self.steps_per_epoch = worst_stream // cfg.chunk

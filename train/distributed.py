@@ -185,13 +185,14 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         total = sums[-1]
         mean = sums[:-1] / total
         var = all_reduce((input - mean.reshape(shape)).pow(2).sum(dims)) / total
-        if self.track_running_stats:
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is not None and running_mean is not None and running_var is not None:  # track_running_stats
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                tracked.add_(1)
+                momentum = 1.0 / float(tracked) if self.momentum is None else self.momentum
                 unbiased = var * (total / (total - 1).clamp_min(1))
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(unbiased.detach(), momentum)
+                running_mean.lerp_(mean.detach(), momentum)
+                running_var.lerp_(unbiased.detach(), momentum)
         out = (input - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
@@ -218,21 +219,10 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
-class DDP(nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel whose unknown attributes read through to the wrapped module (``model.spec``, …)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
 def wrap_model(model: nn.Module, rank_info: DistInfo, device: torch.device,
                find_unused_parameters: bool = True) -> nn.Module:
-    """``model`` itself in a single process; under torchrun, synchronised batch norm inside DDP.
+    """``model`` itself in a single process; under torchrun, synchronised batch norm inside DDP (a plain wrapper:
+    callers keep the module's settings, such as its variant, themselves; see ``LossSettings``).
 
     ``find_unused_parameters`` (default on) lets a forward leave parameters without gradient, as the
     students do (e.g. the concept head never reads the encoder's final norm, kept for Point-MAE export).
@@ -242,7 +232,8 @@ def wrap_model(model: nn.Module, rank_info: DistInfo, device: torch.device,
     model = convert_sync_batchnorm(model, device)
     ids = [device.index] if device.type == "cuda" else None
     # batch-norm buffers are identical on every rank (synchronised statistics): no per-forward broadcast
-    return DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                               find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from typing import cast
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class HeldOut:
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The held-out samples in store order, in batches of ``batch_size`` (the last one may be smaller)."""
-        left = self.cfg.val_max_samples or int(self.group.attrs["num_samples"])
+        left = self.cfg.val_max_samples or int(cast(int, self.group.attrs["num_samples"]))
         buffer: dict[str, np.ndarray] = {}
         for shard, start, stop in iter_shards(self.group):
             if left <= 0:

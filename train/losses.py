@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ def local_alignment(pred: torch.Tensor, patch_tokens: torch.Tensor, centre_pixel
     return ((1 - cos) * keep).sum() / keep.sum().clamp_min(1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossSettings:
     """What ``compute_loss`` computes: the variant, its reconstruction mask, loss weights and the teacher crop."""
 
@@ -67,11 +68,13 @@ class LossSettings:
     @classmethod
     def of(cls, model: StudentConfig, recon_weight: float = 1.0, crop: CropBox | None = None) -> LossSettings:
         """The settings of a student config's variant."""
-        return cls(variant_spec(model.variant), model.num_group, model.mask_ratio, recon_weight, crop)
+        return cls(variant=variant_spec(model.variant), num_group=model.num_group, mask_ratio=model.mask_ratio,
+                   recon_weight=recon_weight, crop=crop)
 
     def mask(self, batch: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-        """A reconstruction mask (B, G) drawn from ``generator``."""
-        return random_mask(batch, self.num_group, self.mask_ratio, generator)
+        """A reconstruction mask (B, G) drawn from ``generator`` (None: torch's global generator)."""
+        return random_mask(batch, self.num_group, self.mask_ratio,
+                           torch.default_generator if generator is None else generator)
 
 
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: LossSettings,
@@ -88,6 +91,7 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], setting
     out = model(batch["points"], mask)
     parts: dict[str, torch.Tensor] = {}
     if spec.head == "token":
+        assert spec.target is not None and settings.crop is not None  # LossSettings.of gives the token head its crop
         parts["local"] = local_alignment(out.pred.float(), batch[spec.target],
                                          gather_points(batch["pixels"], out.centre_idx),
                                          gather_points(batch["in_view"].unsqueeze(-1), out.centre_idx)[..., 0],
@@ -97,7 +101,7 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], setting
     if spec.recon:
         parts["recon"] = patch_chamfer(out.recon_pred, out.recon_target)
     weights = {"recon": settings.recon_weight if spec.target else 1.0}
-    total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
+    total = cast(torch.Tensor, sum(weights.get(name, 1.0) * value for name, value in parts.items()))
     return total, {name: float(value.detach()) for name, value in parts.items()}
 
 

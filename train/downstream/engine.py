@@ -15,37 +15,42 @@ validation split; ScanNet's is val, the split it reports); ``results.json`` says
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from pkd.common.errors import ConfigError, TrainingError
+from pkd.common.errors import ConfigError
 from pkd.common.logs import progress_bar
 from pkd.train import distributed
-from pkd.train.checkpoint import (
-    LAST,
-    atomic_save,
-    last_good,
-    load_checkpoint,
-    load_training_state,
-    rng_state,
-    set_rng_state,
-)
+from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
 from pkd.train.distributed import DistInfo
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
 from pkd.train.downstream.results import coverage_note, make_records, write_results
+from pkd.train.encoder import PointEncoder
 from pkd.train.metrics import MetricsLog
-from pkd.train.trainer import batch_generator, code_version, param_groups, prepare_run_dir, run_lock
+from pkd.train.runs import (
+    CONFIG,
+    batch_generator,
+    check_finite,
+    code_version,
+    param_groups,
+    prepare_run_dir,
+    read_config,
+    resolve_device,
+    restore_training,
+    run_lock,
+    save_checkpoint,
+    seed_everything,
+    write_config,
+)
+from pkd.train.schedule import epoch_lr
 
 BEST = "best.pt"
 BEST_VOTE = "best_vote.pt"
@@ -59,10 +64,9 @@ def resume_options(run_dir: str | Path, options: dict[str, Any], given: set[str]
     """For ``--resume``: options not ``given`` on the command line take the values recorded in ``run_dir``'s
     config.json, so no flag has to be typed again; run options (RESUME_MAY_CHANGE) keep their defaults, and
     options given must still match the recorded ones (the restore refuses any other difference, naming it)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if not (Path(run_dir) / CONFIG).is_file():
         return options
-    saved = json.loads(path.read_text())["config"]
+    saved = read_config(Path(run_dir))
     return {k: saved[k] if k not in given and k in saved and k not in RESUME_MAY_CHANGE else v
             for k, v in options.items()}
 
@@ -147,7 +151,8 @@ class FinetuneConfig:
 class Task(Protocol):
     """What ``finetune`` needs from a downstream task."""
 
-    model: nn.Module
+    @property
+    def model(self) -> nn.Module: ...  # read-only here, so a task may declare its own module type
 
     def data_summary(self) -> dict[str, Any]: ...
     def epoch_batches(self, epoch: int) -> list[np.ndarray]: ...
@@ -157,24 +162,7 @@ class Task(Protocol):
     def report(self, run_dir: Path) -> dict[str, Any]: ...  # final test metrics (+ plots) of the current weights
 
 
-def epoch_lr(epoch: int, cfg: FinetuneConfig) -> float:
-    """Point-MAE's CosLR: linear warm-up from min_lr over warmup_epochs, cosine to min_lr at decay_epochs."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.min_lr + epoch * (cfg.lr - cfg.min_lr) / cfg.warmup_epochs
-    progress = min(1.0, epoch / (cfg.decay_epochs or cfg.epochs))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def resolve_device(device: str) -> str:
-    """'auto' → cuda when available; ConfigError for cuda without a GPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but torch sees no CUDA device; pass --device cpu.")
-    return device
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class State:
     """Progress of a run: optimizer steps, epoch, batches done in it, and the best evaluation so far."""
 
@@ -192,7 +180,7 @@ def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module,
              optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
     """Load last.pt into model and optimizer, restore RNGs; refuse a checkpoint of other settings."""
     ckpt = load_checkpoint(run_dir / LAST)
-    load_training_state(ckpt, ckpt["config"], dataclasses.asdict(cfg), RESUME_MAY_CHANGE, run_dir, model, optimizer)
+    restore_training(ckpt, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, run_dir, model, optimizer)
     set_rng_state(ckpt["rng"])
     state = ckpt["state"]
     return State(**{**state, "history": tuple(state["history"])}), ckpt["init_report"]
@@ -200,10 +188,8 @@ def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module,
 
 def _save(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: State,
           init_report: dict) -> None:
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                 "state": {**dataclasses.asdict(state), "history": list(state.history)},
-                 "config": dataclasses.asdict(cfg), "init_report": init_report, "code": code_version()},
-                run_dir / LAST)
+    save_checkpoint(run_dir / LAST, model, optimizer, dataclasses.asdict(cfg), rng_state(),
+                    state={**dataclasses.asdict(state), "history": list(state.history)}, init_report=init_report)
 
 
 def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: str | Path,
@@ -221,16 +207,14 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     device = distributed.local_device(resolve_device(cfg.device), rank_info)
     cfg = dataclasses.replace(cfg, device=str(device))
     distributed.check_global_batch(cfg.batch_size, rank_info)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     task = build_task(cfg)
     model = task.model
     batches_per_epoch = len(task.epoch_batches(0))
     if batches_per_epoch == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({task.data_summary()['train_shapes']} shapes); lower it.")
-    init_report = {} if resume else init_encoder(model.MAE_encoder, cfg.init)
+    init_report = {} if resume else init_encoder(cast(PointEncoder, model.MAE_encoder), cfg.init)
     prepare_run_dir(run_dir, resume, overwrite, act=False)  # every rank refuses alike: none waits alone
     distributed.barrier()
     if main:
@@ -241,9 +225,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     if resume:
         state, init_report = _restore(run_dir, cfg, model, optimizer)
     elif main:
-        (run_dir / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "init": init_report,
-                                                         "data": task.data_summary(), "code": code_version()},
-                                                        indent=2) + "\n")
+        write_config(run_dir, dataclasses.asdict(cfg), init=init_report, data=task.data_summary())
     ddp = distributed.wrap_model(model, rank_info, device)
     log = MetricsLog(run_dir, keep_until_step=state.step, write=main)
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
@@ -251,7 +233,8 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
                        desc=f"finetune {cfg.task}", dynamic_ncols=True)
     while state.step < limit:
         bar.set_description(f"{run_dir.name}: {cfg.task} fine-tuning, epoch {state.epoch + 1}/{cfg.epochs}")
-        lr = epoch_lr(state.epoch, cfg)
+        lr = epoch_lr(state.epoch, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs,
+                      total=cfg.decay_epochs or cfg.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
@@ -260,9 +243,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
             generator = batch_generator(cfg.seed, state.step * world + rank_info.rank)
             local_loss = task.loss(ddp, batch[rank_info.rank::world], generator)
             loss = distributed.all_reduce_mean(local_loss.detach())  # DDP averages the gradients likewise
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; {last_good(run_dir)}. "
-                                    "Lower --lr or check the data.")
+            check_finite(loss, state.step + 1, run_dir, "Lower --lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
             local_loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -279,7 +260,7 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
             state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
         if main:
             _save(run_dir, cfg, model, optimizer, state, init_report)
-            plot_curves(log.records, state.history, run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
+            plot_curves(log.records, list(state.history), run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
     bar.close()
     distributed.barrier()
     if (run_dir / BEST).is_file():

@@ -9,7 +9,6 @@ folder, it refuses an existing one unless ``overwrite`` is given (checked before
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,15 @@ import torch
 from pkd.common.errors import ConfigError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import CONFUSION, load_modelnet_split
-from pkd.train.downstream.engine import RESULTS, resolve_device
+from pkd.train.downstream.engine import RESULTS
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_confusion
 from pkd.train.downstream.results import coverage, coverage_note, make_records, percent, write_results
 from pkd.train.downstream.sampling import fps, ordered_batches, stage_bar
 from pkd.train.encoder import PointEncoder
+from pkd.train.runs import code_version, prepare_run_dir, resolve_device, write_config
 from pkd.train.tokenizer import Group
-from pkd.train.trainer import code_version, prepare_run_dir
 
 
 @dataclass(frozen=True)
@@ -97,8 +96,7 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = Fa
     data = {"train_shapes": len(train.labels), "test_shapes": len(test.labels), "missing_train": train.missing,
             "missing_test": test.missing, "coverage": coverage(len(test.labels), test.missing, "test")}
     config = dataclasses.asdict(cfg)
-    (run_dir / "config.json").write_text(json.dumps({"config": config, "init": init_report, "data": data,
-                                                     "code": code_version()}, indent=2) + "\n")
+    write_config(run_dir, config, init=init_report, data=data)
     test_metrics = {"overall_acc": percent(metrics.overall_accuracy(pred, test.labels)),
                     "mean_class_acc": percent(metrics.mean_class_accuracy(pred, test.labels, num_classes)),
                     "train_acc": percent(metrics.overall_accuracy(svm.predict(feats[0]), train.labels)),

@@ -12,7 +12,7 @@ from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.downstream.classification import modelnet_task
 from pkd.train.downstream.compare import compare
-from pkd.train.downstream.engine import BEST, RESULTS, FinetuneConfig, Task, finetune, resolve_device, task_records
+from pkd.train.downstream.engine import BEST, RESULTS, FinetuneConfig, Task, finetune, task_records
 from pkd.train.downstream.fewshot import run_fewshot
 from pkd.train.downstream.probe import ProbeConfig, probe_modelnet40
 from pkd.train.downstream.results import write_results
@@ -20,10 +20,11 @@ from pkd.train.downstream.scannet_seg import ScanNetSegTask
 from pkd.train.downstream.scanobjectnn import scanobjectnn_task
 from pkd.train.downstream.segmentation import ShapeNetPartTask
 from pkd.train.downstream.votetest import test_modelnet40
-from pkd.train.trainer import code_version
+from pkd.train.runs import code_version, resolve_device
 
-TASKS = {"modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
-         "scannet-seg": ScanNetSegTask}
+TASKS: dict[str, Callable[[FinetuneConfig], Task]] = {
+    "modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
+    "scannet-seg": ScanNetSegTask}
 
 __all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "run_fewshot", "run_test", "probe_modelnet40",
            "test_modelnet40", "compare"]
