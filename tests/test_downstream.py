@@ -23,7 +23,7 @@ from pkd.train.downstream.modelnet import load_modelnet40
 from pkd.train.downstream.models import FeaturePropagation, PartSegmenter, PointClassifier, fetch_layers, init_encoder
 from pkd.train.downstream.run import FinetuneConfig, run_finetune
 from pkd.train.downstream.shapenetpart import CATEGORIES, load_shapenetpart
-from pkd.train.encoder import PointEncoder
+from pkd.train.encoder import EncoderConfig, PointEncoder
 from pkd.train.export import export_encoder
 
 from conftest import require_fixture
@@ -161,8 +161,8 @@ def test_layer_indices_follow_point_mae_and_scale_with_depth():
 
 def test_models_shapes_and_three_nn_interpolation():
     points = torch.rand(2, 128, 3)
-    assert PointClassifier(40, **TINY).eval()(points).shape == (2, 40)
-    assert PartSegmenter(50, 16, **TINY).eval()(points, torch.tensor([2, 5])).shape == (2, 128, 50)
+    assert PointClassifier(40, EncoderConfig(**TINY)).eval()(points).shape == (2, 40)
+    assert PartSegmenter(50, 16, EncoderConfig(**TINY)).eval()(points, torch.tensor([2, 5])).shape == (2, 128, 50)
     centres, features = torch.rand(1, 5, 3), torch.rand(1, 5, 4)
     out = FeaturePropagation(4, [])(centres, centres, torch.zeros(1, 0, 5), features)
     torch.testing.assert_close(out.transpose(1, 2), features, atol=1e-4, rtol=0)

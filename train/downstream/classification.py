@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
@@ -83,8 +83,7 @@ class ClassificationTask:
                  benchmark: str, protocol: str, extra: dict[str, Any] | None = None) -> None:
         self.cfg, self.train_set, self.test_set, self.classes = cfg, train_set, test_set, classes
         self.benchmark, self.protocol, self.extra = benchmark, protocol, extra or {}
-        self.model = PointClassifier(len(classes), cfg.dim, cfg.depth, cfg.heads, cfg.drop_path,
-                                     cfg.num_group, cfg.group_size).to(cfg.device)
+        self.model = PointClassifier(len(classes), cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
         return {"train_shapes": len(self.train_set.labels), "test_shapes": len(self.test_set.labels),

@@ -64,7 +64,7 @@ def _summary(results: dict[str, Any]) -> str:
 def _finetune(task: str, data: Path, init: str, run_dir: Path | None, resume: bool, overwrite: bool,
               **options: Any) -> None:
     from pkd.common.options import given_on_command_line
-    from pkd.train.downstream.engine import resume_options
+    from pkd.train.downstream.config import resume_options
     from pkd.train.downstream.run import FinetuneConfig, run_finetune
 
     out = _run_dir(task, init, run_dir)

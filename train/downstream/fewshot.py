@@ -29,7 +29,8 @@ from pkd.common.errors import ConfigError, DataError
 from pkd.train.checkpoint import LAST
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import ClassificationTask, load_modelnet_split
-from pkd.train.downstream.engine import RESULTS, FinetuneConfig, finetune
+from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.engine import RESULTS, finetune
 from pkd.train.downstream.files import normalize_unit_sphere, require_file
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.results import make_records, write_results
