@@ -12,6 +12,7 @@ fine-tuning models and the linear probe all build their encoder from it (``Point
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class Encoder(nn.Module):
     @staticmethod
     def _pointwise(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """Conv1d(1) → BatchNorm → ReLU → Conv1d(1) on x (N, k, C_in) → (N, k, C_out)."""
-        conv1, norm, _, conv2 = layers
+        conv1, norm, conv2 = cast(nn.Conv1d, layers[0]), layers[1], cast(nn.Conv1d, layers[3])
         n, k, _ = x.shape
         x = F.linear(x, conv1.weight.squeeze(-1), conv1.bias)
         x = F.relu(norm(x.reshape(n * k, -1))).reshape(n, k, -1)

@@ -13,6 +13,7 @@ interchangeable; it is kept to measure that difference. ``no-concept`` always po
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -145,7 +146,8 @@ class Student(nn.Module):
         self.spec = variant_spec(cfg.variant)
         self.group_divider = tokenizer(cfg)
         self.MAE_encoder = PointEncoder.from_config(cfg)
-        out_dim = 0 if self.spec.target is None else int(torch.Size(TARGET_SHAPES[self.spec.target]).numel())
+        self.target_shape = TARGET_SHAPES[self.spec.target] if self.spec.target else ()
+        out_dim = math.prod(self.target_shape)
         if self.spec.head == "concept":
             self.concept = ConceptModule(cfg.dim, cfg.num_concepts, cfg.heads, cfg.concept_mlp_ratio)
         if self.spec.head is not None:
@@ -189,7 +191,7 @@ class Student(nn.Module):
             features = concepts.flatten(1) if self.cfg.head == "flat" else _mean_max(concepts)
         else:
             features = _mean_max(tokens)
-        return self.head(features).reshape(tokens.shape[0], *TARGET_SHAPES[self.spec.target])
+        return self.head(features).reshape(tokens.shape[0], *self.target_shape)
 
 
 def _mean_max(tokens: torch.Tensor) -> torch.Tensor:

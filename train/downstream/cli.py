@@ -186,13 +186,14 @@ def finetune_fewshot(
     from pkd.train.downstream.fewshot import FOLDS
     from pkd.train.downstream.run import FinetuneConfig, run_fewshot
 
-    if (data is None) == (fold_files is None):
+    sources = [p for p in (data, fold_files) if p is not None]
+    if len(sources) != 1:
         raise ConfigError("pass either --fold-files (the published folds) or --data (ModelNet40, to generate them).")
     options = dict(splits=splits, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, device=device,
                    seed=seed, allow_missing=allow_missing, trust_pickle=trust_pickle, cache_dir=cache_dir,
                    num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads, way=way, shot=shot,
                    folds=fold_files)
-    cfg = FinetuneConfig.for_task("fewshot", data or fold_files, init=init,
+    cfg = FinetuneConfig.for_task("fewshot", sources[0], init=init,
                                   **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
     out = _run_dir(f"fewshot-{way}way{shot}shot", init, run_dir)
     results = run_fewshot(cfg, out, fold or list(range(FOLDS)), resume=resume, overwrite=overwrite)

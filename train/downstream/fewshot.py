@@ -122,7 +122,7 @@ def fewshot_task(cfg: FinetuneConfig) -> ClassificationTask:
         raise DataError(f"few-shot needs --way ≥ 2 and --shot ≥ 1, got {cfg.way} and {cfg.shot}.")
     if cfg.folds:
         train, test, digest = read_fold(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold))
-        source = {"source": str(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold)), "sha256": digest}
+        source: dict[str, Any] = {"source": str(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold)), "sha256": digest}
     else:
         train, test = generate_fold(load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test"),
                                     cfg.way, cfg.shot, cfg.fold, cfg.seed)

@@ -91,8 +91,9 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = Fa
     num_classes = len(train.classes)
     matrix = metrics.confusion_matrix(pred, test.labels, num_classes)
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-    data = {"train_shapes": len(train.labels), "test_shapes": len(test.labels), "missing_train": train.missing,
-            "missing_test": test.missing, "coverage": coverage(len(test.labels), test.missing, "test")}
+    data: dict[str, Any] = {"train_shapes": len(train.labels), "test_shapes": len(test.labels),
+                            "missing_train": train.missing, "missing_test": test.missing,
+                            "coverage": coverage(len(test.labels), test.missing, "test")}
     config = dataclasses.asdict(cfg)
     (run_dir / "config.json").write_text(json.dumps({"config": config, "init": init_report, "data": data,
                                                      "code": code_version()}, indent=2) + "\n")

@@ -169,7 +169,7 @@ class ScanNetSegTask:
         self.cfg = cfg
         self.train_set = load_split(cfg, "train") if train else None
         self.val_set = load_split(cfg, "val")
-        self.model = SceneSegmenter(NUM_CLASSES, cfg).to(cfg.device)
+        self.model: nn.Module = SceneSegmenter(NUM_CLASSES, cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
         summary = {"val_scenes": len(self.val_set.names), "missing_val": self.val_set.missing,
@@ -180,9 +180,16 @@ class ScanNetSegTask:
                            missing_train=self.train_set.missing)
         return summary
 
+    @property
+    def _train(self) -> SceneSet:
+        """The train scenes; training a task built with ``train=False`` is a programming error."""
+        if self.train_set is None:
+            raise RuntimeError("this ScanNetSegTask was built with train=False (for testing): it cannot train")
+        return self.train_set
+
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """``repeats`` random columns of every train scene per epoch (scene indices), in shuffled batches."""
-        count = len(self.train_set.names)
+        count = len(self._train.names)
         return [batch % count for batch in shuffled_batches(count * self.cfg.repeats, self.cfg.batch_size,
                                                             self.cfg.seed, epoch)]
 
@@ -194,7 +201,7 @@ class ScanNetSegTask:
         rng, size = numpy_rng(generator), self.cfg.crop_size
         inputs, labels = [], []
         for i in batch:
-            scene = self.train_set.scenes[i]
+            scene = self._train.scenes[i]
             centre = scene.xyz[rng.integers(len(scene.xyz)), :2]
             members = column(scene.xyz, centre, size)
             idx = rng.choice(members, self.cfg.num_points, replace=len(members) < self.cfg.num_points)
