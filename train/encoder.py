@@ -177,7 +177,8 @@ def init_weights(module: nn.Module) -> None:
 class PointEncoder(nn.Module):
     """Point-MAE ``MaskTransformer`` encoder: patch tokens + centre embedding → transformer → LayerNorm."""
 
-    def __init__(self, dim: int = 384, depth: int = 12, num_heads: int = 6, drop_path: float = 0.1) -> None:
+    def __init__(self, dim: int = EncoderConfig.dim, depth: int = EncoderConfig.depth,
+                 num_heads: int = EncoderConfig.heads, drop_path: float = EncoderConfig.drop_path) -> None:
         super().__init__()
         self.encoder = Encoder(dim)
         self.pos_embed = positional_embedding(dim)
