@@ -29,7 +29,7 @@ from pkd.common.scannet_mesh import read_scene, scene_files
 from pkd.common.seg_cache import build_cache, load_scene, open_cache
 from pkd.preprocess.demo import BOXES, ROOM, SPHERE
 from pkd.preprocess.demo_mesh import write_demo_mesh, write_demo_splits
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.scannet_seg import ScanNetSegTask
 from pkd.train.runs import param_groups
 

@@ -38,7 +38,7 @@ from torch import nn
 from pkd.train.augment import AugmentConfig, augment
 from pkd.train.downstream.classification import training_draw
 from pkd.train.downstream.models import PointClassifier
-from pkd.train.encoder import init_weights, positional_embedding
+from pkd.train.encoder import EncoderConfig, init_weights, positional_embedding
 from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import Group
@@ -157,7 +157,7 @@ class PointMAEClassifierPort(nn.Module):
 
 def finetune_model(case: str, args: argparse.Namespace) -> nn.Module:
     if case == "finetune":
-        return PointClassifier(SCANOBJECTNN_CLASSES, num_group=args.groups)
+        return PointClassifier(SCANOBJECTNN_CLASSES, EncoderConfig(num_group=args.groups))
     return PointMAEClassifierPort(384, 12, 6, args.groups, 32, SCANOBJECTNN_CLASSES)
 
 

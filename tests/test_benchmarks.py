@@ -21,7 +21,7 @@ from pkd.common.errors import DataError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.cli import compare_runs, finetune_app
 from pkd.train.downstream.compare import format_markdown, group_records
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.fewshot import generate_fold, read_fold
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder

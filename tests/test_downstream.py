@@ -3,11 +3,15 @@ values, --init loading, and every command end to end with a tiny encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +27,7 @@ from pkd.train.downstream.modelnet import load_modelnet40
 from pkd.train.downstream.models import FeaturePropagation, PartSegmenter, PointClassifier, fetch_layers, init_encoder
 from pkd.train.downstream.run import FinetuneConfig, run_finetune
 from pkd.train.downstream.shapenetpart import CATEGORIES, load_shapenetpart
-from pkd.train.encoder import PointEncoder
+from pkd.train.encoder import EncoderConfig, PointEncoder
 from pkd.train.export import export_encoder
 
 from conftest import require_fixture
@@ -161,8 +165,8 @@ def test_layer_indices_follow_point_mae_and_scale_with_depth():
 
 def test_models_shapes_and_three_nn_interpolation():
     points = torch.rand(2, 128, 3)
-    assert PointClassifier(40, **TINY).eval()(points).shape == (2, 40)
-    assert PartSegmenter(50, 16, **TINY).eval()(points, torch.tensor([2, 5])).shape == (2, 128, 50)
+    assert PointClassifier(40, EncoderConfig(**TINY)).eval()(points).shape == (2, 40)
+    assert PartSegmenter(50, 16, EncoderConfig(**TINY)).eval()(points, torch.tensor([2, 5])).shape == (2, 128, 50)
     centres, features = torch.rand(1, 5, 3), torch.rand(1, 5, 4)
     out = FeaturePropagation(4, [])(centres, centres, torch.zeros(1, 0, 5), features)
     torch.testing.assert_close(out.transpose(1, 2), features, atol=1e-4, rtol=0)
@@ -310,3 +314,69 @@ def test_downstream_never_imports_the_teacher():
             "bad = [m for m in ('open_clip', 'transformers', 'pkd.preprocess') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- options derived from the configs ---------------------------------------------------------------------
+
+OLD_FINETUNE_FIELDS = {  # FinetuneConfig's recorded layout before EncoderConfig (config.json, last.pt)
+    "task", "data", "init", "splits", "epochs", "warmup_epochs", "decay_epochs", "batch_size", "lr", "min_lr",
+    "weight_decay", "grad_clip", "seed", "device", "max_steps", "allow_missing", "trust_pickle", "cache_dir",
+    "num_points", "pool_points", "votes", "dim", "depth", "heads", "drop_path", "num_group", "group_size", "variant",
+    "way", "shot", "fold", "folds", "crop_size", "repeats"}
+
+
+def test_recorded_finetune_configs_keep_their_flat_layout():
+    cfg = FinetuneConfig.for_task("shapenetpart", "x", dim=48, heads=4)
+    recorded = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert set(recorded) == OLD_FINETUNE_FIELDS
+    assert FinetuneConfig(**recorded) == cfg
+
+
+def _option_help(*command: str) -> dict[str, str]:
+    """``--flag`` → its help line, from a subcommand's --help."""
+    out = CliRunner().invoke(cli_app(), [*command, "--help"], env={"COLUMNS": "250"}).output
+    return {m.group(1): line for line in out.splitlines() if (m := re.search(r"(--[a-z-]+)\s", line))}
+
+
+@pytest.mark.parametrize(("task", "shown"), [
+    ("modelnet40", {"--epochs": "300", "--batch-size": "32", "--num-group": "64", "--votes": "10"}),
+    ("shapenetpart", {"--lr": "0.0002", "--num-points": "2048", "--num-group": "128"}),
+    ("scannet-seg", {"--epochs": "200", "--num-points": "8192", "--num-group": "256", "--weight-decay": "0.01"}),
+    ("scanobjectnn", {"--variant": "pb_t50_rs", "--num-points": "2048"}),
+    ("fewshot", {"--epochs": "150", "--way": "5", "--shot": "10"}),
+])
+def test_each_finetune_subcommand_shows_its_tasks_defaults(task, shown):
+    helps = _option_help("finetune", task)
+    for flag, value in shown.items():
+        assert f"[default: {value}]" in helps[flag], helps[flag]
+    for flag in ("--dim", "--depth", "--heads", "--drop-path", "--num-group", "--group-size"):
+        assert flag in helps
+
+
+@pytest.mark.parametrize(("command", "absent"), [
+    (("finetune", "shapenetpart"), ("--votes", "--pool-points", "--crop-size", "--way", "--variant", "--trust-pickle")),
+    (("finetune", "scanobjectnn"), ("--votes", "--splits", "--repeats", "--fold-files", "--cache-dir")),
+    (("finetune", "scannet-seg"), ("--votes", "--pool-points", "--way", "--variant", "--trust-pickle")),
+    (("finetune", "modelnet40"), ("--crop-size", "--repeats", "--way", "--shot", "--variant")),
+    (("probe", "modelnet40"), ("--drop-path", "--epochs", "--votes")),
+])
+def test_options_not_meant_for_a_command_are_not_offered(command, absent):
+    helps = _option_help(*command)
+    assert not set(absent) & set(helps)
+    result = CliRunner().invoke(cli_app(), [*command, absent[0], "1"])
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--dim", "50", "--heads", "4"], "dim 50 is not divisible by heads 4"),
+    (["--drop-path", "1.5"], "drop_path 1.5 must lie in [0, 1)"),
+    (["--group-size", "0"], "group_size 0: must be at least 1"),
+])
+def test_bad_encoder_sizes_exit_2_with_one_line(tmp_path, flags, message):
+    pkd_train = Path(sys.executable).with_name("pkd-train")
+    done = subprocess.run([str(pkd_train), "finetune", "modelnet40", "--data", str(tmp_path), "--init", "scratch",
+                           "--run-dir", str(tmp_path / "run"), *flags], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr

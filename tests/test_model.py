@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from pkd.common.errors import ConfigError, WeightsError
 from pkd.train.checkpoint import atomic_save
-from pkd.train.encoder import PointEncoder
+from pkd.train.encoder import EncoderConfig, PointEncoder, tokenizer
 from pkd.train.export import encoder_state, load_pointmae_checkpoint
 from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import Group, farthest_point_sample, knn
@@ -156,3 +158,50 @@ def test_encoder_computes_pointmae_conv1d_forward():
     for mode in (True, False):
         encoder.train(mode)
         torch.testing.assert_close(encoder(patches), reference(patches), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    (dict(dim=0), "dim 0: must be at least 1"),
+    (dict(depth=0, heads=0), "depth 0, heads 0: must be at least 1"),
+    (dict(dim=50, heads=4), "dim 50 is not divisible by heads 4"),
+    (dict(drop_path=1.0), r"drop_path 1.0 must lie in \[0, 1\)"),
+    (dict(drop_path=-0.1), r"drop_path -0.1 must lie in \[0, 1\)"),
+])
+def test_encoder_config_refuses_bad_sizes_naming_them(sizes, message):
+    from pkd.train.downstream.config import FinetuneConfig
+    from pkd.train.downstream.probe import ProbeConfig
+
+    for build in (EncoderConfig, StudentConfig, lambda **kw: FinetuneConfig.for_task("modelnet40", "x", **kw),
+                  lambda **kw: ProbeConfig(data="x", **kw)):
+        with pytest.raises(ConfigError, match=message):
+            build(**sizes)
+
+
+def test_every_model_builds_the_same_encoder_from_one_encoder_config():
+    """Student, classifier, both segmenters and the probe: one EncoderConfig → identical encoder keys,
+    shapes and tokenizer."""
+    from pkd.train.downstream.models import PartSegmenter, PointClassifier
+    from pkd.train.downstream.scannet_seg import SceneSegmenter
+
+    sizes = EncoderConfig(num_group=16, group_size=8, dim=48, depth=3, heads=4, drop_path=0.0)
+    student = Student(StudentConfig(**dataclasses.asdict(sizes), num_points=128, num_concepts=4, head_hidden=32))
+    models = [student, PointClassifier(40, sizes), PartSegmenter(50, 16, sizes), SceneSegmenter(20, sizes)]
+    expected = {k: v.shape for k, v in PointEncoder.from_config(sizes).state_dict().items()}
+    assert set(expected) == pointmae_encoder_keys(3)
+    for model in models:
+        assert {k: v.shape for k, v in model.MAE_encoder.state_dict().items()} == expected, type(model).__name__
+        assert (model.group_divider.num_group, model.group_divider.group_size) == (16, 8)
+    probe_group = tokenizer(sizes)
+    assert (probe_group.num_group, probe_group.group_size) == (16, 8)
+
+
+def test_recorded_flat_student_config_still_loads():
+    """Configs written before EncoderConfig (flat fields, the old order) rebuild the same StudentConfig."""
+    from pkd.train.config import TrainConfig
+
+    recorded = {"num_points": 128, "num_group": 16, "group_size": 8, "dim": 48, "depth": 2, "heads": 4,
+                "drop_path": 0.1, "num_concepts": 4, "concept_mlp_ratio": 1.0, "head": "flat", "head_hidden": 32,
+                "decoder_depth": 3, "mask_ratio": 0.6, "variant": "distill"}
+    cfg = TrainConfig.from_dict({**TrainConfig(store="s").to_dict(), "model": recorded})
+    assert cfg.model == StudentConfig(**TINY)
+    assert dataclasses.asdict(cfg.model) == recorded

@@ -3,13 +3,52 @@
 ``PointEncoder`` holds exactly the parameters of Point-MAE's ``MaskTransformer`` (``encoder.*``,
 ``pos_embed.*``, ``blocks.blocks.{i}.*``, ``norm.*``), so a student's ``MAE_encoder.*`` state dict is a
 Point-MAE pre-training checkpoint. Attention uses ``scaled_dot_product_attention``.
+
+``EncoderConfig`` is the one declaration of the encoder's and its tokenizer's sizes; the student, the
+fine-tuning models and the linear probe all build their encoder from it (``PointEncoder.from_config``,
+``tokenizer``), and their configs extend it, so run configs keep the sizes as flat fields.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pkd.common.config import option
+from pkd.common.errors import ConfigError
+from pkd.train.tokenizer import Group
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """Point-MAE's ViT-S encoder and its patch tokenizer; defaults are Point-MAE's (and the paper's)."""
+
+    num_group: int = option(64, "patches (FPS centres) per cloud")
+    group_size: int = option(32, "points per patch (kNN)")
+    dim: int = option(384, "encoder width")
+    depth: int = option(12, "encoder blocks")
+    heads: int = option(6, "attention heads")
+    drop_path: float = option(0.1, "stochastic depth (its masks differ between world sizes)")
+
+    def __post_init__(self) -> None:
+        small = [f"{k} {getattr(self, k)}" for k in ("num_group", "group_size", "dim", "depth", "heads")
+                 if getattr(self, k) < 1]
+        if small:
+            raise ConfigError(f"{', '.join(small)}: must be at least 1.")
+        if self.dim % self.heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}; choose --dim a multiple "
+                              "of --heads.")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"drop_path {self.drop_path} must lie in [0, 1).")
+
+
+def tokenizer(cfg: EncoderConfig) -> Group:
+    """The FPS + kNN patch tokenizer of ``cfg``."""
+    return Group(cfg.num_group, cfg.group_size)
 
 
 class Encoder(nn.Module):
@@ -31,7 +70,7 @@ class Encoder(nn.Module):
     @staticmethod
     def _pointwise(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """Conv1d(1) → BatchNorm → ReLU → Conv1d(1) on x (N, k, C_in) → (N, k, C_out)."""
-        conv1, norm, _, conv2 = layers
+        conv1, norm, conv2 = cast(nn.Conv1d, layers[0]), layers[1], cast(nn.Conv1d, layers[3])
         n, k, _ = x.shape
         x = F.linear(x, conv1.weight.squeeze(-1), conv1.bias)
         x = F.relu(norm(x.reshape(n * k, -1))).reshape(n, k, -1)
@@ -138,13 +177,19 @@ def init_weights(module: nn.Module) -> None:
 class PointEncoder(nn.Module):
     """Point-MAE ``MaskTransformer`` encoder: patch tokens + centre embedding → transformer → LayerNorm."""
 
-    def __init__(self, dim: int = 384, depth: int = 12, num_heads: int = 6, drop_path: float = 0.1) -> None:
+    def __init__(self, dim: int = EncoderConfig.dim, depth: int = EncoderConfig.depth,
+                 num_heads: int = EncoderConfig.heads, drop_path: float = EncoderConfig.drop_path) -> None:
         super().__init__()
         self.encoder = Encoder(dim)
         self.pos_embed = positional_embedding(dim)
         self.blocks = TransformerEncoder(dim, depth, num_heads, drop_path)
         self.norm = nn.LayerNorm(dim)
         self.apply(init_weights)
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig) -> PointEncoder:
+        """The encoder of ``cfg`` (freshly initialised)."""
+        return cls(cfg.dim, cfg.depth, cfg.heads, cfg.drop_path)
 
     def forward(self, patches: torch.Tensor, centres: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:

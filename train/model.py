@@ -13,6 +13,7 @@ interchangeable; it is kept to measure that difference. ``no-concept`` always po
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,8 +24,15 @@ from pkd.common.config import option
 from pkd.common.errors import ConfigError
 from pkd.common.store import CLIP_DIM, PREFIX_SHAPE
 from pkd.train.concept import ConceptModule
-from pkd.train.encoder import Mlp, PointEncoder, TransformerEncoder, init_weights, positional_embedding
-from pkd.train.tokenizer import Group
+from pkd.train.encoder import (
+    EncoderConfig,
+    Mlp,
+    PointEncoder,
+    TransformerEncoder,
+    init_weights,
+    positional_embedding,
+    tokenizer,
+)
 
 
 @dataclass(frozen=True)
@@ -63,17 +71,12 @@ def variant_spec(name: str) -> Variant:
     return VARIANTS[name]
 
 
-@dataclass(frozen=True)
-class StudentConfig:
-    """Architecture of a student; defaults are the paper's (Point-MAE's ViT-S-like encoder)."""
+@dataclass(frozen=True, kw_only=True)
+class StudentConfig(EncoderConfig):
+    """Architecture of a student: the encoder (``EncoderConfig``'s fields) and the distillation/reconstruction
+    heads; defaults are the paper's."""
 
     num_points: int = option(4096, "points per cloud fed to the student (subsampled)")
-    num_group: int = option(64, "patches (FPS centres) per cloud")
-    group_size: int = option(32, "points per patch (kNN)")
-    dim: int = option(384, "encoder width")
-    depth: int = option(12, "encoder blocks")
-    heads: int = option(6, "attention heads")
-    drop_path: float = option(0.1, "stochastic depth (its masks differ between world sizes)")
     num_concepts: int = option(32, "concept queries")
     concept_mlp_ratio: float = option(1.0, "MLP width of the shared concept block, relative to dim")
     head: str = option("flat", "flat: the MLP reads all concept tokens (paper); pooled: mean+max pooled concepts")
@@ -83,24 +86,20 @@ class StudentConfig:
     variant: str = option("distill", "distill | no-concept | clip-target | local | recon | recon+distill")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         variant_spec(self.variant)
         if self.head not in HEADS:
             raise ConfigError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
-        small = [f"{k} {getattr(self, k)}" for k in ("num_points", "num_group", "group_size", "dim", "depth", "heads",
-                                                      "num_concepts", "head_hidden", "decoder_depth")
+        small = [f"{k} {getattr(self, k)}" for k in ("num_points", "num_concepts", "head_hidden", "decoder_depth")
                  if getattr(self, k) < 1]
         if small:
             raise ConfigError(f"{', '.join(small)}: must be at least 1.")
-        if self.dim % self.heads:
-            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}.")
         if self.num_group > self.num_points or self.group_size > self.num_points:
             raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups of "
                               f"{self.group_size} points.")
         if not 0 < int(self.mask_ratio * self.num_group) < self.num_group:
             raise ConfigError(f"mask_ratio {self.mask_ratio} must mask some but not all of the {self.num_group} "
                               "patches.")
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError(f"drop_path {self.drop_path} must lie in [0, 1).")
 
 
 class MaskedDecoder(nn.Module):
@@ -145,9 +144,10 @@ class Student(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.spec = variant_spec(cfg.variant)
-        self.group_divider = Group(cfg.num_group, cfg.group_size)
-        self.MAE_encoder = PointEncoder(cfg.dim, cfg.depth, cfg.heads, cfg.drop_path)
-        out_dim = 0 if self.spec.target is None else int(torch.Size(TARGET_SHAPES[self.spec.target]).numel())
+        self.group_divider = tokenizer(cfg)
+        self.MAE_encoder = PointEncoder.from_config(cfg)
+        self.target_shape = TARGET_SHAPES[self.spec.target] if self.spec.target else ()
+        out_dim = math.prod(self.target_shape)
         if self.spec.head == "concept":
             self.concept = ConceptModule(cfg.dim, cfg.num_concepts, cfg.heads, cfg.concept_mlp_ratio)
         if self.spec.head is not None:
@@ -191,7 +191,7 @@ class Student(nn.Module):
             features = concepts.flatten(1) if self.cfg.head == "flat" else _mean_max(concepts)
         else:
             features = _mean_max(tokens)
-        return self.head(features).reshape(tokens.shape[0], *TARGET_SHAPES[self.spec.target])
+        return self.head(features).reshape(tokens.shape[0], *self.target_shape)
 
 
 def _mean_max(tokens: torch.Tensor) -> torch.Tensor:

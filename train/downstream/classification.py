@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
@@ -83,8 +83,7 @@ class ClassificationTask:
                  benchmark: str, protocol: str, extra: dict[str, Any] | None = None) -> None:
         self.cfg, self.train_set, self.test_set, self.classes = cfg, train_set, test_set, classes
         self.benchmark, self.protocol, self.extra = benchmark, protocol, extra or {}
-        self.model = PointClassifier(len(classes), cfg.dim, cfg.depth, cfg.heads, cfg.drop_path,
-                                     cfg.num_group, cfg.group_size).to(cfg.device)
+        self.model: torch.nn.Module = PointClassifier(len(classes), cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
         return {"train_shapes": len(self.train_set.labels), "test_shapes": len(self.test_set.labels),
@@ -110,12 +109,13 @@ class ClassificationTask:
 
     @torch.no_grad()
     def test_logits(self, votes: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(N_test, classes) logits: plain FPS when ``votes`` is 0, else the mean over ``votes`` augmented draws."""
+        """(N_test, classes) logits: the mean over ``votes`` augmented draws from ``generator``, or plain FPS
+        (without a generator or with ``votes`` 0)."""
         self.model.eval()
         batches = ordered_batches(len(self.test_set.labels), self.cfg.batch_size)
         out = []
         for batch in stage_bar(batches, f"{votes}-vote evaluation" if votes else "evaluation", len(batches)):
-            if votes:
+            if votes and generator is not None:
                 pool = fps_pool(self._points(self.test_set, batch), self.cfg.num_points)
                 logits = torch.stack([self.model(augmented_draw(pool, self.cfg.num_points, generator))
                                       for _ in range(votes)]).mean(0)

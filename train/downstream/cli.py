@@ -3,15 +3,26 @@
 
 Wire them with ``app.add_typer(finetune_app, name="finetune")``, ``app.add_typer(probe_app, name="probe")``,
 ``app.add_typer(test_app, name="test")`` and ``app.command("compare")(compare_runs)``.
-Options left unset take the task's Point-MAE defaults (``engine.TASK_DEFAULTS``).
+
+The finetune and probe options are ``FinetuneConfig``'s and ``ProbeConfig``'s fields (their help is the
+field's); ``TASK_OPTIONS`` says which of them each finetune subcommand takes, and a subcommand's defaults
+are its task's Point-MAE defaults (``TASK_DEFAULTS``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from pkd.common.options import dataclass_options, given_on_command_line, with_options
+from pkd.train.downstream.config import FinetuneConfig, resume_options, task_default
+from pkd.train.downstream.probe import ProbeConfig
+from pkd.train.encoder import EncoderConfig
 
 finetune_app = typer.Typer(help="Finetune an encoder on a downstream benchmark (Point-MAE's protocols).",
                            no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -20,29 +31,47 @@ probe_app = typer.Typer(help="Score frozen encoder features with a linear SVM.",
 test_app = typer.Typer(help="Re-score a finished fine-tuning run with a benchmark's test protocol.",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
+# Every finetune subcommand takes the schedule and encoder options; TASK_OPTIONS adds each task's own.
+COMMON_OPTIONS = ("epochs", "warmup_epochs", "decay_epochs", "batch_size", "lr", "min_lr", "weight_decay", "grad_clip",
+                  "seed", "device", "max_steps", "num_points",
+                  *(f.name for f in dataclasses.fields(EncoderConfig)))
+SHAPE_OPTIONS = ("splits", "allow_missing")
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "modelnet40": (*SHAPE_OPTIONS, "votes", "pool_points", "cache_dir", "trust_pickle"),
+    "shapenetpart": SHAPE_OPTIONS,
+    "scanobjectnn": ("variant",),
+    "fewshot": (*SHAPE_OPTIONS, "way", "shot", "cache_dir", "trust_pickle"),
+    "scannet-seg": (*SHAPE_OPTIONS, "cache_dir", "crop_size", "repeats"),
+}
+# on the command line a GPU is used when there is one, and the FPS pools / parsed meshes are cached
+CLI_DEFAULTS = {"device": "auto", "cache_dir": "runs/cache"}
+FINETUNE_OPTIONS = dataclass_options(FinetuneConfig)
+PROBE_OPTIONS = {k: v for k, v in dataclass_options(ProbeConfig).items() if k != "drop_path"}  # eval mode only
+
+
+def task_parameters(task: str) -> list[inspect.Parameter]:
+    """The options of ``finetune TASK``, with the task's defaults."""
+    return [FINETUNE_OPTIONS[name].parameter(name, CLI_DEFAULTS.get(name, task_default(task, name)))
+            for name in (*COMMON_OPTIONS, *TASK_OPTIONS[task])]
+
+
+def probe_parameters() -> Iterable[inspect.Parameter]:
+    """The options of ``probe modelnet40``, with ProbeConfig's defaults."""
+    return (opt.parameter(name, CLI_DEFAULTS.get(name, dataclasses.MISSING)) for name, opt in PROBE_OPTIONS.items())
+
+
 Data = Annotated[Path, typer.Option(help="dataset folder (modelnet40_normal_resampled or ShapeNetPart)")]
 Init = Annotated[str, typer.Option(help="encoder.pth (pkd-train export or any Point-MAE checkpoint), a pkd run "
                                         "directory, or 'scratch'")]
-Splits = Annotated[Path | None, typer.Option(help="folder with the split lists, if not inside --data")]
 RunDir = Annotated[Path | None, typer.Option(help="output folder (default runs/<task>-<init name>)")]
-Epochs = Annotated[int | None, typer.Option(help="default 300")]
-BatchSize = Annotated[int | None, typer.Option(help="default 32 (ModelNet40) / 16 (ShapeNetPart)")]
-Lr = Annotated[float | None, typer.Option(help="peak learning rate, default 5e-4 / 2e-4")]
-MaxSteps = Annotated[int | None, typer.Option(help="stop after this many optimizer steps")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
-AllowMissing = Annotated[bool, typer.Option(help="use only the listed shapes that exist")]
-Resume = Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt")]
+Resume = Annotated[bool, typer.Option(help="continue the run in --run-dir from its last.pt (flags not typed take the "
+                                           "run's recorded values)")]
 Overwrite = Annotated[bool, typer.Option(help="replace an existing --run-dir")]
-TrustPickle = Annotated[bool, typer.Option(help="read Point-MAE's modelnet40_*_fps.dat pickles (runs their code)")]
-CacheDir = Annotated[Path | None, typer.Option(help="cache of the 8192-point FPS per shape (.npz)")]
-NumPoints = Annotated[int | None, typer.Option(help="points per shape fed to the model (1024 / 2048)")]
-NumGroup = Annotated[int | None, typer.Option(help="patches per shape (64 / 128)")]
-Dim = Annotated[int | None, typer.Option(help="encoder width (384)")]
-Depth = Annotated[int | None, typer.Option(help="encoder blocks (12)")]
-Heads = Annotated[int | None, typer.Option(help="attention heads (6)")]
 
 
 def _run_dir(task: str, init: str, run_dir: Path | None) -> Path:
+    """``run_dir``, or runs/<task>-<init name>."""
     return run_dir or Path("runs") / f"{task}-{Path(init).stem or 'scratch'}"
 
 
@@ -61,143 +90,92 @@ def _summary(results: dict[str, Any]) -> str:
     return f"{values} ({note})"
 
 
-def _finetune(task: str, data: Path, init: str, run_dir: Path | None, resume: bool, overwrite: bool,
-              **options: Any) -> None:
-    from pkd.common.options import given_on_command_line
-    from pkd.train.downstream.engine import resume_options
-    from pkd.train.downstream.run import FinetuneConfig, run_finetune
+def _finetune(task: str, data: Path, init: str, run_dir: Path, resume: bool, overwrite: bool,
+              options: dict[str, Any]) -> None:
+    """Finetune (or resume, taking the untyped options from the run's config.json) and report."""
+    from pkd.train.downstream.run import run_finetune
 
-    out = _run_dir(task, init, run_dir)
-    paths = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
     if resume:
-        paths = resume_options(out, paths, given_on_command_line())
-    cfg = FinetuneConfig.for_task(task, data, init=init, **paths)
-    results = run_finetune(cfg, out, resume=resume, overwrite=overwrite)
+        options = resume_options(run_dir, options, given_on_command_line())
+    cfg = FinetuneConfig.for_task(task, data, init=init, **options)
+    results = run_finetune(cfg, run_dir, resume=resume, overwrite=overwrite)
     if results["test"] is None:  # a DDP rank other than 0: rank 0 reports
         return
     init_note = results["init"]
     typer.echo(f"{task} from {init_note['init']} ({init_note['used']} encoder tensors loaded, "
                f"{init_note['unexpected']} other keys ignored): {_summary(results)}, best epoch "
-               f"{results['best']['epoch']} → {out}/results.json")
+               f"{results['best']['epoch']} → {run_dir}/results.json")
 
 
 @finetune_app.command("modelnet40")
-def finetune_modelnet40(data: Data, init: Init, splits: Splits = None, run_dir: RunDir = None, epochs: Epochs = None,
-                        batch_size: BatchSize = None, lr: Lr = None, max_steps: MaxSteps = None,
-                        device: Device = "auto", seed: int = 0,
-                        votes: Annotated[int, typer.Option(help="voting draws per evaluation (0: no voting)")] = 10,
-                        allow_missing: AllowMissing = False,
-                        trust_pickle: TrustPickle = False, cache_dir: CacheDir = Path("runs/cache"),
-                        pool_points: Annotated[int, typer.Option(help="FPS points kept per shape")] = 8192,
-                        num_points: NumPoints = None, num_group: NumGroup = None, dim: Dim = None,
-                        depth: Depth = None, heads: Heads = None, resume: Resume = False,
-                        overwrite: Overwrite = False) -> None:
+@with_options(task_parameters("modelnet40"))
+def finetune_modelnet40(data: Data, init: Init, run_dir: RunDir = None, resume: Resume = False,
+                        overwrite: Overwrite = False, **options: Any) -> None:
     """ModelNet40 classification: OA and mean-class accuracy after every epoch, with and without voting
     (best plain epoch → best.pt, best voting epoch → best_vote.pt, as Point-MAE's ckpt-best / ckpt-best_vote)."""
-    _finetune("modelnet40", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
-              batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed, votes=votes,
-              allow_missing=allow_missing, trust_pickle=trust_pickle, cache_dir=cache_dir, pool_points=pool_points,
-              num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads)
+    _finetune("modelnet40", data, init, _run_dir("modelnet40", init, run_dir), resume, overwrite, options)
 
 
 @finetune_app.command("shapenetpart")
-def finetune_shapenetpart(data: Data, init: Init, splits: Splits = None, run_dir: RunDir = None,
-                          epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
-                          max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0,
-                          allow_missing: AllowMissing = False, num_points: NumPoints = None,
-                          num_group: NumGroup = None, dim: Dim = None, depth: Depth = None, heads: Heads = None,
-                          resume: Resume = False, overwrite: Overwrite = False) -> None:
+@with_options(task_parameters("shapenetpart"))
+def finetune_shapenetpart(data: Data, init: Init, run_dir: RunDir = None, resume: Resume = False,
+                          overwrite: Overwrite = False, **options: Any) -> None:
     """ShapeNetPart part segmentation: instance and class mIoU."""
-    _finetune("shapenetpart", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
-              batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed,
-              allow_missing=allow_missing, num_points=num_points, num_group=num_group, dim=dim, depth=depth,
-              heads=heads)
+    _finetune("shapenetpart", data, init, _run_dir("shapenetpart", init, run_dir), resume, overwrite, options)
 
 
 ScanNetData = Annotated[Path, typer.Option(help="ScanNet tree holding scans/<scene>/<scene>_vh_clean_2.ply and "
                                               "_vh_clean_2.labels.ply")]
 ScanNetSplits = Annotated[Path | None, typer.Option(help="folder with scannetv2_train.txt / scannetv2_val.txt "
                                                            "(default: the official lists)")]
-SegCache = Annotated[Path, typer.Option(help="folder of the parsed-mesh cache scannet_seg.zarr (built on first use)")]
-CropSize = Annotated[float | None, typer.Option(help="side in metres of the vertical column each input is drawn "
-                                                        "from (3.0)")]
 
 
 @finetune_app.command("scannet-seg")
-def finetune_scannet_seg(data: ScanNetData, init: Init, splits: ScanNetSplits = None, run_dir: RunDir = None,
-                         epochs: Annotated[int | None, typer.Option(help="default 200")] = None,
-                         batch_size: Annotated[int | None, typer.Option(help="global batch, default 16")] = None,
-                         lr: Annotated[float | None, typer.Option(help="peak learning rate, default 1e-3")] = None,
-                         max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0,
-                         allow_missing: Annotated[bool, typer.Option(help="use only the listed scenes present")]
-                         = False, cache_dir: SegCache = Path("runs/cache"), crop_size: CropSize = None,
-                         repeats: Annotated[int | None, typer.Option(help="random columns per train scene and "
-                                                                            "epoch (1)")] = None,
-                         num_points: Annotated[int | None, typer.Option(help="points per input (8192)")] = None,
-                         num_group: Annotated[int | None, typer.Option(help="patches per input (256)")] = None,
-                         dim: Dim = None, depth: Depth = None, heads: Heads = None, resume: Resume = False,
-                         overwrite: Overwrite = False) -> None:
+@with_options(task_parameters("scannet-seg"))
+def finetune_scannet_seg(data: ScanNetData, init: Init, run_dir: RunDir = None, resume: Resume = False,
+                         overwrite: Overwrite = False, **options: Any) -> None:
     """ScanNet v2 semantic segmentation (20 classes): mIoU over every vertex of the val scenes.
 
     The official per-scene meshes are read once into a Zarr cache (--cache-dir).
     Training draws random 8192-point columns of the scenes; the README's "ScanNet semantic segmentation" has it all."""
-    _finetune("scannet-seg", data, init, run_dir, resume, overwrite, splits=splits, epochs=epochs,
-              batch_size=batch_size, lr=lr, max_steps=max_steps, device=device, seed=seed,
-              allow_missing=allow_missing, cache_dir=cache_dir, crop_size=crop_size, repeats=repeats,
-              num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads)
+    _finetune("scannet-seg", data, init, _run_dir("scannet-seg", init, run_dir), resume, overwrite, options)
 
 
 @finetune_app.command("scanobjectnn")
+@with_options(task_parameters("scanobjectnn"))
 def finetune_scanobjectnn(
         data: Annotated[Path, typer.Option(help="ScanObjectNN h5_files folder (with main_split/, main_split_nobg/)")],
-        init: Init,
-        variant: Annotated[str, typer.Option(help="obj_bg | obj_only | pb_t50_rs (the hardest)")] = "pb_t50_rs",
-        run_dir: RunDir = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None,
-        max_steps: MaxSteps = None, device: Device = "auto", seed: int = 0, num_points: NumPoints = None,
-        num_group: NumGroup = None, dim: Dim = None, depth: Depth = None, heads: Heads = None,
-        resume: Resume = False, overwrite: Overwrite = False) -> None:
+        init: Init, run_dir: RunDir = None, resume: Resume = False, overwrite: Overwrite = False,
+        **options: Any) -> None:
     """ScanObjectNN classification (15 classes, 2048 points, 128 groups), Point-MAE's finetune_scan_*.yaml."""
-    _finetune("scanobjectnn", data, init, run_dir or _run_dir(f"scanobjectnn-{variant}", init, None), resume,
-              overwrite, variant=variant, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps,
-              device=device, seed=seed, num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads)
+    out = _run_dir(f"scanobjectnn-{options['variant']}", init, run_dir)
+    _finetune("scanobjectnn", data, init, out, resume, overwrite, options)
 
 
 @finetune_app.command("fewshot")
+@with_options(task_parameters("fewshot"))
 def finetune_fewshot(
         init: Init,
         data: Annotated[Path | None, typer.Option(
             help="modelnet40_normal_resampled, to generate folds (not needed with --fold-files)")] = None,
         fold_files: Annotated[Path | None, typer.Option(
             help="folder of the published {way}way_{shot}shot/{fold}.pkl files (read without running code)")] = None,
-        way: Annotated[int, typer.Option(help="classes per fold (5 or 10)")] = 5,
-        shot: Annotated[int, typer.Option(help="training shapes per class (10 or 20)")] = 10,
         fold: Annotated[list[int] | None, typer.Option(help="fold to run (repeatable; default all 10)")] = None,
-        splits: Splits = None, run_dir: RunDir = None,
-        epochs: Annotated[int | None, typer.Option(help="default 150")] = None, batch_size: BatchSize = None,
-        lr: Lr = None, max_steps: MaxSteps = None,
-        device: Device = "auto",
-        seed: Annotated[int, typer.Option(help="training seed; also draws generated folds")] = 0,
-        allow_missing: AllowMissing = False, trust_pickle: TrustPickle = False,
-        cache_dir: CacheDir = Path("runs/cache"),
-        num_points: NumPoints = None, num_group: NumGroup = None, dim: Dim = None, depth: Depth = None,
-        heads: Heads = None, resume: Resume = False, overwrite: Overwrite = False) -> None:
+        run_dir: RunDir = None, resume: Resume = False, overwrite: Overwrite = False, **options: Any) -> None:
     """Few-shot ModelNet40 (Point-MAE's cfgs/fewshot.yaml, 150 epochs): one run per fold, mean ± std over folds."""
     from pkd.common.errors import ConfigError
     from pkd.train.downstream.fewshot import FOLDS
-    from pkd.train.downstream.run import FinetuneConfig, run_fewshot
+    from pkd.train.downstream.run import run_fewshot
 
-    if (data is None) == (fold_files is None):
+    sources = [p for p in (data, fold_files) if p is not None]
+    if len(sources) != 1:
         raise ConfigError("pass either --fold-files (the published folds) or --data (ModelNet40, to generate them).")
-    options = dict(splits=splits, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, device=device,
-                   seed=seed, allow_missing=allow_missing, trust_pickle=trust_pickle, cache_dir=cache_dir,
-                   num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads, way=way, shot=shot,
-                   folds=fold_files)
-    cfg = FinetuneConfig.for_task("fewshot", data or fold_files, init=init,
-                                  **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
-    out = _run_dir(f"fewshot-{way}way{shot}shot", init, run_dir)
+    cfg = FinetuneConfig.for_task("fewshot", sources[0], init=init, folds=str(fold_files) if fold_files else None,
+                                  **options)
+    out = _run_dir(f"fewshot-{cfg.way}way{cfg.shot}shot", init, run_dir)
     results = run_fewshot(cfg, out, fold or list(range(FOLDS)), resume=resume, overwrite=overwrite)
-    typer.echo(f"{way}-way {shot}-shot from {init}: {_summary(results)} over folds {', '.join(results['folds'])} "
-               f"({results['fold_source']}) → {out}/results.json")
+    typer.echo(f"{cfg.way}-way {cfg.shot}-shot from {init}: {_summary(results)} over folds "
+               f"{', '.join(results['folds'])} ({results['fold_source']}) → {out}/results.json")
 
 
 @test_app.command("modelnet40")
@@ -248,21 +226,15 @@ def compare_runs(
     typer.echo(format_markdown(rows) + f"→ {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
 
 
+
+
 @probe_app.command("modelnet40")
-def probe_modelnet40(data: Data, init: Init, splits: Splits = None, run_dir: RunDir = None,
-                     svm_c: Annotated[float, typer.Option(help="LinearSVC regularisation C")] = 0.01,
-                     device: Device = "auto", allow_missing: AllowMissing = False, trust_pickle: TrustPickle = False,
-                     cache_dir: CacheDir = Path("runs/cache"),
-                     pool_points: Annotated[int, typer.Option(help="FPS points kept per shape")] = 8192,
-                     num_points: int = 1024, num_group: int = 64, dim: int = 384, depth: int = 12,
-                     heads: int = 6, overwrite: Overwrite = False) -> None:
+@with_options(probe_parameters())
+def probe_modelnet40(data: Data, init: Init, run_dir: RunDir = None, overwrite: Overwrite = False,
+                     **options: Any) -> None:
     """Linear SVM on frozen max+mean token features: ModelNet40 test accuracy."""
-    from pkd.train.downstream.run import ProbeConfig
     from pkd.train.downstream.run import probe_modelnet40 as probe
 
-    cfg = ProbeConfig(data=str(data), init=init, splits=str(splits) if splits else None, svm_c=svm_c, device=device,
-                      allow_missing=allow_missing, trust_pickle=trust_pickle,
-                      cache_dir=str(cache_dir) if cache_dir else None, pool_points=pool_points,
-                      num_points=num_points, num_group=num_group, dim=dim, depth=depth, heads=heads)
     out = _run_dir("probe-modelnet40", init, run_dir)
+    cfg = ProbeConfig(data=str(data), init=init, **options)
     typer.echo(f"linear probe: {_summary(probe(cfg, out, overwrite=overwrite))} → {out}/results.json")

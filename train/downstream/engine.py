@@ -30,19 +30,18 @@ from pkd.common.logs import progress_bar
 from pkd.train import distributed
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
 from pkd.train.distributed import DistInfo
+from pkd.train.downstream.config import RESUME_MAY_CHANGE, FinetuneConfig
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
 from pkd.train.downstream.results import coverage_note, make_records, write_results
 from pkd.train.encoder import PointEncoder
 from pkd.train.metrics import MetricsLog
 from pkd.train.runs import (
-    CONFIG,
     batch_generator,
     check_finite,
     code_version,
     param_groups,
     prepare_run_dir,
-    read_config,
     resolve_device,
     restore_training,
     run_lock,
@@ -57,95 +56,6 @@ BEST_VOTE = "best_vote.pt"
 CURVES = "curves.png"
 RESULTS = "results.json"
 SELECTION = "best epoch chosen on the test split, as Point-MAE does (these benchmarks have no validation split)"
-RESUME_MAY_CHANGE = ("max_steps", "device", "cache_dir")
-
-
-def resume_options(run_dir: str | Path, options: dict[str, Any], given: set[str]) -> dict[str, Any]:
-    """For ``--resume``: options not ``given`` on the command line take the values recorded in ``run_dir``'s
-    config.json, so no flag has to be typed again; run options (RESUME_MAY_CHANGE) keep their defaults, and
-    options given must still match the recorded ones (the restore refuses any other difference, naming it)."""
-    if not (Path(run_dir) / CONFIG).is_file():
-        return options
-    saved = read_config(Path(run_dir))
-    return {k: saved[k] if k not in given and k in saved and k not in RESUME_MAY_CHANGE else v
-            for k, v in options.items()}
-
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Point-MAE cfgs/finetune_modelnet.yaml
-    "modelnet40": {},
-    # Point-MAE segmentation/main.py (current): --learning_rate 0.0002 --epoch 300, batch 16, 2048 points;
-    # CosineLRScheduler(t_initial=args.epoch, warmup_t=10): cosine over all epochs
-    "shapenetpart": dict(batch_size=16, lr=2e-4, num_points=2048, num_group=128, votes=0),
-    # Point-MAE cfgs/finetune_scan_{objbg,objonly,hardest}.yaml: 2048 points, 128 groups, 300 epochs;
-    # no voting (runner_finetune.validate_vote has no 2048-point branch)
-    "scanobjectnn": dict(num_points=2048, num_group=128, votes=0),
-    # Point-MAE cfgs/fewshot.yaml: 150 epochs, 1024 points, 64 groups, cls_dim 40; run without --vote
-    "fewshot": dict(epochs=150, votes=0),
-    # the paper's appendix A.2 (lr 1e-3, weight decay 1e-2, 200 epochs, cosine; no warm-up stated); no voting
-    "scannet-seg": dict(epochs=200, warmup_epochs=0, batch_size=16, lr=1e-3, weight_decay=1e-2, num_points=8192,
-                        num_group=256, votes=0),
-}
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """One finetuning run; defaults are Point-MAE's ModelNet40 protocol (see ``for_task`` for ShapeNetPart)."""
-
-    task: str
-    data: str
-    init: str = "scratch"
-    splits: str | None = None
-    epochs: int = 300
-    warmup_epochs: int = 10
-    decay_epochs: int | None = None     # cosine length in epochs (default: epochs)
-    batch_size: int = 32
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    grad_clip: float = 10.0
-    seed: int = 0
-    device: str = "cpu"
-    max_steps: int | None = None
-    allow_missing: bool = False
-    trust_pickle: bool = False
-    cache_dir: str | None = None
-    num_points: int = 1024
-    pool_points: int = 8192             # ModelNet40: FPS points kept per shape before per-batch sampling
-    votes: int = 10
-    dim: int = 384
-    depth: int = 12
-    heads: int = 6
-    drop_path: float = 0.1
-    num_group: int = 64
-    group_size: int = 32
-    variant: str | None = None          # ScanObjectNN: obj_bg, obj_only or pb_t50_rs
-    way: int = 0                        # few-shot: classes, shots per class, fold index
-    shot: int = 0
-    fold: int = 0
-    folds: str | None = None            # few-shot: folder of {way}way_{shot}shot/{fold}.pkl (None: generated)
-    crop_size: float = 3.0              # ScanNet: side of the vertical column (metres) an input is drawn from
-    repeats: int = 1                    # ScanNet: random columns drawn from every train scene per epoch
-
-    def __post_init__(self) -> None:
-        if self.task not in TASK_DEFAULTS:
-            raise ConfigError(f"unknown finetuning task {self.task!r}; use one of {', '.join(TASK_DEFAULTS)}.")
-        for name in ("epochs", "num_points", "repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.votes < 0:
-            raise ConfigError(f"votes must be 0 (no voting) or more, got {self.votes}.")
-        if self.batch_size < 2:
-            raise ConfigError(f"batch_size must be at least 2 (the heads use BatchNorm), got {self.batch_size}.")
-        if self.crop_size <= 0:
-            raise ConfigError(f"crop_size must be positive (metres), got {self.crop_size}.")
-        if self.num_group > self.num_points:
-            raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups.")
-
-    @classmethod
-    def for_task(cls, task: str, data: str | Path, **overrides: Any) -> FinetuneConfig:
-        """The task's Point-MAE defaults, with ``overrides`` (None values are ignored) on top."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(task=task, data=str(data), **{**TASK_DEFAULTS.get(task, {}), **given})
 
 
 class Task(Protocol):

@@ -29,7 +29,8 @@ from pkd.common.errors import ConfigError, DataError
 from pkd.train.checkpoint import LAST
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import ClassificationTask, load_modelnet_split
-from pkd.train.downstream.engine import RESULTS, FinetuneConfig, finetune
+from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.engine import RESULTS, finetune
 from pkd.train.downstream.files import normalize_unit_sphere, require_file
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.results import make_records, write_results
@@ -121,7 +122,7 @@ def fewshot_task(cfg: FinetuneConfig) -> ClassificationTask:
         raise DataError(f"few-shot needs --way ≥ 2 and --shot ≥ 1, got {cfg.way} and {cfg.shot}.")
     if cfg.folds:
         train, test, digest = read_fold(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold))
-        source = {"source": str(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold)), "sha256": digest}
+        source: dict[str, Any] = {"source": str(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold)), "sha256": digest}
     else:
         train, test = generate_fold(load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test"),
                                     cfg.way, cfg.shot, cfg.fold, cfg.seed)

@@ -90,7 +90,9 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
         raise DataError(f"{data} holds none of the ModelNet40 class folders (e.g. {data / classes[0]});{hint} "
                         "Point --data at the extracted modelnet40_normal_resampled folder.")
     index = {c: i for i, c in enumerate(classes)}
-    present, labels, missing = [], [], 0
+    present: list[str] = []
+    label_ids: list[int] = []
+    missing = 0
     for shape in ids:
         cls = shape.rsplit("_", 1)[0]
         if cls not in index:
@@ -104,13 +106,13 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
             missing += 1
             continue
         present.append(shape)
-        labels.append(index[cls])
+        label_ids.append(index[cls])
     if not present:
         raise DataError(f"none of the {len(ids)} shapes in modelnet40_{split}.txt exist under {data}; "
                         "point --data at the modelnet40_normal_resampled folder.")
     cache = _cache_path(Path(cache_dir), data, split, num_points, present) if cache_dir else None
     points = _pooled_shapes(data, present, num_points, cache, f"ModelNet40 {split}: {num_points}-point FPS")
-    return ShapeSet(points, np.asarray(labels, dtype=np.int64), present, classes, missing)
+    return ShapeSet(points, np.asarray(label_ids, dtype=np.int64), present, classes, missing)
 
 
 def _stamps(data: Path, shapes: list[str]) -> np.ndarray:

@@ -22,9 +22,9 @@ from torch import nn
 
 from pkd.common.errors import WeightsError
 from pkd.train.checkpoint import LAST
-from pkd.train.encoder import PointEncoder, init_weights
+from pkd.train.encoder import EncoderConfig, PointEncoder, init_weights, tokenizer
 from pkd.train.export import LoadReport, checkpoint_provenance, load_pointmae_checkpoint
-from pkd.train.tokenizer import Group, gather_points
+from pkd.train.tokenizer import gather_points
 
 SCRATCH = "scratch"
 log = logging.getLogger(__name__)
@@ -51,11 +51,11 @@ def fetch_layers(depth: int) -> tuple[int, int, int]:
 class PointClassifier(nn.Module):
     """Tokenizer → cls token + ``MAE_encoder`` → Point-MAE's classification head."""
 
-    def __init__(self, num_classes: int, dim: int = 384, depth: int = 12, heads: int = 6, drop_path: float = 0.1,
-                 num_group: int = 64, group_size: int = 32) -> None:
+    def __init__(self, num_classes: int, encoder: EncoderConfig) -> None:
         super().__init__()
-        self.group_divider = Group(num_group, group_size)
-        self.MAE_encoder = PointEncoder(dim, depth, heads, drop_path)
+        dim = encoder.dim
+        self.group_divider = tokenizer(encoder)
+        self.MAE_encoder = PointEncoder.from_config(encoder)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_head_finetune = nn.Sequential(
@@ -102,13 +102,13 @@ class FeaturePropagation(nn.Module):
 class PartSegmenter(nn.Module):
     """Tokenizer → ``MAE_encoder`` (three blocks) → feature propagation + category embedding → part logits."""
 
-    def __init__(self, num_parts: int, num_categories: int, dim: int = 384, depth: int = 12, heads: int = 6,
-                 drop_path: float = 0.1, num_group: int = 128, group_size: int = 32) -> None:
+    def __init__(self, num_parts: int, num_categories: int, encoder: EncoderConfig) -> None:
         super().__init__()
-        self.layers = fetch_layers(depth)
+        dim = encoder.dim
+        self.layers = fetch_layers(encoder.depth)
         self.num_categories = num_categories
-        self.group_divider = Group(num_group, group_size)
-        self.MAE_encoder = PointEncoder(dim, depth, heads, drop_path)
+        self.group_divider = tokenizer(encoder)
+        self.MAE_encoder = PointEncoder.from_config(encoder)
         self.label_conv = nn.Sequential(nn.Conv1d(num_categories, 64, 1, bias=False), nn.BatchNorm1d(64),
                                         nn.LeakyReLU(0.2))
         self.propagation_0 = FeaturePropagation(3 * dim + 3, [4 * dim, 1024])

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pkd.common.config import option
 from pkd.common.errors import ConfigError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import CONFUSION, load_modelnet_split
@@ -25,32 +26,28 @@ from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_confusion
 from pkd.train.downstream.results import coverage, coverage_note, make_records, percent, write_results
 from pkd.train.downstream.sampling import fps, ordered_batches, stage_bar
-from pkd.train.encoder import PointEncoder
+from pkd.train.encoder import EncoderConfig, PointEncoder, tokenizer
 from pkd.train.runs import code_version, prepare_run_dir, resolve_device, write_config
 from pkd.train.tokenizer import Group
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """A linear-probe run on ModelNet40."""
+class ProbeConfig(EncoderConfig):
+    """A linear-probe run on ModelNet40 (the encoder's sizes are ``EncoderConfig``'s fields; its drop_path
+    does not matter, the encoder only runs in eval mode)."""
 
     data: str
     init: str = "scratch"
-    splits: str | None = None
-    svm_c: float = 0.01
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "cpu"
-    allow_missing: bool = False
-    trust_pickle: bool = False
-    cache_dir: str | None = None
-    num_points: int = 1024
-    pool_points: int = 8192
-    dim: int = 384
-    depth: int = 12
-    heads: int = 6
-    num_group: int = 64
-    group_size: int = 32
+    splits: str | None = option(None, "folder with the split lists, if not inside --data")
+    svm_c: float = option(0.01, "LinearSVC regularisation C")
+    batch_size: int = option(64, "shapes per forward pass")
+    seed: int = option(0, "SVM seed")
+    device: str = option("cpu", "cpu, cuda or auto")
+    allow_missing: bool = option(False, "use only the listed shapes that exist")
+    trust_pickle: bool = option(False, "read Point-MAE's modelnet40_*_fps.dat pickles (runs their code)")
+    cache_dir: str | None = option(None, "cache of the FPS pools per shape (.npz)")
+    num_points: int = option(1024, "points per shape fed to the encoder")
+    pool_points: int = option(8192, "FPS points kept per shape")
 
 
 @torch.no_grad()
@@ -82,9 +79,9 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = Fa
     train, test = load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test")
     if len(set(train.labels.tolist())) < 2:
         raise ConfigError(f"the training shapes under {cfg.data} cover one class; a linear probe needs at least two.")
-    encoder = PointEncoder(cfg.dim, cfg.depth, cfg.heads, drop_path=0.0).to(cfg.device)
+    encoder = PointEncoder.from_config(cfg).to(cfg.device)
     init_report = init_encoder(encoder, cfg.init)
-    group = Group(cfg.num_group, cfg.group_size)
+    group = tokenizer(cfg)
     feats = [encoder_features(encoder, group, s, cfg.num_points, cfg.batch_size, cfg.device, f"probe features ({name})")
              for name, s in (("train", train), ("test", test))]
     svm = make_pipeline(StandardScaler(), LinearSVC(C=cfg.svm_c, max_iter=20000, random_state=cfg.seed))
@@ -93,8 +90,9 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = Fa
     num_classes = len(train.classes)
     matrix = metrics.confusion_matrix(pred, test.labels, num_classes)
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-    data = {"train_shapes": len(train.labels), "test_shapes": len(test.labels), "missing_train": train.missing,
-            "missing_test": test.missing, "coverage": coverage(len(test.labels), test.missing, "test")}
+    data: dict[str, Any] = {"train_shapes": len(train.labels), "test_shapes": len(test.labels),
+                            "missing_train": train.missing, "missing_test": test.missing,
+                            "coverage": coverage(len(test.labels), test.missing, "test")}
     config = dataclasses.asdict(cfg)
     write_config(run_dir, config, init=init_report, data=data)
     test_metrics = {"overall_acc": percent(metrics.overall_accuracy(pred, test.labels)),

@@ -12,7 +12,8 @@ from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.downstream.classification import modelnet_task
 from pkd.train.downstream.compare import compare
-from pkd.train.downstream.engine import BEST, RESULTS, FinetuneConfig, Task, finetune, task_records
+from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.engine import BEST, RESULTS, Task, finetune, task_records
 from pkd.train.downstream.fewshot import run_fewshot
 from pkd.train.downstream.probe import ProbeConfig, probe_modelnet40
 from pkd.train.downstream.results import write_results

@@ -45,13 +45,12 @@ from pkd.common.scannet_mesh import IGNORE, NUM_CLASSES, SceneMesh, class_names,
 from pkd.common.seg_cache import build_cache, done_scenes, load_scene, open_cache
 from pkd.train import distributed
 from pkd.train.downstream import metrics
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.models import FeaturePropagation, fetch_layers, run_blocks
 from pkd.train.downstream.plots import plot_class_iou, plot_top_view
 from pkd.train.downstream.results import coverage, coverage_note, percent
 from pkd.train.downstream.sampling import numpy_rng, shuffled_batches
-from pkd.train.encoder import PointEncoder
-from pkd.train.tokenizer import Group
+from pkd.train.encoder import EncoderConfig, PointEncoder, tokenizer
 
 CACHE_NAME = "scannet_seg.zarr"
 SCALE, JITTER_STD, JITTER_CLIP = (0.8, 1.2), 0.01, 0.05
@@ -133,13 +132,12 @@ def augment(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class SceneSegmenter(nn.Module):
     """Tokenizer → ``MAE_encoder`` (three blocks) → 3-NN propagation + xyz/rgb → two conv blocks → classes."""
 
-    def __init__(self, num_classes: int, dim: int = 384, depth: int = 12, heads: int = 6, drop_path: float = 0.1,
-                 num_group: int = 256, group_size: int = 32) -> None:
+    def __init__(self, num_classes: int, encoder: EncoderConfig) -> None:
         super().__init__()
-        self.layers = fetch_layers(depth)
-        self.group_divider = Group(num_group, group_size)
-        self.MAE_encoder = PointEncoder(dim, depth, heads, drop_path)
-        self.propagation = FeaturePropagation(3 * dim + 6, [512, 256])
+        self.layers = fetch_layers(encoder.depth)
+        self.group_divider = tokenizer(encoder)
+        self.MAE_encoder = PointEncoder.from_config(encoder)
+        self.propagation = FeaturePropagation(3 * encoder.dim + 6, [512, 256])
         self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv1d(256, num_classes, 1))
 
     def forward(self, points: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
@@ -171,8 +169,7 @@ class ScanNetSegTask:
         self.cfg = cfg
         self.train_set = load_split(cfg, "train") if train else None
         self.val_set = load_split(cfg, "val")
-        self.model = SceneSegmenter(NUM_CLASSES, cfg.dim, cfg.depth, cfg.heads, cfg.drop_path, cfg.num_group,
-                                    cfg.group_size).to(cfg.device)
+        self.model: nn.Module = SceneSegmenter(NUM_CLASSES, cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
         summary = {"val_scenes": len(self.val_set.names), "missing_val": self.val_set.missing,
@@ -183,9 +180,16 @@ class ScanNetSegTask:
                            missing_train=self.train_set.missing)
         return summary
 
+    @property
+    def _train(self) -> SceneSet:
+        """The train scenes; training a task built with ``train=False`` is a programming error."""
+        if self.train_set is None:
+            raise RuntimeError("this ScanNetSegTask was built with train=False (for testing): it cannot train")
+        return self.train_set
+
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """``repeats`` random columns of every train scene per epoch (scene indices), in shuffled batches."""
-        count = len(self.train_set.names)
+        count = len(self._train.names)
         return [batch % count for batch in shuffled_batches(count * self.cfg.repeats, self.cfg.batch_size,
                                                             self.cfg.seed, epoch)]
 
@@ -197,7 +201,7 @@ class ScanNetSegTask:
         rng, size = numpy_rng(generator), self.cfg.crop_size
         inputs, labels = [], []
         for i in batch:
-            scene = self.train_set.scenes[i]
+            scene = self._train.scenes[i]
             centre = scene.xyz[rng.integers(len(scene.xyz)), :2]
             members = column(scene.xyz, centre, size)
             idx = rng.choice(members, self.cfg.num_points, replace=len(members) < self.cfg.num_points)

@@ -16,7 +16,7 @@ import numpy as np
 
 from pkd.common.errors import DataError
 from pkd.train.downstream.classification import ClassificationTask
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.files import require_dir, require_file
 from pkd.train.downstream.modelnet import ShapeSet
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
-from pkd.train.downstream.engine import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.models import PartSegmenter
 from pkd.train.downstream.plots import plot_category_iou
 from pkd.train.downstream.results import coverage, coverage_note, percent
@@ -46,8 +46,7 @@ class ShapeNetPartTask:
         self.cfg = cfg
         self.train_set = load_shapenetpart(cfg.data, "trainval", splits=cfg.splits, allow_missing=cfg.allow_missing)
         self.test_set = load_shapenetpart(cfg.data, "test", splits=cfg.splits, allow_missing=cfg.allow_missing)
-        self.model = PartSegmenter(NUM_PARTS, len(CATEGORIES), cfg.dim, cfg.depth, cfg.heads, cfg.drop_path,
-                                   cfg.num_group, cfg.group_size).to(cfg.device)
+        self.model = PartSegmenter(NUM_PARTS, len(CATEGORIES), cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
         return {"train_shapes": len(self.train_set.names), "test_shapes": len(self.test_set.names),

@@ -18,7 +18,8 @@ from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import load_checkpoint
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import class_metrics, modelnet_task, seeded
-from pkd.train.downstream.engine import BEST, BEST_VOTE, FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.engine import BEST, BEST_VOTE
 from pkd.train.downstream.results import make_records, write_results
 from pkd.train.downstream.sampling import stage_bar
 from pkd.train.runs import resolve_device
