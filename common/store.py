@@ -285,9 +285,18 @@ def split_attrs(group: zarr.Group) -> SplitAttrs:
     return cast(SplitAttrs, SplitAttrs.from_dict(dict(group.attrs), f"{group.path} attrs"))
 
 
+def int_attr(node: zarr.Group | zarr.Array[Any], key: str, default: int | None = None) -> int:
+    """The integer attr ``key`` of a group or array (``default`` when absent); StoreError if it is not one."""
+    value = node.attrs.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StoreError(f"{node.store}/{node.path} attr {key!r} is {value!r}, not an integer; the store is damaged: "
+                         "rebuild it.")
+    return value
+
+
 def _layout(group: zarr.Group) -> tuple[int, int]:
     """(num_samples, shard_size) of a split: the two attrs every version has, for readers of any version."""
-    return int(cast(int, group.attrs["num_samples"])), int(cast(int, group.attrs["shard_size"]))
+    return int_attr(group, "num_samples"), int_attr(group, "shard_size")
 
 
 def upgrade(path: str | Path) -> int:

@@ -108,9 +108,9 @@ def with_teacher_options(command: Callable) -> Callable:
         run = TeacherArgs(**{name: kwargs.pop(name) for name, _, _ in TEACHER_OPTIONS})
         return command(run=run, **kwargs)
 
-    wrapper.__signature__ = signature.replace(
-        parameters=[p for p in signature.parameters.values() if p.name != "run"] + extra)
-    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    new_signature = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "run"] + extra)
+    wrapper.__signature__ = new_signature  # type: ignore[attr-defined]  # typer reads the signature
+    wrapper.__annotations__ = {p.name: p.annotation for p in new_signature.parameters.values()}
     return wrapper
 
 

@@ -209,8 +209,8 @@ def finalize(group: zarr.Group) -> dict:
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
-    for _, split_jobs in groupby(jobs, key=lambda job: job.split):
-        split_jobs = list(split_jobs)
+    for _, grouped in groupby(jobs, key=lambda job: job.split):
+        split_jobs = list(grouped)
         with progress_bar(total=sum(len(j.samples) for j in split_jobs), desc=stage_name(split_jobs), unit="frame",
                           disable=not options.progress) as bar:
             for job in split_jobs:
@@ -231,14 +231,14 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
         target = _staging(out) if options.overwrite and _store_exists(out) else out
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         if not any(plan.samples for plan in plans.values()):
-            skipped = Counter()
+            skipped: Counter[str] = Counter()
             for plan in plans.values():
                 skipped.update(plan.skipped)
             raise DataError(f"no usable frames under {cfg.root}: every frame numbered 0, {cfg.frame_skip}, "
                             f"{2 * cfg.frame_skip}, … was skipped ({dict(skipped) or 'the scenes hold no frames'}); "
                             "check the scans or lower --frame-skip.")
         if target != out:
-            _drop_stale_staging(target, cfg, teacher.identity)
+            _drop_stale_staging(target, cfg, teacher.identity.comparable())
         root = _open_or_create(target, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
         summary = _execute(target, root, cfg, plans, teacher, teacher_cfg, options)
         _require_valid(summary, target, out)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -56,10 +57,6 @@ class TeacherOutput:
     prefix: torch.Tensor
     clip_embed: torch.Tensor
     patch_tokens: torch.Tensor | None = None
-
-    def cpu(self) -> TeacherOutput:
-        tokens = None if self.patch_tokens is None else self.patch_tokens.cpu()
-        return TeacherOutput(self.prefix.cpu(), self.clip_embed.cpu(), tokens)
 
 
 class ClipCapMLP(nn.Module):
@@ -173,13 +170,16 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     """Build the frozen teacher from local weight files (or seeded random weights for kind='random')."""
     device = _check_config(cfg)
     random = cfg.kind == "random"
-    clip_path = clipcap_path = None
+    files: dict[str, Any] = dict.fromkeys(
+        ("clip_weights", "clip_weights_sha256", "clipcap_weights", "clipcap_weights_sha256"))
     if not random:
         clip_path = tw.resolve_clip_weights(cfg.clip_weights)
         if cfg.clipcap_weights is None:
             raise WeightsError(f"no ClipCap weights given. Get {tw.CLIPCAP_SOURCE}; {tw.RANDOM_HINT}.")
         clipcap_path = Path(cfg.clipcap_weights)
         mapper_state = tw.clipcap_mlp_state_dict(clipcap_path, PREFIX_LENGTH, EMBED_DIM, CLIP_DIM)
+        for key, path in (("clip_weights", clip_path), ("clipcap_weights", clipcap_path)):
+            files[key], files[f"{key}_sha256"] = path.name, tw.sha256_file(path)
     open_clip = import_open_clip()
     # open_clip warns that it loaded no pretrained weights: pkd loads them itself below
     with torch.random.fork_rng(devices=[]), demoted("", "No pretrained weights loaded"):
@@ -203,10 +203,7 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     mapper.eval().requires_grad_(False).to(device)
     identity = TeacherAttrs(
         **teacher_config_identity(cfg),
-        clip_weights=None if random else clip_path.name,
-        clip_weights_sha256=None if random else tw.sha256_file(clip_path),
-        clipcap_weights=None if random else clipcap_path.name,
-        clipcap_weights_sha256=None if random else tw.sha256_file(clipcap_path),
+        **files,
         device=device.type,
         transform=_transform_identity(open_clip, transform),
         open_clip_version=open_clip.__version__,
