@@ -26,17 +26,18 @@ from pkd.common import lock, store
 from pkd.common.config import config_diff, from_plain, package_versions, to_plain
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
+from pkd.preprocess.config import RunOptions, TeacherConfig, at_least
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
 from pkd.preprocess.scenes import SceneEntry, describe_splits, find_scenes
 from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
-from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher, teacher_config_identity
+from pkd.preprocess.teacher import Teacher, build_teacher, teacher_config_identity
 
 log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrepConfig:
     """What to read and how to turn it into samples: everything that decides the store's contents."""
 
@@ -51,21 +52,17 @@ class PrepConfig:
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     depth_scale: float | None = None
 
+    def __post_init__(self) -> None:
+        at_least(1, frame_skip=self.frame_skip, shard_size=self.shard_size)
+        if self.limit is not None:
+            at_least(1, limit=self.limit)
+        if self.depth_scale is not None and not self.depth_scale > 0:
+            raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
+                              f"{self.depth_scale}.")
+
     def scenes_to_read(self) -> list[SceneEntry]:
         """The scenes this config selects under its root."""
         return find_scenes(Path(self.root), self.split, self.scenes, self.source, self.depth_scale)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run (not what to compute): these may change between a run and its resume."""
-
-    teacher_batch: int = 32
-    threads: int = 2
-    workers: int = 0
-    scheduler: str | None = None
-    overwrite: bool = False
-    progress: bool = True
 
 
 @contextmanager
@@ -184,8 +181,9 @@ def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]
     for shard, (start, stop) in enumerate(plan.shards(cfg.shard_size)):
         stages = tuple(s for s in store.STAGES if not done[s][shard])
         if stages:
-            jobs.append(ShardJob(plan.split, shard, tuple(plan.scenes), tuple(plan.samples[start:stop]),
-                                 cfg.seed, cfg.geometry, stages))
+            jobs.append(ShardJob(split=plan.split, shard=shard, scenes=tuple(plan.scenes),
+                                 samples=tuple(plan.samples[start:stop]), seed=cfg.seed, geometry=cfg.geometry,
+                                 stages=stages))
     return jobs
 
 
@@ -309,10 +307,10 @@ def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, Split
 def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
            teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
     jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, store.split_group(root, name))]
-    if options.workers or options.scheduler:
+    if options.dask_workers or options.scheduler:
         from pkd.preprocess.distributed import run_on_dask
 
-        run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.workers,
+        run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.dask_workers,
                     options.scheduler, options.progress)
     else:
         _run_here(root, jobs, teacher, options)

@@ -26,7 +26,7 @@ from pkd.preprocess.scenes import SceneEntry, open_scene
 from pkd.preprocess.teacher import Teacher
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardJob:
     """Everything needed to (re)build one shard, independent of any other shard."""
 

@@ -108,7 +108,7 @@ def test_resume_after_a_crash_gives_identical_arrays(demo_root, demo_store, tmp_
 def test_kill_9_then_rerun_gives_a_verified_identical_store(demo_root, demo_store, tmp_path):
     out = tmp_path / "pairs.zarr"
     cmd = [sys.executable, "-m", "pkd.preprocess", "scannet", "--root", str(demo_root), "--out", str(out),
-           "--teacher", "random", "--points", str(POINTS), "--shard-size", "2", "--teacher-batch", "2",
+           "--teacher", "random", "--num-points", str(POINTS), "--shard-size", "2", "--teacher-batch", "2",
            "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
