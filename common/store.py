@@ -7,7 +7,7 @@ the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). L
         format      "pkd-pairs"
         version     schema version (``VERSION``); it covers every attr below, ``prep`` and ``teacher``
                     included: renaming one of their fields bumps it and adds a step to ``_UPGRADES``
-        prep        the PrepConfig (pkd.preprocess.prep) as plain data: dataset root, split, scenes,
+        prep        the PrepConfig (pkd.preprocess.config) as plain data: dataset root, split, scenes,
                     source, frame_skip, limit, shard_size, seed, geometry (num_points, sampling, ...),
                     depth_scale
         teacher     TeacherAttrs: model names, weight files and sha256s, precision, device, random + seed,
@@ -158,7 +158,7 @@ class TeacherAttrs(_Plain):
 
 @dataclass(frozen=True, kw_only=True)
 class RootAttrs(_Plain):
-    """The store's root attrs. ``prep`` is pkd.preprocess.prep.PrepConfig as plain data (``to_plain``)."""
+    """The store's root attrs. ``prep`` is pkd.preprocess.config.PrepConfig as plain data (``to_plain``)."""
 
     format: str = FORMAT
     version: int = VERSION

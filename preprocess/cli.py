@@ -24,7 +24,7 @@ from pkd.common.options import (
 )
 from pkd.common.seg_cache import is_seg_cache, verify_cache
 from pkd.common.verify import store_info, verify_store
-from pkd.preprocess.config import RunOptions, TeacherConfig
+from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.frame_sample import GeometryConfig
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ Split = Annotated[str, typer.Option(help="Split of the store.")]
 Index = Annotated[int, typer.Option(help="Sample index within the split.")]
 
 # The options of `scannet` and `teacher`, derived from the fields of their dataclasses (one declaration each).
+PREP_OPTIONS = dataclass_options(PrepConfig, "prep")
 GEOMETRY_OPTIONS = dataclass_options(GeometryConfig, "geometry")
 TEACHER_OPTIONS = dataclass_options(TeacherConfig, "teacher", {"kind": "teacher"})
 RUN_OPTIONS = dataclass_options(RunOptions, "run")
@@ -73,7 +74,7 @@ def configs(options: Mapping[str, Option], values: Mapping[str, Any], seed: int)
     return {**parts, "teacher": TeacherConfig(**teacher, seed=seed), "run": RunOptions(**parts["run"])}
 
 
-SCANNET_OPTIONS = {**GEOMETRY_OPTIONS, **TEACHER_OPTIONS, **RUN_OPTIONS}
+SCANNET_OPTIONS = {**PREP_OPTIONS, **GEOMETRY_OPTIONS, **TEACHER_OPTIONS, **RUN_OPTIONS}
 TEACHER_RUN_OPTIONS = {**TEACHER_OPTIONS, **{k: v for k, v in RUN_OPTIONS.items() if k != "overwrite"}}
 
 
@@ -82,31 +83,19 @@ TEACHER_RUN_OPTIONS = {**TEACHER_OPTIONS, **{k: v for k, v in RUN_OPTIONS.items(
 def scannet(
     root: Annotated[Path, typer.Option(help="ScanNet tree (with scans/, scans_test/) or a single scene folder.")],
     out: Annotated[str, typer.Option(help="Store path or fsspec URL (e.g. pairs.zarr, s3://bucket/pairs.zarr).")],
-    split: Annotated[str, typer.Option(help="train | val | test | all (official ScanNet v2 lists).")] = "all",
     scenes: Annotated[str | None, typer.Option(help="Comma-separated scene names to keep.")] = None,
-    source: Annotated[str, typer.Option(help="auto (prefer .sens) | sens | exported.")] = "auto",
-    frame_skip: Annotated[int, typer.Option(help="Keep frames numbered 0, N, 2N, ...")] = 25,
-    limit: Annotated[int | None, typer.Option(help="At most this many frames per split (quick runs).")] = None,
-    shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
-    seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
-    depth_scale: Annotated[float | None, typer.Option(
-        help="Depth units per metre of exported depth PNGs (default 1000: millimetres, as ScanNet, 7-Scenes, "
-             "Redwood; TUM RGB-D: 5000). .sens files record their own.")] = None,
     **options: Any,
 ) -> None:
     """Read ScanNet (.sens or exported frames), back-project every 25th frame and cache teacher targets.
 
     Rerunning the same command resumes an interrupted run; other arguments on an existing store are refused.
     """
-    from pkd.preprocess.prep import PrepConfig, run_prep
+    from pkd.preprocess.prep import run_prep
 
-    parts = configs(SCANNET_OPTIONS, options, seed)
-    points = parts["geometry"]["num_points"]
-    cfg = PrepConfig(
-        root=str(root.resolve()), split=split, scenes=tuple(scenes.split(",")) if scenes else None, source=source,
-        frame_skip=frame_skip, limit=limit, shard_size=shard_size, seed=seed,
-        geometry=GeometryConfig(**parts["geometry"], min_valid_pixels=points), depth_scale=depth_scale,
-    )
+    parts = configs(SCANNET_OPTIONS, options, options["seed"])
+    geometry = GeometryConfig(**parts["geometry"], min_valid_pixels=parts["geometry"]["num_points"])
+    cfg = PrepConfig(root=str(root.resolve()), scenes=tuple(scenes.split(",")) if scenes else None, geometry=geometry,
+                     **parts["prep"])
     summary = run_prep(cfg, out, parts["teacher"], parts["run"])
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")

@@ -1,4 +1,5 @@
-"""What teacher computes a store's targets (``TeacherConfig``) and how a prep runs (``RunOptions``).
+"""What a store holds (``PrepConfig``), which teacher computes its targets (``TeacherConfig``) and how a prep
+runs (``RunOptions``).
 
 Each field declared with ``option(default, help)`` is also a ``pkd-prep`` option (``pkd.common.options``
 derives the typer options from these fields), and ``__post_init__`` checks the values, so a Python caller
@@ -7,20 +8,46 @@ gets the same checks and messages as the command line. Light on purpose (no torc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from pkd.common.config import option
+from pkd.common.config import at_least, option
 from pkd.common.errors import ConfigError
 from pkd.common.store import PRECISIONS
+from pkd.preprocess.frame_sample import GeometryConfig
+from pkd.preprocess.scenes import SceneEntry, find_scenes
 
 KINDS = ("clipcap", "random")
 
 
-def at_least(lowest: int, **values: int) -> None:
-    """ConfigError naming the option (``--name``) of the first value below ``lowest``."""
-    for name, value in values.items():
-        if value < lowest:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}.")
+@dataclass(frozen=True, kw_only=True)
+class PrepConfig:
+    """What to read and how to turn it into samples: everything that decides the store's contents."""
+
+    root: str
+    split: str = option("all", "train | val | test | all (official ScanNet v2 lists).")
+    scenes: tuple[str, ...] | None = None
+    source: str = option("auto", "auto (prefer .sens) | sens | exported.")
+    frame_skip: int = option(25, "Keep frames numbered 0, N, 2N, ...")
+    limit: int | None = option(None, "At most this many frames per split (quick runs).")
+    shard_size: int = option(512, "Samples per Zarr shard (unit of writing and resuming).")
+    seed: int = option(0, "Global seed; every sample's seed derives from (seed, scene, frame).")
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    depth_scale: float | None = option(None, "Depth units per metre of exported depth PNGs (default 1000: "
+                                             "millimetres, as ScanNet, 7-Scenes, Redwood; TUM RGB-D: 5000). .sens "
+                                             "files record their own.")
+
+    def __post_init__(self) -> None:
+        at_least(1, frame_skip=self.frame_skip, shard_size=self.shard_size)
+        if self.limit is not None:
+            at_least(1, limit=self.limit)
+        if self.depth_scale is not None and not self.depth_scale > 0:
+            raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
+                              f"{self.depth_scale}.")
+
+    def scenes_to_read(self) -> list[SceneEntry]:
+        """The scenes this config selects under its root."""
+        return find_scenes(Path(self.root), self.split, self.scenes, self.source, self.depth_scale)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,8 +14,9 @@ from dask.distributed import Client, LocalCluster, as_completed
 
 from pkd.common import store
 from pkd.common.logs import progress_bar
+from pkd.preprocess.config import TeacherConfig
 from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
-from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+from pkd.preprocess.teacher import Teacher, build_teacher
 
 log = logging.getLogger(__name__)
 RETRIES = 3

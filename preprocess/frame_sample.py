@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pkd.common import geometry
-from pkd.common.config import option
+from pkd.common.config import at_least, option
 from pkd.common.errors import ConfigError
-from pkd.preprocess.config import at_least
 from pkd.preprocess.frames import Camera, FrameDecodeError, RawFrame, decode_color, decode_depth
 
 MAX_POINTS = 65536  # points per sample: bounds memory (points × shard size) and stays below a depth frame's pixels

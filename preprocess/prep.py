@@ -14,7 +14,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -26,43 +26,13 @@ from pkd.common import lock, store
 from pkd.common.config import config_diff, from_plain, package_versions, to_plain
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
-from pkd.preprocess.config import RunOptions, TeacherConfig, at_least
-from pkd.preprocess.frame_sample import GeometryConfig
+from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
-from pkd.preprocess.scenes import SceneEntry, describe_splits, find_scenes
+from pkd.preprocess.scenes import describe_splits
 from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
 from pkd.preprocess.teacher import Teacher, build_teacher, teacher_config_identity
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrepConfig:
-    """What to read and how to turn it into samples: everything that decides the store's contents."""
-
-    root: str
-    split: str = "all"
-    scenes: tuple[str, ...] | None = None
-    source: str = "auto"
-    frame_skip: int = 25
-    limit: int | None = None
-    shard_size: int = 512
-    seed: int = 0
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    depth_scale: float | None = None
-
-    def __post_init__(self) -> None:
-        at_least(1, frame_skip=self.frame_skip, shard_size=self.shard_size)
-        if self.limit is not None:
-            at_least(1, limit=self.limit)
-        if self.depth_scale is not None and not self.depth_scale > 0:
-            raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
-                              f"{self.depth_scale}.")
-
-    def scenes_to_read(self) -> list[SceneEntry]:
-        """The scenes this config selects under its root."""
-        return find_scenes(Path(self.root), self.split, self.scenes, self.source, self.depth_scale)
 
 
 @contextmanager

@@ -16,9 +16,8 @@ from pkd.common.config import option
 from pkd.common.errors import ConfigError
 from pkd.common.options import dataclass_options
 from pkd.preprocess import cli
-from pkd.preprocess.config import RunOptions, TeacherConfig
+from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.frame_sample import GeometryConfig
-from pkd.preprocess.prep import PrepConfig
 
 PREP = str(Path(sys.executable).parent / "pkd-prep")
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
@@ -83,6 +82,7 @@ def run(*args: object) -> subprocess.CompletedProcess:
     (["--num-points", 70_000], "error: --num-points 70000 is above 65536"),
     (["--sampling", "grid"], "error: --sampling 'grid': choose 'fps' or 'random'."),
     (["--shard-size", 0], "error: --shard-size must be at least 1, got 0."),
+    (["--depth-scale", 0], "error: --depth-scale must be positive"),
     (["--points", 0], "error: --num-points must be at least 1, got 0."),
     (["--points", 8, "--num-points", 8], "error: --points is the old name of --num-points; pass only --num-points."),
 ])
