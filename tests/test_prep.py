@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,16 @@ def test_other_arguments_on_an_existing_store_are_refused(demo_root, demo_store)
         run_prep(config(demo_root, geometry=geometry), str(demo_store), TEACHER, QUIET)
     with pytest.raises(ConfigError, match="teacher.seed"):
         run_prep(config(demo_root), str(demo_store), TeacherConfig(kind="random", seed=1), QUIET)
+
+
+def test_overwrite_drops_a_stale_staging_store_of_other_arguments(demo_root, tmp_path):
+    out = tmp_path / "pairs.zarr"
+    run_prep(config(demo_root, limit=2), str(out), TEACHER, QUIET)
+    shutil.copytree(out, tmp_path / "pairs.zarr.overwrite")  # as if an --overwrite with these arguments was killed
+    run_prep(config(demo_root, limit=3), str(out), TEACHER, RunOptions(teacher_batch=2, progress=False,
+                                                                        overwrite=True))
+    assert store_info(str(out))["splits"]["train"]["samples"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.zarr"]
 
 
 def test_overwrite_replaces_a_store_but_never_a_foreign_folder(demo_root, tmp_path):
