@@ -2,7 +2,7 @@
 
 prep     the demo scene (``write_demo_scene``, ``--frames`` frames, every ``--frame-skip``-th kept, 4096
          points, seeded random teacher) written as shards of ``--shard-size`` samples by ``run_prep`` with
-         ``RunOptions(workers=W, threads=1)``: one dask task per shard on a LocalCluster of W processes.
+         ``RunOptions(dask_workers=W, threads=1)``: one dask task per shard on a LocalCluster of W processes.
          Wall time includes the cluster's start-up. A ``workers=0`` row (in-process, no dask) is the reference.
 train    ``pkd.train distill`` on the store just written, same global batch and ``--streams 2`` in every row:
            1 process, OMP_NUM_THREADS=1      (plain ``python -m pkd.train``, no torch.distributed)
@@ -48,7 +48,7 @@ def bench_prep(root: Path, tmp: Path, args) -> tuple[list[dict], Path]:
         out = tmp / f"prep-w{workers}.zarr"
         tic = time.perf_counter()
         summary = run_prep(cfg, str(out), TeacherConfig(kind="random", seed=0),
-                           RunOptions(workers=workers, threads=1, progress=False))
+                           RunOptions(dask_workers=workers, threads=1, progress=False))
         wall = time.perf_counter() - tic
         frames = sum(s["samples"] for s in summary.values())
         rows.append({"stage": "prep", "setup": "in-process (no dask)" if workers == 0 else f"dask {workers} worker(s)",

@@ -44,7 +44,8 @@ def full_stage(root: Path, out: Path, teacher: Teacher, images: int, batch: int,
     attrs = store.SplitAttrs(scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples),
                              shard_size=len(plan.samples))
     group = store.create_split(zarr.open_group(str(out), mode="w"), "train", attrs, GeometryConfig().num_points)
-    job = ShardJob("train", 0, tuple(plan.scenes), tuple(plan.samples), 0, GeometryConfig(), store.STAGES)
+    job = ShardJob(split="train", shard=0, scenes=tuple(plan.scenes), samples=tuple(plan.samples), seed=0,
+                   geometry=GeometryConfig(), stages=store.STAGES)
     sync(teacher)
     start = time.perf_counter()
     build_shard(group, job, teacher, batch, threads)

@@ -82,6 +82,13 @@ def option(default: Any, help: str, *, run: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "run": run})
 
 
+def at_least(lowest: int, **values: int) -> None:
+    """ConfigError naming the option (``--name``) of the first value below ``lowest``."""
+    for name, value in values.items():
+        if value < lowest:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}.")
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages whose behaviour a store or run depends on."""
     found = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -90,20 +91,21 @@ class _LogLines(io.TextIOBase):
         return len(text)
 
 
-class _LineBar(tqdm):
+class _LineBar(tqdm):  # type: ignore[misc]  # tqdm ships no type hints
     """A tqdm that logs lines instead of redrawing: one at the start, at most one per ``mininterval``
     (also when the caller forces a refresh, e.g. ``set_postfix``), and the final state at close."""
 
     def refresh(self, nolock: bool = False, lock_args: Any = None) -> bool:
         if self.disable:
             return False
-        if hasattr(self, "last_print_t") and self._time() - self.last_print_t < self.mininterval:
+        now: float = self._time()
+        if now - getattr(self, "last_print_t", -math.inf) < self.mininterval:
             return False
-        self.last_print_t = self._time()
-        return super().refresh(nolock=nolock, lock_args=lock_args)
+        self.last_print_t = now
+        return bool(super().refresh(nolock=nolock, lock_args=lock_args))
 
 
-def progress_bar(iterable: Iterable | None = None, *, desc: str, disable: bool = False, **kwargs: Any) -> tqdm:
+def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str, disable: bool = False, **kwargs: Any) -> tqdm:
     """A tqdm bar named by its stage (``desc``), off under ``--no-progress``, line-based off a terminal."""
     disable = disable or not _settings.progress
     if sys.stderr.isatty():

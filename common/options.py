@@ -2,18 +2,23 @@
 
 A field declared with ``pkd.common.config.option(default, help)`` becomes ``--field-name`` with that
 default and help; ``with_options`` gives a typer command taking ``**options`` those parameters, and
-``given_on_command_line`` tells which of them the user typed (the rest are defaults).
+``given_on_command_line`` tells which of them the user typed (the rest are defaults). A renamed option
+keeps its old spelling for one release as a hidden alias (``alias_parameter``, ``apply_aliases``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from pkd.common.errors import ConfigError
+
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,43 @@ def with_options(parameters: Iterable[inspect.Parameter]) -> Callable[[F], F]:
                                 **{p.name: p.annotation for p in added}}
         return func
     return decorate
+
+
+def by_section(options: Mapping[str, Option], values: Mapping[str, Any]) -> dict[str | None, dict[str, Any]]:
+    """The values of ``options`` in ``values`` (by option name) as constructor keywords, by section."""
+    parts: dict[str | None, dict[str, Any]] = {opt.section: {} for opt in options.values()}
+    for name, opt in options.items():
+        if name in values:
+            parts[opt.section][opt.field.name] = values[name]
+    return parts
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of parameter ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def alias_parameter(old: str, option: Option) -> inspect.Parameter:
+    """A hidden option spelt ``old`` for ``option``, kept for one release after a rename (None when not given)."""
+    import typer
+
+    kind = cli_type(option.kind | None)  # a runtime type for typer
+    annotation = Annotated[kind, typer.Option(flag(old), hidden=True)]  # type: ignore[valid-type]  # runtime type
+    return inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def apply_aliases(values: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+    """``values`` with each old spelling of ``aliases`` (old → new name) folded into its new name: a given old
+    one is used with a deprecation warning; both given is a ConfigError."""
+    out = {k: v for k, v in values.items() if k not in aliases}
+    for old, new in aliases.items():
+        if values.get(old) is None:
+            continue
+        if new in given_on_command_line():
+            raise ConfigError(f"{flag(old)} is the old name of {flag(new)}; pass only {flag(new)}.")
+        log.warning("%s is deprecated and goes in the next release; use %s.", flag(old), flag(new))
+        out[new] = values[old]
+    return out
 
 
 def was_given(ctx: Any, name: str) -> bool:

@@ -74,7 +74,7 @@ def _vertices(path: Path, fields: tuple[str, ...]) -> np.ndarray:
                         f"Download it again ({DOWNLOAD_HINT}).") from exc
     if "vertex" not in ply:
         raise DataError(f"{path} has no vertex element; it is not a ScanNet mesh. Download it again ({DOWNLOAD_HINT}).")
-    data = ply["vertex"].data
+    data: np.ndarray = ply["vertex"].data
     missing = [f for f in fields if f not in (data.dtype.names or ())]
     if missing:
         raise DataError(f"{path} has no vertex propert{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -38,6 +39,7 @@ from pkd.common.scannet_mesh import (
     read_scene,
     scene_files,
 )
+from pkd.common.store import array_of, int_attr, split_group
 
 FORMAT = "pkd-scannet-seg"
 VERSION = 1
@@ -45,7 +47,7 @@ CHUNK = 1 << 20
 ARRAYS = {"xyz": ((3,), "float32"), "rgb": ((3,), "uint8"), "label": ((), "uint8")}
 
 
-def _attrs() -> dict:
+def _attrs() -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "class_ids": list(CLASS_IDS), "classes": list(class_names()),
             "ignore": IGNORE}
 
@@ -58,7 +60,7 @@ def is_seg_cache(path: str | Path) -> bool:
         return False
 
 
-def open_cache(path: str | Path, mode: str = "r") -> zarr.Group:
+def open_cache(path: str | Path, mode: Literal["r", "a"] = "r") -> zarr.Group:
     """Open a segmentation cache (``mode="a"`` creates it); StoreError for a foreign or other-version group."""
     path = Path(path)
     if mode == "r" and not path.exists():
@@ -95,7 +97,7 @@ def _write_scene(root: zarr.Group, name: str, mesh: SceneMesh, sources: tuple[Pa
 
 
 def build_cache(data: str | Path, path: str | Path, scenes: Iterable[str], allow_missing: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True) -> dict[str, Any]:
     """Parse every scene of ``scenes`` not yet in the cache at ``path`` from the ScanNet tree ``data``.
 
     A scene without its folder or PLYs is a DataError, or with ``allow_missing`` is left out and listed
@@ -127,11 +129,11 @@ def build_cache(data: str | Path, path: str | Path, scenes: Iterable[str], allow
 
 def load_scene(root: zarr.Group, name: str) -> SceneMesh:
     """One cached scene; StoreError naming the scene when it is absent, unfinished or fails its checksum."""
-    if name not in root or not root[name].attrs.get("done"):
+    if name not in root or not split_group(root, name).attrs.get("done"):
         raise StoreError(f"{root.store}: scene {name} is not cached (completely); rerun the command to build it.")
-    group = root[name]
+    group = split_group(root, name)
     try:
-        return SceneMesh(*(group[array][...] for array in ARRAYS))
+        return SceneMesh(*(np.asarray(array_of(group, array)[...]) for array in ARRAYS))
     except Exception as exc:  # codecs raise many types (ValueError, RuntimeError, blosc errors)
         raise StoreError(f"{root.store}/{name} is corrupt ({type(exc).__name__}: {exc}); run `pkd-prep verify` on "
                          "the cache, delete it and let the next run rebuild it.") from exc
@@ -145,9 +147,10 @@ def verify_cache(path: str | Path) -> list[str]:
         if not group.attrs.get("done"):
             faults.append(f"{name}: unfinished (rerun the command that builds the cache)")
             continue
-        count = int(group.attrs.get("vertices", -1))
+        count = int_attr(group, "vertices", -1)
         for array, (shape, dtype) in ARRAYS.items():
-            if array not in group or group[array].shape != (count, *shape) or group[array].dtype != np.dtype(dtype):
+            node = group.get(array)
+            if not isinstance(node, zarr.Array) or node.shape != (count, *shape) or node.dtype != np.dtype(dtype):
                 faults.append(f"{name}/{array}: missing or not ({count}, {shape}) {dtype}")
         if any(f.startswith(f"{name}/") for f in faults):
             continue

@@ -35,8 +35,9 @@ def deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+    received: list[signal.Signals] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum)))
+                for sig in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -7,7 +7,7 @@ the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). L
         format      "pkd-pairs"
         version     schema version (``VERSION``); it covers every attr below, ``prep`` and ``teacher``
                     included: renaming one of their fields bumps it and adds a step to ``_UPGRADES``
-        prep        the PrepConfig (pkd.preprocess.prep) as plain data: dataset root, split, scenes,
+        prep        the PrepConfig (pkd.preprocess.config) as plain data: dataset root, split, scenes,
                     source, frame_skip, limit, shard_size, seed, geometry (num_points, sampling, ...),
                     depth_scale
         teacher     TeacherAttrs: model names, weight files and sha256s, precision, device, random + seed,
@@ -158,7 +158,7 @@ class TeacherAttrs(_Plain):
 
 @dataclass(frozen=True, kw_only=True)
 class RootAttrs(_Plain):
-    """The store's root attrs. ``prep`` is pkd.preprocess.prep.PrepConfig as plain data (``to_plain``)."""
+    """The store's root attrs. ``prep`` is pkd.preprocess.config.PrepConfig as plain data (``to_plain``)."""
 
     format: str = FORMAT
     version: int = VERSION
@@ -285,9 +285,18 @@ def split_attrs(group: zarr.Group) -> SplitAttrs:
     return cast(SplitAttrs, SplitAttrs.from_dict(dict(group.attrs), f"{group.path} attrs"))
 
 
+def int_attr(node: zarr.Group | zarr.Array[Any], key: str, default: int | None = None) -> int:
+    """The integer attr ``key`` of a group or array (``default`` when absent); StoreError if it is not one."""
+    value = node.attrs.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StoreError(f"{node.store}/{node.path} attr {key!r} is {value!r}, not an integer; the store is damaged: "
+                         "rebuild it.")
+    return value
+
+
 def _layout(group: zarr.Group) -> tuple[int, int]:
     """(num_samples, shard_size) of a split: the two attrs every version has, for readers of any version."""
-    return int(cast(int, group.attrs["num_samples"])), int(cast(int, group.attrs["shard_size"]))
+    return int_attr(group, "num_samples"), int_attr(group, "shard_size")
 
 
 def upgrade(path: str | Path) -> int:

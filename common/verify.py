@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -20,18 +21,19 @@ def _size_on_disk(path: str) -> int | None:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def store_info(path: str) -> dict:
+def store_info(path: str) -> dict[str, Any]:
     """Splits, sample counts, scenes, skip reasons, teacher identity and size of a store."""
     root = store.open_store(path)
     splits = {}
     for name in store.splits_of(root):
-        group = root[name]
+        group = store.split_group(root, name)
+        attrs = store.split_attrs(group)
         done = {s: int(store.done_shards(group, s).sum()) for s in store.STAGES}
         splits[name] = {
-            "samples": int(group.attrs["num_samples"]),
+            "samples": attrs.num_samples,
             "valid": group.attrs.get("valid"),
-            "scenes": len(group.attrs["scenes"]),
-            "shards": int(group["done_geometry"].shape[0]),
+            "scenes": len(attrs.scenes),
+            "shards": int(store.array_of(group, "done_geometry").shape[0]),
             "shards_done": done,
             "skipped": group.attrs.get("skipped", group.attrs.get("plan_skipped", {})),
             "arrays": sorted(n for n, _ in group.arrays() if n not in ("done_geometry", "done_teacher")),
@@ -48,13 +50,14 @@ def store_info(path: str) -> dict:
 
 def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
     faults = []
-    n = int(group.attrs["num_samples"])
+    attrs = store.split_attrs(group)
+    n = attrs.num_samples
     present = {a for a, _ in group.arrays()}
     for spec in store.array_specs(num_points, patch_tokens="patch_tokens" in present):
         if spec.name not in present:
             faults.append(f"{name}/{spec.name}: missing")
             continue
-        array = group[spec.name]
+        array = store.array_of(group, spec.name)
         if array.shape != (n, *spec.sample_shape) or array.dtype != np.dtype(spec.dtype):
             faults.append(f"{name}/{spec.name}: shape {array.shape} dtype {array.dtype}, expected "
                           f"{(n, *spec.sample_shape)} {spec.dtype}")
@@ -66,30 +69,30 @@ def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
                for array, shard in store.missing_shards(group)]
     if faults:
         return faults
-    num_scenes = len(group.attrs["scenes"])
+    num_scenes = len(attrs.scenes)
     names = [spec.name for spec in store.array_specs(num_points, patch_tokens="patch_tokens" in present)]
     for shard, start, stop in store.iter_shards(group):
         where = f"{name} shard {shard} (samples {start}-{stop - 1})"
-        values = {}
-        for array in names:
+        values: dict[str, np.ndarray] = {}
+        for array_name in names:
             try:
-                values[array] = store.read_shard(group, array, start, stop)
+                values[array_name] = store.read_shard(group, array_name, start, stop)
             except StoreError as exc:
-                faults.append(f"{where}: {array} unreadable: {exc.__cause__}")
+                faults.append(f"{where}: {array_name} unreadable: {exc.__cause__}")
         if len(values) < len(names):
             continue
         valid = values["valid"]
         if (values["scene"] < 0).any() or (values["scene"] >= num_scenes).any():
             faults.append(f"{where}: scene index out of range")
-        for array in FINITE_ARRAYS:
-            if array in values and not np.isfinite(values[array][valid]).all():
-                faults.append(f"{where}: {array} holds NaN or inf")
+        for array_name in FINITE_ARRAYS:
+            if array_name in values and not np.isfinite(values[array_name][valid]).all():
+                faults.append(f"{where}: {array_name} holds NaN or inf")
     return faults + _check_stats(name, group)
 
 
 def _check_stats(name: str, group: zarr.Group) -> list[str]:
     """The recorded target statistics (``--normalize-targets`` divides by them): present, finite, std > 0."""
-    valid = int(group["valid"][:].sum())
+    valid = int(np.asarray(store.array_of(group, "valid")[:]).sum())
     if not valid:
         return [f"{name}: no valid sample"]
     faults = []
@@ -99,9 +102,9 @@ def _check_stats(name: str, group: zarr.Group) -> list[str]:
             faults.append(f"{name}/stats: no {array} mean/std recorded (rerun the prep command)")
             continue
         mean, std = stats
-        if mean.shape != group[array].shape[1:] or std.shape != mean.shape:
-            faults.append(f"{name}/stats: {array} mean/std of shape {mean.shape}/{std.shape}, expected "
-                          f"{group[array].shape[1:]}")
+        expected = store.array_of(group, array).shape[1:]
+        if mean.shape != expected or std.shape != mean.shape:
+            faults.append(f"{name}/stats: {array} mean/std of shape {mean.shape}/{std.shape}, expected {expected}")
         elif not (np.isfinite(mean).all() and np.isfinite(std).all()):
             faults.append(f"{name}/stats: {array} mean/std hold NaN or inf")
         elif valid > 1 and not (std > 0).all():
@@ -113,13 +116,13 @@ def _check_stats(name: str, group: zarr.Group) -> list[str]:
 def verify_store(path: str) -> list[str]:
     """Every fault found in a store (empty when it is complete and sound)."""
     root = store.open_store(path)
-    num_points = int(root.attrs["prep"]["geometry"]["num_points"])
+    attrs = store.root_attrs(root)
     faults = []
-    if root.attrs.get("status") != "complete":
-        faults.append(f"status is {root.attrs.get('status')!r}, not 'complete' (rerun the prep command)")
+    if attrs.status != "complete":
+        faults.append(f"status is {attrs.status!r}, not 'complete' (rerun the prep command)")
     splits = store.splits_of(root)
     if not splits:
         faults.append("no splits")
     for name in splits:
-        faults += _check_split(name, root[name], num_points)
+        faults += _check_split(name, store.split_group(root, name), attrs.num_points)
     return faults

@@ -20,7 +20,7 @@ from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.torchvision_compat import ensure_torchvision
 
 if TYPE_CHECKING:
-    from transformers import GPT2Config, PreTrainedTokenizerBase
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 STOP_TOKEN = "."
 GPT2_HEAD_DIM = 64  # every released GPT-2 size uses 64-dim heads (small: 768 = 12 x 64)
@@ -59,7 +59,7 @@ def _load_tokenizer(tokenizer: str | Path | PreTrainedTokenizerBase) -> PreTrain
 class Captioner:
     """ClipCap's GPT-2 and tokenizer; ``caption`` decodes one (10, 768) prefix."""
 
-    gpt: torch.nn.Module
+    gpt: GPT2LMHeadModel
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
 
@@ -80,7 +80,7 @@ class Captioner:
         embeds = embeds.float().to(self.device).reshape(1, -1, self.gpt.config.n_embd)
         max_len = min(max_len, self.gpt.config.n_positions - embeds.shape[1])  # GPT-2 has no positions beyond
         tokens = self._greedy(embeds, max_len) if beam <= 1 else self._beam(embeds, beam, max_len)
-        return self.tokenizer.decode(tokens)
+        return str(self.tokenizer.decode(tokens))
 
     def _greedy(self, embeds: torch.Tensor, max_len: int) -> list[int]:
         stop, tokens = self.stop_token_id, []

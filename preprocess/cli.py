@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from pkd.common import lock, logs
 from pkd.common.cli import run_app
 from pkd.common.errors import ConfigError, StoreError
+from pkd.common.options import (
+    Option,
+    alias_parameter,
+    apply_aliases,
+    by_section,
+    cli_type,
+    dataclass_options,
+    with_options,
+)
 from pkd.common.seg_cache import is_seg_cache, verify_cache
 from pkd.common.verify import store_info, verify_store
+from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.frame_sample import GeometryConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     help="Pay for the teacher once: ScanNet frames -> (point cloud, ClipCap target) pairs in a Zarr store.",
@@ -28,149 +41,65 @@ app = typer.Typer(
 app.callback()(logs.cli_options)
 
 CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
-MAX_POINTS = 65536  # points per sample: bounds memory (points × shard size) and stays below a depth frame's pixels
 
 Store = Annotated[str, typer.Argument(help="Pair store path.")]
 Split = Annotated[str, typer.Option(help="Split of the store.")]
 Index = Annotated[int, typer.Option(help="Sample index within the split.")]
 
-# The teacher and run options shared by `scannet` and `teacher`: (name, annotation, default).
-TEACHER_OPTIONS = (
-    ("teacher", Annotated[str, typer.Option(help="clipcap (real weights) | random (seeded, tests/demos).")],
-     "clipcap"),
-    ("clip_weights", Annotated[str | None, typer.Option(help="OpenAI ViT-B-32.pt or open_clip state dict; "
-                                                                "'openai' downloads.")], None),
-    ("clipcap_weights", Annotated[str | None, typer.Option(help="ClipCap conceptual_weights.pt (MLP mapper).")],
-     None),
-    ("weights_dir", Annotated[Path | None, typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")],
-     None),
-    ("device", Annotated[str, typer.Option(help="cpu | cuda (teacher device).")], "cpu"),
-    ("precision", Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (half precisions on cuda only).")], "fp32"),
-    ("patch_tokens", Annotated[bool, typer.Option(help="Also cache CLIP's 7x7 patch tokens (local ablation).")],
-     False),
-    ("teacher_batch", Annotated[int, typer.Option(help="Images per teacher forward.")], 32),
-    ("threads", Annotated[int, typer.Option(help="Decode/geometry threads running beside the teacher.")], 2),
-    ("workers", Annotated[int, typer.Option(help="Start a local dask.distributed cluster of N worker processes "
-                                                 "(0: run in this process).")], 0),
-    ("scheduler", Annotated[str | None, typer.Option(help="Address of an existing dask scheduler "
-                                                             "(tcp://host:8786); one task per shard.")], None),
-    ("progress", Annotated[bool, typer.Option(help="Show progress bars.")], True),
-)
+# The options of `scannet` and `teacher`, derived from the fields of their dataclasses (one declaration each).
+PREP_OPTIONS = dataclass_options(PrepConfig, "prep")
+GEOMETRY_OPTIONS = dataclass_options(GeometryConfig, "geometry")
+TEACHER_OPTIONS = dataclass_options(TeacherConfig, "teacher", {"kind": "teacher"})
+RUN_OPTIONS = dataclass_options(RunOptions, "run")
+ALIASES = {"points": "num_points", "workers": "dask_workers"}  # old spellings, hidden, for one release
+WEIGHTS_DIR = inspect.Parameter("weights_dir", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    cli_type(Path | None), typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")])
 
 
-@dataclass(frozen=True)
-class TeacherArgs:
-    """The parsed TEACHER_OPTIONS of a command."""
-
-    teacher: str
-    clip_weights: str | None
-    clipcap_weights: str | None
-    weights_dir: Path | None
-    device: str
-    precision: str
-    patch_tokens: bool
-    teacher_batch: int
-    threads: int
-    workers: int
-    scheduler: str | None
-    progress: bool
-
-    def config(self, seed: int):
-        """The TeacherConfig these options describe (a random teacher uses ``seed``)."""
-        from pkd.preprocess.teacher import TeacherConfig
-
-        if self.teacher not in ("clipcap", "random"):
-            raise ConfigError(f"--teacher {self.teacher!r}: choose 'clipcap' (real weights) or 'random' (tests, "
-                              "demos).")
-        _check_positive(teacher_batch=self.teacher_batch, threads=self.threads)
-        clip, clipcap = self.clip_weights, self.clipcap_weights
-        if self.weights_dir is not None:
-            clip = clip or str(self.weights_dir / CLIP_FILE)
-            clipcap = clipcap or str(self.weights_dir / CLIPCAP_FILE)
-        return TeacherConfig(kind=self.teacher, clip_weights=clip, clipcap_weights=clipcap, device=self.device,
-                             precision=self.precision, seed=seed, patch_tokens=self.patch_tokens)
-
-    def options(self, overwrite: bool = False):
-        """How to run: batching, threads, dask, progress."""
-        from pkd.preprocess.prep import RunOptions
-
-        return RunOptions(self.teacher_batch, self.threads, self.workers, self.scheduler, overwrite, self.progress)
+def prep_options(options: Mapping[str, Option]) -> Callable[[F], F]:
+    """Decorate a command taking ``**options``: it gains ``options``, ``--weights-dir`` and the old spellings."""
+    aliases = [alias_parameter(old, options[new]) for old, new in ALIASES.items() if new in options]
+    return with_options([*(opt.parameter(name) for name, opt in options.items()), WEIGHTS_DIR, *aliases])
 
 
-def with_teacher_options(command: Callable) -> Callable:
-    """Give a command the TEACHER_OPTIONS; it receives them as one TeacherArgs keyword ``run``."""
-    signature = inspect.signature(command, eval_str=True)
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in TEACHER_OPTIONS]
+def configs(options: Mapping[str, Option], values: Mapping[str, Any], seed: int) -> dict[str | None, Any]:
+    """The keyword values of a command's ``options`` by section, with ``teacher`` and ``run`` built (a random
+    teacher uses ``seed``; ``--weights-dir`` supplies the weight files not given)."""
+    values = apply_aliases(values, ALIASES)
+    parts: dict[str | None, Any] = by_section(options, values)
+    teacher = parts["teacher"]
+    if values["weights_dir"] is not None:
+        teacher["clip_weights"] = teacher["clip_weights"] or str(values["weights_dir"] / CLIP_FILE)
+        teacher["clipcap_weights"] = teacher["clipcap_weights"] or str(values["weights_dir"] / CLIPCAP_FILE)
+    return {**parts, "teacher": TeacherConfig(**teacher, seed=seed), "run": RunOptions(**parts["run"])}
 
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        run = TeacherArgs(**{name: kwargs.pop(name) for name, _, _ in TEACHER_OPTIONS})
-        return command(run=run, **kwargs)
 
-    wrapper.__signature__ = signature.replace(
-        parameters=[p for p in signature.parameters.values() if p.name != "run"] + extra)
-    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
-    return wrapper
+SCANNET_OPTIONS = {**PREP_OPTIONS, **GEOMETRY_OPTIONS, **TEACHER_OPTIONS, **RUN_OPTIONS}
+TEACHER_RUN_OPTIONS = {**TEACHER_OPTIONS, **{k: v for k, v in RUN_OPTIONS.items() if k != "overwrite"}}
 
 
 @app.command()
-@with_teacher_options
+@prep_options(SCANNET_OPTIONS)
 def scannet(
     root: Annotated[Path, typer.Option(help="ScanNet tree (with scans/, scans_test/) or a single scene folder.")],
     out: Annotated[str, typer.Option(help="Store path or fsspec URL (e.g. pairs.zarr, s3://bucket/pairs.zarr).")],
-    split: Annotated[str, typer.Option(help="train | val | test | all (official ScanNet v2 lists).")] = "all",
     scenes: Annotated[str | None, typer.Option(help="Comma-separated scene names to keep.")] = None,
-    source: Annotated[str, typer.Option(help="auto (prefer .sens) | sens | exported.")] = "auto",
-    frame_skip: Annotated[int, typer.Option(help="Keep frames numbered 0, N, 2N, ...")] = 25,
-    limit: Annotated[int | None, typer.Option(help="At most this many frames per split (quick runs).")] = None,
-    points: Annotated[int, typer.Option(help="Points per sample.")] = 4096,
-    sampling: Annotated[str, typer.Option(help="fps (farthest point) | random.")] = "fps",
-    shard_size: Annotated[int, typer.Option(help="Samples per Zarr shard (unit of writing and resuming).")] = 512,
-    seed: Annotated[int, typer.Option(help="Global seed; every sample's seed derives from (seed, scene, frame).")] = 0,
-    depth_scale: Annotated[float | None, typer.Option(
-        help="Depth units per metre of exported depth PNGs (default 1000: millimetres, as ScanNet, 7-Scenes, "
-             "Redwood; TUM RGB-D: 5000). .sens files record their own.")] = None,
-    overwrite: Annotated[bool, typer.Option(
-        help="Replace an existing store written with other arguments (the new one is built beside it as "
-             "OUT.overwrite and swapped in only once complete).")] = False,
-    *,
-    run: TeacherArgs,
+    **options: Any,
 ) -> None:
     """Read ScanNet (.sens or exported frames), back-project every 25th frame and cache teacher targets.
 
     Rerunning the same command resumes an interrupted run; other arguments on an existing store are refused.
     """
-    from pkd.preprocess.prep import PrepConfig, run_prep
+    from pkd.preprocess.prep import run_prep
 
-    cfg = PrepConfig(
-        root=str(root.resolve()), split=split, scenes=tuple(scenes.split(",")) if scenes else None, source=source,
-        frame_skip=frame_skip, limit=limit, shard_size=shard_size, seed=seed,
-        geometry=GeometryConfig(num_points=points, sampling=sampling, min_valid_pixels=points),
-        depth_scale=depth_scale,
-    )
-    _check_positive(frame_skip=frame_skip, points=points, shard_size=shard_size)
-    if limit is not None:
-        _check_positive(limit=limit)
-    if points > MAX_POINTS:
-        raise ConfigError(f"--points {points} is above {MAX_POINTS}: a sample needs that many valid depth pixels (a "
-                          "ScanNet depth frame has 307,200) and memory grows with --points × --shard-size. Pass at "
-                          f"most {MAX_POINTS} (the paper uses 4096).")
-    if sampling not in ("fps", "random"):
-        raise ConfigError(f"--sampling {sampling!r}: choose 'fps' or 'random'.")
-    if depth_scale is not None and not depth_scale > 0:
-        raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
-                          f"{depth_scale}.")
-    summary = run_prep(cfg, out, run.config(seed), run.options(overwrite))
+    parts = configs(SCANNET_OPTIONS, options, options["seed"])
+    geometry = GeometryConfig(**parts["geometry"], min_valid_pixels=parts["geometry"]["num_points"])
+    cfg = PrepConfig(root=str(root.resolve()), scenes=tuple(scenes.split(",")) if scenes else None, geometry=geometry,
+                     **parts["prep"])
+    summary = run_prep(cfg, out, parts["teacher"], parts["run"])
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
     typer.echo(f"wrote {out}")
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
 
 
 @app.command("demo-scene")
@@ -268,12 +197,11 @@ def upgrade(store: Store) -> None:
 
 
 @app.command("teacher")
-@with_teacher_options
+@prep_options(TEACHER_RUN_OPTIONS)
 def teacher_cmd(
     store: Store,
     seed: Annotated[int, typer.Option(help="Seed of a random teacher.")] = 0,
-    *,
-    run: TeacherArgs,
+    **options: Any,
 ) -> None:
     """Recompute only the teacher targets of a store (geometry kept; the dataset must still be reachable).
 
@@ -281,7 +209,8 @@ def teacher_cmd(
     """
     from pkd.preprocess.prep import run_teacher
 
-    summary = run_teacher(store, run.config(seed), run.options())
+    parts = configs(TEACHER_RUN_OPTIONS, options, seed)
+    summary = run_teacher(store, parts["teacher"], parts["run"])
     for name, s in summary.items():
         typer.echo(f"{name}: teacher targets for {s['shards_written']} shards written")
 
@@ -320,7 +249,7 @@ def caption(
     typer.echo(_caption(load_sample(store, split, index).prefix, clipcap_weights, tokenizer, beam))
 
 
-def _caption(prefix, clipcap_weights: str, tokenizer: str | None, beam: int) -> str:
+def _caption(prefix: np.ndarray, clipcap_weights: str, tokenizer: str | None, beam: int) -> str:
     from pkd.preprocess.caption import load_captioner
 
     if tokenizer is None:

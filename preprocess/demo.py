@@ -220,7 +220,7 @@ class _Renderer:
             axis = np.where(near[1] == t_near, 1, 0)
             axis[near[2] == t_near] = 2
             axis = axis[hit]
-            forward = d[(axis, *np.nonzero(hit))] > 0
+            forward = d[(axis,) + np.nonzero(hit)] > 0
             surface[hit] = surface_id
             normal[hit] = np.where(forward, -1, 1) * (axis + 1)
 

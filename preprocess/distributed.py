@@ -12,9 +12,11 @@ import logging
 import zarr
 from dask.distributed import Client, LocalCluster, as_completed
 
+from pkd.common import store
 from pkd.common.logs import progress_bar
+from pkd.preprocess.config import TeacherConfig
 from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
-from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+from pkd.preprocess.teacher import Teacher, build_teacher
 
 log = logging.getLogger(__name__)
 RETRIES = 3
@@ -25,7 +27,7 @@ def shard_task(out: str, job: ShardJob, teacher_cfg: TeacherConfig, teacher_batc
     """Build one shard on a worker; the worker keeps one teacher for all its tasks."""
     if teacher_cfg not in _teachers:
         _teachers[teacher_cfg] = build_teacher(teacher_cfg)
-    group = zarr.open_group(out, mode="r+")[job.split]
+    group = store.split_group(zarr.open_group(out, mode="r+"), job.split)
     return dict(build_shard(group, job, _teachers[teacher_cfg], teacher_batch, threads))
 
 

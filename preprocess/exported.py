@@ -54,7 +54,8 @@ class ExportedReader:
                             f"({', '.join(f'{len(f)} {p}' for f, (p, _) in zip(files, _PARTS))} files); "
                             "re-export the scan.")
         self._frames = sorted(complete)
-        self._files = {frame: tuple(f[frame] for f in files) for frame in self._frames}
+        color, depth, pose = files
+        self._files = {frame: (color[frame], depth[frame], pose[frame]) for frame in self._frames}
         self.missing: list[int] = sorted(set().union(*files) - complete)
         self.camera = self._read_camera()
 

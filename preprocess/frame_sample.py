@@ -7,10 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from pkd.common import geometry
+from pkd.common.config import at_least, option
+from pkd.common.errors import ConfigError
 from pkd.preprocess.frames import Camera, FrameDecodeError, RawFrame, decode_color, decode_depth
 
+MAX_POINTS = 65536  # points per sample: bounds memory (points × shard size) and stays below a depth frame's pixels
+SAMPLINGS = ("fps", "random")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class GeometryConfig:
     """Every parameter that shapes a sample's points; recorded in the store's ``prep`` attrs.
 
@@ -19,13 +24,22 @@ class GeometryConfig:
     keeps ``num_points`` valid pixels uniformly. Only the kept pixels are ever back-projected.
     """
 
-    num_points: int = 4096
-    sampling: str = "fps"
+    num_points: int = option(4096, "Points per sample.")
+    sampling: str = option("fps", "fps (farthest point) | random.")
     fps_candidates: int = 8192
     min_depth: float = 0.1
     max_depth: float = 10.0
     min_valid_pixels: int = 4096
     teacher_image_size: int = 224
+
+    def __post_init__(self) -> None:
+        at_least(1, num_points=self.num_points)
+        if self.num_points > MAX_POINTS:
+            raise ConfigError(f"--num-points {self.num_points} is above {MAX_POINTS}: a sample needs that many valid "
+                              "depth pixels (a ScanNet depth frame has 307,200) and memory grows with --num-points × "
+                              f"--shard-size. Pass at most {MAX_POINTS} (the paper uses 4096).")
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"--sampling {self.sampling!r}: choose 'fps' or 'random'.")
 
 
 class SkipFrame(Exception):

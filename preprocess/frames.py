@@ -95,9 +95,10 @@ def decode_depth(frame: RawFrame, camera: Camera) -> np.ndarray:
         depth = _ushort(frame, frame.depth, expected, width, height)
     elif frame.depth_codec == "png":
         buffer = np.frombuffer(frame.depth, dtype=np.uint8)
-        depth = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
-        if depth is None or depth.dtype != np.uint16 or depth.ndim != 2:
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+        if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 2:
             raise FrameDecodeError(f"frame {frame.frame}: depth payload is not a 16-bit single-channel PNG")
+        depth = decoded
     else:
         raise FrameDecodeError(f"frame {frame.frame}: unknown depth codec {frame.depth_codec!r} "
                                f"(expected one of {DEPTH_CODECS})")

@@ -55,7 +55,7 @@ def plan_splits(
             if limit is not None and len(plan.samples) >= limit:
                 break
             with open_scene(entry) as reader:
-                plan.color_sizes.append(tuple(reader.camera.color_size))
+                plan.color_sizes.append(reader.camera.color_size)
                 plan.skipped[MISSING_FILES] += sum(f % frame_skip == 0 for f in reader.missing)
                 for frame in (f for f in reader.frame_numbers() if f % frame_skip == 0):
                     problem = geometry.pose_problem(reader.pose(frame))

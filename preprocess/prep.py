@@ -14,7 +14,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -26,46 +26,13 @@ from pkd.common import lock, store
 from pkd.common.config import config_diff, from_plain, package_versions, to_plain
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
-from pkd.preprocess.frame_sample import GeometryConfig
+from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
-from pkd.preprocess.scenes import SceneEntry, describe_splits, find_scenes
+from pkd.preprocess.scenes import describe_splits
 from pkd.preprocess.shard_writer import ShardJob, build_shard, stage_name
-from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher, teacher_config_identity
+from pkd.preprocess.teacher import Teacher, build_teacher, teacher_config_identity
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class PrepConfig:
-    """What to read and how to turn it into samples: everything that decides the store's contents."""
-
-    root: str
-    split: str = "all"
-    scenes: tuple[str, ...] | None = None
-    source: str = "auto"
-    frame_skip: int = 25
-    limit: int | None = None
-    shard_size: int = 512
-    seed: int = 0
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    depth_scale: float | None = None
-
-    def scenes_to_read(self) -> list[SceneEntry]:
-        """The scenes this config selects under its root."""
-        return find_scenes(Path(self.root), self.split, self.scenes, self.source, self.depth_scale)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run (not what to compute): these may change between a run and its resume."""
-
-    teacher_batch: int = 32
-    threads: int = 2
-    workers: int = 0
-    scheduler: str | None = None
-    overwrite: bool = False
-    progress: bool = True
 
 
 @contextmanager
@@ -184,8 +151,9 @@ def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]
     for shard, (start, stop) in enumerate(plan.shards(cfg.shard_size)):
         stages = tuple(s for s in store.STAGES if not done[s][shard])
         if stages:
-            jobs.append(ShardJob(plan.split, shard, tuple(plan.scenes), tuple(plan.samples[start:stop]),
-                                 cfg.seed, cfg.geometry, stages))
+            jobs.append(ShardJob(split=plan.split, shard=shard, scenes=tuple(plan.scenes),
+                                 samples=tuple(plan.samples[start:stop]), seed=cfg.seed, geometry=cfg.geometry,
+                                 stages=stages))
     return jobs
 
 
@@ -209,8 +177,8 @@ def finalize(group: zarr.Group) -> dict:
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
-    for _, split_jobs in groupby(jobs, key=lambda job: job.split):
-        split_jobs = list(split_jobs)
+    for _, grouped in groupby(jobs, key=lambda job: job.split):
+        split_jobs = list(grouped)
         with progress_bar(total=sum(len(j.samples) for j in split_jobs), desc=stage_name(split_jobs), unit="frame",
                           disable=not options.progress) as bar:
             for job in split_jobs:
@@ -231,14 +199,14 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
         target = _staging(out) if options.overwrite and _store_exists(out) else out
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         if not any(plan.samples for plan in plans.values()):
-            skipped = Counter()
+            skipped: Counter[str] = Counter()
             for plan in plans.values():
                 skipped.update(plan.skipped)
             raise DataError(f"no usable frames under {cfg.root}: every frame numbered 0, {cfg.frame_skip}, "
                             f"{2 * cfg.frame_skip}, … was skipped ({dict(skipped) or 'the scenes hold no frames'}); "
                             "check the scans or lower --frame-skip.")
         if target != out:
-            _drop_stale_staging(target, cfg, teacher.identity)
+            _drop_stale_staging(target, cfg, teacher.identity.comparable())
         root = _open_or_create(target, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
         summary = _execute(target, root, cfg, plans, teacher, teacher_cfg, options)
         _require_valid(summary, target, out)
@@ -309,10 +277,10 @@ def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, Split
 def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
            teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
     jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, store.split_group(root, name))]
-    if options.workers or options.scheduler:
+    if options.dask_workers or options.scheduler:
         from pkd.preprocess.distributed import run_on_dask
 
-        run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.workers,
+        run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.dask_workers,
                     options.scheduler, options.progress)
     else:
         _run_here(root, jobs, teacher, options)

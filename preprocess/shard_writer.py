@@ -18,6 +18,7 @@ import zarr
 from PIL import Image
 
 from pkd.common import store
+from pkd.common.errors import ConfigError
 from pkd.common.geometry import derive_seed
 from pkd.preprocess.frame_sample import FrameSample, GeometryConfig, SkipFrame, make_sample
 from pkd.preprocess.frames import Camera, RawFrame
@@ -25,7 +26,7 @@ from pkd.preprocess.scenes import SceneEntry, open_scene
 from pkd.preprocess.teacher import Teacher
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardJob:
     """Everything needed to (re)build one shard, independent of any other shard."""
 
@@ -95,13 +96,16 @@ def build_shard(
         return _Prepared(sample, image)
 
     def flush() -> None:
-        if not pending:
+        if not pending or teacher is None:  # without a teacher nothing is pending
             return
         out = teacher.encode(torch.stack([t for _, t in pending]))
         rows = [i for i, _ in pending]
         arrays["prefix"][rows] = out.prefix.float().cpu().numpy()
         arrays["clip_embed"][rows] = out.clip_embed.float().cpu().numpy()
         if "patch_tokens" in arrays:
+            if out.patch_tokens is None:
+                raise ConfigError(f"{group.store}/{group.path} holds patch_tokens but the teacher computes none; "
+                                  "pass --patch-tokens.")
             arrays["patch_tokens"][rows] = out.patch_tokens.float().cpu().numpy()
         pending.clear()
 

@@ -44,24 +44,25 @@ class StoredSample:
 def load_sample(path: str, split: str, index: int) -> StoredSample:
     """Read sample ``index`` of a split; refuses out-of-range and invalid (undecodable) samples."""
     group = store.open_split(path, split)
-    n = int(group.attrs["num_samples"])
+    attrs = store.split_attrs(group)
+    n = attrs.num_samples
     if not 0 <= index < n:
         raise StoreError(f"{path}/{split} has {n} samples; --index must be in 0..{n - 1}, got {index}.")
-    if not group["valid"][index]:
+    if not store.read_shard(group, "valid", index, index + 1)[0]:
         raise StoreError(f"{path}/{split} sample {index} is marked invalid (its frame could not be decoded); "
                          "pick another --index.")
-    root = store.open_store(path)
+    sample = {name: store.read_shard(group, name, index, index + 1)[0]
+              for name in ("scene", "frame", "points", "colors", "in_view", "prefix", "pose")}
     return StoredSample(
-        split=split, index=index, scene=group.attrs["scenes"][int(group["scene"][index])],
-        frame=int(group["frame"][index]), points=group["points"][index], colors=group["colors"][index],
-        in_view=group["in_view"][index], prefix=group["prefix"][index], pose=group["pose"][index],
-        random_teacher=bool(root.attrs["teacher"].get("random")),
+        split=split, index=index, scene=attrs.scenes[int(sample["scene"])], frame=int(sample["frame"]),
+        points=sample["points"], colors=sample["colors"], in_view=sample["in_view"], prefix=sample["prefix"],
+        pose=sample["pose"], random_teacher=store.root_attrs(store.open_store(path)).teacher.random,
     )
 
 
 def color_frame(path: str, sample: StoredSample) -> np.ndarray | None:
     """The sample's color frame read again from the recorded dataset, or None if it is not reachable."""
-    prep = store.open_store(path).attrs["prep"]
+    prep = store.root_attrs(store.open_store(path)).prep
     try:
         (entry,) = find_scenes(Path(prep["root"]), "all", [sample.scene], prep["source"])
         with open_scene(entry) as reader:
@@ -137,6 +138,6 @@ def write_ply(sample: StoredSample, out: Path) -> Path:
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(sample.points.astype(np.float64)))
     cloud.colors = o3d.utility.Vector3dVector(sample.colors.astype(np.float64) / 255.0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not o3d.io.write_point_cloud(str(out), cloud):
+    if not o3d.io.write_point_cloud(out, cloud):
         raise DataError(f"could not write {out}; check the folder is writable.")
     return out

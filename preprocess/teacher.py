@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -23,30 +24,17 @@ from pkd.common.errors import ConfigError, WeightsError
 from pkd.common.logs import demoted
 from pkd.common.store import CLIP_DIM, PREFIX_SHAPE, TeacherAttrs, TransformAttrs
 from pkd.preprocess import teacher_weights as tw
+from pkd.preprocess.config import TeacherConfig
 from pkd.preprocess.torchvision_compat import import_open_clip
 
 log = logging.getLogger(__name__)
 
-KINDS = ("clipcap", "random")
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by TeacherConfig.precision
 PREFIX_LENGTH, EMBED_DIM = PREFIX_SHAPE
 MAPPER_NAME = f"clipcap-mlp-prefix{PREFIX_LENGTH}"
 IMAGE_SIZE = 224
 # OpenAI CLIP preprocessing, pinned so an open_clip default change cannot silently alter targets.
 RESIZE_MODE, INTERPOLATION = "shortest", "bicubic"
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """How to build the teacher; recorded with the store through ``Teacher.identity``."""
-
-    kind: str = "clipcap"
-    clip_weights: str | None = None
-    clipcap_weights: str | None = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    seed: int = 0
-    patch_tokens: bool = False
 
 
 @dataclass
@@ -56,10 +44,6 @@ class TeacherOutput:
     prefix: torch.Tensor
     clip_embed: torch.Tensor
     patch_tokens: torch.Tensor | None = None
-
-    def cpu(self) -> TeacherOutput:
-        tokens = None if self.patch_tokens is None else self.patch_tokens.cpu()
-        return TeacherOutput(self.prefix.cpu(), self.clip_embed.cpu(), tokens)
 
 
 class ClipCapMLP(nn.Module):
@@ -92,7 +76,7 @@ class Teacher:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> TeacherOutput:
@@ -114,10 +98,6 @@ class Teacher:
 
 
 def _check_config(cfg: TeacherConfig) -> torch.device:
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"unknown teacher kind {cfg.kind!r}; use one of {KINDS}.")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"unknown teacher precision {cfg.precision!r}; use one of {tuple(PRECISIONS)}.")
     try:
         device = torch.device(cfg.device)
     except RuntimeError as exc:
@@ -173,13 +153,16 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     """Build the frozen teacher from local weight files (or seeded random weights for kind='random')."""
     device = _check_config(cfg)
     random = cfg.kind == "random"
-    clip_path = clipcap_path = None
+    files: dict[str, Any] = dict.fromkeys(
+        ("clip_weights", "clip_weights_sha256", "clipcap_weights", "clipcap_weights_sha256"))
     if not random:
         clip_path = tw.resolve_clip_weights(cfg.clip_weights)
         if cfg.clipcap_weights is None:
             raise WeightsError(f"no ClipCap weights given. Get {tw.CLIPCAP_SOURCE}; {tw.RANDOM_HINT}.")
         clipcap_path = Path(cfg.clipcap_weights)
         mapper_state = tw.clipcap_mlp_state_dict(clipcap_path, PREFIX_LENGTH, EMBED_DIM, CLIP_DIM)
+        for key, path in (("clip_weights", clip_path), ("clipcap_weights", clipcap_path)):
+            files[key], files[f"{key}_sha256"] = path.name, tw.sha256_file(path)
     open_clip = import_open_clip()
     # open_clip warns that it loaded no pretrained weights: pkd loads them itself below
     with torch.random.fork_rng(devices=[]), demoted("", "No pretrained weights loaded"):
@@ -203,10 +186,7 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     mapper.eval().requires_grad_(False).to(device)
     identity = TeacherAttrs(
         **teacher_config_identity(cfg),
-        clip_weights=None if random else clip_path.name,
-        clip_weights_sha256=None if random else tw.sha256_file(clip_path),
-        clipcap_weights=None if random else clipcap_path.name,
-        clipcap_weights_sha256=None if random else tw.sha256_file(clipcap_path),
+        **files,
         device=device.type,
         transform=_transform_identity(open_clip, transform),
         open_clip_version=open_clip.__version__,

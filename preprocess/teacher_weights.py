@@ -11,6 +11,7 @@ import hashlib
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +58,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} file {path} does not exist.")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -49,7 +49,7 @@ def check(result: subprocess.CompletedProcess, code: int, *messages: str) -> Non
 
 
 def prep_args(root: Path, out: Path, *extra: object) -> list[object]:
-    return [PREP, "scannet", "--root", root, "--out", out, "--teacher", "random", "--points", DEMO_POINTS,
+    return [PREP, "scannet", "--root", root, "--out", out, "--teacher", "random", "--num-points", DEMO_POINTS,
             "--shard-size", 2, "--teacher-batch", 2, "--no-progress", *extra]
 
 
@@ -180,7 +180,7 @@ def test_overwrite_replaces_the_store_only_when_the_new_one_is_complete(demo_roo
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--points", 10_000_000], "--points 10000000 is above 65536"),
+    (["--num-points", 10_000_000], "--num-points 10000000 is above 65536"),
     (["--limit", 0], "--limit must be at least 1, got 0"),
     (["--limit", -1], "--limit must be at least 1, got -1"),
     (["--split", "val"], "no scene under"),

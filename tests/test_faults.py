@@ -29,7 +29,7 @@ NAMES = [s.name for s in store.array_specs(DEMO_POINTS)]
 
 def prep_command(root: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pkd.preprocess", "scannet", "--root", str(root), "--out", str(out),
-            "--teacher", "random", "--points", str(DEMO_POINTS), "--shard-size", "2", "--teacher-batch", "2",
+            "--teacher", "random", "--num-points", str(DEMO_POINTS), "--shard-size", "2", "--teacher-batch", "2",
             "--no-progress"]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def test_resume_after_a_crash_gives_identical_arrays(demo_root, demo_store, tmp_
 def test_kill_9_then_rerun_gives_a_verified_identical_store(demo_root, demo_store, tmp_path):
     out = tmp_path / "pairs.zarr"
     cmd = [sys.executable, "-m", "pkd.preprocess", "scannet", "--root", str(demo_root), "--out", str(out),
-           "--teacher", "random", "--points", str(POINTS), "--shard-size", "2", "--teacher-batch", "2",
+           "--teacher", "random", "--num-points", str(POINTS), "--shard-size", "2", "--teacher-batch", "2",
            "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -132,6 +133,16 @@ def test_other_arguments_on_an_existing_store_are_refused(demo_root, demo_store)
         run_prep(config(demo_root, geometry=geometry), str(demo_store), TEACHER, QUIET)
     with pytest.raises(ConfigError, match="teacher.seed"):
         run_prep(config(demo_root), str(demo_store), TeacherConfig(kind="random", seed=1), QUIET)
+
+
+def test_overwrite_drops_a_stale_staging_store_of_other_arguments(demo_root, tmp_path):
+    out = tmp_path / "pairs.zarr"
+    run_prep(config(demo_root, limit=2), str(out), TEACHER, QUIET)
+    shutil.copytree(out, tmp_path / "pairs.zarr.overwrite")  # as if an --overwrite with these arguments was killed
+    run_prep(config(demo_root, limit=3), str(out), TEACHER, RunOptions(teacher_batch=2, progress=False,
+                                                                        overwrite=True))
+    assert store_info(str(out))["splits"]["train"]["samples"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.zarr"]
 
 
 def test_overwrite_replaces_a_store_but_never_a_foreign_folder(demo_root, tmp_path):

@@ -100,7 +100,7 @@ def test_ply_holds_the_sample_points(demo_store, tmp_path):
 def test_dask_cluster_gives_the_single_process_store(demo_root, demo_store, tmp_path):
     out = tmp_path / "dask.zarr"
     run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
-             RunOptions(teacher_batch=2, progress=False, workers=2, threads=1))
+             RunOptions(teacher_batch=2, progress=False, dask_workers=2, threads=1))
     assert verify_store(str(out)) == []
     names = [s.name for s in store.array_specs(DEMO_POINTS)]
     dask_arrays, local = split_arrays(out, names), split_arrays(demo_store, names)

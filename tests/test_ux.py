@@ -160,8 +160,8 @@ def test_depth_scale_reads_frames_from_another_sensor(sevenscenes, tmp_path):
 
     out = tmp_path / "pairs.zarr"
     result = subprocess.run([BIN / "pkd-prep", "--no-progress", "scannet", "--root", str(tum), "--out", str(out),
-                             "--teacher", "random", "--frame-skip", "1", "--points", "1024", "--depth-scale", "5000",
-                             "--teacher-batch", "3"], capture_output=True, text=True)
+                             "--teacher", "random", "--frame-skip", "1", "--num-points", "1024",
+                             "--depth-scale", "5000", "--teacher-batch", "3"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "scenes under" in result.stderr and "train: 1 scene (kitchen)" in result.stderr
     group = zarr.open_group(str(out), mode="r")
