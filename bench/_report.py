@@ -13,8 +13,11 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import os
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def write_report(name: str, rows: list[dict], out: str | None, extra: dict | None = None) -> None:
@@ -28,8 +31,11 @@ def write_report(name: str, rows: list[dict], out: str | None, extra: dict | Non
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})},
-                                        indent=2, default=_plain))
+        Path(out).write_text(
+            json.dumps(
+                {"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}, indent=2, default=_plain
+            )
+        )
         print(f"wrote {out}")
 
 

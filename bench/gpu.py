@@ -60,9 +60,19 @@ class Sizes:
     warmup: int = 3
 
 
-QUICK = Sizes(frames=4, teacher_batch=2, prep_points=1024, train_batch=2, finetune_points=256, classes=4, steps=1,
-              warmup=1, train=StudentConfig(num_points=256, num_group=16, group_size=8, dim=48, depth=2, heads=2,
-                                            num_concepts=4, head_hidden=32))
+QUICK = Sizes(
+    frames=4,
+    teacher_batch=2,
+    prep_points=1024,
+    train_batch=2,
+    finetune_points=256,
+    classes=4,
+    steps=1,
+    warmup=1,
+    train=StudentConfig(
+        num_points=256, num_group=16, group_size=8, dim=48, depth=2, heads=2, num_concepts=4, head_hidden=32
+    ),
+)
 
 
 def sync(device: torch.device) -> None:
@@ -86,12 +96,13 @@ def timed(name: str, log: dict[str, float]) -> contextlib.AbstractContextManager
 
 # ---- teacher ----------------------------------------------------------------------------------------------
 
+
 def transformed_frames(scene_root: Path, teacher: Teacher, batch: int) -> list[torch.Tensor]:
     """The demo scene's colour frames through the teacher's transform, in batches (CPU tensors)."""
     (entry,) = find_scenes(scene_root)
     with open_scene(entry) as reader:
         images = [teacher.transform(Image.fromarray(decode_color(raw))) for raw in reader.read(reader.frame_numbers())]
-    return [torch.stack(images[i:i + batch]) for i in range(0, len(images), batch)]
+    return [torch.stack(images[i : i + batch]) for i in range(0, len(images), batch)]
 
 
 def encode_all(teacher: Teacher, batches: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -109,8 +120,10 @@ def encode_all(teacher: Teacher, batches: list[torch.Tensor]) -> tuple[torch.Ten
 def agreement(prefix: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Worst per-sample cosine and largest error relative to the reference's largest magnitude."""
     a, b = prefix.flatten(1), reference.flatten(1)
-    return {"min_cosine": float(F.cosine_similarity(a, b, dim=1).min()),
-            "max_rel_error": float((a - b).abs().max() / b.abs().max())}
+    return {
+        "min_cosine": float(F.cosine_similarity(a, b, dim=1).min()),
+        "max_rel_error": float((a - b).abs().max() / b.abs().max()),
+    }
 
 
 def teacher_rows(scene_root: Path, device: torch.device, sizes: Sizes) -> list[dict]:
@@ -121,10 +134,20 @@ def teacher_rows(scene_root: Path, device: torch.device, sizes: Sizes) -> list[d
     results = {p: encode_all(dataclasses.replace(teacher, precision=p), batches) for p in precisions}
     reference, fp32_s = results["fp32"]
     storage = agreement(reference.half().float(), reference)["max_rel_error"]
-    rows = [{"stage": f"teacher {p} bare forward", "images": len(prefix), "batch": sizes.teacher_batch,
-             "images_per_s": len(prefix) / seconds, "peer": "fp32", "peer_images_per_s": len(prefix) / fp32_s,
-             "ratio": fp32_s / seconds, **agreement(prefix, reference), "float16_storage_rel_error": storage}
-            for p, (prefix, seconds) in results.items()]
+    rows = [
+        {
+            "stage": f"teacher {p} bare forward",
+            "images": len(prefix),
+            "batch": sizes.teacher_batch,
+            "images_per_s": len(prefix) / seconds,
+            "peer": "fp32",
+            "peer_images_per_s": len(prefix) / fp32_s,
+            "ratio": fp32_s / seconds,
+            **agreement(prefix, reference),
+            "float16_storage_rel_error": storage,
+        }
+        for p, (prefix, seconds) in results.items()
+    ]
     if device.type != "cuda":
         rows.append({"stage": "teacher fp16 bare forward", "skipped": "fp16 needs CUDA"})
     return rows
@@ -132,25 +155,40 @@ def teacher_rows(scene_root: Path, device: torch.device, sizes: Sizes) -> list[d
 
 # ---- whole prep -------------------------------------------------------------------------------------------
 
-def prep_row(scene_root: Path, out: Path, device: torch.device, sizes: Sizes, threads: int,
-             teacher_limit: float) -> dict:
+
+def prep_row(
+    scene_root: Path, out: Path, device: torch.device, sizes: Sizes, threads: int, teacher_limit: float
+) -> dict:
     """The whole prep of the demo scene, every frame, against the fp32 teacher-only limit."""
-    cfg = PrepConfig(root=str(scene_root), frame_skip=1, shard_size=128,
-                     geometry=GeometryConfig(num_points=sizes.prep_points))
+    cfg = PrepConfig(
+        root=str(scene_root), frame_skip=1, shard_size=128, geometry=GeometryConfig(num_points=sizes.prep_points)
+    )
     start = time.perf_counter()
-    summary = run_prep(cfg, str(out), TeacherConfig(kind="random", device=str(device)),
-                       RunOptions(teacher_batch=sizes.teacher_batch, threads=threads, progress=False))
+    summary = run_prep(
+        cfg,
+        str(out),
+        TeacherConfig(kind="random", device=str(device)),
+        RunOptions(teacher_batch=sizes.teacher_batch, threads=threads, progress=False),
+    )
     seconds = time.perf_counter() - start
     frames = summary["train"]["samples"]
-    return {"stage": f"whole pkd-prep, demo scene ({sizes.prep_points} pts, fp32 teacher, {threads} threads)",
-            "frames": frames, "seconds": seconds, "frames_per_s": frames / seconds, "peer": "teacher-only limit",
-            "peer_images_per_s": teacher_limit, "ratio": frames / seconds / teacher_limit}
+    return {
+        "stage": f"whole pkd-prep, demo scene ({sizes.prep_points} pts, fp32 teacher, {threads} threads)",
+        "frames": frames,
+        "seconds": seconds,
+        "frames_per_s": frames / seconds,
+        "peer": "teacher-only limit",
+        "peer_images_per_s": teacher_limit,
+        "ratio": frames / seconds / teacher_limit,
+    }
 
 
 # ---- train steps ------------------------------------------------------------------------------------------
 
-def step_seconds(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], device: torch.device,
-                 sizes: Sizes) -> tuple[float, float | None]:
+
+def step_seconds(
+    model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], device: torch.device, sizes: Sizes
+) -> tuple[float, float | None]:
     """Median seconds of a bf16-autocast training step (forward, backward, AdamW) and peak GPU memory in MiB."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -180,33 +218,54 @@ def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     labels = torch.randint(0, sizes.classes, (sizes.train_batch,), generator=gen).to(device)
     torch.manual_seed(0)
     cases = {
-        "distill": (lambda m: F.mse_loss(m(points).pred.float(), prefix), Student(cfg),
-                    lambda m: F.mse_loss(m(points).float(), prefix), PointMAEPort(cfg), cfg.num_points),
-        "fine-tune": (lambda m: F.cross_entropy(m(shapes).float(), labels),
-                      PointClassifier(sizes.classes, cfg),
-                      lambda m: F.cross_entropy(m(shapes).float(), labels),
-                      PointMAEClassifierPort(cfg.dim, cfg.depth, cfg.heads, cfg.num_group, cfg.group_size,
-                                             sizes.classes), sizes.finetune_points),
+        "distill": (
+            lambda m: F.mse_loss(m(points).pred.float(), prefix),
+            Student(cfg),
+            lambda m: F.mse_loss(m(points).float(), prefix),
+            PointMAEPort(cfg),
+            cfg.num_points,
+        ),
+        "fine-tune": (
+            lambda m: F.cross_entropy(m(shapes).float(), labels),
+            PointClassifier(sizes.classes, cfg),
+            lambda m: F.cross_entropy(m(shapes).float(), labels),
+            PointMAEClassifierPort(cfg.dim, cfg.depth, cfg.heads, cfg.num_group, cfg.group_size, sizes.classes),
+            sizes.finetune_points,
+        ),
     }
     rows = []
     for name, (loss, model, port_loss, port, num_points) in cases.items():
         pkd_s, pkd_mib = step_seconds(model, loss, device, sizes)
         port_s, port_mib = step_seconds(port, port_loss, device, sizes)
-        rows.append({"stage": f"{name} step bf16 ({num_points} pts, batch {sizes.train_batch})",
-                     "s_per_step": pkd_s, "peak_mib": pkd_mib, "peer": "Point-MAE port", "peer_s_per_step": port_s,
-                     "peer_peak_mib": port_mib, "ratio": pkd_s / port_s})
+        rows.append(
+            {
+                "stage": f"{name} step bf16 ({num_points} pts, batch {sizes.train_batch})",
+                "s_per_step": pkd_s,
+                "peak_mib": pkd_mib,
+                "peer": "Point-MAE port",
+                "peer_s_per_step": port_s,
+                "peer_peak_mib": port_mib,
+                "ratio": pkd_s / port_s,
+            }
+        )
     return rows
 
 
 # ---- report -----------------------------------------------------------------------------------------------
 
+
 def machine(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     with contextlib.suppress(ImportError):
         import fpsample
+
         info["fpsample"] = getattr(fpsample, "__version__", "unknown")
     return info
 
@@ -218,19 +277,26 @@ def table(rows: list[dict]) -> str:
         if "skipped" in r:
             lines.append(f"| {r['stage']} | skipped | - | - | {r['skipped']} |")
         elif "s_per_step" in r:
-            memory = (f"peak {r['peak_mib']:.0f} MiB vs {r['peer_peak_mib']:.0f} MiB" if r["peak_mib"] is not None
-                      else "-")
-            lines.append(f"| {r['stage']} | {r['s_per_step'] * 1e3:.1f} ms/step | {r['peer']} "
-                         f"{r['peer_s_per_step'] * 1e3:.1f} ms/step | {r['ratio']:.2f} (time, <= 1.0 is faster) | "
-                         f"{memory} |")
+            memory = (
+                f"peak {r['peak_mib']:.0f} MiB vs {r['peer_peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "-"
+            )
+            lines.append(
+                f"| {r['stage']} | {r['s_per_step'] * 1e3:.1f} ms/step | {r['peer']} "
+                f"{r['peer_s_per_step'] * 1e3:.1f} ms/step | {r['ratio']:.2f} (time, <= 1.0 is faster) | "
+                f"{memory} |"
+            )
         elif "frames_per_s" in r:
-            lines.append(f"| {r['stage']} | {r['frames_per_s']:.1f} frames/s ({r['frames']} in {r['seconds']:.1f} s) "
-                         f"| {r['peer']} {r['peer_images_per_s']:.1f} img/s | {r['ratio']:.2f} | incl. teacher build |")
+            lines.append(
+                f"| {r['stage']} | {r['frames_per_s']:.1f} frames/s ({r['frames']} in {r['seconds']:.1f} s) "
+                f"| {r['peer']} {r['peer_images_per_s']:.1f} img/s | {r['ratio']:.2f} | incl. teacher build |"
+            )
         else:
-            lines.append(f"| {r['stage']} (batch {r['batch']}) | {r['images_per_s']:.1f} img/s | {r['peer']} "
-                         f"{r['peer_images_per_s']:.1f} img/s | {r['ratio']:.2f} | min cosine {r['min_cosine']:.5f}, "
-                         f"max rel error {r['max_rel_error']:.2e} (float16 storage: "
-                         f"{r['float16_storage_rel_error']:.2e}) |")
+            lines.append(
+                f"| {r['stage']} (batch {r['batch']}) | {r['images_per_s']:.1f} img/s | {r['peer']} "
+                f"{r['peer_images_per_s']:.1f} img/s | {r['ratio']:.2f} | min cosine {r['min_cosine']:.5f}, "
+                f"max rel error {r['max_rel_error']:.2e} (float16 storage: "
+                f"{r['float16_storage_rel_error']:.2e}) |"
+            )
     return "\n".join(lines)
 
 
@@ -252,12 +318,16 @@ def main() -> None:
         with timed("teacher precisions", steps):
             rows = teacher_rows(scene, device, sizes)
         with timed("whole prep", steps):
-            rows.append(prep_row(scene, Path(tmp) / "pairs.zarr", device, sizes, args.threads,
-                                 rows[0]["images_per_s"]))
+            rows.append(prep_row(scene, Path(tmp) / "pairs.zarr", device, sizes, args.threads, rows[0]["images_per_s"]))
         with timed("train steps", steps):
             rows += train_rows(device, sizes)
-    result = {"machine": machine(device), "quick": args.quick, "sizes": repr(sizes), "rows": rows,
-              "section_seconds": steps}
+    result = {
+        "machine": machine(device),
+        "quick": args.quick,
+        "sizes": repr(sizes),
+        "rows": rows,
+        "section_seconds": steps,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['machine']}\n\n{table(rows)}\n\nwrote {args.out}")

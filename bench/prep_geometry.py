@@ -55,8 +55,14 @@ def pack_scannet(out: Path, repeat: int = 10) -> Path:
     k_color = np.loadtxt(SCANNET / "intrinsic" / "intrinsic_color.txt")[:3, :3]
     k_depth = np.loadtxt(SCANNET / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
     camera = Camera(k_color, k_depth, np.eye(4), (1296, 968), (640, 480), 1000.0)
-    frames = [(np.loadtxt(SCANNET / "pose" / f"{i}.txt"), (SCANNET / "color" / f"{i}.jpg").read_bytes(),
-               cv2.imread(str(SCANNET / "depth" / f"{i}.png"), cv2.IMREAD_UNCHANGED)) for i in range(3)]
+    frames = [
+        (
+            np.loadtxt(SCANNET / "pose" / f"{i}.txt"),
+            (SCANNET / "color" / f"{i}.jpg").read_bytes(),
+            cv2.imread(str(SCANNET / "depth" / f"{i}.png"), cv2.IMREAD_UNCHANGED),
+        )
+        for i in range(3)
+    ]
     return write_sens(out, camera, frames * repeat)
 
 
@@ -93,9 +99,11 @@ def geometry_pass(path: Path, skip: int, sampling: str) -> tuple[float, int]:
 
 def peak_rss_mib(path: Path, skip: int, sampling: str) -> float:
     """Peak RSS of a fresh process running the geometry pass over ``path``."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import prep_geometry as b, resource; "
-            f"from pathlib import Path; b.geometry_pass(Path({str(path)!r}), {skip}, {sampling!r}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import prep_geometry as b, resource; "
+        f"from pathlib import Path; b.geometry_pass(Path({str(path)!r}), {skip}, {sampling!r}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1]) / 1024
 
@@ -131,16 +139,25 @@ def main() -> None:
                 geo_s, made = best_of(functools.partial(geometry_pass, path, skip, sampling), args.repeats)
                 frames = len(kept(SensReader(path), skip))
                 row = {
-                    "input": name, "sampling": sampling, "kept_frames": frames, "samples": made,
-                    "decode_fps": frames / dec_s, "geometry_fps": frames / geo_s, "ratio": dec_s / geo_s,
+                    "input": name,
+                    "sampling": sampling,
+                    "kept_frames": frames,
+                    "samples": made,
+                    "decode_fps": frames / dec_s,
+                    "geometry_fps": frames / geo_s,
+                    "ratio": dec_s / geo_s,
                     "bytes_read/payload": bytes_read / payload,
                     "rss_MiB": peak_rss_mib(path, skip, sampling),
                 }
                 if name.startswith("7-Scenes"):
                     row["rss_MiB_4x_file"] = peak_rss_mib(long_file, args.frame_skip, sampling)
                 rows.append(row)
-    write_report("prep geometry stage vs decode-only limit (1 thread)", rows, args.out,
-                 {"targets": {"ratio": ">= 0.8", "bytes_read/payload": "<= 1.1", "rss": "flat in file size"}})
+    write_report(
+        "prep geometry stage vs decode-only limit (1 thread)",
+        rows,
+        args.out,
+        {"targets": {"ratio": ">= 0.8", "bytes_read/payload": "<= 1.1", "rss": "flat in file size"}},
+    )
 
 
 if __name__ == "__main__":

@@ -29,34 +29,74 @@ def _rows(name: str, data: dict) -> list[tuple[str, str, str, float, str]]:
     rows = []
     if name == "prep_geometry":
         for r in data["rows"]:
-            rows.append((f"prep geometry, {r['input']}, {r['sampling']}", f"{r['geometry_fps']:.0f} frames/s",
-                         f"decode-only {r['decode_fps']:.0f} frames/s", r["ratio"], ">= 0.8"))
+            rows.append(
+                (
+                    f"prep geometry, {r['input']}, {r['sampling']}",
+                    f"{r['geometry_fps']:.0f} frames/s",
+                    f"decode-only {r['decode_fps']:.0f} frames/s",
+                    r["ratio"],
+                    ">= 0.8",
+                )
+            )
             if r["sampling"] == "fps":
-                rows.append((f"prep bytes read, {r['input']}", f"{r['bytes_read/payload']:.3f} x kept payload",
-                             "-", r["bytes_read/payload"], "<= 1.1"))
+                rows.append(
+                    (
+                        f"prep bytes read, {r['input']}",
+                        f"{r['bytes_read/payload']:.3f} x kept payload",
+                        "-",
+                        r["bytes_read/payload"],
+                        "<= 1.1",
+                    )
+                )
     elif name == "teacher":
         for r in data["rows"]:
-            rows.append((f"teacher stage ({r['device']}, batch {r['batch']})", f"{r['full_stage_images/s']:.1f} img/s",
-                         f"bare forward {r['bare_images/s']:.1f} img/s", r["ratio"], ">= 0.9"))
+            rows.append(
+                (
+                    f"teacher stage ({r['device']}, batch {r['batch']})",
+                    f"{r['full_stage_images/s']:.1f} img/s",
+                    f"bare forward {r['bare_images/s']:.1f} img/s",
+                    r["ratio"],
+                    ">= 0.9",
+                )
+            )
     elif name == "train_step":
         cases = {r["case"]: r for r in data["rows"]}
         student, port = cases.get("student"), cases.get("pointmae")
         if student and port:
-            rows.append((f"train step distill ({data['device']}, {data['points']} pts, batch {data['batch']})",
-                         f"{student['s_per_step']:.3f} s/step", f"Point-MAE port {port['s_per_step']:.3f} s/step",
-                         student["s_per_step"] / port["s_per_step"], "<= 1.0"))
+            rows.append(
+                (
+                    f"train step distill ({data['device']}, {data['points']} pts, batch {data['batch']})",
+                    f"{student['s_per_step']:.3f} s/step",
+                    f"Point-MAE port {port['s_per_step']:.3f} s/step",
+                    student["s_per_step"] / port["s_per_step"],
+                    "<= 1.0",
+                )
+            )
         if student and "student-store" in cases:
             fed = cases["student-store"]
-            rows.append(("train step store-fed", f"{fed['samples_per_s']:.2f} samples/s",
-                         f"in-memory {student['samples_per_s']:.2f} samples/s",
-                         fed["samples_per_s"] / student["samples_per_s"], ">= 0.95"))
+            rows.append(
+                (
+                    "train step store-fed",
+                    f"{fed['samples_per_s']:.2f} samples/s",
+                    f"in-memory {student['samples_per_s']:.2f} samples/s",
+                    fed["samples_per_s"] / student["samples_per_s"],
+                    ">= 0.95",
+                )
+            )
     elif name == "scale":
         for r in data["rows"]:
             if r["efficiency"] is None or r["workers"] < 2:
                 continue
             base = next(b for b in data["rows"] if b["stage"] == r["stage"] and b["speedup"] == 1.0)
-            rows.append((f"{r['stage']} scale-out, {r['setup']}", f"{r['per_s']:.2f} items/s",
-                         f"{base['setup']} {base['per_s']:.2f} items/s", r["efficiency"], "efficiency (report)"))
+            rows.append(
+                (
+                    f"{r['stage']} scale-out, {r['setup']}",
+                    f"{r['per_s']:.2f} items/s",
+                    f"{base['setup']} {base['per_s']:.2f} items/s",
+                    r["efficiency"],
+                    "efficiency (report)",
+                )
+            )
     return rows
 
 

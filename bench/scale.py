@@ -41,18 +41,34 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def bench_prep(root: Path, tmp: Path, args) -> tuple[list[dict], Path]:
-    cfg = PrepConfig(root=str(root), frame_skip=args.frame_skip, shard_size=args.shard_size,
-                     geometry=GeometryConfig(num_points=args.points))
+    cfg = PrepConfig(
+        root=str(root),
+        frame_skip=args.frame_skip,
+        shard_size=args.shard_size,
+        geometry=GeometryConfig(num_points=args.points),
+    )
     rows, store = [], None
     for workers in (0, 1, 2):
         out = tmp / f"prep-w{workers}.zarr"
         tic = time.perf_counter()
-        summary = run_prep(cfg, str(out), TeacherConfig(kind="random", seed=0),
-                           RunOptions(dask_workers=workers, threads=1, progress=False))
+        summary = run_prep(
+            cfg,
+            str(out),
+            TeacherConfig(kind="random", seed=0),
+            RunOptions(dask_workers=workers, threads=1, progress=False),
+        )
         wall = time.perf_counter() - tic
         frames = sum(s["samples"] for s in summary.values())
-        rows.append({"stage": "prep", "setup": "in-process (no dask)" if workers == 0 else f"dask {workers} worker(s)",
-                     "workers": workers, "items": frames, "wall_s": wall, "per_s": frames / wall})
+        rows.append(
+            {
+                "stage": "prep",
+                "setup": "in-process (no dask)" if workers == 0 else f"dask {workers} worker(s)",
+                "workers": workers,
+                "items": frames,
+                "wall_s": wall,
+                "per_s": frames / wall,
+            }
+        )
         store = out
     base = next(r for r in rows if r["workers"] == 1)["per_s"]
     for r in rows:
@@ -62,10 +78,35 @@ def bench_prep(root: Path, tmp: Path, args) -> tuple[list[dict], Path]:
 
 
 def train_run(store: Path, run_dir: Path, nproc: int, threads: int, args) -> dict:
-    flags = ["--run-dir", run_dir, "--batch-size", args.batch, "--streams", 2, "--max-steps", args.steps,
-             "--epochs", 1000, "--warmup-epochs", 1, "--num-points", args.train_points, "--num-group", args.num_group,
-             "--group-size", args.group_size, "--dim", args.dim, "--depth", args.depth, "--heads", args.heads,
-             "--device", "cpu", "--overwrite"]
+    flags = [
+        "--run-dir",
+        run_dir,
+        "--batch-size",
+        args.batch,
+        "--streams",
+        2,
+        "--max-steps",
+        args.steps,
+        "--epochs",
+        1000,
+        "--warmup-epochs",
+        1,
+        "--num-points",
+        args.train_points,
+        "--num-group",
+        args.num_group,
+        "--group-size",
+        args.group_size,
+        "--dim",
+        args.dim,
+        "--depth",
+        args.depth,
+        "--heads",
+        args.heads,
+        "--device",
+        "cpu",
+        "--overwrite",
+    ]
     launcher = [TORCHRUN, "--standalone", "--nproc-per-node", nproc] if nproc > 1 else [sys.executable]
     cmd = [str(c) for c in [*launcher, "-m", "pkd.train", "distill", store, *flags]]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
@@ -76,9 +117,15 @@ def train_run(store: Path, run_dir: Path, nproc: int, threads: int, args) -> dic
         raise SystemExit(f"training failed:\n{done.stderr[-3000:]}")
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["kind"] == "step"]
-    rates = [r["samples_per_s"] for r in steps][args.warmup:]
-    return {"stage": "train", "setup": f"{'torchrun ' if nproc > 1 else ''}{nproc} proc x {threads} thread(s)",
-            "workers": nproc, "items": args.batch * args.steps, "wall_s": wall, "per_s": statistics.median(rates)}
+    rates = [r["samples_per_s"] for r in steps][args.warmup :]
+    return {
+        "stage": "train",
+        "setup": f"{'torchrun ' if nproc > 1 else ''}{nproc} proc x {threads} thread(s)",
+        "workers": nproc,
+        "items": args.batch * args.steps,
+        "wall_s": wall,
+        "per_s": statistics.median(rates),
+    }
 
 
 def bench_train(store: Path, tmp: Path, args) -> list[dict]:
@@ -125,9 +172,12 @@ def main() -> None:
         prep_rows, store = bench_prep(tmp / "demo", tmp, args)
         train_rows = bench_train(store, tmp, args)
     model = {k: getattr(args, k) for k in ("train_points", "num_group", "group_size", "dim", "depth", "heads")}
-    write_report("scale-out on this machine (prep: frames/s; train: samples/s)", prep_rows + train_rows, args.out,
-                 {"args": vars(args), "train_model": model, "cpu_count": os.cpu_count(),
-                  "load_avg_before_end": os.getloadavg()})
+    write_report(
+        "scale-out on this machine (prep: frames/s; train: samples/s)",
+        prep_rows + train_rows,
+        args.out,
+        {"args": vars(args), "train_model": model, "cpu_count": os.cpu_count(), "load_avg_before_end": os.getloadavg()},
+    )
 
 
 if __name__ == "__main__":

@@ -55,13 +55,27 @@ def bench_read(root: Path, cache: Path, repeats: int) -> dict:
     ply_s = _timed(lambda: read_scene(*files), repeats)
     generic_s = _timed(lambda: [PlyData.read(str(f))["vertex"].data.copy() for f in files], 1)
     cache_s = _timed(lambda: load_scene(cached, SCENE), repeats)
-    return {"case": "read", "vertices": vertices, "cache_s": cache_s, "ply_s": ply_s, "generic_ply_s": generic_s,
-            "cache_scenes/s": 1 / cache_s, "ratio": ply_s / cache_s, "ratio_generic": generic_s / cache_s}
+    return {
+        "case": "read",
+        "vertices": vertices,
+        "cache_s": cache_s,
+        "ply_s": ply_s,
+        "generic_ply_s": generic_s,
+        "cache_scenes/s": 1 / cache_s,
+        "ratio": ply_s / cache_s,
+        "ratio_generic": generic_s / cache_s,
+    }
 
 
 def bench_step(root: Path, cache_dir: Path, args: argparse.Namespace) -> dict:
-    cfg = FinetuneConfig.for_task("scannet-seg", root, splits=str(root / "splits"), cache_dir=str(cache_dir),
-                                  batch_size=args.batch, device=args.device)
+    cfg = FinetuneConfig.for_task(
+        "scannet-seg",
+        root,
+        splits=str(root / "splits"),
+        cache_dir=str(cache_dir),
+        batch_size=args.batch,
+        device=args.device,
+    )
     task = ScanNetSegTask(cfg)
     model = task.model.train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -78,8 +92,15 @@ def bench_step(root: Path, cache_dir: Path, args: argparse.Namespace) -> dict:
 
     step()  # warm-up
     seconds = _timed(step, args.steps)
-    return {"case": "step", "device": cfg.device, "points": cfg.num_points, "groups": cfg.num_group,
-            "batch": args.batch, "s_per_step": seconds, "samples_per_s": args.batch / seconds}
+    return {
+        "case": "step",
+        "device": cfg.device,
+        "points": cfg.num_points,
+        "groups": cfg.num_group,
+        "batch": args.batch,
+        "s_per_step": seconds,
+        "samples_per_s": args.batch / seconds,
+    }
 
 
 def main() -> None:
@@ -99,7 +120,7 @@ def main() -> None:
         write_demo_splits(root, SCENE)
         build_cache(root, Path(tmp) / "cache" / "scannet_seg.zarr", [SCENE], progress=False)
         cases = args.cases.split(",")
-        rows = ([bench_read(root, Path(tmp) / "cache" / "scannet_seg.zarr", args.repeats)] if "read" in cases else [])
+        rows = [bench_read(root, Path(tmp) / "cache" / "scannet_seg.zarr", args.repeats)] if "read" in cases else []
         rows += [bench_step(root, Path(tmp) / "cache", args)] if "step" in cases else []
     write_report("scannet_seg", rows, args.out, {"threads": torch.get_num_threads()})
 

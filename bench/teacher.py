@@ -41,11 +41,19 @@ def sync(teacher: Teacher) -> None:
 def full_stage(root: Path, out: Path, teacher: Teacher, images: int, batch: int, threads: int) -> float:
     """Seconds to build one shard of ``images`` samples with geometry and teacher, written to a store."""
     plan = plan_splits(find_scenes(root), frame_skip=1, limit=images, progress=False)["train"]
-    attrs = store.SplitAttrs(scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples),
-                             shard_size=len(plan.samples))
+    attrs = store.SplitAttrs(
+        scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples), shard_size=len(plan.samples)
+    )
     group = store.create_split(zarr.open_group(str(out), mode="w"), "train", attrs, GeometryConfig().num_points)
-    job = ShardJob(split="train", shard=0, scenes=tuple(plan.scenes), samples=tuple(plan.samples), seed=0,
-                   geometry=GeometryConfig(), stages=store.STAGES)
+    job = ShardJob(
+        split="train",
+        shard=0,
+        scenes=tuple(plan.scenes),
+        samples=tuple(plan.samples),
+        seed=0,
+        geometry=GeometryConfig(),
+        stages=store.STAGES,
+    )
     sync(teacher)
     start = time.perf_counter()
     build_shard(group, job, teacher, batch, threads)
@@ -59,7 +67,7 @@ def bare_forward(root: Path, teacher: Teacher, images: int, batch: int) -> float
     with open_scene(entry) as reader:
         frames = reader.frame_numbers()[:images]
         tensors = [teacher.transform(Image.fromarray(decode_color(raw))) for raw in reader.read(frames)]
-    batches = [torch.stack(tensors[i:i + batch]).to(teacher.device) for i in range(0, len(tensors), batch)]
+    batches = [torch.stack(tensors[i : i + batch]).to(teacher.device) for i in range(0, len(tensors), batch)]
     sync(teacher)
     start = time.perf_counter()
     for chunk in batches:
@@ -89,12 +97,23 @@ def main() -> None:
         for _ in range(args.repeats):
             bare.append(bare_forward(root, teacher, args.images, args.batch))
             full.append(full_stage(root, Path(tmp) / "pairs.zarr", teacher, args.images, args.batch, args.threads))
-    row = {"device": str(teacher.device), "precision": args.precision, "batch": args.batch, "images": args.images,
-           "torch_threads": torch.get_num_threads(), "stage_threads": args.threads,
-           "bare_images/s": args.images / min(bare), "full_stage_images/s": args.images / min(full),
-           "ratio": min(bare) / min(full)}
-    write_report("teacher stage vs bare forward", [row], args.out, {"target": {"ratio": ">= 0.9"},
-                                                                     "runs_s": {"bare": bare, "full": full}})
+    row = {
+        "device": str(teacher.device),
+        "precision": args.precision,
+        "batch": args.batch,
+        "images": args.images,
+        "torch_threads": torch.get_num_threads(),
+        "stage_threads": args.threads,
+        "bare_images/s": args.images / min(bare),
+        "full_stage_images/s": args.images / min(full),
+        "ratio": min(bare) / min(full),
+    }
+    write_report(
+        "teacher stage vs bare forward",
+        [row],
+        args.out,
+        {"target": {"ratio": ">= 0.9"}, "runs_s": {"bare": bare, "full": full}},
+    )
 
 
 if __name__ == "__main__":

@@ -54,10 +54,12 @@ class PortEncoder(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = channels
-        self.first_conv = nn.Sequential(nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
-                                        nn.Conv1d(128, 256, 1))
-        self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                         nn.Conv1d(512, channels, 1))
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+        )
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, channels, 1)
+        )
 
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
         b, g, n, _ = groups.shape
@@ -140,8 +142,16 @@ class PointMAEClassifierPort(nn.Module):
         self.blocks = nn.ModuleList([PortBlock(dim, heads, r) for r in rates])
         self.norm = nn.LayerNorm(dim)
         self.cls_head_finetune = nn.Sequential(
-            nn.Linear(2 * dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, classes))
+            nn.Linear(2 * dim, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(256, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(256, classes),
+        )
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         patches, centres, _ = self.group_divider(points)
@@ -163,15 +173,21 @@ def finetune_model(case: str, args: argparse.Namespace) -> nn.Module:
 
 def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [{"points": torch.randn(batch, points, 3, generator=g).to(device),
-             "prefix": torch.randn(batch, 10, 768, generator=g).to(device)} for _ in range(n)]
+    return [
+        {
+            "points": torch.randn(batch, points, 3, generator=g).to(device),
+            "prefix": torch.randn(batch, 10, 768, generator=g).to(device),
+        }
+        for _ in range(n)
+    ]
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps after one warm-up step; returns samples/s, s/step and peak memory."""
     device = torch.device(args.device)
-    cfg = StudentConfig(num_points=args.points, num_group=args.groups,
-                        head="pooled" if case == "student-pooled" else "flat")
+    cfg = StudentConfig(
+        num_points=args.points, num_group=args.groups, head="pooled" if case == "student-pooled" else "flat"
+    )
     settings = LossSettings.of(cfg)
     torch.manual_seed(0)
     if case in FINETUNE_CASES:
@@ -187,10 +203,18 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         from pkd.train.data import LoaderConfig, StoreLoader
 
         from store_factory import make_store
-        store = make_store(Path(args.tmp) / "bench.zarr", n=args.batch * (args.steps + 1), num_points=args.points,
-                           shard_size=args.batch * 2, patch_tokens=False, stats=False)
-        loader = StoreLoader(LoaderConfig(str(store), "train", ("points", "prefix"), args.batch, args.points),
-                             num_workers=args.workers)
+
+        store = make_store(
+            Path(args.tmp) / "bench.zarr",
+            n=args.batch * (args.steps + 1),
+            num_points=args.points,
+            shard_size=args.batch * 2,
+            patch_tokens=False,
+            stats=False,
+        )
+        loader = StoreLoader(
+            LoaderConfig(str(store), "train", ("points", "prefix"), args.batch, args.points), num_workers=args.workers
+        )
         batches = iter(loader.epoch(0))
     else:
         batches = iter(make_batches(args.steps + 1, args.batch, args.points, device))
@@ -223,11 +247,20 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         step()
         times.append(time.perf_counter() - tic)
         cpu_times.append(time.process_time() - cpu)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    )
     total_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "step_seconds": times, "cpu_seconds": cpu_times, "peak_mib": peak, "max_rss_mib": total_rss,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {
+        "case": case,
+        "step_seconds": times,
+        "cpu_seconds": cpu_times,
+        "peak_mib": peak,
+        "max_rss_mib": total_rss,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
 
 
 def summarise(case: str, runs: list[dict], batch: int) -> dict:
@@ -235,10 +268,17 @@ def summarise(case: str, runs: list[dict], batch: int) -> dict:
     times = sorted(t for r in runs for t in r["step_seconds"])
     median = statistics.median(times)
     cpu = statistics.median(t for r in runs for t in r["cpu_seconds"])
-    return {"case": case, "s_per_step": median, "best_s_per_step": times[0], "cpu_s_per_step": cpu,
-            "samples_per_s": batch / median,
-            "peak_mib": max(r["peak_mib"] for r in runs), "max_rss_mib": max(r["max_rss_mib"] for r in runs),
-            "params_m": runs[0]["params_m"], "step_seconds": times}
+    return {
+        "case": case,
+        "s_per_step": median,
+        "best_s_per_step": times[0],
+        "cpu_s_per_step": cpu,
+        "samples_per_s": batch / median,
+        "peak_mib": max(r["peak_mib"] for r in runs),
+        "max_rss_mib": max(r["max_rss_mib"] for r in runs),
+        "params_m": runs[0]["params_m"],
+        "step_seconds": times,
+    }
 
 
 def main() -> None:
@@ -263,10 +303,26 @@ def main() -> None:
     runs: dict[str, list[dict]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory() as tmp:
         for _, case in ((r, c) for r in range(args.rounds) for c in cases):
-            cmd = [sys.executable, __file__, "--case", case, "--tmp", tmp, "--points", str(args.points),
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
-                   "--groups", str(args.groups),
-                   "--workers", str(args.workers)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                case,
+                "--tmp",
+                tmp,
+                "--points",
+                str(args.points),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+                "--groups",
+                str(args.groups),
+                "--workers",
+                str(args.workers),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode:
                 sys.exit(f"case {case} failed:\n{done.stderr}")
@@ -284,19 +340,33 @@ def main() -> None:
         ratios["store_fed_vs_in_memory"] = by["student-store"]["samples_per_s"] / by["student"]["samples_per_s"]
     if set(FINETUNE_CASES) <= set(by):
         ratios["finetune_time_vs_pointmae"] = by["finetune"]["s_per_step"] / by["finetune-pointmae"]["s_per_step"]
-        ratios["finetune_time_vs_pointmae_best"] = (by["finetune"]["best_s_per_step"]
-                                                    / by["finetune-pointmae"]["best_s_per_step"])
-    result = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "points": args.points, "groups": args.groups, "batch": args.batch, "steps": args.steps,
-              "rounds": args.rounds,
-              "workers": args.workers, "rows": rows, **ratios}
+        ratios["finetune_time_vs_pointmae_best"] = (
+            by["finetune"]["best_s_per_step"] / by["finetune-pointmae"]["best_s_per_step"]
+        )
+    result = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "points": args.points,
+        "groups": args.groups,
+        "batch": args.batch,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "workers": args.workers,
+        "rows": rows,
+        **ratios,
+    }
     print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds")
-    print(f"{'case':<14} {'s/step med':>10} {'s/step best':>11} {'cpu s/step':>10} {'samples/s':>10} {'peak MiB':>9} "
-          f"{'params M':>9}")
+    print(
+        f"{'case':<14} {'s/step med':>10} {'s/step best':>11} {'cpu s/step':>10} {'samples/s':>10} {'peak MiB':>9} "
+        f"{'params M':>9}"
+    )
     for r in rows:
-        print(f"{r['case']:<14} {r['s_per_step']:>10.3f} {r['best_s_per_step']:>11.3f} {r['cpu_s_per_step']:>10.3f} "
-              f"{r['samples_per_s']:>10.2f} "
-              f"{r['peak_mib']:>9.0f} {r['params_m']:>9.2f}")
+        print(
+            f"{r['case']:<14} {r['s_per_step']:>10.3f} {r['best_s_per_step']:>11.3f} {r['cpu_s_per_step']:>10.3f} "
+            f"{r['samples_per_s']:>10.2f} "
+            f"{r['peak_mib']:>9.0f} {r['params_m']:>9.2f}"
+        )
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
     if args.out:

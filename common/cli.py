@@ -30,10 +30,11 @@ def _one_paragraph(exc: BaseException) -> str:
     """``error: …`` for an OS error (naming its path) or an unexpected exception, without a traceback."""
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
-        return (f"error: {exc.strerror or exc}{where}. Check the path, its permissions and free space, then "
-                "rerun the same command.")
-    return (f"error: unexpected {type(exc).__name__}: {exc}. Rerun with PKD_DEBUG=1 for the traceback and "
-            "report it.")
+        return (
+            f"error: {exc.strerror or exc}{where}. Check the path, its permissions and free space, then "
+            "rerun the same command."
+        )
+    return f"error: unexpected {type(exc).__name__}: {exc}. Rerun with PKD_DEBUG=1 for the traceback and report it."
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:

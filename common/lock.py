@@ -29,15 +29,19 @@ def exclusive(target: str | Path, holder: str, error: type[PkdError] = ConfigErr
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 (held, locked, for the whole with-block of the caller)
     except OSError as exc:
-        raise error(f"cannot create the lock file {path} ({exc.strerror}); {Path(target).parent} must be a "
-                    "writable folder: fix its permissions or choose another output path.") from exc
+        raise error(
+            f"cannot create the lock file {path} ({exc.strerror}); {Path(target).parent} must be a "
+            "writable folder: fix its permissions or choose another output path."
+        ) from exc
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            raise error(f"another {holder} (pid {handle.read().strip() or '?'}) is writing {target}; wait for it "
-                        "to finish or stop it, then rerun this command.") from None
+            raise error(
+                f"another {holder} (pid {handle.read().strip() or '?'}) is writing {target}; wait for it "
+                "to finish or stop it, then rerun this command."
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

@@ -63,19 +63,29 @@ def configure(progress: bool = True, log_file: Path | None = None) -> None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"cannot write the log file {log_file} ({exc.strerror}); pass a writable "
-                              "--log-file path.") from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+            raise ConfigError(
+                f"cannot write the log file {log_file} ({exc.strerror}); pass a writable --log-file path."
+            ) from exc
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
     logging.getLogger("pkd").setLevel(logging.DEBUG if log_file is not None else logging.INFO)
     _settings.progress = progress
 
 
 def cli_options(
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="Turn progress bars off (on a pipe they "
-                                              f"print one line every {LINE_SECONDS:.0f} s).")] = False,
-    log_file: Annotated[Path | None, typer.Option(help="Also write every log record (with DEBUG detail and "
-                                                          "timestamps) to this file; it is appended to.")] = None,
+    no_progress: Annotated[
+        bool,
+        typer.Option(
+            "--no-progress", help=f"Turn progress bars off (on a pipe they print one line every {LINE_SECONDS:.0f} s)."
+        ),
+    ] = False,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write every log record (with DEBUG detail and timestamps) to this file; it is appended to."
+        ),
+    ] = None,
 ) -> None:
     """Options every pkd command line takes before its command (a typer app callback)."""
     configure(progress=not no_progress, log_file=log_file)

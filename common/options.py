@@ -55,24 +55,29 @@ def cli_type(hint: Any) -> Any:
     return hint
 
 
-def dataclass_options(cls: type, section: str | None = None,
-                      renamed: Mapping[str, str] | None = None) -> dict[str, Option]:
+def dataclass_options(
+    cls: type, section: str | None = None, renamed: Mapping[str, str] | None = None
+) -> dict[str, Option]:
     """The options of ``cls``: every field carrying help, by option name (``renamed`` maps field → name)."""
     hints = get_type_hints(cls)
-    return {(renamed or {}).get(f.name, f.name): Option(section, f, cli_type(hints[f.name]))
-            for f in dataclasses.fields(cls) if "help" in f.metadata}
+    return {
+        (renamed or {}).get(f.name, f.name): Option(section, f, cli_type(hints[f.name]))
+        for f in dataclasses.fields(cls)
+        if "help" in f.metadata
+    }
 
 
 def with_options(parameters: Iterable[inspect.Parameter]) -> Callable[[F], F]:
     """Decorate a typer command taking ``**options``: it gains ``parameters`` (keyword-only) in their place."""
+
     def decorate(func: F) -> F:
         added = list(parameters)
         own = inspect.signature(func, eval_str=True)
         params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD] + added
         func.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
-        func.__annotations__ = {**get_type_hints(func, include_extras=True),
-                                **{p.name: p.annotation for p in added}}
+        func.__annotations__ = {**get_type_hints(func, include_extras=True), **{p.name: p.annotation for p in added}}
         return func
+
     return decorate
 
 

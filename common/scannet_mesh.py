@@ -45,8 +45,11 @@ class SceneMesh:
 def class_names() -> tuple[str, ...]:
     """Names of the 20 benchmark classes (nyu40class of each id in CLASS_IDS), from the shipped tsv."""
     text = resources.files("pkd.data_manifests").joinpath(LABELS_TSV).read_text()
-    names = {int(row["nyu40id"]): row["nyu40class"] for row in csv.DictReader(text.splitlines(), delimiter="\t")
-             if row["nyu40id"].strip()}
+    names = {
+        int(row["nyu40id"]): row["nyu40class"]
+        for row in csv.DictReader(text.splitlines(), delimiter="\t")
+        if row["nyu40id"].strip()
+    }
     return tuple(names[i] for i in CLASS_IDS)
 
 
@@ -70,16 +73,20 @@ def _vertices(path: Path, fields: tuple[str, ...]) -> np.ndarray:
     try:
         ply = PlyData.read(str(path), known_list_len=_TRIANGLES)
     except (PlyParseError, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"cannot read {path} as a PLY mesh ({exc}); the file is truncated or damaged. "
-                        f"Download it again ({DOWNLOAD_HINT}).") from exc
+        raise DataError(
+            f"cannot read {path} as a PLY mesh ({exc}); the file is truncated or damaged. "
+            f"Download it again ({DOWNLOAD_HINT})."
+        ) from exc
     if "vertex" not in ply:
         raise DataError(f"{path} has no vertex element; it is not a ScanNet mesh. Download it again ({DOWNLOAD_HINT}).")
     data: np.ndarray = ply["vertex"].data
     missing = [f for f in fields if f not in (data.dtype.names or ())]
     if missing:
-        raise DataError(f"{path} has no vertex propert{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} "
-                        f"(it has {', '.join(data.dtype.names or ())}); expected ScanNet's layout. Download it "
-                        f"again ({DOWNLOAD_HINT}).")
+        raise DataError(
+            f"{path} has no vertex propert{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} "
+            f"(it has {', '.join(data.dtype.names or ())}); expected ScanNet's layout. Download it "
+            f"again ({DOWNLOAD_HINT})."
+        )
     return data
 
 
@@ -92,8 +99,10 @@ def read_scene(mesh: Path, labels: Path) -> SceneMesh:
     vertices = _vertices(mesh, ("x", "y", "z", "red", "green", "blue"))
     labelled = _vertices(labels, ("label",))
     if len(labelled) != len(vertices):
-        raise DataError(f"{labels} has {len(labelled)} vertices but {mesh} has {len(vertices)}; the two files "
-                        f"belong to different versions of the scan. Download both again ({DOWNLOAD_HINT}).")
+        raise DataError(
+            f"{labels} has {len(labelled)} vertices but {mesh} has {len(vertices)}; the two files "
+            f"belong to different versions of the scan. Download both again ({DOWNLOAD_HINT})."
+        )
     xyz = np.stack([vertices[c] for c in "xyz"], axis=1).astype(np.float32)
     if not np.isfinite(xyz).all():
         raise DataError(f"{mesh} holds NaN or infinite vertex coordinates; download it again ({DOWNLOAD_HINT}).")
@@ -108,8 +117,10 @@ def split_scenes(split: str, splits: Path | None = None) -> list[str]:
         return resources.files("pkd.data_manifests").joinpath(name).read_text().split()
     path = Path(splits) / name
     if not path.is_file():
-        raise DataError(f"{path} does not exist; --splits must be a folder holding scannetv2_train.txt and "
-                        "scannetv2_val.txt (or leave it out to use the official lists).")
+        raise DataError(
+            f"{path} does not exist; --splits must be a folder holding scannetv2_train.txt and "
+            "scannetv2_val.txt (or leave it out to use the official lists)."
+        )
     return path.read_text().split()
 
 

@@ -48,8 +48,13 @@ ARRAYS = {"xyz": ((3,), "float32"), "rgb": ((3,), "uint8"), "label": ((), "uint8
 
 
 def _attrs() -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "class_ids": list(CLASS_IDS), "classes": list(class_names()),
-            "ignore": IGNORE}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "class_ids": list(CLASS_IDS),
+        "classes": list(class_names()),
+        "ignore": IGNORE,
+    }
 
 
 def is_seg_cache(path: str | Path) -> bool:
@@ -64,8 +69,10 @@ def open_cache(path: str | Path, mode: Literal["r", "a"] = "r") -> zarr.Group:
     """Open a segmentation cache (``mode="a"`` creates it); StoreError for a foreign or other-version group."""
     path = Path(path)
     if mode == "r" and not path.exists():
-        raise StoreError(f"no ScanNet segmentation cache at {path}; build it with "
-                         f"`pkd-prep scannet-seg --root SCANNET --out {path}`.")
+        raise StoreError(
+            f"no ScanNet segmentation cache at {path}; build it with "
+            f"`pkd-prep scannet-seg --root SCANNET --out {path}`."
+        )
     if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
         raise StoreError(f"{path} is a folder of other files, not a Zarr group; pass another --out / --cache-dir.")
     try:
@@ -77,8 +84,10 @@ def open_cache(path: str | Path, mode: Literal["r", "a"] = "r") -> zarr.Group:
     expected = _attrs()
     found = {k: root.attrs.get(k) for k in ("format", "version", "class_ids")}
     if found != {k: expected[k] for k in found}:
-        raise StoreError(f"{path} is not a {FORMAT} v{VERSION} cache of the 20 ScanNet classes (found {found}); "
-                         "pass another --out / --cache-dir, or delete it to rebuild.")
+        raise StoreError(
+            f"{path} is not a {FORMAT} v{VERSION} cache of the 20 ScanNet classes (found {found}); "
+            "pass another --out / --cache-dir, or delete it to rebuild."
+        )
     return root
 
 
@@ -90,14 +99,19 @@ def done_scenes(root: zarr.Group) -> set[str]:
 def _write_scene(root: zarr.Group, name: str, mesh: SceneMesh, sources: tuple[Path, Path]) -> None:
     group = root.create_group(name, overwrite=True)
     for array, values in (("xyz", mesh.xyz), ("rgb", mesh.rgb), ("label", mesh.label)):
-        group.create_array(array, data=values, chunks=(max(1, min(CHUNK, len(values))), *values.shape[1:]),
-                           compressors=(BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec()))
+        group.create_array(
+            array,
+            data=values,
+            chunks=(max(1, min(CHUNK, len(values))), *values.shape[1:]),
+            compressors=(BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec()),
+        )
     group.attrs.update({"vertices": len(mesh.xyz), "mesh": str(sources[0]), "labels": str(sources[1])})
     group.attrs["done"] = True
 
 
-def build_cache(data: str | Path, path: str | Path, scenes: Iterable[str], allow_missing: bool = False,
-                progress: bool = True) -> dict[str, Any]:
+def build_cache(
+    data: str | Path, path: str | Path, scenes: Iterable[str], allow_missing: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Parse every scene of ``scenes`` not yet in the cache at ``path`` from the ScanNet tree ``data``.
 
     A scene without its folder or PLYs is a DataError, or with ``allow_missing`` is left out and listed
@@ -116,13 +130,16 @@ def build_cache(data: str | Path, path: str | Path, scenes: Iterable[str], allow
         if files is None or not all(f.is_file() for f in files):
             if not allow_missing:
                 where = files[0] if files else data / "scans" / scene
-                raise DataError(f"{where} (scene {scene}) is missing; {DOWNLOAD_HINT}, or pass --allow-missing "
-                                "to use only the scenes present.")
+                raise DataError(
+                    f"{where} (scene {scene}) is missing; {DOWNLOAD_HINT}, or pass --allow-missing "
+                    "to use only the scenes present."
+                )
             missing.append(scene)
             continue
         todo.append((scene, files))
-    for scene, files in progress_bar(todo, desc="caching ScanNet meshes", unit="scene",
-                                     disable=not progress or not todo):
+    for scene, files in progress_bar(
+        todo, desc="caching ScanNet meshes", unit="scene", disable=not progress or not todo
+    ):
         _write_scene(root, scene, read_scene(*files), files)
     return {"written": len(todo), "kept": len(done), "missing": missing}
 
@@ -135,8 +152,10 @@ def load_scene(root: zarr.Group, name: str) -> SceneMesh:
     try:
         return SceneMesh(*(np.asarray(array_of(group, array)[...]) for array in ARRAYS))
     except Exception as exc:  # codecs raise many types (ValueError, RuntimeError, blosc errors)
-        raise StoreError(f"{root.store}/{name} is corrupt ({type(exc).__name__}: {exc}); run `pkd-prep verify` on "
-                         "the cache, delete it and let the next run rebuild it.") from exc
+        raise StoreError(
+            f"{root.store}/{name} is corrupt ({type(exc).__name__}: {exc}); run `pkd-prep verify` on "
+            "the cache, delete it and let the next run rebuild it."
+        ) from exc
 
 
 def verify_cache(path: str | Path) -> list[str]:

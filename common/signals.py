@@ -36,8 +36,9 @@ def deferred() -> Iterator[None]:
         yield
         return
     received: list[signal.Signals] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum)))
-                for sig in STOP_SIGNALS}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum))) for sig in STOP_SIGNALS
+    }
     try:
         yield
     finally:

@@ -148,8 +148,10 @@ class TeacherAttrs(_Plain):
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, f"teacher precision {self.precision!r} is not one of {PRECISIONS}")
-        _check(self.random == (self.seed is not None),
-               f"a random teacher records its seed and only a random one does (random={self.random}, seed={self.seed})")
+        _check(
+            self.random == (self.seed is not None),
+            f"a random teacher records its seed and only a random one does (random={self.random}, seed={self.seed})",
+        )
 
     def comparable(self) -> dict[str, Any]:
         """What decides the targets: everything but where and with which open_clip release they ran."""
@@ -168,12 +170,16 @@ class RootAttrs(_Plain):
     status: str
 
     def __post_init__(self) -> None:
-        _check(self.format == FORMAT and self.version == VERSION,
-               f"format {self.format!r} version {self.version} is not {FORMAT!r} version {VERSION}")
+        _check(
+            self.format == FORMAT and self.version == VERSION,
+            f"format {self.format!r} version {self.version} is not {FORMAT!r} version {VERSION}",
+        )
         _check(self.status in STATUSES, f"status {self.status!r} is not one of {STATUSES}")
         num_points = self.prep.get("geometry", {}).get("num_points")
-        _check(isinstance(num_points, int) and num_points > 0,
-               f"prep.geometry.num_points must be a positive integer, got {num_points!r}")
+        _check(
+            isinstance(num_points, int) and num_points > 0,
+            f"prep.geometry.num_points must be a positive integer, got {num_points!r}",
+        )
 
     @property
     def num_points(self) -> int:
@@ -196,16 +202,24 @@ class SplitAttrs(_Plain):
     valid: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 0 and self.shard_size > 0,
-               f"num_samples {self.num_samples} must be >= 0 and shard_size {self.shard_size} > 0")
-        _check(len(self.color_sizes) in (0, len(self.scenes)),
-               f"{len(self.color_sizes)} color_sizes for {len(self.scenes)} scenes")
-        _check(self.valid is None or 0 <= self.valid <= self.num_samples,
-               f"valid {self.valid} outside 0..{self.num_samples}")
+        _check(
+            self.num_samples >= 0 and self.shard_size > 0,
+            f"num_samples {self.num_samples} must be >= 0 and shard_size {self.shard_size} > 0",
+        )
+        _check(
+            len(self.color_sizes) in (0, len(self.scenes)),
+            f"{len(self.color_sizes)} color_sizes for {len(self.scenes)} scenes",
+        )
+        _check(
+            self.valid is None or 0 <= self.valid <= self.num_samples,
+            f"valid {self.valid} outside 0..{self.num_samples}",
+        )
         known = {*self.skip_reasons, MISSING_FILES}
         reasons = set(self.plan_skipped) | set(self.skipped or {})
-        _check(reasons <= known, f"skip reasons {sorted(reasons - known)} are not in skip_reasons "
-               f"{self.skip_reasons} nor {MISSING_FILES!r}")
+        _check(
+            reasons <= known,
+            f"skip reasons {sorted(reasons - known)} are not in skip_reasons {self.skip_reasons} nor {MISSING_FILES!r}",
+        )
 
     @property
     def num_shards(self) -> int:
@@ -217,8 +231,14 @@ def _upgrade_v1(root: dict[str, Any], splits: dict[str, dict[str, Any]]) -> None
     once known, and read exported depth in millimetres without a ``depth_scale`` (None: the readers' default)."""
     root["prep"] = {"depth_scale": None, **root.get("prep", {})}
     for attrs in splits.values():
-        for key, value in (("skip_reasons", list(SKIP_REASONS)), ("color_sizes", []), ("plan", None),
-                           ("plan_skipped", {}), ("skipped", None), ("valid", None)):
+        for key, value in (
+            ("skip_reasons", list(SKIP_REASONS)),
+            ("color_sizes", []),
+            ("plan", None),
+            ("plan_skipped", {}),
+            ("skipped", None),
+            ("valid", None),
+        ):
             attrs.setdefault(key, value)
 
 
@@ -245,27 +265,34 @@ def read_attrs(root: zarr.Group, path: str | Path) -> StoreAttrs:
     raw = dict(root.attrs)
     fmt, version = raw.get("format"), raw.get("version")
     if fmt != FORMAT:
-        raise StoreError(f"{path} is not a pkd pair store (format={fmt!r}, expected {FORMAT!r}); "
-                         "pass a store written by pkd-prep.")
+        raise StoreError(
+            f"{path} is not a pkd pair store (format={fmt!r}, expected {FORMAT!r}); pass a store written by pkd-prep."
+        )
     versions = raw.get("versions")
     writer = versions.get("pkd", "unknown") if isinstance(versions, Mapping) else "unknown"
     if not isinstance(version, int) or version > VERSION or (version < VERSION and version not in _UPGRADES):
-        raise StoreError(f"{path} is pkd-pairs version {version} (written by pkd {writer}); this pkd reads versions "
-                         f"{min(_UPGRADES)}-{VERSION}. Install pkd {writer} to read it, or rebuild the store with "
-                         "this pkd (`pkd-prep scannet ... --overwrite`).")
+        raise StoreError(
+            f"{path} is pkd-pairs version {version} (written by pkd {writer}); this pkd reads versions "
+            f"{min(_UPGRADES)}-{VERSION}. Install pkd {writer} to read it, or rebuild the store with "
+            "this pkd (`pkd-prep scannet ... --overwrite`)."
+        )
     groups = _split_groups(root)
     splits = {name: dict(group.attrs) for name, group in groups.items()}
     for step in range(version, VERSION):
         _UPGRADES[step](raw, splits)
     raw["version"] = VERSION
     try:
-        return StoreAttrs(RootAttrs.from_dict(raw, "root attrs"),
-                          {name: SplitAttrs.from_dict(attrs, f"{name} attrs") for name, attrs in splits.items()},
-                          version)
+        return StoreAttrs(
+            RootAttrs.from_dict(raw, "root attrs"),
+            {name: SplitAttrs.from_dict(attrs, f"{name} attrs") for name, attrs in splits.items()},
+            version,
+        )
     except ConfigError as exc:
-        raise StoreError(f"{path} has invalid attrs for pkd-pairs version {version} (written by pkd {writer}): "
-                         f"{exc}. Install pkd {writer} to read it, or rebuild the store with this pkd "
-                         "(`pkd-prep scannet ... --overwrite`).") from exc
+        raise StoreError(
+            f"{path} has invalid attrs for pkd-pairs version {version} (written by pkd {writer}): "
+            f"{exc}. Install pkd {writer} to read it, or rebuild the store with this pkd "
+            "(`pkd-prep scannet ... --overwrite`)."
+        ) from exc
 
 
 def write_root_attrs(root: zarr.Group, attrs: RootAttrs) -> None:
@@ -289,8 +316,9 @@ def int_attr(node: zarr.Group | zarr.Array[Any], key: str, default: int | None =
     """The integer attr ``key`` of a group or array (``default`` when absent); StoreError if it is not one."""
     value = node.attrs.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise StoreError(f"{node.store}/{node.path} attr {key!r} is {value!r}, not an integer; the store is damaged: "
-                         "rebuild it.")
+        raise StoreError(
+            f"{node.store}/{node.path} attr {key!r} is {value!r}, not an integer; the store is damaged: rebuild it."
+        )
     return value
 
 
@@ -366,8 +394,9 @@ def _compressors() -> tuple[BloscCodec, Crc32cCodec]:
     return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
-def create_split(root: zarr.Group, split: str, attrs: SplitAttrs, num_points: int,
-                 patch_tokens: bool = False) -> zarr.Group:
+def create_split(
+    root: zarr.Group, split: str, attrs: SplitAttrs, num_points: int, patch_tokens: bool = False
+) -> zarr.Group:
     """Create an empty split group sized for ``attrs.num_samples`` planned samples (may be 0)."""
     group = root.create_group(split)
     n, shard_size = attrs.num_samples, attrs.shard_size
@@ -376,8 +405,9 @@ def create_split(root: zarr.Group, split: str, attrs: SplitAttrs, num_points: in
     for stage in STAGES:
         group.create_array(f"done_{stage}", shape=(attrs.num_shards,), chunks=(1,), dtype="uint8", fill_value=0)
     reasons = len(attrs.skip_reasons)
-    group.create_array("skipped_counts", shape=(attrs.num_shards, reasons), chunks=(1, reasons), dtype="int32",
-                       fill_value=0)
+    group.create_array(
+        "skipped_counts", shape=(attrs.num_shards, reasons), chunks=(1, reasons), dtype="int32", fill_value=0
+    )
     write_split_attrs(group, attrs)
     return group
 
@@ -418,8 +448,9 @@ def write_shard(
         with zarr.config.set({"array.write_empty_chunks": True}):  # a file per shard: see missing_shards
             array = array_of(group, name)
         if values.shape != (stop - start, *array.shape[1:]):
-            raise ValueError(f"shard {shard} of {name!r}: got shape {values.shape}, expected "
-                             f"{(stop - start, *array.shape[1:])}")
+            raise ValueError(
+                f"shard {shard} of {name!r}: got shape {values.shape}, expected {(stop - start, *array.shape[1:])}"
+            )
         array[start:stop] = values
     if skipped is not None:
         array_of(group, "skipped_counts")[shard] = np.array([skipped.get(r, 0) for r in attrs.skip_reasons], "int32")
@@ -463,8 +494,10 @@ def reset_stage(group: zarr.Group, stage: str) -> None:
 
 def _open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
     if not is_remote(path) and not Path(path).exists():
-        raise StoreError(f"no pair store at {path}: create one with `pkd-prep scannet --root SCANNET --out {path}` "
-                         "(a synthetic scene to try it on: `pkd-prep demo-scene --out DIR`).")
+        raise StoreError(
+            f"no pair store at {path}: create one with `pkd-prep scannet --root SCANNET --out {path}` "
+            "(a synthetic scene to try it on: `pkd-prep demo-scene --out DIR`)."
+        )
     try:
         return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
@@ -492,10 +525,12 @@ def teacher_crop(path: str | Path, split: str) -> tuple[float, float, float, flo
     attrs = read_attrs(_open_group(path, "r"), path)
     sizes = set(attrs.splits[split].color_sizes) if split in attrs.splits else set()
     if len(sizes) != 1:
-        raise StoreError(f"{path}/{split} records {'no' if not sizes else 'several'} colour image sizes (color_sizes "
-                         f"attr: {sorted(sizes)}); the teacher's crop of the pixels needs exactly one. Prep scenes of "
-                         "one camera into a store, or re-run pkd-prep with this pkd to record them.")
-    (width, height), = sizes
+        raise StoreError(
+            f"{path}/{split} records {'no' if not sizes else 'several'} colour image sizes (color_sizes "
+            f"attr: {sorted(sizes)}); the teacher's crop of the pixels needs exactly one. Prep scenes of "
+            "one camera into a store, or re-run pkd-prep with this pkd to record them."
+        )
+    ((width, height),) = sizes
     return geometry.teacher_crop_box(width, height, attrs.root.teacher.transform.image_size)
 
 
@@ -509,18 +544,23 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
     """Open one complete split for reading; ``require`` names arrays a consumer needs."""
     root = open_store(path)
     if split not in splits_of(root):
-        held = ", ".join(f"{name} ({_layout(split_group(root, name))[0]} samples)"
-                         for name in splits_of(root)) or "none"
+        held = (
+            ", ".join(f"{name} ({_layout(split_group(root, name))[0]} samples)" for name in splits_of(root)) or "none"
+        )
         example = (splits_of(root) or ["test"])[0]
-        raise StoreError(f"{path} has no split {split!r}; it holds {held}. Pass --split with one of those (e.g. "
-                         f"--split {example}), or prep a store from scenes of split {split!r}: pkd-prep assigns "
-                         "splits from the official ScanNet v2 lists (scans_test/ scenes are test).")
+        raise StoreError(
+            f"{path} has no split {split!r}; it holds {held}. Pass --split with one of those (e.g. "
+            f"--split {example}), or prep a store from scenes of split {split!r}: pkd-prep assigns "
+            "splits from the official ScanNet v2 lists (scans_test/ scenes are test)."
+        )
     group = split_group(root, split)
     for stage in STAGES:
         done = done_shards(group, stage)
         if not done.all():
-            raise StoreError(f"{path}/{split}: {int((~done).sum())} of {done.size} shards lack their {stage} "
-                             "arrays; rerun the same pkd-prep command to finish them.")
+            raise StoreError(
+                f"{path}/{split}: {int((~done).sum())} of {done.size} shards lack their {stage} "
+                "arrays; rerun the same pkd-prep command to finish them."
+            )
     present = {name for name, _ in group.arrays()}
     for name in require:
         if name not in present:
@@ -528,9 +568,11 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
             raise StoreError(f"{path}/{split} has no array {name!r}{hint}.")
     missing = missing_shards(group)
     if missing:
-        raise StoreError(f"{path}/{split}: {len(missing)} shard file(s) are missing, e.g. {missing[0][0]} shard "
-                         f"{missing[0][1]}; they would read back as zeros. Run `pkd-prep verify {path}` and rebuild "
-                         "the store (rerun the prep with --overwrite, or restore it from a copy).")
+        raise StoreError(
+            f"{path}/{split}: {len(missing)} shard file(s) are missing, e.g. {missing[0][0]} shard "
+            f"{missing[0][1]}; they would read back as zeros. Run `pkd-prep verify {path}` and rebuild "
+            "the store (rerun the prep with --overwrite, or restore it from a copy)."
+        )
     return group
 
 
@@ -541,9 +583,11 @@ def read_shard(group: zarr.Group, name: str, start: int, stop: int) -> np.ndarra
         return np.asarray(array_of(group, name)[start:stop])
     except Exception as exc:  # codecs raise many types (ValueError, RuntimeError, blosc errors)
         shard = start // _layout(group)[1]
-        raise StoreError(f"{group.store}/{group.path}/{name}: shard {shard} (samples {start}-{stop - 1}) is "
-                         f"corrupt ({type(exc).__name__}: {exc}). Run `pkd-prep verify` on the store and rebuild "
-                         "it (rerun the prep with --overwrite, or restore it from a copy).") from exc
+        raise StoreError(
+            f"{group.store}/{group.path}/{name}: shard {shard} (samples {start}-{stop - 1}) is "
+            f"corrupt ({type(exc).__name__}: {exc}). Run `pkd-prep verify` on the store and rebuild "
+            "it (rerun the prep with --overwrite, or restore it from a copy)."
+        ) from exc
 
 
 def write_stats(group: zarr.Group, name: str, mean: np.ndarray, std: np.ndarray) -> None:

@@ -59,14 +59,18 @@ def _check_split(name: str, group: zarr.Group, num_points: int) -> list[str]:
             continue
         array = store.array_of(group, spec.name)
         if array.shape != (n, *spec.sample_shape) or array.dtype != np.dtype(spec.dtype):
-            faults.append(f"{name}/{spec.name}: shape {array.shape} dtype {array.dtype}, expected "
-                          f"{(n, *spec.sample_shape)} {spec.dtype}")
+            faults.append(
+                f"{name}/{spec.name}: shape {array.shape} dtype {array.dtype}, expected "
+                f"{(n, *spec.sample_shape)} {spec.dtype}"
+            )
     for stage in store.STAGES:
         missing = np.flatnonzero(~store.done_shards(group, stage))
         if missing.size:
             faults.append(f"{name}: shards {missing.tolist()} lack their {stage} arrays (rerun the prep command)")
-    faults += [f"{name}/{array} shard {shard}: file missing (it would read back as zeros; rebuild the store)"
-               for array, shard in store.missing_shards(group)]
+    faults += [
+        f"{name}/{array} shard {shard}: file missing (it would read back as zeros; rebuild the store)"
+        for array, shard in store.missing_shards(group)
+    ]
     if faults:
         return faults
     num_scenes = len(attrs.scenes)
@@ -108,8 +112,10 @@ def _check_stats(name: str, group: zarr.Group) -> list[str]:
         elif not (np.isfinite(mean).all() and np.isfinite(std).all()):
             faults.append(f"{name}/stats: {array} mean/std hold NaN or inf")
         elif valid > 1 and not (std > 0).all():
-            faults.append(f"{name}/stats: {array} std is 0 in {int((std <= 0).sum())} of {std.size} dimensions "
-                          f"over {valid} valid samples (identical targets: check the teacher)")
+            faults.append(
+                f"{name}/stats: {array} std is 0 in {int((std <= 0).sum())} of {std.size} dimensions "
+                f"over {valid} valid samples (identical targets: check the teacher)"
+            )
     return faults
 
 

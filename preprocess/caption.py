@@ -32,10 +32,14 @@ def _gpt2_config(state: dict[str, torch.Tensor], n_head: int | None, eos_token_i
     vocab, n_embd = state["transformer.wte.weight"].shape
     layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.h.")}
     return GPT2Config(
-        vocab_size=vocab, n_embd=n_embd, n_positions=state["transformer.wpe.weight"].shape[0],
-        n_layer=len(layers), n_head=n_head or n_embd // GPT2_HEAD_DIM,
+        vocab_size=vocab,
+        n_embd=n_embd,
+        n_positions=state["transformer.wpe.weight"].shape[0],
+        n_layer=len(layers),
+        n_head=n_head or n_embd // GPT2_HEAD_DIM,
         n_inner=state["transformer.h.0.mlp.c_fc.weight"].shape[1],
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
     )
 
 
@@ -46,9 +50,11 @@ def _load_tokenizer(tokenizer: str | Path | PreTrainedTokenizerBase) -> PreTrain
         return tokenizer
     path = Path(tokenizer)
     if not path.is_dir():
-        raise ConfigError(f"tokenizer folder {path} does not exist; pass --tokenizer DIR holding GPT-2's tokenizer "
-                          "in Hugging Face format (vocab.json + merges.txt or tokenizer.json), e.g. a saved copy "
-                          "of the 'gpt2' tokenizer.")
+        raise ConfigError(
+            f"tokenizer folder {path} does not exist; pass --tokenizer DIR holding GPT-2's tokenizer "
+            "in Hugging Face format (vocab.json + merges.txt or tokenizer.json), e.g. a saved copy "
+            "of the 'gpt2' tokenizer."
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -132,13 +138,17 @@ def load_captioner(
     state = tw.gpt_state_dict(clipcap_weights)
     config = _gpt2_config(state, n_head, tok.eos_token_id)
     if len(tok) > config.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tok)} tokens but the GPT-2 in {clipcap_weights} only "
-                          f"{config.vocab_size}; pass GPT-2's own tokenizer.")
+        raise ConfigError(
+            f"tokenizer has {len(tok)} tokens but the GPT-2 in {clipcap_weights} only "
+            f"{config.vocab_size}; pass GPT-2's own tokenizer."
+        )
     gpt = GPT2LMHeadModel(config)
     state.setdefault("lm_head.weight", state["transformer.wte.weight"])  # tied to wte in GPT-2
     try:
         gpt.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"GPT-2 weights in {clipcap_weights} do not fit the inferred config "
-                           f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads): {exc}") from exc
+        raise WeightsError(
+            f"GPT-2 weights in {clipcap_weights} do not fit the inferred config "
+            f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads): {exc}"
+        ) from exc
     return Captioner(gpt=gpt.eval().to(device), tokenizer=tok, device=torch.device(device))

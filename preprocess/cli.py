@@ -52,8 +52,12 @@ GEOMETRY_OPTIONS = dataclass_options(GeometryConfig, "geometry")
 TEACHER_OPTIONS = dataclass_options(TeacherConfig, "teacher", {"kind": "teacher"})
 RUN_OPTIONS = dataclass_options(RunOptions, "run")
 ALIASES = {"points": "num_points", "workers": "dask_workers"}  # old spellings, hidden, for one release
-WEIGHTS_DIR = inspect.Parameter("weights_dir", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-    cli_type(Path | None), typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")])
+WEIGHTS_DIR = inspect.Parameter(
+    "weights_dir",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation=Annotated[cli_type(Path | None), typer.Option(help=f"Folder holding {CLIP_FILE} and {CLIPCAP_FILE}.")],
+)
 
 
 def prep_options(options: Mapping[str, Option]) -> Callable[[F], F]:
@@ -94,8 +98,12 @@ def scannet(
 
     parts = configs(SCANNET_OPTIONS, options, options["seed"])
     geometry = GeometryConfig(**parts["geometry"], min_valid_pixels=parts["geometry"]["num_points"])
-    cfg = PrepConfig(root=str(root.resolve()), scenes=tuple(scenes.split(",")) if scenes else None, geometry=geometry,
-                     **parts["prep"])
+    cfg = PrepConfig(
+        root=str(root.resolve()),
+        scenes=tuple(scenes.split(",")) if scenes else None,
+        geometry=geometry,
+        **parts["prep"],
+    )
     summary = run_prep(cfg, out, parts["teacher"], parts["run"])
     for name, s in summary.items():
         typer.echo(f"{name}: {s['valid']} valid of {s['samples']} planned samples, skipped {s['skipped'] or 'none'}")
@@ -120,8 +128,9 @@ def scannet_seg(
     root: Annotated[Path, typer.Option(help="ScanNet tree with scans/<scene>/<scene>_vh_clean_2[.labels].ply.")],
     out: Annotated[Path, typer.Option(help="Cache to create or complete (e.g. seg.zarr).")],
     split: Annotated[str, typer.Option(help="train | val | all (train and val: the scenes with labels).")] = "all",
-    splits: Annotated[Path | None, typer.Option(help="Folder with scannetv2_train/val.txt (default: official).")]
-    = None,
+    splits: Annotated[
+        Path | None, typer.Option(help="Folder with scannetv2_train/val.txt (default: official).")
+    ] = None,
     allow_missing: Annotated[bool, typer.Option(help="Skip listed scenes whose PLYs are absent.")] = False,
 ) -> None:
     """Parse the labelled ScanNet meshes once into a Zarr cache for `pkd-train finetune scannet-seg`.
@@ -136,8 +145,10 @@ def scannet_seg(
     names = [n for s in (("train", "val") if split == "all" else (split,)) for n in split_scenes(s, splits)]
     with lock.exclusive(out, "pkd-prep scannet-seg", StoreError):
         summary = build_cache(root, out, names, allow_missing=allow_missing)
-    typer.echo(f"{out}: {summary['written']} scenes written, {summary['kept']} already cached"
-               + (f", {len(summary['missing'])} missing" if summary["missing"] else ""))
+    typer.echo(
+        f"{out}: {summary['written']} scenes written, {summary['kept']} already cached"
+        + (f", {len(summary['missing'])} missing" if summary["missing"] else "")
+    )
 
 
 @app.command()
@@ -152,20 +163,26 @@ def info(
         return
     teacher = report["teacher"] or {}
     typer.echo(f"{report['path']}  status={report['status']}  size={(report['bytes'] or 0) / 2**20:.1f} MiB")
-    typer.echo(f"teacher: {teacher.get('clip_model')} + {teacher.get('mapper')}  random={teacher.get('random')}  "
-               f"precision={teacher.get('precision')}")
+    typer.echo(
+        f"teacher: {teacher.get('clip_model')} + {teacher.get('mapper')}  random={teacher.get('random')}  "
+        f"precision={teacher.get('precision')}"
+    )
     if teacher.get("random"):
         typer.echo("WARNING: this store's targets come from a RANDOM teacher (tests/demos only).")
     prep = report["prep"] or {}
     geometry = prep.get("geometry", {})
-    typer.echo(f"prep: {prep.get('root')} (split {prep.get('split')}, source {prep.get('source')}), frame skip "
-               f"{prep.get('frame_skip')}, limit {prep.get('limit')}, {geometry.get('num_points')} points "
-               f"({geometry.get('sampling')}), depth {geometry.get('min_depth')}-{geometry.get('max_depth')} m, "
-               f"depth scale {prep.get('depth_scale') or 'default (exported frames: 1000, .sens: its header)'}, "
-               f"seed {prep.get('seed')}, shard size {prep.get('shard_size')}")
+    typer.echo(
+        f"prep: {prep.get('root')} (split {prep.get('split')}, source {prep.get('source')}), frame skip "
+        f"{prep.get('frame_skip')}, limit {prep.get('limit')}, {geometry.get('num_points')} points "
+        f"({geometry.get('sampling')}), depth {geometry.get('min_depth')}-{geometry.get('max_depth')} m, "
+        f"depth scale {prep.get('depth_scale') or 'default (exported frames: 1000, .sens: its header)'}, "
+        f"seed {prep.get('seed')}, shard size {prep.get('shard_size')}"
+    )
     for name, s in report["splits"].items():
-        typer.echo(f"{name}: {s['samples']} samples ({s['valid']} valid), {s['scenes']} scenes, "
-                   f"{s['shards']} shards (done {s['shards_done']}), skipped {s['skipped'] or 'none'}")
+        typer.echo(
+            f"{name}: {s['samples']} samples ({s['valid']} valid), {s['scenes']} scenes, "
+            f"{s['shards']} shards (done {s['shards_done']}), skipped {s['skipped'] or 'none'}"
+        )
 
 
 @app.command()
@@ -221,10 +238,10 @@ def show(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("sample.png"),
     index: Index = 0,
     split: Split = "train",
-    clipcap_weights: Annotated[str | None, typer.Option(help="ClipCap weights with gpt.* keys: adds the "
-                                                                "caption.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="GPT-2 tokenizer folder (HF format) for the caption.")]
-    = None,
+    clipcap_weights: Annotated[
+        str | None, typer.Option(help="ClipCap weights with gpt.* keys: adds the caption.")
+    ] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="GPT-2 tokenizer folder (HF format) for the caption.")] = None,
 ) -> None:
     """One picture of a sample: color frame with the teacher crop, the crop, the colored points (+caption)."""
     from pkd.preprocess import show as viewer
@@ -253,8 +270,10 @@ def _caption(prefix: np.ndarray, clipcap_weights: str, tokenizer: str | None, be
     from pkd.preprocess.caption import load_captioner
 
     if tokenizer is None:
-        raise ConfigError("a caption needs --tokenizer: a GPT-2 tokenizer folder (save one with "
-                          "`transformers.GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained(DIR)`).")
+        raise ConfigError(
+            "a caption needs --tokenizer: a GPT-2 tokenizer folder (save one with "
+            "`transformers.GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained(DIR)`)."
+        )
     return load_captioner(clipcap_weights, tokenizer).caption(prefix, beam=beam)
 
 

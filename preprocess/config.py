@@ -33,17 +33,21 @@ class PrepConfig:
     shard_size: int = option(512, "Samples per Zarr shard (unit of writing and resuming).")
     seed: int = option(0, "Global seed; every sample's seed derives from (seed, scene, frame).")
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    depth_scale: float | None = option(None, "Depth units per metre of exported depth PNGs (default 1000: "
-                                             "millimetres, as ScanNet, 7-Scenes, Redwood; TUM RGB-D: 5000). .sens "
-                                             "files record their own.")
+    depth_scale: float | None = option(
+        None,
+        "Depth units per metre of exported depth PNGs (default 1000: "
+        "millimetres, as ScanNet, 7-Scenes, Redwood; TUM RGB-D: 5000). .sens "
+        "files record their own.",
+    )
 
     def __post_init__(self) -> None:
         at_least(1, frame_skip=self.frame_skip, shard_size=self.shard_size)
         if self.limit is not None:
             at_least(1, limit=self.limit)
         if self.depth_scale is not None and not self.depth_scale > 0:
-            raise ConfigError(f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got "
-                              f"{self.depth_scale}.")
+            raise ConfigError(
+                f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got {self.depth_scale}."
+            )
 
     def scenes_to_read(self) -> list[SceneEntry]:
         """The scenes this config selects under its root."""
@@ -64,11 +68,14 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"unknown teacher kind {self.kind!r} (--teacher): choose 'clipcap' (real weights) or "
-                              "'random' (tests, demos).")
+            raise ConfigError(
+                f"unknown teacher kind {self.kind!r} (--teacher): choose 'clipcap' (real weights) or "
+                "'random' (tests, demos)."
+            )
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown teacher precision {self.precision!r} (--precision): choose one of "
-                              f"{', '.join(PRECISIONS)}.")
+            raise ConfigError(
+                f"unknown teacher precision {self.precision!r} (--precision): choose one of {', '.join(PRECISIONS)}."
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,12 +84,20 @@ class RunOptions:
 
     teacher_batch: int = option(32, "Images per teacher forward.", run=True)
     threads: int = option(2, "Decode/geometry threads running beside the teacher (in each process).", run=True)
-    dask_workers: int = option(0, "Start a local dask.distributed cluster of N worker processes, one task per "
-                                  "shard (0: run in this process).", run=True)
-    scheduler: str | None = option(None, "Address of an existing dask scheduler (tcp://host:8786); one task per "
-                                         "shard.", run=True)
-    overwrite: bool = option(False, "Replace an existing store written with other arguments (the new one is built "
-                                    "beside it as OUT.overwrite and swapped in only once complete).", run=True)
+    dask_workers: int = option(
+        0,
+        "Start a local dask.distributed cluster of N worker processes, one task per shard (0: run in this process).",
+        run=True,
+    )
+    scheduler: str | None = option(
+        None, "Address of an existing dask scheduler (tcp://host:8786); one task per shard.", run=True
+    )
+    overwrite: bool = option(
+        False,
+        "Replace an existing store written with other arguments (the new one is built "
+        "beside it as OUT.overwrite and swapped in only once complete).",
+        run=True,
+    )
     progress: bool = option(True, "Show progress bars.", run=True)
 
     def __post_init__(self) -> None:

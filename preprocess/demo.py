@@ -127,8 +127,10 @@ class _Renderer:
         u, v = np.meshgrid(np.arange(WIDTH, dtype=np.float64), np.arange(HEIGHT, dtype=np.float64))
         pixels = np.stack([u, v, np.ones_like(u)])
         self.intrinsics = {"color": COLOR_K, "depth": DEPTH_K}
-        self.rays = {name: np.einsum("ij,jhw->ihw", np.linalg.inv(k), pixels).astype(np.float32)
-                     for name, k in self.intrinsics.items()}
+        self.rays = {
+            name: np.einsum("ij,jhw->ihw", np.linalg.inv(k), pixels).astype(np.float32)
+            for name, k in self.intrinsics.items()
+        }
 
     def path(self, num_frames: int) -> list[np.ndarray]:
         """Camera-to-world poses along an ellipse around the table, looking inwards and slightly down."""
@@ -165,8 +167,10 @@ class _Renderer:
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = 1.0 / d
             # Inside the room one slab distance is negative and the other the exit: take the larger.
-            exits = [np.maximum(np.float32(lo - o) * inv_k, np.float32(hi - o) * inv_k)
-                     for lo, hi, o, inv_k in zip(ROOM[0], ROOM[1], origin, inv)]
+            exits = [
+                np.maximum(np.float32(lo - o) * inv_k, np.float32(hi - o) * inv_k)
+                for lo, hi, o, inv_k in zip(ROOM[0], ROOM[1], origin, inv)
+            ]
             t = np.minimum(np.minimum(exits[0], exits[1]), exits[2])
             surface, normal = np.zeros(t.shape, dtype=np.int8), np.zeros(t.shape, dtype=np.int8)
             if shading:
@@ -179,8 +183,18 @@ class _Renderer:
                 window = self._window(pose, camera, bmin, bmax)
                 if window is not None:
                     rays = (slice(None), *window)
-                    self._hit_box(origin, d[rays], inv[rays], bmin, bmax, 6 + b, t[window], surface[window],
-                                  normal[window], shading)
+                    self._hit_box(
+                        origin,
+                        d[rays],
+                        inv[rays],
+                        bmin,
+                        bmax,
+                        6 + b,
+                        t[window],
+                        surface[window],
+                        normal[window],
+                        shading,
+                    )
             centre, radius = SPHERE
             window = self._window(pose, camera, centre - radius, centre + radius)
             if window is not None:

@@ -29,8 +29,9 @@ def _grid(origin: np.ndarray, u: np.ndarray, v: np.ndarray, spacing: float) -> t
     a, b = np.meshgrid(np.linspace(0, 1, nu), np.linspace(0, 1, nv), indexing="ij")
     vertices = origin + a.reshape(-1, 1) * u + b.reshape(-1, 1) * v
     corner = (np.arange(nu - 1)[:, None] * nv + np.arange(nv - 1)[None]).reshape(-1)
-    faces = np.concatenate([np.stack([corner, corner + nv, corner + 1], 1),
-                            np.stack([corner + 1, corner + nv, corner + nv + 1], 1)])
+    faces = np.concatenate(
+        [np.stack([corner, corner + nv, corner + 1], 1), np.stack([corner + 1, corner + nv, corner + nv + 1], 1)]
+    )
     return vertices, faces
 
 
@@ -44,28 +45,40 @@ def _box_faces(bmin: np.ndarray, bmax: np.ndarray) -> list[tuple[np.ndarray, np.
 def _sphere(centre: np.ndarray, radius: float, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """A UV sphere: vertices on the parallels/meridians about ``spacing`` apart, and its triangles."""
     rings = max(4, int(np.pi * radius / spacing))
-    theta, phi = np.meshgrid(np.linspace(0, np.pi, rings + 1), np.linspace(0, 2 * np.pi, 2 * rings + 1),
-                             indexing="ij")
+    theta, phi = np.meshgrid(np.linspace(0, np.pi, rings + 1), np.linspace(0, 2 * np.pi, 2 * rings + 1), indexing="ij")
     unit = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1).reshape(-1, 3)
     _, faces = _grid(np.zeros(3), np.array([rings * spacing, 0, 0]), np.array([0, 2 * rings * spacing, 0]), spacing)
     return centre + radius * unit, faces
 
 
-def demo_surfaces(room: Box, boxes: tuple[Box, ...], sphere: tuple[np.ndarray, float],
-                  spacing: float) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def demo_surfaces(
+    room: Box, boxes: tuple[Box, ...], sphere: tuple[np.ndarray, float], spacing: float
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(vertices, faces, NYU40 label) of every surface of the demo room: walls, floor, ceiling, the boxes
     (table, bed, cabinet) and the ball."""
     lo, hi = room
     ex, ey, ez = np.diag(hi - lo)
-    planes = [((lo, ex, ey), FLOOR), ((lo + ez, ex, ey), CEILING), ((lo, ex, ez), WALL), ((lo + ey, ex, ez), WALL),
-              ((lo, ey, ez), WALL), ((lo + ex, ey, ez), WALL)]
+    planes = [
+        ((lo, ex, ey), FLOOR),
+        ((lo + ez, ex, ey), CEILING),
+        ((lo, ex, ez), WALL),
+        ((lo + ey, ex, ez), WALL),
+        ((lo, ey, ez), WALL),
+        ((lo + ex, ey, ez), WALL),
+    ]
     planes += [(face, label) for (bmin, bmax), label in zip(boxes, BOX_LABELS) for face in _box_faces(bmin, bmax)]
     surfaces = [(*_grid(*plane, spacing), label) for plane, label in planes]
     return surfaces + [(*_sphere(sphere[0], sphere[1], spacing / 2), OTHERPROP)]
 
 
-def write_demo_mesh(scene: Path, room: Box, boxes: tuple[Box, ...], sphere: tuple[np.ndarray, float],
-                    seed: int = 0, spacing: float = 0.1) -> tuple[Path, Path]:
+def write_demo_mesh(
+    scene: Path,
+    room: Box,
+    boxes: tuple[Box, ...],
+    sphere: tuple[np.ndarray, float],
+    seed: int = 0,
+    spacing: float = 0.1,
+) -> tuple[Path, Path]:
     """Write the room's ``<scene>_vh_clean_2.ply`` and ``.labels.ply`` into the scan folder ``scene``."""
     rng = np.random.default_rng([seed, 2])
     vertices, faces, labels, colors, offset = [], [], [], [], 0
@@ -90,8 +103,10 @@ def write_demo_mesh(scene: Path, room: Box, boxes: tuple[Box, ...], sphere: tupl
         table["alpha"] = 255
         if extra:
             table["label"] = np.concatenate(labels)
-        elements = [PlyElement.describe(table, "vertex"),
-                    PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"})]
+        elements = [
+            PlyElement.describe(table, "vertex"),
+            PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"}),
+        ]
         PlyData(elements, text=False, byte_order="<").write(str(path))
     return mesh, labelled
 

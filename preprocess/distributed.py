@@ -31,18 +31,42 @@ def shard_task(out: str, job: ShardJob, teacher_cfg: TeacherConfig, teacher_batc
     return dict(build_shard(group, job, _teachers[teacher_cfg], teacher_batch, threads))
 
 
-def run_on_dask(out: str, jobs: list[ShardJob], teacher_cfg: TeacherConfig, teacher_batch: int, threads: int,
-                workers: int, scheduler: str | None, progress: bool) -> None:
+def run_on_dask(
+    out: str,
+    jobs: list[ShardJob],
+    teacher_cfg: TeacherConfig,
+    teacher_batch: int,
+    threads: int,
+    workers: int,
+    scheduler: str | None,
+    progress: bool,
+) -> None:
     """Run shard jobs on an existing scheduler or a local cluster of ``workers`` processes."""
-    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                  dashboard_address=":0")
+    cluster = (
+        None
+        if scheduler
+        else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    )
     with Client(scheduler or cluster) as client:
         log.info("dask dashboard: %s", client.dashboard_link)
-        futures = [client.submit(shard_task, out, job, teacher_cfg, teacher_batch, threads, retries=RETRIES,
-                                 key=f"pkd-shard-{job.split}-{job.shard}", pure=False) for job in jobs]
+        futures = [
+            client.submit(
+                shard_task,
+                out,
+                job,
+                teacher_cfg,
+                teacher_batch,
+                threads,
+                retries=RETRIES,
+                key=f"pkd-shard-{job.split}-{job.shard}",
+                pure=False,
+            )
+            for job in jobs
+        ]
         sizes = {f.key: len(job.samples) for f, job in zip(futures, jobs)}
-        with progress_bar(total=sum(sizes.values()), desc=f"{stage_name(jobs)} (dask)", unit="frame",
-                          disable=not progress) as bar:
+        with progress_bar(
+            total=sum(sizes.values()), desc=f"{stage_name(jobs)} (dask)", unit="frame", disable=not progress
+        ) as bar:
             for future in as_completed(futures):
                 future.result()
                 bar.update(sizes[future.key])

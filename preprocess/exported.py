@@ -35,8 +35,10 @@ class ExportedReader:
 
     def __init__(self, scene_dir: str | Path, name: str | None = None, depth_scale: float = DEPTH_SHIFT):
         if not depth_scale > 0:
-            raise DataError(f"depth scale {depth_scale} of {scene_dir} must be positive (depth units per metre: "
-                            "1000 for millimetres).")
+            raise DataError(
+                f"depth scale {depth_scale} of {scene_dir} must be positive (depth units per metre: "
+                "1000 for millimetres)."
+            )
         self.depth_scale = float(depth_scale)
         self.path = Path(scene_dir)
         self.name = name or self.path.name
@@ -45,14 +47,18 @@ class ExportedReader:
             raise DataError(f"{self.path} is not a directory; pass an exported ScanNet scene folder.")
         for part, _ in _PARTS:
             if not (self.path / part).is_dir():
-                raise DataError(f"{self.path} has no {part}/ folder; an exported scene needs color/, depth/, pose/ "
-                                "and intrinsic/ (re-export the scan with ScanNet's SensReader).")
+                raise DataError(
+                    f"{self.path} has no {part}/ folder; an exported scene needs color/, depth/, pose/ "
+                    "and intrinsic/ (re-export the scan with ScanNet's SensReader)."
+                )
         files = [_numbered_files(self.path / part, suffix) for part, suffix in _PARTS]
         complete = set(files[0]).intersection(*files[1:])
         if not complete:
-            raise DataError(f"{self.path}: no frame has all of color/N.jpg, depth/N.png and pose/N.txt "
-                            f"({', '.join(f'{len(f)} {p}' for f, (p, _) in zip(files, _PARTS))} files); "
-                            "re-export the scan.")
+            raise DataError(
+                f"{self.path}: no frame has all of color/N.jpg, depth/N.png and pose/N.txt "
+                f"({', '.join(f'{len(f)} {p}' for f, (p, _) in zip(files, _PARTS))} files); "
+                "re-export the scan."
+            )
         self._frames = sorted(complete)
         color, depth, pose = files
         self._files = {frame: (color[frame], depth[frame], pose[frame]) for frame in self._frames}
@@ -62,8 +68,10 @@ class ExportedReader:
     def _read_camera(self) -> Camera:
         folder = self.path / "intrinsic"
         if not folder.is_dir():
-            raise DataError(f"{self.path} has no intrinsic/ folder with intrinsic_color.txt and intrinsic_depth.txt; "
-                            "re-export the scan with ScanNet's SensReader.")
+            raise DataError(
+                f"{self.path} has no intrinsic/ folder with intrinsic_color.txt and intrinsic_depth.txt; "
+                "re-export the scan with ScanNet's SensReader."
+            )
         color_k = _matrix(folder / "intrinsic_color.txt")[:3, :3]
         depth_k = _matrix(folder / "intrinsic_depth.txt")[:3, :3]
         extrinsics = [_matrix(folder / f"extrinsic_{s}.txt", optional=True) for s in ("color", "depth")]
@@ -157,8 +165,9 @@ def _matrix(file: Path, optional: bool = False) -> np.ndarray:
         m = np.pad(m, ((0, 1), (0, 1)))
         m[3, 3] = 1.0
     if m.shape != (4, 4) or not np.isfinite(m).all():
-        raise DataError(f"{file} must hold a finite 4x4 matrix, it holds shape {m.shape}; re-export the scan's "
-                        "intrinsic/ folder.")
+        raise DataError(
+            f"{file} must hold a finite 4x4 matrix, it holds shape {m.shape}; re-export the scan's intrinsic/ folder."
+        )
     return m
 
 

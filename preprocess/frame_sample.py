@@ -35,9 +35,11 @@ class GeometryConfig:
     def __post_init__(self) -> None:
         at_least(1, num_points=self.num_points)
         if self.num_points > MAX_POINTS:
-            raise ConfigError(f"--num-points {self.num_points} is above {MAX_POINTS}: a sample needs that many valid "
-                              "depth pixels (a ScanNet depth frame has 307,200) and memory grows with --num-points × "
-                              f"--shard-size. Pass at most {MAX_POINTS} (the paper uses 4096).")
+            raise ConfigError(
+                f"--num-points {self.num_points} is above {MAX_POINTS}: a sample needs that many valid "
+                "depth pixels (a ScanNet depth frame has 307,200) and memory grows with --num-points × "
+                f"--shard-size. Pass at most {MAX_POINTS} (the paper uses 4096)."
+            )
         if self.sampling not in SAMPLINGS:
             raise ConfigError(f"--sampling {self.sampling!r}: choose 'fps' or 'random'.")
 
@@ -75,8 +77,9 @@ def make_sample(raw: RawFrame, camera: Camera, cfg: GeometryConfig, seed: int) -
     valid = geometry.valid_pixels(depth, camera.depth_shift, cfg.min_depth, cfg.max_depth)
     if len(valid) < max(cfg.min_valid_pixels, cfg.num_points):
         raise SkipFrame("too_few_depth")
-    pool = geometry.subsample(valid, cfg.fps_candidates if cfg.sampling == "fps" else cfg.num_points,
-                              np.random.default_rng(seed))
+    pool = geometry.subsample(
+        valid, cfg.fps_candidates if cfg.sampling == "fps" else cfg.num_points, np.random.default_rng(seed)
+    )
     cam_points = geometry.backproject(depth, pool, camera.depth_intrinsic, camera.depth_shift)
     if cfg.sampling == "fps":
         cam_points = cam_points[geometry.farthest_points(cam_points, cfg.num_points)]

@@ -75,8 +75,9 @@ def decode_color(frame: RawFrame) -> np.ndarray:
     buffer = np.frombuffer(frame.color, dtype=np.uint8)
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if image is None or image.ndim != 3 or image.shape[2] != 3:
-        raise FrameDecodeError(f"frame {frame.frame}: color payload ({len(frame.color)} bytes) is not a decodable "
-                               "image")
+        raise FrameDecodeError(
+            f"frame {frame.frame}: color payload ({len(frame.color)} bytes) is not a decodable image"
+        )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -100,16 +101,19 @@ def decode_depth(frame: RawFrame, camera: Camera) -> np.ndarray:
             raise FrameDecodeError(f"frame {frame.frame}: depth payload is not a 16-bit single-channel PNG")
         depth = decoded
     else:
-        raise FrameDecodeError(f"frame {frame.frame}: unknown depth codec {frame.depth_codec!r} "
-                               f"(expected one of {DEPTH_CODECS})")
+        raise FrameDecodeError(
+            f"frame {frame.frame}: unknown depth codec {frame.depth_codec!r} (expected one of {DEPTH_CODECS})"
+        )
     if depth.shape != (height, width):
-        raise FrameDecodeError(f"frame {frame.frame}: depth is {depth.shape[1]}x{depth.shape[0]}, "
-                               f"the scan says {width}x{height}")
+        raise FrameDecodeError(
+            f"frame {frame.frame}: depth is {depth.shape[1]}x{depth.shape[0]}, the scan says {width}x{height}"
+        )
     return depth
 
 
 def _ushort(frame: RawFrame, data: bytes, expected: int, width: int, height: int) -> np.ndarray:
     if len(data) != expected:
-        raise FrameDecodeError(f"frame {frame.frame}: depth holds {len(data)} bytes, a {width}x{height} uint16 "
-                               f"image needs {expected}")
+        raise FrameDecodeError(
+            f"frame {frame.frame}: depth holds {len(data)} bytes, a {width}x{height} uint16 image needs {expected}"
+        )
     return np.frombuffer(data, dtype="<u2").reshape(height, width).astype(np.uint16)

@@ -89,8 +89,9 @@ def _store_exists(out: str) -> bool:
     return Path(out).exists()
 
 
-def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: store.TeacherAttrs,
-                    patch_tokens: bool) -> zarr.Group:
+def _open_or_create(
+    out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher_id: store.TeacherAttrs, patch_tokens: bool
+) -> zarr.Group:
     if _store_exists(out) and not _half_created(out):
         root = store.open_store(out, mode="r+")
         _refuse_other_arguments(root, cfg, teacher_id.comparable(), out)
@@ -100,12 +101,18 @@ def _open_or_create(out: str, cfg: PrepConfig, plans: dict[str, SplitPlan], teac
     created = store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(), status=store.CREATING)
     root = zarr.open_group(out, mode="w", attributes=created.to_dict())  # one write: a pkd store from its first file
     for name, plan in plans.items():
-        split = store.SplitAttrs(scenes=tuple(e.name for e in plan.scenes), num_samples=len(plan.samples),
-                                 shard_size=cfg.shard_size, color_sizes=tuple(plan.color_sizes),
-                                 plan=plan.fingerprint(), plan_skipped=dict(plan.skipped))
+        split = store.SplitAttrs(
+            scenes=tuple(e.name for e in plan.scenes),
+            num_samples=len(plan.samples),
+            shard_size=cfg.shard_size,
+            color_sizes=tuple(plan.color_sizes),
+            plan=plan.fingerprint(),
+            plan_skipped=dict(plan.skipped),
+        )
         store.create_split(root, name, split, cfg.geometry.num_points, patch_tokens=patch_tokens)
-    store.write_root_attrs(root, store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(),
-                                                 status="in-progress"))
+    store.write_root_attrs(
+        root, store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(), status="in-progress")
+    )
     return root
 
 
@@ -131,18 +138,26 @@ def _refuse_other_arguments(root: zarr.Group, cfg: PrepConfig, teacher_id: Mappi
     geometry_diff = config_diff(attrs.prep, to_plain(cfg))
     teacher_diff = config_diff(recorded, dict(teacher_id), "teacher.")
     if geometry_diff or teacher_diff:
-        hint = ("" if geometry_diff else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` "
-                "with the new teacher options.")
-        raise ConfigError(f"{out} was written with other arguments:\n  " + "\n  ".join(geometry_diff + teacher_diff)
-                          + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
-                          "or choose another --out." + hint)
+        hint = (
+            ""
+            if geometry_diff
+            else f"\nTo recompute only the teacher targets, run `pkd-prep teacher {out}` with the new teacher options."
+        )
+        raise ConfigError(
+            f"{out} was written with other arguments:\n  "
+            + "\n  ".join(geometry_diff + teacher_diff)
+            + "\nRerun with the original arguments to resume, pass --overwrite to replace it, "
+            "or choose another --out." + hint
+        )
 
 
 def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
     for name, plan in plans.items():
         if name not in root or store.split_attrs(store.split_group(root, name)).plan != plan.fingerprint():
-            raise ConfigError(f"the scenes under {cfg.root} changed since {out} was planned (split {name}); "
-                              "pass --overwrite to rebuild the store or --out for a new one.")
+            raise ConfigError(
+                f"the scenes under {cfg.root} changed since {out} was planned (split {name}); "
+                "pass --overwrite to rebuild the store or --out for a new one."
+            )
 
 
 def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]:
@@ -151,9 +166,17 @@ def _jobs(plan: SplitPlan, cfg: PrepConfig, group: zarr.Group) -> list[ShardJob]
     for shard, (start, stop) in enumerate(plan.shards(cfg.shard_size)):
         stages = tuple(s for s in store.STAGES if not done[s][shard])
         if stages:
-            jobs.append(ShardJob(split=plan.split, shard=shard, scenes=tuple(plan.scenes),
-                                 samples=tuple(plan.samples[start:stop]), seed=cfg.seed, geometry=cfg.geometry,
-                                 stages=stages))
+            jobs.append(
+                ShardJob(
+                    split=plan.split,
+                    shard=shard,
+                    scenes=tuple(plan.scenes),
+                    samples=tuple(plan.samples[start:stop]),
+                    seed=cfg.seed,
+                    geometry=cfg.geometry,
+                    stages=stages,
+                )
+            )
     return jobs
 
 
@@ -179,11 +202,16 @@ def finalize(group: zarr.Group) -> dict:
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
     for _, grouped in groupby(jobs, key=lambda job: job.split):
         split_jobs = list(grouped)
-        with progress_bar(total=sum(len(j.samples) for j in split_jobs), desc=stage_name(split_jobs), unit="frame",
-                          disable=not options.progress) as bar:
+        with progress_bar(
+            total=sum(len(j.samples) for j in split_jobs),
+            desc=stage_name(split_jobs),
+            unit="frame",
+            disable=not options.progress,
+        ) as bar:
             for job in split_jobs:
-                build_shard(store.split_group(root, job.split), job, teacher, options.teacher_batch, options.threads,
-                            bar.update)
+                build_shard(
+                    store.split_group(root, job.split), job, teacher, options.teacher_batch, options.threads, bar.update
+                )
 
 
 def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
@@ -202,9 +230,11 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
             skipped: Counter[str] = Counter()
             for plan in plans.values():
                 skipped.update(plan.skipped)
-            raise DataError(f"no usable frames under {cfg.root}: every frame numbered 0, {cfg.frame_skip}, "
-                            f"{2 * cfg.frame_skip}, … was skipped ({dict(skipped) or 'the scenes hold no frames'}); "
-                            "check the scans or lower --frame-skip.")
+            raise DataError(
+                f"no usable frames under {cfg.root}: every frame numbered 0, {cfg.frame_skip}, "
+                f"{2 * cfg.frame_skip}, … was skipped ({dict(skipped) or 'the scenes hold no frames'}); "
+                "check the scans or lower --frame-skip."
+            )
         if target != out:
             _drop_stale_staging(target, cfg, teacher.identity.comparable())
         root = _open_or_create(target, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
@@ -217,12 +247,15 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
 
 def _require_valid(summary: dict, written: str, out: str) -> None:
     """DataError when a split ended without one valid sample: training on it would be meaningless."""
-    empty = [f"{name} ({s['samples']} planned, skipped {s['skipped']})"
-             for name, s in summary.items() if not s["valid"]]
+    empty = [
+        f"{name} ({s['samples']} planned, skipped {s['skipped']})" for name, s in summary.items() if not s["valid"]
+    ]
     if empty:
         kept = f"; {out} is untouched (the new store is at {written})" if written != out else ""
-        raise DataError(f"no valid sample in split {', '.join(empty)}: check the depth frames and that --points "
-                        f"is not above the valid depth pixels of a frame{kept}.")
+        raise DataError(
+            f"no valid sample in split {', '.join(empty)}: check the depth frames and that --points "
+            f"is not above the valid depth pixels of a frame{kept}."
+        )
 
 
 def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunOptions()) -> dict:
@@ -242,8 +275,10 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
                 group = store.split_group(root, name)
                 store.reset_stage(group, "teacher")
                 if teacher_cfg.patch_tokens and "patch_tokens" not in group:
-                    store.add_array(group, next(s for s in store.array_specs(cfg.geometry.num_points, True)
-                                                     if s.name == "patch_tokens"))
+                    store.add_array(
+                        group,
+                        next(s for s in store.array_specs(cfg.geometry.num_points, True) if s.name == "patch_tokens"),
+                    )
             store.write_root_attrs(root, replace(attrs, teacher=teacher.identity, status="in-progress"))
         entries = cfg.scenes_to_read()
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
@@ -257,31 +292,56 @@ def prep_config_of(recorded: Mapping[str, Any], out: str) -> PrepConfig:
     try:
         return from_plain(PrepConfig, recorded, f"{out} prep attrs")
     except ConfigError as exc:
-        raise StoreError(f"{exc}. The store was written by another pkd version with the same store version "
-                         f"({store.VERSION}); rerun that pkd, or rebuild the store with this one "
-                         "(`pkd-prep scannet ... --overwrite`).") from exc
+        raise StoreError(
+            f"{exc}. The store was written by another pkd version with the same store version "
+            f"({store.VERSION}); rerun that pkd, or rebuild the store with this one "
+            "(`pkd-prep scannet ... --overwrite`)."
+        ) from exc
 
 
-def _execute(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
-             teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
+def _execute(
+    out: str,
+    root: zarr.Group,
+    cfg: PrepConfig,
+    plans: dict[str, SplitPlan],
+    teacher: Teacher,
+    teacher_cfg: TeacherConfig,
+    options: RunOptions,
+) -> dict:
     try:
         return _build(out, root, cfg, plans, teacher, teacher_cfg, options)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
-        raise StoreError(f"out of disk space while writing {out} ({exc.strerror}). Free space (or choose another "
-                         "--out) and rerun the same command: finished shards are kept and the store resumes."
-                         ) from exc
+        raise StoreError(
+            f"out of disk space while writing {out} ({exc.strerror}). Free space (or choose another "
+            "--out) and rerun the same command: finished shards are kept and the store resumes."
+        ) from exc
 
 
-def _build(out: str, root: zarr.Group, cfg: PrepConfig, plans: dict[str, SplitPlan], teacher: Teacher,
-           teacher_cfg: TeacherConfig, options: RunOptions) -> dict:
+def _build(
+    out: str,
+    root: zarr.Group,
+    cfg: PrepConfig,
+    plans: dict[str, SplitPlan],
+    teacher: Teacher,
+    teacher_cfg: TeacherConfig,
+    options: RunOptions,
+) -> dict:
     jobs = [job for name, plan in plans.items() for job in _jobs(plan, cfg, store.split_group(root, name))]
     if options.dask_workers or options.scheduler:
         from pkd.preprocess.distributed import run_on_dask
 
-        run_on_dask(out, jobs, teacher_cfg, options.teacher_batch, options.threads, options.dask_workers,
-                    options.scheduler, options.progress)
+        run_on_dask(
+            out,
+            jobs,
+            teacher_cfg,
+            options.teacher_batch,
+            options.threads,
+            options.dask_workers,
+            options.scheduler,
+            options.progress,
+        )
     else:
         _run_here(root, jobs, teacher, options)
     summary = {}

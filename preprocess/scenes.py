@@ -22,9 +22,11 @@ from pkd.preprocess.sens import SensReader
 
 SOURCES = ("auto", "sens", "exported")
 TREE_FOLDERS = ("scans", "scans_test")
-_LAYOUT = ("Expected a ScanNet tree (ROOT/scans/sceneXXXX_YY/ and/or ROOT/scans_test/sceneXXXX_YY/), a folder of "
-           "scene folders, or one scene folder; each scene folder holds sceneXXXX_YY.sens and/or the exported "
-           "layout color/N.jpg, depth/N.png, pose/N.txt, intrinsic/.")
+_LAYOUT = (
+    "Expected a ScanNet tree (ROOT/scans/sceneXXXX_YY/ and/or ROOT/scans_test/sceneXXXX_YY/), a folder of "
+    "scene folders, or one scene folder; each scene folder holds sceneXXXX_YY.sens and/or the exported "
+    "layout color/N.jpg, depth/N.png, pose/N.txt, intrinsic/."
+)
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,7 @@ class SceneEntry:
 def split_lists() -> dict[str, frozenset[str]]:
     """The official ScanNet v2 scene lists, by split."""
     package = resources.files("pkd.data_manifests")
-    return {
-        split: frozenset(package.joinpath(f"scannetv2_{split}.txt").read_text().split()) for split in SPLITS
-    }
+    return {split: frozenset(package.joinpath(f"scannetv2_{split}.txt").read_text().split()) for split in SPLITS}
 
 
 def split_of(name: str) -> str:
@@ -73,16 +73,20 @@ def find_scenes(
     if source not in SOURCES:
         raise DataError(f"unknown scene source {source!r}; use one of {', '.join(SOURCES)}.")
     if not root.is_dir():
-        raise DataError(f"ScanNet root {root} does not exist or is not a folder; pass the folder holding scans/ "
-                        "(or a scene folder), or create a demo scene with `pkd-prep demo-scene --out DIR`.")
+        raise DataError(
+            f"ScanNet root {root} does not exist or is not a folder; pass the folder holding scans/ "
+            "(or a scene folder), or create a demo scene with `pkd-prep demo-scene --out DIR`."
+        )
     found: dict[str, SceneEntry] = {}
     for folder in _scene_folders(root):
         entry = _entry(folder, source, depth_scale)
         if entry is None:
             continue
         if entry.name in found:
-            raise DataError(f"scene {entry.name} appears twice under {root} ({found[entry.name].path} and "
-                            f"{entry.path}); keep one copy.")
+            raise DataError(
+                f"scene {entry.name} appears twice under {root} ({found[entry.name].path} and "
+                f"{entry.path}); keep one copy."
+            )
         found[entry.name] = entry
     if not found:
         kinds = {"auto": "", "sens": " with a .sens file", "exported": " in the exported layout"}[source]
@@ -90,8 +94,10 @@ def find_scenes(
     if scenes:
         unknown = [name for name in scenes if name not in found]
         if unknown:
-            raise DataError(f"scenes not found under {root}: {', '.join(unknown)}; check --scenes against the "
-                            f"scene folders there ({len(found)} found).")
+            raise DataError(
+                f"scenes not found under {root}: {', '.join(unknown)}; check --scenes against the "
+                f"scene folders there ({len(found)} found)."
+            )
         elsewhere = [f"{name} ({found[name].split})" for name in scenes if split not in ("all", found[name].split)]
         if elsewhere:
             raise DataError(f"scenes not in split {split!r}: {', '.join(elsewhere)}; use --split all or drop them.")
@@ -99,14 +105,18 @@ def find_scenes(
     else:
         chosen = [e for e in found.values() if split in ("all", e.split)]
     if not chosen:
-        raise DataError(f"no scene under {root} is in split {split!r}; the scenes there fall in "
-                        f"{describe_splits(found.values())}. Splits follow the official ScanNet v2 lists "
-                        "(scans_test/ scenes are test; scenes in no list count as train); pass --split all or one "
-                        "of the splits found.")
+        raise DataError(
+            f"no scene under {root} is in split {split!r}; the scenes there fall in "
+            f"{describe_splits(found.values())}. Splits follow the official ScanNet v2 lists "
+            "(scans_test/ scenes are test; scenes in no list count as train); pass --split all or one "
+            "of the splits found."
+        )
     sens = next((e for e in chosen if e.kind == "sens"), None)
     if depth_scale is not None and sens is not None:
-        raise DataError(f"--depth-scale applies to exported frames, but {sens.path} is a .sens file, which records "
-                        "its own depth scale; pass --source exported or drop --depth-scale.")
+        raise DataError(
+            f"--depth-scale applies to exported frames, but {sens.path} is a .sens file, which records "
+            "its own depth scale; pass --source exported or drop --depth-scale."
+        )
     return sorted(chosen, key=lambda e: (SPLITS.index(e.split), e.name))
 
 
@@ -115,9 +125,11 @@ def describe_splits(entries: Iterable[SceneEntry]) -> str:
     by_split: dict[str, list[str]] = {}
     for entry in entries:
         by_split.setdefault(entry.split, []).append(entry.name)
-    return "; ".join(f"{split}: {len(names)} scene{'s' * (len(names) != 1)} ({', '.join(sorted(names)[:3])}"
-                     f"{', ...' * (len(names) > 3)})"
-                     for split, names in sorted(by_split.items(), key=lambda item: SPLITS.index(item[0])))
+    return "; ".join(
+        f"{split}: {len(names)} scene{'s' * (len(names) != 1)} ({', '.join(sorted(names)[:3])}"
+        f"{', ...' * (len(names) > 3)})"
+        for split, names in sorted(by_split.items(), key=lambda item: SPLITS.index(item[0]))
+    )
 
 
 def open_scene(entry: SceneEntry) -> SceneReader:

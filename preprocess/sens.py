@@ -89,8 +89,10 @@ class SensReader:
 
     def _exact(self, size: int, offset: int, what: str) -> bytes:
         if offset + size > self._size:
-            raise DataError(f"{self.path} is truncated: its {what} needs bytes {offset}..{offset + size} but the "
-                            f"file has {self._size}; {_FIX}.")
+            raise DataError(
+                f"{self.path} is truncated: its {what} needs bytes {offset}..{offset + size} but the "
+                f"file has {self._size}; {_FIX}."
+            )
         data = self._pread(size, offset)
         if len(data) != size:
             raise DataError(f"{self.path}: short read of the {what} (file changed while reading?); {_FIX}.")
@@ -100,12 +102,15 @@ class SensReader:
         """Parse and check the file header: sets sensor_name, camera, depth_codec and the frame count."""
         (version,) = struct.unpack("<I", self._exact(4, 0, "header"))
         if version != VERSION:
-            raise DataError(f"{self.path} is a .sens file of version {version}; pkd reads ScanNet v2's version "
-                            f"{VERSION}. Convert it with ScanNet's SensReader or {_FIX}.")
+            raise DataError(
+                f"{self.path} is a .sens file of version {version}; pkd reads ScanNet v2's version "
+                f"{VERSION}. Convert it with ScanNet's SensReader or {_FIX}."
+            )
         (strlen,) = struct.unpack("<Q", self._exact(8, 4, "header"))
         if strlen > MAX_SENSOR_NAME:
-            raise DataError(f"{self.path}: header claims a {strlen}-byte sensor name, so the header is corrupt; "
-                            f"{_FIX}.")
+            raise DataError(
+                f"{self.path}: header claims a {strlen}-byte sensor name, so the header is corrupt; {_FIX}."
+            )
         sensor_name = self._exact(strlen, 12, "header").decode("utf-8", "replace")
         offset = 12 + strlen
         values = CALIBRATION.unpack(self._exact(CALIBRATION.size, offset, "header"))
@@ -116,21 +121,29 @@ class SensReader:
         color_type = COLOR_TYPES.get(values[64], str(values[64]))
         depth_type = DEPTH_TYPES.get(values[65], str(values[65]))
         if color_type not in SUPPORTED_COLOR:
-            raise DataError(f"{self.path}: color compression {color_type!r} is not supported (pkd reads "
-                            f"{' or '.join(SUPPORTED_COLOR)}); re-export the scan with ScanNet's tools.")
+            raise DataError(
+                f"{self.path}: color compression {color_type!r} is not supported (pkd reads "
+                f"{' or '.join(SUPPORTED_COLOR)}); re-export the scan with ScanNet's tools."
+            )
         if depth_type not in SUPPORTED_DEPTH:
-            raise DataError(f"{self.path}: depth compression {depth_type!r} is not supported (pkd reads "
-                            f"{' or '.join(SUPPORTED_DEPTH)}); re-export the scan with ScanNet's tools.")
+            raise DataError(
+                f"{self.path}: depth compression {depth_type!r} is not supported (pkd reads "
+                f"{' or '.join(SUPPORTED_DEPTH)}); re-export the scan with ScanNet's tools."
+            )
         color_w, color_h, depth_w, depth_h = values[66:70]
         depth_shift = float(values[70])
         if min(color_w, color_h, depth_w, depth_h) == 0 or not np.isfinite(depth_shift) or depth_shift <= 0:
-            raise DataError(f"{self.path}: header has image sizes color {color_w}x{color_h}, depth "
-                            f"{depth_w}x{depth_h} and depth shift {depth_shift}, so it is corrupt; {_FIX}.")
+            raise DataError(
+                f"{self.path}: header has image sizes color {color_w}x{color_h}, depth "
+                f"{depth_w}x{depth_h} and depth shift {depth_shift}, so it is corrupt; {_FIX}."
+            )
         if not np.isfinite(matrices).all():
             raise DataError(f"{self.path}: header calibration matrices hold non-finite values; {_FIX}.")
         if num_frames == 0 or num_frames * FRAME_HEADER.size > self._size - offset:
-            raise DataError(f"{self.path}: header says {num_frames} frames, which the file's {self._size} bytes "
-                            f"cannot hold; the file is truncated or corrupt, {_FIX}.")
+            raise DataError(
+                f"{self.path}: header says {num_frames} frames, which the file's {self._size} bytes "
+                f"cannot hold; the file is truncated or corrupt, {_FIX}."
+            )
         try:
             depth_to_color = np.linalg.inv(matrices[1]) @ matrices[3]
         except np.linalg.LinAlgError as exc:
@@ -161,9 +174,11 @@ class SensReader:
             color_size, depth_size = values[18], values[19]
             payload = offset + FRAME_HEADER.size
             if color_size + depth_size > self._size - payload:
-                raise DataError(f"{self.path} is truncated or corrupt: frame {i} of {n} claims {color_size} color "
-                                f"and {depth_size} depth bytes at byte {payload}, past the end of the "
-                                f"{self._size}-byte file; {_FIX}.")
+                raise DataError(
+                    f"{self.path} is truncated or corrupt: frame {i} of {n} claims {color_size} color "
+                    f"and {depth_size} depth bytes at byte {payload}, past the end of the "
+                    f"{self._size}-byte file; {_FIX}."
+                )
             poses[i] = np.asarray(values[:16], dtype=np.float32).reshape(4, 4)
             offsets[i], color_sizes[i], depth_sizes[i] = payload, color_size, depth_size
             offset = payload + color_size + depth_size
@@ -180,8 +195,10 @@ class SensReader:
             (num_imu,) = struct.unpack("<Q", self._exact(8, end, "IMU block"))
             if rest == 8 + num_imu * IMU_RECORD_BYTES:
                 return
-        raise DataError(f"{self.path}: header says {self._num_frames} frames, but {rest} bytes after the last one "
-                        f"are not an IMU block, so num_frames does not match the file; {_FIX}.")
+        raise DataError(
+            f"{self.path}: header says {self._num_frames} frames, but {rest} bytes after the last one "
+            f"are not an IMU block, so num_frames does not match the file; {_FIX}."
+        )
 
     def frame_numbers(self) -> list[int]:
         """All frames of the scan: 0 .. num_frames-1."""
@@ -276,8 +293,8 @@ def _frame_parts(item: RawFrame | tuple, camera: Camera) -> tuple[np.ndarray, by
     if isinstance(depth, np.ndarray):
         width, height = camera.depth_size
         if depth.dtype != np.uint16 or depth.shape != (height, width):
-            raise ValueError(f"write_sens: depth must be uint16 of shape {(height, width)}, got {depth.dtype} "
-                             f"{depth.shape}")
+            raise ValueError(
+                f"write_sens: depth must be uint16 of shape {(height, width)}, got {depth.dtype} {depth.shape}"
+            )
         depth = zlib.compress(depth.astype("<u2").tobytes(), 6)
     return np.asarray(pose, dtype=np.float32).reshape(4, 4), bytes(color), bytes(depth)
-

@@ -104,8 +104,9 @@ def build_shard(
         arrays["clip_embed"][rows] = out.clip_embed.float().cpu().numpy()
         if "patch_tokens" in arrays:
             if out.patch_tokens is None:
-                raise ConfigError(f"{group.store}/{group.path} holds patch_tokens but the teacher computes none; "
-                                  "pass --patch-tokens.")
+                raise ConfigError(
+                    f"{group.store}/{group.path} holds patch_tokens but the teacher computes none; pass --patch-tokens."
+                )
             arrays["patch_tokens"][rows] = out.patch_tokens.float().cpu().numpy()
         pending.clear()
 

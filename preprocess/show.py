@@ -49,14 +49,24 @@ def load_sample(path: str, split: str, index: int) -> StoredSample:
     if not 0 <= index < n:
         raise StoreError(f"{path}/{split} has {n} samples; --index must be in 0..{n - 1}, got {index}.")
     if not store.read_shard(group, "valid", index, index + 1)[0]:
-        raise StoreError(f"{path}/{split} sample {index} is marked invalid (its frame could not be decoded); "
-                         "pick another --index.")
-    sample = {name: store.read_shard(group, name, index, index + 1)[0]
-              for name in ("scene", "frame", "points", "colors", "in_view", "prefix", "pose")}
+        raise StoreError(
+            f"{path}/{split} sample {index} is marked invalid (its frame could not be decoded); pick another --index."
+        )
+    sample = {
+        name: store.read_shard(group, name, index, index + 1)[0]
+        for name in ("scene", "frame", "points", "colors", "in_view", "prefix", "pose")
+    }
     return StoredSample(
-        split=split, index=index, scene=attrs.scenes[int(sample["scene"])], frame=int(sample["frame"]),
-        points=sample["points"], colors=sample["colors"], in_view=sample["in_view"], prefix=sample["prefix"],
-        pose=sample["pose"], random_teacher=store.root_attrs(store.open_store(path)).teacher.random,
+        split=split,
+        index=index,
+        scene=attrs.scenes[int(sample["scene"])],
+        frame=int(sample["frame"]),
+        points=sample["points"],
+        colors=sample["colors"],
+        in_view=sample["in_view"],
+        prefix=sample["prefix"],
+        pose=sample["pose"],
+        random_teacher=store.root_attrs(store.open_store(path)).teacher.random,
     )
 
 
@@ -82,7 +92,7 @@ def render(sample: StoredSample, image: np.ndarray | None, out: Path, caption: s
         u0, v0, u1, v1 = geometry.teacher_crop_box(image.shape[1], image.shape[0])
         frame_ax.imshow(image)
         frame_ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, color="yellow", lw=2))
-        crop_ax.imshow(image[int(v0):int(np.ceil(v1)), int(u0):int(np.ceil(u1))])
+        crop_ax.imshow(image[int(v0) : int(np.ceil(v1)), int(u0) : int(np.ceil(u1))])
     else:
         frame_ax.text(0.5, 0.5, "color frame unavailable\n(dataset not at the recorded path)", ha="center")
     frame_ax.set_title(f"{sample.scene} frame {sample.frame} (teacher crop in yellow)")
@@ -124,8 +134,10 @@ def draw_points(ax, sample: StoredSample) -> None:
     ax.set_box_aspect((1, 1, 1), zoom=1.15)
     ax.set_proj_type("persp")
     ax.view_init(elev=12, azim=-90)
-    ax.set_title(f"{len(cam)} points seen from behind the camera (red)\nin color: {int(inside.sum())} inside the "
-                 f"teacher crop; grey: {int((~inside).sum())} outside")
+    ax.set_title(
+        f"{len(cam)} points seen from behind the camera (red)\nin color: {int(inside.sum())} inside the "
+        f"teacher crop; grey: {int((~inside).sum())} outside"
+    )
     ax.set_xlabel("right (m)")
     ax.set_ylabel("forward (m)")
     ax.set_zlabel("up (m)")

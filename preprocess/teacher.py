@@ -53,8 +53,7 @@ class ClipCapMLP(nn.Module):
         super().__init__()
         self.prefix_length, self.embed_dim = prefix_length, embed_dim
         hidden = embed_dim * prefix_length // 2
-        self.model = nn.Sequential(
-            nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim * prefix_length))
+        self.model = nn.Sequential(nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim * prefix_length))
 
     def forward(self, clip_embed: torch.Tensor) -> torch.Tensor:
         return self.model(clip_embed).view(-1, self.prefix_length, self.embed_dim)
@@ -82,8 +81,10 @@ class Teacher:
     def encode(self, images: torch.Tensor) -> TeacherOutput:
         """Targets for (B,3,224,224) transformed images; outputs float32 on the teacher's device."""
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(f"expected images of shape (B, 3, {self.image_size}, {self.image_size}) from "
-                             f"Teacher.transform, got {tuple(images.shape)}")
+            raise ValueError(
+                f"expected images of shape (B, 3, {self.image_size}, {self.image_size}) from "
+                f"Teacher.transform, got {tuple(images.shape)}"
+            )
         x = images.to(self.device, torch.float32, non_blocking=True)
         tokens = None
         with self._autocast():
@@ -118,8 +119,10 @@ def _load_visual(visual: nn.Module, path: Path) -> None:
     except RuntimeError as exc:  # shape mismatch: another architecture
         raise WeightsError(f"CLIP weights file {path} does not fit {tw.CLIP_MODEL}: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(f"CLIP weights file {path} does not fit {tw.CLIP_MODEL}: missing visual keys "
-                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. Get {tw.CLIP_SOURCE}.")
+        raise WeightsError(
+            f"CLIP weights file {path} does not fit {tw.CLIP_MODEL}: missing visual keys "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. Get {tw.CLIP_SOURCE}."
+        )
 
 
 def _transform_identity(open_clip, transform) -> TransformAttrs:
@@ -154,7 +157,8 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     device = _check_config(cfg)
     random = cfg.kind == "random"
     files: dict[str, Any] = dict.fromkeys(
-        ("clip_weights", "clip_weights_sha256", "clipcap_weights", "clipcap_weights_sha256"))
+        ("clip_weights", "clip_weights_sha256", "clipcap_weights", "clipcap_weights_sha256")
+    )
     if not random:
         clip_path = tw.resolve_clip_weights(cfg.clip_weights)
         if cfg.clipcap_weights is None:
@@ -168,16 +172,23 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     with torch.random.fork_rng(devices=[]), demoted("", "No pretrained weights loaded"):
         torch.manual_seed(cfg.seed)
         model, _, transform = open_clip.create_model_and_transforms(
-            tw.CLIP_MODEL, pretrained=None, device="cpu",
-            image_mean=open_clip.OPENAI_DATASET_MEAN, image_std=open_clip.OPENAI_DATASET_STD,
-            image_interpolation=INTERPOLATION, image_resize_mode=RESIZE_MODE,
+            tw.CLIP_MODEL,
+            pretrained=None,
+            device="cpu",
+            image_mean=open_clip.OPENAI_DATASET_MEAN,
+            image_std=open_clip.OPENAI_DATASET_STD,
+            image_interpolation=INTERPOLATION,
+            image_resize_mode=RESIZE_MODE,
         )
         mapper = ClipCapMLP()
     visual = model.visual
     del model  # the text tower is never used
     if random:
-        log.warning("!!! RANDOM TEACHER (seed %d): targets come from randomly initialised CLIP + ClipCap weights; "
-                    "use it for tests and demos only, never for real pre-training. !!!", cfg.seed)
+        log.warning(
+            "!!! RANDOM TEACHER (seed %d): targets come from randomly initialised CLIP + ClipCap weights; "
+            "use it for tests and demos only, never for real pre-training. !!!",
+            cfg.seed,
+        )
     else:
         _load_visual(visual, clip_path)
         mapper.load_state_dict(mapper_state)
@@ -191,5 +202,12 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
         transform=_transform_identity(open_clip, transform),
         open_clip_version=open_clip.__version__,
     )
-    return Teacher(visual=visual, mapper=mapper, transform=transform, identity=identity, device=device,
-                   precision=cfg.precision, patch_tokens=cfg.patch_tokens)
+    return Teacher(
+        visual=visual,
+        mapper=mapper,
+        transform=transform,
+        identity=identity,
+        device=device,
+        precision=cfg.precision,
+        patch_tokens=cfg.patch_tokens,
+    )

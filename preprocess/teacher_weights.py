@@ -75,7 +75,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{what} file {path} holds no state dict of tensors (got {type(state).__name__}).")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -99,8 +99,9 @@ def resolve_clip_weights(spec: str | None) -> Path:
         try:
             path = pretrained.download_pretrained(pretrained.get_pretrained_cfg(CLIP_MODEL, "openai"))
         except Exception as exc:  # network, hub and cache errors all mean the same to the user
-            raise WeightsError(f"open_clip could not fetch the OpenAI ViT-B/32 weights ({exc}). Get {CLIP_SOURCE}; "
-                               f"{RANDOM_HINT}.") from exc
+            raise WeightsError(
+                f"open_clip could not fetch the OpenAI ViT-B/32 weights ({exc}). Get {CLIP_SOURCE}; {RANDOM_HINT}."
+            ) from exc
         return Path(path)
     path = Path(spec)
     if not path.is_file():
@@ -111,10 +112,12 @@ def resolve_clip_weights(spec: str | None) -> Path:
 def visual_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The image-tower part (``visual.*``, prefix removed) of an OpenAI or open_clip CLIP checkpoint."""
     state = read_state_dict(path, "CLIP weights")
-    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
-        raise WeightsError(f"CLIP weights file {path} has no 'visual.*' keys (first keys: {list(state)[:5]}); "
-                           f"pass an OpenAI or open_clip {CLIP_MODEL} checkpoint. Get {CLIP_SOURCE}.")
+        raise WeightsError(
+            f"CLIP weights file {path} has no 'visual.*' keys (first keys: {list(state)[:5]}); "
+            f"pass an OpenAI or open_clip {CLIP_MODEL} checkpoint. Get {CLIP_SOURCE}."
+        )
     return visual
 
 
@@ -129,14 +132,15 @@ def clipcap_mlp_state_dict(
     if not Path(path).is_file():
         raise WeightsError(f"ClipCap weights file {path} does not exist. Get {CLIPCAP_SOURCE}; {RANDOM_HINT}.")
     state = read_state_dict(path, "ClipCap weights")
-    mapper = {k[len("clip_project."):]: v for k, v in state.items() if k.startswith("clip_project.")}
+    mapper = {k[len("clip_project.") :]: v for k, v in state.items() if k.startswith("clip_project.")}
     if "prefix_const" in mapper or any(k.startswith("transformer.") for k in mapper):
         found_prefix = mapper["prefix_const"].shape[0] if "prefix_const" in mapper else "unknown"
         clip_length = mapper["linear.weight"].shape[0] // embed_dim if "linear.weight" in mapper else "unknown"
         layers = len({k.split(".")[2] for k in mapper if k.startswith("transformer.layers.")})
         raise WeightsError(
             f"{path} holds ClipCap's transformer mapper (prefix length {found_prefix}, clip length {clip_length}, "
-            f"{layers} layers); pkd needs the MLP mapper (prefix length {prefix_length}). Get {CLIPCAP_SOURCE}.")
+            f"{layers} layers); pkd needs the MLP mapper (prefix length {prefix_length}). Get {CLIPCAP_SOURCE}."
+        )
     expected = {
         "model.0.weight": (embed_dim * prefix_length // 2, clip_dim),
         "model.0.bias": (embed_dim * prefix_length // 2,),
@@ -144,14 +148,18 @@ def clipcap_mlp_state_dict(
         "model.2.bias": (embed_dim * prefix_length,),
     }
     if set(mapper) != set(expected):
-        raise WeightsError(f"{path}: expected ClipCap MLP mapper keys clip_project.{{{', '.join(sorted(expected))}}}, "
-                           f"found {sorted('clip_project.' + k for k in mapper) or 'none'}. Get {CLIPCAP_SOURCE}.")
+        raise WeightsError(
+            f"{path}: expected ClipCap MLP mapper keys clip_project.{{{', '.join(sorted(expected))}}}, "
+            f"found {sorted('clip_project.' + k for k in mapper) or 'none'}. Get {CLIPCAP_SOURCE}."
+        )
     for key, shape in expected.items():
         if tuple(mapper[key].shape) != shape:
             found = mapper["model.2.bias"].shape[0] / embed_dim
-            raise WeightsError(f"{path}: clip_project.{key} has shape {tuple(mapper[key].shape)}, expected {shape} "
-                               f"(MLP mapper with prefix length {prefix_length}; this one maps to {found:g} tokens "
-                               f"of {embed_dim}). Get {CLIPCAP_SOURCE}.")
+            raise WeightsError(
+                f"{path}: clip_project.{key} has shape {tuple(mapper[key].shape)}, expected {shape} "
+                f"(MLP mapper with prefix length {prefix_length}; this one maps to {found:g} tokens "
+                f"of {embed_dim}). Get {CLIPCAP_SOURCE}."
+            )
     return {k: v.float() for k, v in mapper.items()}
 
 
@@ -160,9 +168,10 @@ def gpt_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise WeightsError(f"ClipCap weights file {path} does not exist. Get {CLIPCAP_SOURCE}.")
     state = read_state_dict(path, "ClipCap weights")
-    gpt = {k[len("gpt."):]: v for k, v in state.items()
-           if k.startswith("gpt.") and not k.endswith(STALE_GPT_BUFFERS)}
+    gpt = {k[len("gpt.") :]: v for k, v in state.items() if k.startswith("gpt.") and not k.endswith(STALE_GPT_BUFFERS)}
     if "transformer.wte.weight" not in gpt:
-        raise WeightsError(f"{path} has no GPT-2 weights (gpt.transformer.wte.weight missing); pass the full "
-                           f"ClipCap checkpoint. Get {CLIPCAP_SOURCE}.")
+        raise WeightsError(
+            f"{path} has no GPT-2 weights (gpt.transformer.wte.weight missing); pass the full "
+            f"ClipCap checkpoint. Get {CLIPCAP_SOURCE}."
+        )
     return gpt

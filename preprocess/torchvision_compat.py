@@ -74,8 +74,11 @@ def ensure_torchvision() -> ModuleType:
     except RuntimeError as exc:
         if not _is_missing_op_error(exc):
             raise
-        log.debug("torchvision's compiled ops did not load (%s); defining stub ops so its transforms "
-                  "import. Detection ops such as nms stay unavailable.", exc)
+        log.debug(
+            "torchvision's compiled ops did not load (%s); defining stub ops so its transforms "
+            "import. Detection ops such as nms stay unavailable.",
+            exc,
+        )
     _forget_partial_import()
     _define_missing_ops()
     return importlib.import_module("torchvision")

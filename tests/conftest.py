@@ -62,6 +62,10 @@ def demo_store(demo_root, tmp_path_factory) -> Path:
     from pkd.preprocess.teacher import TeacherConfig
 
     out = tmp_path_factory.mktemp("stores") / "pairs.zarr"
-    run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
-             RunOptions(teacher_batch=2, progress=False))
+    run_prep(
+        demo_prep_config(demo_root),
+        str(out),
+        TeacherConfig(kind="random", seed=0),
+        RunOptions(teacher_batch=2, progress=False),
+    )
     return out

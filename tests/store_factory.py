@@ -34,12 +34,32 @@ COLOR_SIZE = (640, 480)
 
 def synthetic_teacher(seed: int, patch_tokens: bool) -> TeacherAttrs:
     """The identity recorded for the synthetic targets: a random teacher with OpenAI's 224-pixel transform."""
-    transform = TransformAttrs(image_size=224, resize="shortest side to 224", interpolation="bicubic", center_crop=224,
-                               mean=(0.481, 0.458, 0.408), std=(0.269, 0.261, 0.276), steps=())
-    return TeacherAttrs(clip_model="synthetic", mapper="random linear map of the cloud's spread", kind="random",
-                        random=True, seed=seed, clip_weights=None, clip_weights_sha256=None, clipcap_weights=None,
-                        clipcap_weights_sha256=None, precision="fp32", device="cpu", clip_embed="random linear",
-                        patch_tokens="random" if patch_tokens else None, transform=transform, open_clip_version="none")
+    transform = TransformAttrs(
+        image_size=224,
+        resize="shortest side to 224",
+        interpolation="bicubic",
+        center_crop=224,
+        mean=(0.481, 0.458, 0.408),
+        std=(0.269, 0.261, 0.276),
+        steps=(),
+    )
+    return TeacherAttrs(
+        clip_model="synthetic",
+        mapper="random linear map of the cloud's spread",
+        kind="random",
+        random=True,
+        seed=seed,
+        clip_weights=None,
+        clip_weights_sha256=None,
+        clipcap_weights=None,
+        clipcap_weights_sha256=None,
+        precision="fp32",
+        device="cpu",
+        clip_embed="random linear",
+        patch_tokens="random" if patch_tokens else None,
+        transform=transform,
+        open_clip_version="none",
+    )
 
 
 def _spread(points: np.ndarray) -> np.ndarray:
@@ -48,20 +68,45 @@ def _spread(points: np.ndarray) -> np.ndarray:
     return centred.std(1) / radius
 
 
-def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size: int = 4, patch_tokens: bool = True,
-               invalid: tuple[int, ...] = (), stats: bool = True, seed: int = 0, split: str = "train",
-               color_size: tuple[int, int] | None = COLOR_SIZE, add_split: bool = False) -> Path:
+def make_store(
+    path: str | Path,
+    n: int = 16,
+    num_points: int = 256,
+    shard_size: int = 4,
+    patch_tokens: bool = True,
+    invalid: tuple[int, ...] = (),
+    stats: bool = True,
+    seed: int = 0,
+    split: str = "train",
+    color_size: tuple[int, int] | None = COLOR_SIZE,
+    add_split: bool = False,
+) -> Path:
     """Write a complete synthetic store at ``path`` with ``n`` samples of ``num_points`` points
     (``add_split``: add ``split`` to the store already at ``path``)."""
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="a" if add_split else "w")
     if not add_split:
-        prep = PrepConfig(root="synthetic", split=split, shard_size=shard_size, seed=seed,
-                          geometry=GeometryConfig(num_points=num_points))
-        write_root_attrs(root, RootAttrs(prep=to_plain(prep), teacher=synthetic_teacher(seed, patch_tokens),
-                                         versions={}, status="complete"))
-    attrs = SplitAttrs(scenes=("s",), num_samples=n, shard_size=shard_size,
-                       color_sizes=(color_size,) if color_size else (), skipped={}, valid=n - len(invalid))
+        prep = PrepConfig(
+            root="synthetic",
+            split=split,
+            shard_size=shard_size,
+            seed=seed,
+            geometry=GeometryConfig(num_points=num_points),
+        )
+        write_root_attrs(
+            root,
+            RootAttrs(
+                prep=to_plain(prep), teacher=synthetic_teacher(seed, patch_tokens), versions={}, status="complete"
+            ),
+        )
+    attrs = SplitAttrs(
+        scenes=("s",),
+        num_samples=n,
+        shard_size=shard_size,
+        color_sizes=(color_size,) if color_size else (),
+        skipped={},
+        valid=n - len(invalid),
+    )
     group = create_split(root, split, attrs, num_points, patch_tokens=patch_tokens)
     prefix_map = rng.normal(size=(3, int(np.prod(PREFIX_SHAPE)))).astype(np.float32)
     clip_map = rng.normal(size=(3, CLIP_DIM)).astype(np.float32)
@@ -71,13 +116,25 @@ def make_store(path: str | Path, n: int = 16, num_points: int = 256, shard_size:
         spread, offset = rng.uniform(0.2, 2.0, size=(m, 1, 3)), rng.normal(size=(m, 1, 3))
         points = (rng.normal(size=(m, num_points, 3)) * spread + offset).astype(np.float32)
         valid = np.array([start + i not in invalid for i in range(m)])
-        pixels = np.stack([rng.integers(0, COLOR_SIZE[0], (m, num_points)),
-                           rng.integers(0, COLOR_SIZE[1], (m, num_points))], -1).astype(np.uint16)
-        write_shard(group, shard, "geometry", {
-            "points": points, "colors": rng.integers(0, 256, (m, num_points, 3), dtype=np.uint8), "pixels": pixels,
-            "in_view": rng.random((m, num_points)) < 0.8, "pose": np.tile(np.eye(4, dtype=np.float32), (m, 1, 1)),
-            "scene": np.zeros(m, np.int32), "frame": np.arange(start, start + m, dtype=np.int32), "valid": valid,
-        }, skipped={})
+        pixels = np.stack(
+            [rng.integers(0, COLOR_SIZE[0], (m, num_points)), rng.integers(0, COLOR_SIZE[1], (m, num_points))], -1
+        ).astype(np.uint16)
+        write_shard(
+            group,
+            shard,
+            "geometry",
+            {
+                "points": points,
+                "colors": rng.integers(0, 256, (m, num_points, 3), dtype=np.uint8),
+                "pixels": pixels,
+                "in_view": rng.random((m, num_points)) < 0.8,
+                "pose": np.tile(np.eye(4, dtype=np.float32), (m, 1, 1)),
+                "scene": np.zeros(m, np.int32),
+                "frame": np.arange(start, start + m, dtype=np.int32),
+                "valid": valid,
+            },
+            skipped={},
+        )
         feats = (_spread(points) - 0.4) * 5
         prefix = (feats @ prefix_map).reshape(m, *PREFIX_SHAPE)
         teacher = {"prefix": prefix.astype(np.float16), "clip_embed": (feats @ clip_map).astype(np.float16)}

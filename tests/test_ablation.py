@@ -26,9 +26,32 @@ from conftest import require_fixture
 from store_factory import make_store
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
-TINY_CLI = ["--num-points", "128", "--num-group", "16", "--group-size", "8", "--dim", "48", "--depth", "2",
-            "--heads", "4", "--num-concepts", "4", "--head-hidden", "32", "--batch-size", "4", "--epochs", "3",
-            "--warmup-epochs", "1", "--device", "cpu"]
+TINY_CLI = [
+    "--num-points",
+    "128",
+    "--num-group",
+    "16",
+    "--group-size",
+    "8",
+    "--dim",
+    "48",
+    "--depth",
+    "2",
+    "--heads",
+    "4",
+    "--num-concepts",
+    "4",
+    "--head-hidden",
+    "32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "3",
+    "--warmup-epochs",
+    "1",
+    "--device",
+    "cpu",
+]
 PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
 
 
@@ -54,6 +77,7 @@ def pkd_train(*args, cwd) -> subprocess.CompletedProcess:
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("head, changes", [("flat", True), ("pooled", False)])
 def test_the_flat_head_reads_every_concept_and_the_pooled_one_cannot_tell_them_apart(head, changes):
@@ -81,10 +105,12 @@ def test_decoder_depth_and_config_checks():
 
 # ---- schedule, held-out loss, checkpoints --------------------------------------------------------------------
 
+
 def test_max_steps_makes_the_whole_schedule():
     cfg = TrainConfig(store="s", epochs=250, warmup_epochs=10, max_steps=2000)
-    sched = Schedule.of(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=3000,
-                        max_steps=cfg.max_steps)
+    sched = Schedule.of(
+        epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=3000, max_steps=cfg.max_steps
+    )
     assert (sched.warmup, sched.total, sched.stop) == (80, 2000, 2000)
     rates = dict(lr=cfg.lr, min_lr=cfg.min_lr, warmup=sched.warmup, total=sched.total)
     assert lr_at(sched.warmup - 1, **rates) == cfg.lr  # the peak is reached
@@ -127,22 +153,37 @@ def test_no_keep_optimizer_shrinks_the_final_checkpoint_and_export_still_works(s
     assert "optimizer" not in load_checkpoint(tmp_path / "lean" / LAST)
     assert (tmp_path / "lean" / LAST).stat().st_size < 0.6 * (tmp_path / "kept" / LAST).stat().st_size
     assert export_encoder(tmp_path / "lean", tmp_path / "enc.pth").is_file()
-    assert train(config(store, max_steps=2, keep_optimizer=False), tmp_path / "lean", resume=True,
-                 progress=False)["steps"] == 2  # finished: nothing to do
+    assert (
+        train(config(store, max_steps=2, keep_optimizer=False), tmp_path / "lean", resume=True, progress=False)["steps"]
+        == 2
+    )  # finished: nothing to do
     train(config(store, max_steps=4, stop_after=1, keep_optimizer=False), tmp_path / "paused", progress=False)
     assert "optimizer" in load_checkpoint(tmp_path / "paused" / LAST)  # unfinished runs stay resumable
 
 
 def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(store, tmp_path):
     run = tmp_path / "run"
-    done = pkd_train("distill", store, *TINY_CLI, "--max-steps", 3, "--stop-after", 1, "--lr", "0.002",
-                     "--run-dir", run, cwd=tmp_path)
+    done = pkd_train(
+        "distill",
+        store,
+        *TINY_CLI,
+        "--max-steps",
+        3,
+        "--stop-after",
+        1,
+        "--lr",
+        "0.002",
+        "--run-dir",
+        run,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     refused = pkd_train("distill", store, "--run-dir", run, "--resume", "--lr", "0.5", "--dim", "48", cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--lr 0.5 (the run has 0.002)" in refused.stderr and "--dim" not in refused.stderr
-    done = pkd_train("distill", store, "--run-dir", run, "--resume", "--device", "cpu", "--loader-workers", "1",
-                     cwd=tmp_path)
+    done = pkd_train(
+        "distill", store, "--run-dir", run, "--resume", "--device", "cpu", "--loader-workers", "1", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "3 of 3 steps" in done.stdout
     assert load_checkpoint(run / LAST)["position"]["step"] == 3
@@ -150,18 +191,27 @@ def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(store, tmp_pa
 
 # ---- ablate ------------------------------------------------------------------------------------------------
 
+
 def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
     root = require_fixture("modelnet40")
-    readout = Readout("probe", str(root / "modelnet40_normal_resampled"), str(root / "splits"),
-                      allow_missing=True, cache_dir=str(tmp_path / "cache"), pool_points=300, num_points=128)
+    readout = Readout(
+        "probe",
+        str(root / "modelnet40_normal_resampled"),
+        str(root / "splits"),
+        allow_missing=True,
+        cache_dir=str(tmp_path / "cache"),
+        pool_points=300,
+        num_points=128,
+    )
     base = config(store, max_steps=2)
     out = tmp_path / "ablate-t"
     rows = run_ablation(base, ["distill", "recon"], [0, 1], out, readout, progress=False)
     assert [(r["variant"], r["seed"]) for r in rows] == [("distill", 0), ("distill", 1), ("recon", 0), ("recon", 1)]
     assert all(r["steps"] == 2 and 0 <= r["probe_oa"] <= 100 and r["val_loss"] > 0 for r in rows)
     assert [r["objective"] for r in rows[::2]] == ["prefix MSE", "Chamfer-L2"]
-    assert all((out / f"{v}-seed{s}" / "probe" / "results.json").is_file() for v in ("distill", "recon")
-               for s in (0, 1))
+    assert all(
+        (out / f"{v}-seed{s}" / "probe" / "results.json").is_file() for v in ("distill", "recon") for s in (0, 1)
+    )
     with pytest.raises(ConfigError, match="holds an ablation already"):
         run_ablation(base, ["distill"], [0], out, readout, progress=False)
     with pytest.raises(ConfigError, match=r"other settings \(lr\)"):
@@ -183,32 +233,68 @@ def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
 
 def test_ablate_finetune_readout_adds_scratch_rows(store, tmp_path):
     root = require_fixture("modelnet40")
-    readout = Readout("finetune", str(root / "modelnet40_normal_resampled"), str(root / "splits"),
-                      allow_missing=True, epochs=1, batch_size=4, cache_dir=str(tmp_path / "cache"), pool_points=300,
-                      num_points=128)
+    readout = Readout(
+        "finetune",
+        str(root / "modelnet40_normal_resampled"),
+        str(root / "splits"),
+        allow_missing=True,
+        epochs=1,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+        pool_points=300,
+        num_points=128,
+    )
     rows = run_ablation(config(store, max_steps=1), ["distill"], [0], tmp_path / "ft", readout, progress=False)
-    assert [(r["variant"], r["objective"], r["steps"]) for r in rows] == [("distill", "prefix MSE", 1),
-                                                                          ("scratch", None, None)]
+    assert [(r["variant"], r["objective"], r["steps"]) for r in rows] == [
+        ("distill", "prefix MSE", 1),
+        ("scratch", None, None),
+    ]
     assert all(0 <= r["finetune_oa"] <= 100 and r["probe_oa"] is None for r in rows)
     assert (tmp_path / "ft" / "scratch-seed0" / "finetune" / "results.json").is_file()
 
 
 def test_ablate_cli_options_and_refusals(store, tmp_path):
     help_text = pkd_train("ablate", "--help", cwd=tmp_path).stdout
-    for option in ("--grad-accum", "--weight-decay", "--drop-path", "--init", "--amp", "--min-lr", "--num-concepts",
-                   "--mask-ratio", "--head", "--decoder-depth", "--val-every", "--seeds", "--eval-data"):
+    for option in (
+        "--grad-accum",
+        "--weight-decay",
+        "--drop-path",
+        "--init",
+        "--amp",
+        "--min-lr",
+        "--num-concepts",
+        "--mask-ratio",
+        "--head",
+        "--decoder-depth",
+        "--val-every",
+        "--seeds",
+        "--eval-data",
+    ):
         assert option in help_text, option
     refused = pkd_train("ablate", store, *TINY_CLI, "--max-steps", 1, "--name", "x", cwd=tmp_path)
     assert refused.returncode == 2 and "--eval-data" in refused.stderr and not (tmp_path / "runs").exists()
-    done = pkd_train("ablate", store, *TINY_CLI, "--max-steps", 1, "--name", "x", "--eval", "none",
-                     "--variants", "distill", cwd=tmp_path)
+    done = pkd_train(
+        "ablate",
+        store,
+        *TINY_CLI,
+        "--max-steps",
+        1,
+        "--name",
+        "x",
+        "--eval",
+        "none",
+        "--variants",
+        "distill",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "runs" / "ablate-x" / "table.json").read_text())["rows"]
     assert [(r["variant"], r["seed"], r["steps"], r["probe_oa"]) for r in rows] == [("distill", 0, 1, None)]
     again = pkd_train("ablate", store, "--name", "x", "--eval", "none", "--variants", "distill", cwd=tmp_path)
     assert again.returncode == 2 and "--resume" in again.stderr
-    resumed = pkd_train("ablate", store, "--name", "x", "--eval", "none", "--variants", "distill,recon", "--resume",
-                        cwd=tmp_path)
+    resumed = pkd_train(
+        "ablate", store, "--name", "x", "--eval", "none", "--variants", "distill,recon", "--resume", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     rows = json.loads((tmp_path / "runs" / "ablate-x" / "table.json").read_text())["rows"]
     assert [(r["variant"], r["steps"]) for r in rows] == [("distill", 1), ("recon", 1)]

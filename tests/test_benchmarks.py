@@ -34,8 +34,22 @@ from pkd.train.schedule import epoch_lr
 torch.set_num_threads(1)
 
 PKD_TRAIN = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv")) / "bin" / "pkd-train"
-TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--num-group", "8", "--device", "cpu", "--batch-size", "4",
-        "--epochs", "1"]
+TINY = [
+    "--dim",
+    "32",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--num-group",
+    "8",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+]
 
 
 def app() -> typer.Typer:
@@ -47,11 +61,11 @@ def app() -> typer.Typer:
 
 # ---- numbers by hand --------------------------------------------------------------------------------------
 
+
 def test_vote_accuracy_and_repeat_statistics_by_hand():
     label = np.array([0, 1, 1])
     # vote 1 predicts [0, 0, 1], vote 2 [1, 1, 1]; their mean [0: 0.6>0.4, 1: 0.45<0.55, 1] → 3/3
-    logits = np.array([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]],
-                       [[0.3, 0.7], [0.3, 0.7], [0.4, 0.6]]])
+    logits = np.array([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], [[0.3, 0.7], [0.3, 0.7], [0.4, 0.6]]])
     assert metrics.vote_accuracy(logits, label) == pytest.approx(1.0)
     assert metrics.vote_accuracy(logits[:1], label) == pytest.approx(2 / 3)
     stats = metrics.mean_std_best([90.0, 92.0, 94.0, 92.0])
@@ -64,21 +78,24 @@ def test_training_clouds_are_shuffled_per_cloud_and_seeded():
     b = shuffle_points(points, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)
     for cloud in range(2):
-        assert sorted(a[cloud, :, 0].tolist()) == points[cloud, :, 0].tolist()   # a permutation of its own points
+        assert sorted(a[cloud, :, 0].tolist()) == points[cloud, :, 0].tolist()  # a permutation of its own points
         torch.testing.assert_close(a[cloud, :, 1] - a[cloud, :, 0], torch.ones(50))  # rows stay whole
-    assert not torch.equal(a[0] - points[0, 0], a[1] - points[1, 0])             # each cloud its own order
-    assert a[:, 0, 0].tolist() != [0.0, 150.0]                                   # FPS no longer starts at index 0
+    assert not torch.equal(a[0] - points[0, 0], a[1] - points[1, 0])  # each cloud its own order
+    assert a[:, 0, 0].tolist() != [0.0, 150.0]  # FPS no longer starts at index 0
 
 
 def test_shapenetpart_cosine_spans_all_epochs():
     cfg = FinetuneConfig.for_task("shapenetpart", "x", epochs=300)
-    lrs = [epoch_lr(e, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs, total=cfg.decay_epochs or cfg.epochs)
-           for e in range(300)]
+    lrs = [
+        epoch_lr(e, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs, total=cfg.decay_epochs or cfg.epochs)
+        for e in range(300)
+    ]
     assert lrs[100] > 1e-4 and lrs[299] > cfg.min_lr  # before: the floor from epoch 100 on
     assert lrs[299] == pytest.approx(cfg.min_lr + 0.5 * (2e-4 - cfg.min_lr) * (1 + math.cos(math.pi * 299 / 300)))
 
 
 # ---- ScanObjectNN -----------------------------------------------------------------------------------------
+
 
 def write_scanobjectnn(root: Path, sub: str, suffix: str, n_train: int = 12, n_test: int = 6, points: int = 96):
     """h5 files as the official release writes them: datasets data (N, P, 3) float32 and label (N,) uint8."""
@@ -91,14 +108,34 @@ def write_scanobjectnn(root: Path, sub: str, suffix: str, n_train: int = 12, n_t
             h5["mask"] = np.zeros((n, points), dtype=np.int32)
 
 
-@pytest.mark.parametrize("variant,sub,suffix", [("obj_bg", "main_split", ""),
-                                                ("pb_t50_rs", "main_split", "_augmentedrot_scale75"),
-                                                ("obj_only", "main_split_nobg", "")])
+@pytest.mark.parametrize(
+    "variant,sub,suffix",
+    [
+        ("obj_bg", "main_split", ""),
+        ("pb_t50_rs", "main_split", "_augmentedrot_scale75"),
+        ("obj_only", "main_split_nobg", ""),
+    ],
+)
 def test_scanobjectnn_variant_runs_end_to_end(variant, sub, suffix, tmp_path):
     write_scanobjectnn(tmp_path / "h5_files", sub, suffix)
-    result = CliRunner().invoke(app(), ["finetune", "scanobjectnn", "--data", str(tmp_path / "h5_files"),
-                                        "--variant", variant, "--init", "scratch", "--run-dir", str(tmp_path / "run"),
-                                        "--num-points", "96", *TINY])
+    result = CliRunner().invoke(
+        app(),
+        [
+            "finetune",
+            "scanobjectnn",
+            "--data",
+            str(tmp_path / "h5_files"),
+            "--variant",
+            variant,
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--num-points",
+            "96",
+            *TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "run" / "results.json").read_text())
     assert out["steps"] == 3 and out["config"]["votes"] == 0 and out["config"]["num_points"] == 96
@@ -110,28 +147,68 @@ def test_scanobjectnn_variant_runs_end_to_end(variant, sub, suffix, tmp_path):
 
 def test_scanobjectnn_defaults_follow_point_mae_and_errors_name_the_file(tmp_path):
     cfg = FinetuneConfig.for_task("scanobjectnn", "x", variant="obj_bg")
-    assert (cfg.num_points, cfg.num_group, cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.weight_decay, cfg.batch_size,
-            cfg.grad_clip, cfg.votes) == (2048, 128, 300, 10, 5e-4, 0.05, 32, 10.0, 0)
+    assert (
+        cfg.num_points,
+        cfg.num_group,
+        cfg.epochs,
+        cfg.warmup_epochs,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.batch_size,
+        cfg.grad_clip,
+        cfg.votes,
+    ) == (2048, 128, 300, 10, 5e-4, 0.05, 32, 10.0, 0)
     write_scanobjectnn(tmp_path, "main_split", "")
     runner = CliRunner()
-    result = runner.invoke(app(), ["finetune", "scanobjectnn", "--data", str(tmp_path), "--variant", "pb_t50_rs",
-                                   "--init", "scratch", "--run-dir", str(tmp_path / "r"), *TINY])
+    result = runner.invoke(
+        app(),
+        [
+            "finetune",
+            "scanobjectnn",
+            "--data",
+            str(tmp_path),
+            "--variant",
+            "pb_t50_rs",
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "r"),
+            *TINY,
+        ],
+    )
     assert isinstance(result.exception, DataError)
     assert "training_objectdataset_augmentedrot_scale75.h5" in str(result.exception)
     (tmp_path / "main_split" / "test_objectdataset.h5").write_bytes(b"not hdf5")
-    result = runner.invoke(app(), ["finetune", "scanobjectnn", "--data", str(tmp_path), "--variant", "obj_bg",
-                                   "--init", "scratch", "--run-dir", str(tmp_path / "r"), *TINY])
+    result = runner.invoke(
+        app(),
+        [
+            "finetune",
+            "scanobjectnn",
+            "--data",
+            str(tmp_path),
+            "--variant",
+            "obj_bg",
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "r"),
+            *TINY,
+        ],
+    )
     assert isinstance(result.exception, DataError) and "test_objectdataset.h5" in str(result.exception)
 
 
 # ---- few-shot ---------------------------------------------------------------------------------------------
 
+
 def write_fold(root: Path, way: int, shot: int, fold: int, points: int = 128) -> None:
     """A fold pickle in generate_few_shot_data.py's layout: {'train': [(points, i, key)], 'test': [...]}."""
     rng = np.random.default_rng(fold)
     keys = rng.permutation(40)[:way].astype(np.int32)
-    dataset = {split: [(rng.normal(size=(points, 6)).astype(np.float32), i, keys[i])
-                       for i in range(way) for _ in range(count)] for split, count in (("train", shot), ("test", 3))}
+    dataset = {
+        split: [(rng.normal(size=(points, 6)).astype(np.float32), i, keys[i]) for i in range(way) for _ in range(count)]
+        for split, count in (("train", shot), ("test", 3))
+    }
     (root / f"{way}way_{shot}shot").mkdir(parents=True, exist_ok=True)
     with open(root / f"{way}way_{shot}shot" / f"{fold}.pkl", "wb") as f:
         pickle.dump(dataset, f)
@@ -160,9 +237,27 @@ def test_fold_files_load_without_code_and_a_payload_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"refused .*posix\.system|refused .*os\.system"):
         read_fold(tmp_path / "evil" / "5way_2shot" / "0.pkl")
     assert not marker.exists()
-    done = subprocess.run([str(PKD_TRAIN), "finetune", "fewshot", "--fold-files", str(tmp_path / "evil"),
-                           "--shot", "2", "--fold", "0", "--init", "scratch", "--run-dir", str(tmp_path / "run"),
-                           "--device", "cpu"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(PKD_TRAIN),
+            "finetune",
+            "fewshot",
+            "--fold-files",
+            str(tmp_path / "evil"),
+            "--shot",
+            "2",
+            "--fold",
+            "0",
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "refused" in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
 
@@ -170,10 +265,18 @@ def test_fold_files_load_without_code_and_a_payload_is_refused(tmp_path):
 def test_generated_folds_are_seeded_and_shaped_like_the_published_ones():
     rng = np.random.default_rng(0)
     classes = [f"c{i}" for i in range(8)]
-    train = ShapeSet(rng.normal(size=(8 * 12, 16, 3)).astype(np.float32), np.repeat(np.arange(8), 12),
-                     [str(i) for i in range(96)], classes)
-    test = ShapeSet(rng.normal(size=(8 * 25, 16, 3)).astype(np.float32), np.repeat(np.arange(8), 25),
-                    [str(i) for i in range(200)], classes)
+    train = ShapeSet(
+        rng.normal(size=(8 * 12, 16, 3)).astype(np.float32),
+        np.repeat(np.arange(8), 12),
+        [str(i) for i in range(96)],
+        classes,
+    )
+    test = ShapeSet(
+        rng.normal(size=(8 * 25, 16, 3)).astype(np.float32),
+        np.repeat(np.arange(8), 25),
+        [str(i) for i in range(200)],
+        classes,
+    )
     a_train, a_test = generate_fold(train, test, way=5, shot=10, fold=3, seed=0)
     b_train, _ = generate_fold(train, test, way=5, shot=10, fold=3, seed=0)
     c_train, _ = generate_fold(train, test, way=5, shot=10, fold=4, seed=0)
@@ -187,9 +290,30 @@ def test_generated_folds_are_seeded_and_shaped_like_the_published_ones():
 def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
     for fold in (0, 1):
         write_fold(tmp_path / "folds", 5, 2, fold)
-    result = CliRunner().invoke(app(), ["finetune", "fewshot", "--fold-files", str(tmp_path / "folds"), "--way", "5",
-                                        "--shot", "2", "--fold", "0", "--fold", "1", "--init", "scratch",
-                                        "--run-dir", str(tmp_path / "fs"), "--num-points", "64", *TINY])
+    result = CliRunner().invoke(
+        app(),
+        [
+            "finetune",
+            "fewshot",
+            "--fold-files",
+            str(tmp_path / "folds"),
+            "--way",
+            "5",
+            "--shot",
+            "2",
+            "--fold",
+            "0",
+            "--fold",
+            "1",
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "fs"),
+            "--num-points",
+            "64",
+            *TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "fs" / "results.json").read_text())
     folds = [json.loads((tmp_path / "fs" / f"fold{k}" / "results.json").read_text()) for k in (0, 1)]
@@ -200,9 +324,31 @@ def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
     assert folds[0]["config"]["epochs"] == 1 and folds[0]["data"]["fold"]["source"].endswith("0.pkl")
     assert folds[0]["records"][0]["benchmark"] == "fewshot/5way2shot" and folds[0]["data"]["test_shapes"] == 15
     write_fold(tmp_path / "folds", 5, 2, 2)
-    result = CliRunner().invoke(app(), ["finetune", "fewshot", "--fold-files", str(tmp_path / "folds"), "--way", "5",
-                                        "--shot", "2", "--fold", "0", "--fold", "2", "--init", "scratch", "--resume",
-                                        "--run-dir", str(tmp_path / "fs"), "--num-points", "64", *TINY])
+    result = CliRunner().invoke(
+        app(),
+        [
+            "finetune",
+            "fewshot",
+            "--fold-files",
+            str(tmp_path / "folds"),
+            "--way",
+            "5",
+            "--shot",
+            "2",
+            "--fold",
+            "0",
+            "--fold",
+            "2",
+            "--init",
+            "scratch",
+            "--resume",
+            "--run-dir",
+            str(tmp_path / "fs"),
+            "--num-points",
+            "64",
+            *TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output  # fold 0 is continued (already done), fold 2 started
     out = json.loads((tmp_path / "fs" / "results.json").read_text())
     assert out["folds"] == {"0": accs[0], "1": accs[1], "2": out["folds"]["2"]}  # earlier fold 1 kept
@@ -210,6 +356,7 @@ def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
 
 
 # ---- results schema, random-teacher provenance and compare -----------------------------------------------
+
 
 def test_export_records_a_random_teacher_and_init_warns(tmp_path, caplog):
     run = tmp_path / "distill"
@@ -227,21 +374,33 @@ def test_export_records_a_random_teacher_and_init_warns(tmp_path, caplog):
 
 
 def record(benchmark: str, value: float, seed: int, init: str = "scratch", **config) -> dict:
-    return make_records(benchmark, {"overall_acc": value}, init_report={"init": init},
-                        config={"seed": seed, "lr": 5e-4, **config}, data={"used": 9, "listed": 2468, "split": "test"},
-                        protocol="p", run_dir=f"runs/{benchmark}-{seed}-{value}")[0]
+    return make_records(
+        benchmark,
+        {"overall_acc": value},
+        init_report={"init": init},
+        config={"seed": seed, "lr": 5e-4, **config},
+        data={"used": 9, "listed": 2468, "split": "test"},
+        protocol="p",
+        run_dir=f"runs/{benchmark}-{seed}-{value}",
+    )[0]
 
 
 def test_compare_groups_equal_settings_over_seeds(tmp_path):
     assert settings_digest({"seed": 0, "lr": 1, "device": "cpu"}) == settings_digest({"seed": 5, "lr": 1})
-    records = [record("modelnet40", 90.0, 0), record("modelnet40", 92.0, 1), record("modelnet40", 95.0, 0, lr=1e-3),
-               record("modelnet40", 80.0, 0, init="runs/x/encoder.pth")]
+    records = [
+        record("modelnet40", 90.0, 0),
+        record("modelnet40", 92.0, 1),
+        record("modelnet40", 95.0, 0, lr=1e-3),
+        record("modelnet40", 80.0, 0, init="runs/x/encoder.pth"),
+    ]
     rows = group_records(records)
     assert group_records(records + [dict(records[0])]) == rows  # the same run's record read twice counts once
     assert [(r["init"], r["n"], r["mean"]) for r in rows if r["n"] == 2] == [("scratch", 2, 91.0)]
     assert next(r for r in rows if r["n"] == 2)["std"] == pytest.approx(1.0) and len(rows) == 3
-    assert "| modelnet40 | overall_acc | scratch | 0, 1 | 2 | 91.00 ± 1.00 % | 9/2468 test (partial) |" in \
-        format_markdown(rows)
+    assert (
+        "| modelnet40 | overall_acc | scratch | 0, 1 | 2 | 91.00 ± 1.00 % | 9/2468 test (partial) |"
+        in format_markdown(rows)
+    )
     for i, r in enumerate(records):
         (tmp_path / f"run{i}").mkdir()
         (tmp_path / f"run{i}" / "results.json").write_text(json.dumps({"schema": "pkd-results/1", "records": [r]}))
@@ -252,19 +411,40 @@ def test_compare_groups_equal_settings_over_seeds(tmp_path):
     table = json.loads((tmp_path / "cmp" / "table.json").read_text())
     assert len(table["rows"]) == 3 and "old/results.json" in table["skipped"][0]
     assert (tmp_path / "cmp" / "table.png").stat().st_size > 0
-    done = subprocess.run([str(PKD_TRAIN), "compare", str(tmp_path), "--out", str(tmp_path / "cmp" / "table.md")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(PKD_TRAIN), "compare", str(tmp_path), "--out", str(tmp_path / "cmp" / "table.md")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "--overwrite" in done.stderr
-    done = subprocess.run([str(PKD_TRAIN), "compare", str(tmp_path / "old")], capture_output=True, text=True,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        [str(PKD_TRAIN), "compare", str(tmp_path / "old")], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 2 and "no pkd-results/1 results" in done.stderr
 
 
 def test_usage_errors_exit_cleanly_through_the_console_script(tmp_path):
-    cases = [(["test", "modelnet40", str(tmp_path)], "no config.json"),
-             (["finetune", "fewshot", "--init", "scratch"], "--fold-files"),
-             (["finetune", "scanobjectnn", "--data", str(tmp_path), "--variant", "hardest", "--init", "scratch",
-               "--run-dir", str(tmp_path / "r"), "--device", "cpu"], "obj_bg, obj_only, pb_t50_rs")]
+    cases = [
+        (["test", "modelnet40", str(tmp_path)], "no config.json"),
+        (["finetune", "fewshot", "--init", "scratch"], "--fold-files"),
+        (
+            [
+                "finetune",
+                "scanobjectnn",
+                "--data",
+                str(tmp_path),
+                "--variant",
+                "hardest",
+                "--init",
+                "scratch",
+                "--run-dir",
+                str(tmp_path / "r"),
+                "--device",
+                "cpu",
+            ],
+            "obj_bg, obj_only, pb_t50_rs",
+        ),
+    ]
     for args, message in cases:
         done = subprocess.run([str(PKD_TRAIN), *args], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

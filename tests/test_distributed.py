@@ -24,18 +24,40 @@ from pkd.train.trainer import TrainConfig, train
 from store_factory import make_store
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=2, num_concepts=4, head_hidden=32,
-            drop_path=0.0)
-FLAGS = ["--dim", 48, "--depth", 2, "--heads", 2, "--num-points", 128, "--num-group", 16, "--group-size", 8,
-         "--drop-path", 0, "--batch-size", 8, "--epochs", 2, "--warmup-epochs", 1, "--device", "cpu"]
+TINY = dict(
+    num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=2, num_concepts=4, head_hidden=32, drop_path=0.0
+)
+FLAGS = [
+    "--dim",
+    48,
+    "--depth",
+    2,
+    "--heads",
+    2,
+    "--num-points",
+    128,
+    "--num-group",
+    16,
+    "--group-size",
+    8,
+    "--drop-path",
+    0,
+    "--batch-size",
+    8,
+    "--epochs",
+    2,
+    "--warmup-epochs",
+    1,
+    "--device",
+    "cpu",
+]
 EXPECTED_FILES = {"config.json", "metrics.jsonl", "curves.png", LAST}
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     # 10 shards of 4 (one invalid sample): 2 streams of 5 shards, ≥ 19 samples each → 4 batches of 8 per epoch
-    return make_store(tmp_path_factory.mktemp("ddp") / "pairs.zarr", n=40, num_points=160, shard_size=4,
-                      invalid=(5,))
+    return make_store(tmp_path_factory.mktemp("ddp") / "pairs.zarr", n=40, num_points=160, shard_size=4, invalid=(5,))
 
 
 def config(store, variant="recon+distill", **kw) -> TrainConfig:
@@ -51,14 +73,28 @@ def run_ranks(log_dir: Path, nproc: int, *cmd, timeout: int = 120) -> tuple[int,
     launch = [TORCHRUN, "--standalone", "--nproc-per-node", nproc, "--log-dir", log_dir, "--redirects", 3]
     done = subprocess.run([str(c) for c in [*launch, *cmd]], env=env, capture_output=True, text=True, timeout=timeout)
     (attempt,) = Path(log_dir).glob("*/attempt_0")
-    outputs = [{name: (attempt / str(rank) / f"{name}.log").read_text() for name in ("stdout", "stderr")}
-               for rank in range(nproc)]
+    outputs = [
+        {name: (attempt / str(rank) / f"{name}.log").read_text() for name in ("stdout", "stderr")}
+        for rank in range(nproc)
+    ]
     return done.returncode, outputs
 
 
 def torchrun(store, run_dir, *args, nproc=2, variant="recon+distill"):
-    code, ranks = run_ranks(Path(run_dir).with_name(Path(run_dir).name + "-logs"), nproc, "-m", "pkd.train",
-                            "distill", store, "--variant", variant, "--run-dir", run_dir, *FLAGS, *args)
+    code, ranks = run_ranks(
+        Path(run_dir).with_name(Path(run_dir).name + "-logs"),
+        nproc,
+        "-m",
+        "pkd.train",
+        "distill",
+        store,
+        "--variant",
+        variant,
+        "--run-dir",
+        run_dir,
+        *FLAGS,
+        *args,
+    )
     assert code == 0, [r["stderr"][-2000:] for r in ranks]
     return ranks
 
@@ -91,13 +127,21 @@ def assert_same_params(a_dir, b_dir, rtol=5e-2):
 
 # ---- loader and helpers (in process) --------------------------------------------------------------------
 
+
 def frames(batch) -> list[int]:
     return [int(f) for f in batch["frame"]]
 
 
 def loader(store, **kw) -> StoreLoader:
-    args = dict(store=str(store), split="train", arrays=("points", "frame"), batch_size=8, num_points=160,
-                shuffle_shards=2, streams=4)
+    args = dict(
+        store=str(store),
+        split="train",
+        arrays=("points", "frame"),
+        batch_size=8,
+        num_points=160,
+        shuffle_shards=2,
+        streams=4,
+    )
     return StoreLoader(LoaderConfig(**{**args, **kw}))
 
 
@@ -110,11 +154,14 @@ def test_global_batches_do_not_depend_on_the_world_size(store, world):
     for epoch in (0, 1):
         for whole, *parts in zip(one.epoch(epoch), *(r.epoch(epoch) for r in ranks), strict=True):
             # the rank-r part holds streams r, r+W, … in order; the 1-process batch holds streams 0..S-1
-            by_stream = {s: frames(p)[i * chunk:(i + 1) * chunk]
-                         for r, p in zip(ranks, parts) for i, s in enumerate(r.cfg.own_streams)}
+            by_stream = {
+                s: frames(p)[i * chunk : (i + 1) * chunk]
+                for r, p in zip(ranks, parts)
+                for i, s in enumerate(r.cfg.own_streams)
+            }
             assert frames(whole) == [f for s in range(4) for f in by_stream[s]]
     shards = [{f // 4 for b in r.epoch(0) for f in frames(b)} for r in ranks]
-    assert all(not a & b for i, a in enumerate(shards) for b in shards[i + 1:])  # whole shards, one rank each
+    assert all(not a & b for i, a in enumerate(shards) for b in shards[i + 1 :])  # whole shards, one rank each
 
 
 def test_streamed_loader_resumes_mid_epoch_and_with_workers(store):
@@ -193,8 +240,14 @@ def test_torchrun_two_processes_match_one_process(store, tmp_path):
     assert_same_params(tmp_path / "one", tmp_path / "ddp")
 
     # rank 0 alone wrote: each record once, no stray files, unprefixed state dict, streams recorded
-    assert [(r["kind"], r["step"]) for r in records(tmp_path / "ddp")] == \
-        [("step", 1), ("step", 2), ("epoch", 2), ("step", 3), ("step", 4), ("epoch", 4)]
+    assert [(r["kind"], r["step"]) for r in records(tmp_path / "ddp")] == [
+        ("step", 1),
+        ("step", 2),
+        ("epoch", 2),
+        ("step", 3),
+        ("step", 4),
+        ("epoch", 4),
+    ]
     assert {p.name for p in (tmp_path / "ddp").iterdir()} == EXPECTED_FILES
     record = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert record["config"]["streams"] == 2 and record["launch"] == {"world_size": 2}
@@ -208,8 +261,12 @@ def test_resume_across_world_sizes(store, tmp_path):
     # 2 processes for 3 steps, then 1 process to 6
     torchrun(store, tmp_path / "a", "--max-steps", 6, "--stop-after", 3, variant="recon")
     assert load_checkpoint(tmp_path / "a" / LAST)["position"] == {"step": 3, "epoch": 0, "batch": 3}
-    summary = train(dataclasses.replace(config(store, "recon", max_steps=6), streams=None), tmp_path / "a", resume=True,
-                    progress=False)
+    summary = train(
+        dataclasses.replace(config(store, "recon", max_steps=6), streams=None),
+        tmp_path / "a",
+        resume=True,
+        progress=False,
+    )
     assert summary["steps"] == 6
     assert_same_params(straight, tmp_path / "a")
     # 1 process for 5 steps (past the epoch boundary), then 2 processes to 6
@@ -227,17 +284,59 @@ def test_finetune_under_torchrun_trains_on_both_ranks_and_rank_0_writes(tmp_path
 
     root = require_fixture("modelnet40")
     run = tmp_path / "cls"
-    cmd = ["-m", "pkd.train", "finetune", "modelnet40", "--data", root / "modelnet40_normal_resampled",
-           "--splits", root / "splits", "--allow-missing",
-           "--pool-points", 300, "--num-points", 128, "--num-group", 16, "--dim", 48, "--depth", 3, "--heads", 2,
-           "--cache-dir", tmp_path / "cache", "--init", "scratch", "--run-dir", run, "--epochs", 2,
-           "--batch-size", 4, "--device", "cpu"]
+    cmd = [
+        "-m",
+        "pkd.train",
+        "finetune",
+        "modelnet40",
+        "--data",
+        root / "modelnet40_normal_resampled",
+        "--splits",
+        root / "splits",
+        "--allow-missing",
+        "--pool-points",
+        300,
+        "--num-points",
+        128,
+        "--num-group",
+        16,
+        "--dim",
+        48,
+        "--depth",
+        3,
+        "--heads",
+        2,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--init",
+        "scratch",
+        "--run-dir",
+        run,
+        "--epochs",
+        2,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+    ]
     code, ranks = run_ranks(tmp_path / "logs", 2, *cmd, timeout=300)
     assert code == 0, [r["stderr"][-2000:] for r in ranks]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4 and len(results["history"]) == 2
     assert [r["step"] for r in records(run) if r["kind"] == "step"] == [1, 2, 3, 4]  # each step logged once
-    code, ranks = run_ranks(tmp_path / "odd-logs", 2, *cmd[:-6], "--run-dir", tmp_path / "odd", "--epochs", 1,
-                            "--batch-size", 3, "--device", "cpu", timeout=300)
+    code, ranks = run_ranks(
+        tmp_path / "odd-logs",
+        2,
+        *cmd[:-6],
+        "--run-dir",
+        tmp_path / "odd",
+        "--epochs",
+        1,
+        "--batch-size",
+        3,
+        "--device",
+        "cpu",
+        timeout=300,
+    )
     assert code != 0  # torchrun exits 1
     assert any("error: --batch-size 3 is the global batch" in r["stderr"] for r in ranks), ranks

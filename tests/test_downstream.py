@@ -52,6 +52,7 @@ def shapenetpart():
 
 # ---- loaders ----------------------------------------------------------------------------------------------
 
+
 def test_modelnet_loader_reads_the_present_shapes(modelnet, tmp_path):
     data, splits = modelnet
     train = load_modelnet40(data, "train", splits=splits, num_points=256, allow_missing=True, cache_dir=tmp_path)
@@ -132,6 +133,7 @@ def test_shapenetpart_reads_the_official_layout_and_rejects_bad_data(shapenetpar
 
 # ---- metrics ----------------------------------------------------------------------------------------------
 
+
 def test_classification_metrics_by_hand():
     label = np.array([0, 0, 0, 0, 1, 1, 2])
     pred = np.array([0, 0, 0, 1, 1, 0, 2])
@@ -146,8 +148,9 @@ def test_part_ious_by_hand_with_the_absent_part_rule():
     pred = np.array([6, 6, 7, 7])
     np.testing.assert_allclose(metrics.part_ious(pred, label, (6, 7)), [2 / 3, 1 / 2])
     # part 12 is absent from both: IoU 1; part 13 predicted but absent from the label: IoU 0
-    np.testing.assert_allclose(metrics.part_ious(np.array([14, 13]), np.array([14, 14]), (12, 13, 14, 15)),
-                               [1.0, 0.0, 0.5, 1.0])
+    np.testing.assert_allclose(
+        metrics.part_ious(np.array([14, 13]), np.array([14, 14]), (12, 13, 14, 15)), [1.0, 0.0, 0.5, 1.0]
+    )
     ious, cats = [7 / 12, 0.625, 1.0], ["Cap", "Chair", "Chair"]
     assert metrics.shape_iou(pred, label, (6, 7)) == pytest.approx(7 / 12)
     assert metrics.instance_miou(ious) == pytest.approx((7 / 12 + 0.625 + 1.0) / 3)
@@ -156,6 +159,7 @@ def test_part_ious_by_hand_with_the_absent_part_rule():
 
 
 # ---- models and --init ------------------------------------------------------------------------------------
+
 
 def test_layer_indices_follow_point_mae_and_scale_with_depth():
     assert fetch_layers(12) == (3, 7, 11) and fetch_layers(4) == (0, 1, 3) and fetch_layers(6) == (1, 3, 5)
@@ -175,8 +179,14 @@ def test_models_shapes_and_three_nn_interpolation():
 def pointmae_checkpoint(encoder: PointEncoder, prefix: str) -> dict:
     """Point-MAE's pre-training layout: DataParallel prefix, MAE_encoder + decoder + mask token."""
     state = {f"{prefix}MAE_encoder.{k}": v for k, v in encoder.state_dict().items()}
-    return {"base_model": {**state, f"{prefix}mask_token": torch.zeros(1, 1, 48),
-                           f"{prefix}MAE_decoder.norm.weight": torch.ones(48)}, "epoch": 300}
+    return {
+        "base_model": {
+            **state,
+            f"{prefix}mask_token": torch.zeros(1, 1, 48),
+            f"{prefix}MAE_decoder.norm.weight": torch.ones(48),
+        },
+        "epoch": 300,
+    }
 
 
 def test_init_reports_used_keys_and_refuses_foreign_checkpoints(tmp_path):
@@ -203,6 +213,7 @@ def test_init_reports_used_keys_and_refuses_foreign_checkpoints(tmp_path):
 
 # ---- end to end -------------------------------------------------------------------------------------------
 
+
 def cli_app() -> typer.Typer:
     """The wiring the lead adds to pkd-train."""
     app = typer.Typer()
@@ -213,8 +224,7 @@ def cli_app() -> typer.Typer:
     return app
 
 
-TINY_CLI = ["--dim", "48", "--depth", "4", "--heads", "4", "--num-group", "16", "--device", "cpu",
-            "--allow-missing"]
+TINY_CLI = ["--dim", "48", "--depth", "4", "--heads", "4", "--num-group", "16", "--device", "cpu", "--allow-missing"]
 
 
 def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
@@ -222,11 +232,37 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     source = PointEncoder(48, 4, 4)
     torch.save(pointmae_checkpoint(source, ""), tmp_path / "encoder.pth")
     runner, app = CliRunner(), cli_app()
-    mn = ["--data", str(data), "--splits", str(splits), "--pool-points", "300", "--num-points", "128",
-          "--cache-dir", str(tmp_path / "cache"), *TINY_CLI]
-    result = runner.invoke(app, ["finetune", "modelnet40", *mn, "--init", str(tmp_path / "encoder.pth"),
-                                 "--run-dir", str(tmp_path / "cls"), "--epochs", "2", "--batch-size", "4",
-                                 "--votes", "2"])
+    mn = [
+        "--data",
+        str(data),
+        "--splits",
+        str(splits),
+        "--pool-points",
+        "300",
+        "--num-points",
+        "128",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *TINY_CLI,
+    ]
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "modelnet40",
+            *mn,
+            "--init",
+            str(tmp_path / "encoder.pth"),
+            "--run-dir",
+            str(tmp_path / "cls"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--votes",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     cls = json.loads((tmp_path / "cls" / "results.json").read_text())
     assert cls["steps"] == 4 and cls["init"]["used"] == len(source.state_dict()) and len(cls["history"]) == 2
@@ -242,8 +278,9 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     assert "9/2468 test shapes (--allow-missing)" in result.output
     assert cls["test"]["overall_acc"] == pytest.approx(100 * np.trace(cls["test"]["confusion_matrix"]) / 9)
 
-    result = runner.invoke(app, ["test", "modelnet40", str(tmp_path / "cls"), "--votes", "2", "--passes", "3",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["test", "modelnet40", str(tmp_path / "cls"), "--votes", "2", "--passes", "3", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     voted = json.loads((tmp_path / "cls" / "test_votes.json").read_text())
     passes = voted["vote_passes"]
@@ -259,9 +296,28 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     assert (tmp_path / "probe" / "config.json").is_file()
 
     part_data, meta = shapenetpart
-    result = runner.invoke(app, ["finetune", "shapenetpart", "--data", str(part_data), "--splits", str(meta),
-                                 "--init", "scratch", "--run-dir", str(tmp_path / "seg"), "--num-points", "256",
-                                 "--epochs", "1", "--batch-size", "2", *TINY_CLI])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "shapenetpart",
+            "--data",
+            str(part_data),
+            "--splits",
+            str(meta),
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "seg"),
+            "--num-points",
+            "256",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            *TINY_CLI,
+        ],
+    )
     assert result.exit_code == 0, result.output
     seg = json.loads((tmp_path / "seg" / "results.json").read_text())
     assert seg["data"]["train_shapes"] == 5 and seg["data"]["test_shapes"] == 11 and seg["steps"] == 2
@@ -270,22 +326,45 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     assert seg["config"]["decay_epochs"] is None  # cosine over all epochs (Point-MAE segmentation/main.py)
     assert (tmp_path / "seg" / "category_iou.png").stat().st_size > 0
 
-    result = runner.invoke(app, ["finetune", "modelnet40", "--data", str(tmp_path / "nowhere"), "--init", "scratch",
-                                 "--run-dir", str(tmp_path / "bad")])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "modelnet40",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert isinstance(result.exception, DataError) and "nowhere" in str(result.exception)
 
 
 def test_resume_continues_bit_identically(modelnet, tmp_path):
     data, splits = modelnet
-    cfg = FinetuneConfig.for_task("modelnet40", data, splits=str(splits), allow_missing=True, pool_points=300,
-                                  num_points=128, epochs=2, warmup_epochs=1, batch_size=4, votes=1, **TINY)
+    cfg = FinetuneConfig.for_task(
+        "modelnet40",
+        data,
+        splits=str(splits),
+        allow_missing=True,
+        pool_points=300,
+        num_points=128,
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=4,
+        votes=1,
+        **TINY,
+    )
     run_finetune(cfg, tmp_path / "straight", progress=False)
     run_finetune(FinetuneConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "split", progress=False)
     resumed = run_finetune(cfg, tmp_path / "split", resume=True, progress=False)
     assert resumed["steps"] == 4
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
-    torch.testing.assert_close(torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"], straight,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"], straight, rtol=0, atol=0
+    )
     with pytest.raises(ConfigError, match="different settings"):
         run_finetune(FinetuneConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "split", resume=True, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
@@ -295,11 +374,26 @@ def test_resume_continues_bit_identically(modelnet, tmp_path):
 def test_cli_resume_takes_the_runs_recorded_options(modelnet, tmp_path):
     data, splits = modelnet
     runner, app = CliRunner(), cli_app()
-    common = ["finetune", "modelnet40", "--data", str(data), "--splits", str(splits), "--pool-points", "300",
-              "--cache-dir", str(tmp_path / "cache"), "--init", "scratch", "--run-dir", str(tmp_path / "run"),
-              *TINY_CLI]
-    first = runner.invoke(app, [*common, "--num-points", "128", "--epochs", "2", "--batch-size", "4", "--votes", "1",
-                                "--max-steps", "3"])
+    common = [
+        "finetune",
+        "modelnet40",
+        "--data",
+        str(data),
+        "--splits",
+        str(splits),
+        "--pool-points",
+        "300",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--init",
+        "scratch",
+        "--run-dir",
+        str(tmp_path / "run"),
+        *TINY_CLI,
+    ]
+    first = runner.invoke(
+        app, [*common, "--num-points", "128", "--epochs", "2", "--batch-size", "4", "--votes", "1", "--max-steps", "3"]
+    )
     assert first.exit_code == 0, first.output
     resumed = runner.invoke(app, [*common, "--resume"])  # no --num-points/--epochs/--batch-size retyped
     assert resumed.exit_code == 0, resumed.output
@@ -310,19 +404,52 @@ def test_cli_resume_takes_the_runs_recorded_options(modelnet, tmp_path):
 
 
 def test_downstream_never_imports_the_teacher():
-    code = ("import sys, pkd.train.downstream.cli, pkd.train.downstream.run; "
-            "bad = [m for m in ('open_clip', 'transformers', 'pkd.preprocess') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, pkd.train.downstream.cli, pkd.train.downstream.run; "
+        "bad = [m for m in ('open_clip', 'transformers', 'pkd.preprocess') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---- options derived from the configs ---------------------------------------------------------------------
 
 OLD_FINETUNE_FIELDS = {  # FinetuneConfig's recorded layout before EncoderConfig (config.json, last.pt)
-    "task", "data", "init", "splits", "epochs", "warmup_epochs", "decay_epochs", "batch_size", "lr", "min_lr",
-    "weight_decay", "grad_clip", "seed", "device", "max_steps", "allow_missing", "trust_pickle", "cache_dir",
-    "num_points", "pool_points", "votes", "dim", "depth", "heads", "drop_path", "num_group", "group_size", "variant",
-    "way", "shot", "fold", "folds", "crop_size", "repeats"}
+    "task",
+    "data",
+    "init",
+    "splits",
+    "epochs",
+    "warmup_epochs",
+    "decay_epochs",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "device",
+    "max_steps",
+    "allow_missing",
+    "trust_pickle",
+    "cache_dir",
+    "num_points",
+    "pool_points",
+    "votes",
+    "dim",
+    "depth",
+    "heads",
+    "drop_path",
+    "num_group",
+    "group_size",
+    "variant",
+    "way",
+    "shot",
+    "fold",
+    "folds",
+    "crop_size",
+    "repeats",
+}
 
 
 def test_recorded_finetune_configs_keep_their_flat_layout():
@@ -338,13 +465,16 @@ def _option_help(*command: str) -> dict[str, str]:
     return {m.group(1): line for line in out.splitlines() if (m := re.search(r"(--[a-z-]+)\s", line))}
 
 
-@pytest.mark.parametrize(("task", "shown"), [
-    ("modelnet40", {"--epochs": "300", "--batch-size": "32", "--num-group": "64", "--votes": "10"}),
-    ("shapenetpart", {"--lr": "0.0002", "--num-points": "2048", "--num-group": "128"}),
-    ("scannet-seg", {"--epochs": "200", "--num-points": "8192", "--num-group": "256", "--weight-decay": "0.01"}),
-    ("scanobjectnn", {"--variant": "pb_t50_rs", "--num-points": "2048"}),
-    ("fewshot", {"--epochs": "150", "--way": "5", "--shot": "10"}),
-])
+@pytest.mark.parametrize(
+    ("task", "shown"),
+    [
+        ("modelnet40", {"--epochs": "300", "--batch-size": "32", "--num-group": "64", "--votes": "10"}),
+        ("shapenetpart", {"--lr": "0.0002", "--num-points": "2048", "--num-group": "128"}),
+        ("scannet-seg", {"--epochs": "200", "--num-points": "8192", "--num-group": "256", "--weight-decay": "0.01"}),
+        ("scanobjectnn", {"--variant": "pb_t50_rs", "--num-points": "2048"}),
+        ("fewshot", {"--epochs": "150", "--way": "5", "--shot": "10"}),
+    ],
+)
 def test_each_finetune_subcommand_shows_its_tasks_defaults(task, shown):
     helps = _option_help("finetune", task)
     for flag, value in shown.items():
@@ -353,13 +483,19 @@ def test_each_finetune_subcommand_shows_its_tasks_defaults(task, shown):
         assert flag in helps
 
 
-@pytest.mark.parametrize(("command", "absent"), [
-    (("finetune", "shapenetpart"), ("--votes", "--pool-points", "--crop-size", "--way", "--variant", "--trust-pickle")),
-    (("finetune", "scanobjectnn"), ("--votes", "--splits", "--repeats", "--fold-files", "--cache-dir")),
-    (("finetune", "scannet-seg"), ("--votes", "--pool-points", "--way", "--variant", "--trust-pickle")),
-    (("finetune", "modelnet40"), ("--crop-size", "--repeats", "--way", "--shot", "--variant")),
-    (("probe", "modelnet40"), ("--drop-path", "--epochs", "--votes")),
-])
+@pytest.mark.parametrize(
+    ("command", "absent"),
+    [
+        (
+            ("finetune", "shapenetpart"),
+            ("--votes", "--pool-points", "--crop-size", "--way", "--variant", "--trust-pickle"),
+        ),
+        (("finetune", "scanobjectnn"), ("--votes", "--splits", "--repeats", "--fold-files", "--cache-dir")),
+        (("finetune", "scannet-seg"), ("--votes", "--pool-points", "--way", "--variant", "--trust-pickle")),
+        (("finetune", "modelnet40"), ("--crop-size", "--repeats", "--way", "--shot", "--variant")),
+        (("probe", "modelnet40"), ("--drop-path", "--epochs", "--votes")),
+    ],
+)
 def test_options_not_meant_for_a_command_are_not_offered(command, absent):
     helps = _option_help(*command)
     assert not set(absent) & set(helps)
@@ -367,16 +503,33 @@ def test_options_not_meant_for_a_command_are_not_offered(command, absent):
     assert result.exit_code == 2 and "No such option" in result.output
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--dim", "50", "--heads", "4"], "dim 50 is not divisible by heads 4"),
-    (["--drop-path", "1.5"], "drop_path 1.5 must lie in [0, 1)"),
-    (["--group-size", "0"], "group_size 0: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dim", "50", "--heads", "4"], "dim 50 is not divisible by heads 4"),
+        (["--drop-path", "1.5"], "drop_path 1.5 must lie in [0, 1)"),
+        (["--group-size", "0"], "group_size 0: must be at least 1"),
+    ],
+)
 def test_bad_encoder_sizes_exit_2_with_one_line(tmp_path, flags, message):
     pkd_train = Path(sys.executable).with_name("pkd-train")
-    done = subprocess.run([str(pkd_train), "finetune", "modelnet40", "--data", str(tmp_path), "--init", "scratch",
-                           "--run-dir", str(tmp_path / "run"), *flags], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [
+            str(pkd_train),
+            "finetune",
+            "modelnet40",
+            "--data",
+            str(tmp_path),
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(tmp_path / "run"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr

@@ -11,8 +11,28 @@ from pkd.preprocess.teacher import TeacherConfig
 
 from conftest import demo_prep_config
 
-TINY = ["--dim", "48", "--depth", "2", "--heads", "2", "--num-points", "512", "--num-group", "16",
-        "--group-size", "8", "--batch-size", "2", "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu"]
+TINY = [
+    "--dim",
+    "48",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--num-points",
+    "512",
+    "--num-group",
+    "16",
+    "--group-size",
+    "8",
+    "--batch-size",
+    "2",
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def pkd_train(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -23,11 +43,27 @@ def pkd_train(*args: str, cwd) -> subprocess.CompletedProcess:
 
 def test_prep_then_every_variant_then_export(demo_root, tmp_path):
     store = tmp_path / "pairs.zarr"
-    run_prep(demo_prep_config(demo_root), str(store), TeacherConfig(kind="random", patch_tokens=True),
-             RunOptions(teacher_batch=2, progress=False))
+    run_prep(
+        demo_prep_config(demo_root),
+        str(store),
+        TeacherConfig(kind="random", patch_tokens=True),
+        RunOptions(teacher_batch=2, progress=False),
+    )
     variants = "distill,no-concept,clip-target,local,recon,recon+distill"
-    pkd_train("ablate", str(store), "--variants", variants, "--max-steps", "2", "--name", "demo", "--eval", "none",
-              *TINY, cwd=tmp_path)
+    pkd_train(
+        "ablate",
+        str(store),
+        "--variants",
+        variants,
+        "--max-steps",
+        "2",
+        "--name",
+        "demo",
+        "--eval",
+        "none",
+        *TINY,
+        cwd=tmp_path,
+    )
     rows = json.loads((tmp_path / "runs" / "ablate-demo" / "table.json").read_text())["rows"]
     assert [row["variant"] for row in rows] == variants.split(",")
     assert all(row["steps"] == 2 and row["train_loss"] > 0 for row in rows)

@@ -30,8 +30,25 @@ from conftest import DEMO_POINTS, require_fixture
 BIN = Path(sys.executable).parent
 PREP, TRAIN = str(BIN / "pkd-prep"), str(BIN / "pkd-train")
 NAMES = [s.name for s in store.array_specs(DEMO_POINTS)]
-TINY = ["--num-points", "128", "--num-group", "16", "--group-size", "8", "--dim", "32", "--depth", "1",
-        "--heads", "2", "--batch-size", "2", "--device", "cpu", "--no-augment"]
+TINY = [
+    "--num-points",
+    "128",
+    "--num-group",
+    "16",
+    "--group-size",
+    "8",
+    "--dim",
+    "32",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+    "--no-augment",
+]
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
@@ -49,8 +66,24 @@ def check(result: subprocess.CompletedProcess, code: int, *messages: str) -> Non
 
 
 def prep_args(root: Path, out: Path, *extra: object) -> list[object]:
-    return [PREP, "scannet", "--root", root, "--out", out, "--teacher", "random", "--num-points", DEMO_POINTS,
-            "--shard-size", 2, "--teacher-batch", 2, "--no-progress", *extra]
+    return [
+        PREP,
+        "scannet",
+        "--root",
+        root,
+        "--out",
+        out,
+        "--teacher",
+        "random",
+        "--num-points",
+        DEMO_POINTS,
+        "--shard-size",
+        2,
+        "--teacher-batch",
+        2,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
@@ -100,8 +133,15 @@ def clean_arrays(demo_store) -> dict[str, np.ndarray]:
 
 # ---- usage and pkd errors -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[PREP, "scannet", "--root", ".", "--out", "x", "--bogus"],
-                                     [TRAIN, "distill", "s.zarr", "--bogus"], [PREP, "nope"]])
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [PREP, "scannet", "--root", ".", "--out", "x", "--bogus"],
+        [TRAIN, "distill", "s.zarr", "--bogus"],
+        [PREP, "nope"],
+    ],
+)
 def test_usage_errors_print_the_usage_paragraph_and_exit_2(command, tmp_path):
     result = run(*command, cwd=tmp_path)
     check(result, 2, "Usage:", "--help")
@@ -112,8 +152,11 @@ def test_pkd_errors_exit_2_and_name_an_existing_command(tmp_path):
     result = run(PREP, "info", tmp_path / "missing.zarr")
     check(result, 2, "error: no pair store", "pkd-prep demo-scene --out DIR")
     assert "pkd-prep demo`" not in result.stderr
-    check(run(PREP, "scannet", "--root", tmp_path / "none", "--out", tmp_path / "o.zarr"), 2,
-          "pkd-prep demo-scene --out DIR")
+    check(
+        run(PREP, "scannet", "--root", tmp_path / "none", "--out", tmp_path / "o.zarr"),
+        2,
+        "pkd-prep demo-scene --out DIR",
+    )
 
 
 def test_pkd_debug_shows_the_traceback(tmp_path):
@@ -122,6 +165,7 @@ def test_pkd_debug_shows_the_traceback(tmp_path):
 
 
 # ---- verify and missing data ----------------------------------------------------------------------------
+
 
 def test_verify_exits_1_on_a_corrupt_chunk(demo_store, tmp_path):
     out = copy_store(demo_store, tmp_path)
@@ -161,6 +205,7 @@ def test_verify_checks_the_target_stats(demo_store, tmp_path):
 
 # ---- prep: overwrite, bounds, exported frames, OS errors ------------------------------------------------
 
+
 def test_overwrite_keeps_the_old_store_when_planning_fails(demo_root, demo_store, clean_arrays, tmp_path):
     out = copy_store(demo_store, tmp_path)
     root = tmp_path / "root"
@@ -179,12 +224,15 @@ def test_overwrite_replaces_the_store_only_when_the_new_one_is_complete(demo_roo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.zarr"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--num-points", 10_000_000], "--num-points 10000000 is above 65536"),
-    (["--limit", 0], "--limit must be at least 1, got 0"),
-    (["--limit", -1], "--limit must be at least 1, got -1"),
-    (["--split", "val"], "no scene under"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-points", 10_000_000], "--num-points 10000000 is above 65536"),
+        (["--limit", 0], "--limit must be at least 1, got 0"),
+        (["--limit", -1], "--limit must be at least 1, got -1"),
+        (["--split", "val"], "no scene under"),
+    ],
+)
 def test_bounds_and_messages_name_the_cause(demo_root, demo_store, clean_arrays, tmp_path, extra, message):
     out = copy_store(demo_store, tmp_path)
     result = run(*prep_args(demo_root, out, "--overwrite", *extra))
@@ -231,6 +279,7 @@ def test_out_that_is_a_file_or_unwritable_is_one_paragraph(demo_root, tmp_path):
 
 # ---- training: locks, exports, checkpoints, messages ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(demo_store, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
@@ -254,8 +303,13 @@ def test_checkpoint_save_over_the_file_size_limit_keeps_the_last_one(demo_store,
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run([TRAIN, "distill", str(demo_store), *TINY, "--max-steps", "4", "--run-dir", str(run_dir),
-                             "--resume"], capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    result = subprocess.run(
+        [TRAIN, "distill", str(demo_store), *TINY, "--max-steps", "4", "--run-dir", str(run_dir), "--resume"],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
     check(result, 1, f"cannot write {run_dir / LAST}", "the previous last.pt is untouched")
     assert (run_dir / LAST).read_bytes() == before
     assert list(run_dir.glob(".*.tmp")) == []
@@ -265,15 +319,29 @@ def test_bad_init_files_say_why(demo_store, tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "init.txt").write_text("hello\n")
     for name, reason in (("empty.pth", "the file is empty"), ("init.txt", "not a torch checkpoint file")):
-        result = run(TRAIN, "distill", demo_store, *TINY, "--max-steps", 1, "--run-dir", tmp_path / f"run-{name}",
-                     "--init", tmp_path / name)
+        result = run(
+            TRAIN,
+            "distill",
+            demo_store,
+            *TINY,
+            "--max-steps",
+            1,
+            "--run-dir",
+            tmp_path / f"run-{name}",
+            "--init",
+            tmp_path / name,
+        )
         check(result, 2, reason)
 
 
 def test_a_second_run_on_one_run_dir_is_refused_and_sigterm_exits_143(demo_store, tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([TRAIN, "distill", str(demo_store), *TINY, "--max-steps", "100000", "--run-dir",
-                              str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [TRAIN, "distill", str(demo_store), *TINY, "--max-steps", "100000", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(run_dir / "config.json", first)
         second = run(TRAIN, "distill", demo_store, *TINY, "--max-steps", 1, "--run-dir", run_dir, "--overwrite")
@@ -291,8 +359,12 @@ def test_sigint_at_a_random_moment_of_training_then_rerun_equals_the_clean_run(d
     clean = tmp_path / "clean"
     check(run(TRAIN, "distill", demo_store, *TINY, *steps, "--run-dir", clean), 0)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([TRAIN, "distill", str(demo_store), *TINY, *steps, "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [TRAIN, "distill", str(demo_store), *TINY, *steps, "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(run_dir / "config.json", proc)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
     proc.send_signal(signal.SIGINT)
@@ -317,19 +389,26 @@ def test_interrupted_before_the_first_checkpoint_points_to_overwrite(demo_store,
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(trained / "config.json", run_dir / "config.json")  # what a run stopped before step 1 holds
-    check(run(TRAIN, "distill", demo_store, *TINY, "--run-dir", run_dir, "--resume"), 2,
-          "stopped before its first checkpoint", "pass --overwrite instead of --resume")
+    check(
+        run(TRAIN, "distill", demo_store, *TINY, "--run-dir", run_dir, "--resume"),
+        2,
+        "stopped before its first checkpoint",
+        "pass --overwrite instead of --resume",
+    )
     check(run(TRAIN, "distill", demo_store, *TINY, "--run-dir", run_dir), 2, "pass --overwrite to start it again")
 
 
 # ---- prep: signals --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_at_a_random_moment_of_prep_then_rerun_equals_the_clean_store(demo_root, clean_arrays, tmp_path,
-                                                                              sig, code):
+def test_signal_at_a_random_moment_of_prep_then_rerun_equals_the_clean_store(
+    demo_root, clean_arrays, tmp_path, sig, code
+):
     out = tmp_path / "pairs.zarr"
-    proc = subprocess.Popen([str(a) for a in prep_args(demo_root, out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(a) for a in prep_args(demo_root, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(Path(f"{out}.lock"), proc)
     time.sleep(random.Random(os.getpid() + code).uniform(0.0, 2.0))
     proc.send_signal(sig)
@@ -347,13 +426,23 @@ def test_a_store_interrupted_while_being_created_is_created_again(demo_root, cle
     out = tmp_path / "pairs.zarr"
     out.mkdir()
     if leftover == "creating":  # what an interrupt leaves between the root's metadata and the split arrays
-        zarr.open_group(str(out), mode="w", attributes={"format": store.FORMAT, "version": store.VERSION,
-                                                         "status": "creating", "prep": {}, "teacher": {}})
+        zarr.open_group(
+            str(out),
+            mode="w",
+            attributes={
+                "format": store.FORMAT,
+                "version": store.VERSION,
+                "status": "creating",
+                "prep": {},
+                "teacher": {},
+            },
+        )
     check(run(*prep_args(demo_root, out)), 0, f"wrote {out}")
     assert_same_arrays(arrays(out), clean_arrays)
 
 
 # ---- downstream: the ModelNet40 FPS cache follows file contents -----------------------------------------
+
 
 def test_modelnet_cache_rebuilds_a_replaced_shape(tmp_path):
     from pkd.train.downstream.modelnet import load_modelnet40

@@ -28,9 +28,25 @@ NAMES = [s.name for s in store.array_specs(DEMO_POINTS)]
 
 
 def prep_command(root: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pkd.preprocess", "scannet", "--root", str(root), "--out", str(out),
-            "--teacher", "random", "--num-points", str(DEMO_POINTS), "--shard-size", "2", "--teacher-batch", "2",
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "pkd.preprocess",
+        "scannet",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--teacher",
+        "random",
+        "--num-points",
+        str(DEMO_POINTS),
+        "--shard-size",
+        "2",
+        "--teacher-batch",
+        "2",
+        "--no-progress",
+    ]
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -61,11 +77,13 @@ def test_disk_full_gives_a_clear_error_and_a_resumable_store(demo_root, demo_sto
     limit = max(max(file_sizes(name), default=0) for name in geometry) + 1024
     assert max(file_sizes("prefix")) > limit, "the test needs prefix shards larger than every geometry shard"
     out = tmp_path / "pairs.zarr"
-    limited = ("import resource, signal, sys\n"
-               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
-               f"sys.argv = {['pkd-prep', *prep_command(demo_root, out)[3:]]!r}\n"
-               "from pkd.preprocess.cli import main\nmain()\n")
+    limited = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        f"sys.argv = {['pkd-prep', *prep_command(demo_root, out)[3:]]!r}\n"
+        "from pkd.preprocess.cli import main\nmain()\n"
+    )
     result = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True)
     assert result.returncode == 2
     assert "out of disk space" in result.stderr and "Traceback" not in result.stderr
@@ -82,8 +100,9 @@ def small_sens(tmp_path_factory) -> bytes:
     import cv2
 
     camera = demo_camera()
-    camera = type(camera)(camera.color_intrinsic, camera.depth_intrinsic, camera.depth_to_color, (16, 12),
-                          (16, 12), 1000.0)
+    camera = type(camera)(
+        camera.color_intrinsic, camera.depth_intrinsic, camera.depth_to_color, (16, 12), (16, 12), 1000.0
+    )
     rng = np.random.default_rng(0)
     frames = []
     for i in range(3):
@@ -119,16 +138,39 @@ def test_fuzzed_sens_files_end_in_data_errors_only(small_sens, tmp_path, data):
             blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
     else:
         offset = data.draw(st.integers(0, len(blob) - 8))
-        blob[offset:offset + 8] = struct.pack("<Q", data.draw(st.sampled_from([2**31, 2**40, 2**63, 2**64 - 1])))
+        blob[offset : offset + 8] = struct.pack("<Q", data.draw(st.sampled_from([2**31, 2**40, 2**63, 2**64 - 1])))
     path = tmp_path / "fuzzed.sens"
     path.write_bytes(bytes(blob))
     with contextlib.suppress(DataError):
         read_everything(path)
 
 
-TINY_TRAIN = ["--dim", "48", "--depth", "2", "--heads", "2", "--num-points", "512", "--num-group", "16",
-              "--group-size", "8", "--batch-size", "2", "--epochs", "3", "--warmup-epochs", "1", "--device", "cpu",
-              "--save-every", "1", "--max-steps", "6"]
+TINY_TRAIN = [
+    "--dim",
+    "48",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--num-points",
+    "512",
+    "--num-group",
+    "16",
+    "--group-size",
+    "8",
+    "--batch-size",
+    "2",
+    "--epochs",
+    "3",
+    "--warmup-epochs",
+    "1",
+    "--device",
+    "cpu",
+    "--save-every",
+    "1",
+    "--max-steps",
+    "6",
+]
 
 
 def train_command(store_path: Path, run: Path, *extra: str) -> list[str]:
@@ -157,8 +199,11 @@ def test_training_killed_at_a_random_moment_resumes_bit_identically(demo_store, 
     time.sleep(random.Random(seed).uniform(3.0, 10.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = train_command(demo_store, run, "--resume") if (run / "last.pt").exists() else \
-        train_command(demo_store, run, "--overwrite")
+    again = (
+        train_command(demo_store, run, "--resume")
+        if (run / "last.pt").exists()
+        else train_command(demo_store, run, "--overwrite")
+    )
     result = subprocess.run(again, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     resumed, clean = final_state(run), final_state(clean_run)

@@ -77,10 +77,10 @@ def test_teacher_crop_box_matches_the_clip_transform():
     u0, v0, u1, v1 = geometry.teacher_crop_box(width, height)
     image = np.zeros((height, width, 3), dtype=np.uint8)
     image[:, : int(u0) - 2] = 255
-    image[:, int(np.ceil(u1)) + 2:] = 255
+    image[:, int(np.ceil(u1)) + 2 :] = 255
     seen = transform(Image.fromarray(image)).numpy()
     assert np.abs(seen[:, :, 1:-1] - seen[:, 112:113, 112:113]).max() < 1e-5
-    image[:, int(u0) + 3: int(u0) + 6] = 255
+    image[:, int(u0) + 3 : int(u0) + 6] = 255
     assert np.abs(transform(Image.fromarray(image)).numpy() - seen).max() > 0.5
 
 

@@ -21,8 +21,9 @@ TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4
 def pointmae_encoder_keys(depth: int) -> set[str]:
     """The state-dict keys of Point-MAE's MaskTransformer (models/Point_MAE.py), written out by hand."""
     bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
-    keys = {f"encoder.{conv}.{i}.{p}" for conv in ("first_conv", "second_conv") for i in (0, 3)
-            for p in ("weight", "bias")}
+    keys = {
+        f"encoder.{conv}.{i}.{p}" for conv in ("first_conv", "second_conv") for i in (0, 3) for p in ("weight", "bias")
+    }
     keys |= {f"encoder.{conv}.1.{p}" for conv in ("first_conv", "second_conv") for p in bn}
     keys |= {f"pos_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     keys |= {"norm.weight", "norm.bias"}
@@ -54,14 +55,19 @@ def test_student_prefixes_and_output_shapes(variant):
     expected |= {"head"} if variant != "recon" else set()
     expected |= {"MAE_decoder"} if variant.startswith("recon") else set()
     assert prefixes == expected
-    assert {k[len("MAE_encoder."):] for k in encoder_state(student.state_dict())} == pointmae_encoder_keys(2)
+    assert {k[len("MAE_encoder.") :] for k in encoder_state(student.state_dict())} == pointmae_encoder_keys(2)
     points = torch.randn(3, 128, 3)
     mask = torch.zeros(3, 16, dtype=torch.bool)
     mask[:, :9] = True
     out = student(points, mask)
     assert out.centre_idx.shape == (3, 16)
-    pred_shape = {"distill": (3, 10, 768), "no-concept": (3, 10, 768), "recon+distill": (3, 10, 768),
-                  "clip-target": (3, 512), "local": (3, 16, 512)}.get(variant)
+    pred_shape = {
+        "distill": (3, 10, 768),
+        "no-concept": (3, 10, 768),
+        "recon+distill": (3, 10, 768),
+        "clip-target": (3, 512),
+        "local": (3, 16, 512),
+    }.get(variant)
     assert (out.pred is None) == (pred_shape is None)
     if pred_shape:
         assert out.pred.shape == pred_shape
@@ -124,7 +130,7 @@ def test_pointmae_loader_logic_accepts_export(tmp_path):
     """Mirror PointTransformer.load_model_from_ckpt: strip prefixes, load non-strictly, nothing unexpected."""
     state = encoder_state(Student(StudentConfig(**TINY)).state_dict())
     base = {k.replace("module.", ""): v for k, v in {"module." + k: v for k, v in state.items()}.items()}
-    base = {k[len("MAE_encoder."):] if k.startswith("MAE_encoder") else k: v for k, v in base.items()}
+    base = {k[len("MAE_encoder.") :] if k.startswith("MAE_encoder") else k: v for k, v in base.items()}
     incompatible = PointEncoder(48, 2, 4).load_state_dict(base, strict=False)
     assert incompatible.missing_keys == [] and incompatible.unexpected_keys == []
 
@@ -160,19 +166,26 @@ def test_encoder_computes_pointmae_conv1d_forward():
         torch.testing.assert_close(encoder(patches), reference(patches), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("sizes", "message"), [
-    (dict(dim=0), "dim 0: must be at least 1"),
-    (dict(depth=0, heads=0), "depth 0, heads 0: must be at least 1"),
-    (dict(dim=50, heads=4), "dim 50 is not divisible by heads 4"),
-    (dict(drop_path=1.0), r"drop_path 1.0 must lie in \[0, 1\)"),
-    (dict(drop_path=-0.1), r"drop_path -0.1 must lie in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (dict(dim=0), "dim 0: must be at least 1"),
+        (dict(depth=0, heads=0), "depth 0, heads 0: must be at least 1"),
+        (dict(dim=50, heads=4), "dim 50 is not divisible by heads 4"),
+        (dict(drop_path=1.0), r"drop_path 1.0 must lie in \[0, 1\)"),
+        (dict(drop_path=-0.1), r"drop_path -0.1 must lie in \[0, 1\)"),
+    ],
+)
 def test_encoder_config_refuses_bad_sizes_naming_them(sizes, message):
     from pkd.train.downstream.config import FinetuneConfig
     from pkd.train.downstream.probe import ProbeConfig
 
-    for build in (EncoderConfig, StudentConfig, lambda **kw: FinetuneConfig.for_task("modelnet40", "x", **kw),
-                  lambda **kw: ProbeConfig(data="x", **kw)):
+    for build in (
+        EncoderConfig,
+        StudentConfig,
+        lambda **kw: FinetuneConfig.for_task("modelnet40", "x", **kw),
+        lambda **kw: ProbeConfig(data="x", **kw),
+    ):
         with pytest.raises(ConfigError, match=message):
             build(**sizes)
 
@@ -199,9 +212,22 @@ def test_recorded_flat_student_config_still_loads():
     """Configs written before EncoderConfig (flat fields, the old order) rebuild the same StudentConfig."""
     from pkd.train.config import TrainConfig
 
-    recorded = {"num_points": 128, "num_group": 16, "group_size": 8, "dim": 48, "depth": 2, "heads": 4,
-                "drop_path": 0.1, "num_concepts": 4, "concept_mlp_ratio": 1.0, "head": "flat", "head_hidden": 32,
-                "decoder_depth": 3, "mask_ratio": 0.6, "variant": "distill"}
+    recorded = {
+        "num_points": 128,
+        "num_group": 16,
+        "group_size": 8,
+        "dim": 48,
+        "depth": 2,
+        "heads": 4,
+        "drop_path": 0.1,
+        "num_concepts": 4,
+        "concept_mlp_ratio": 1.0,
+        "head": "flat",
+        "head_hidden": 32,
+        "decoder_depth": 3,
+        "mask_ratio": 0.6,
+        "variant": "distill",
+    }
     cfg = TrainConfig.from_dict({**TrainConfig(store="s").to_dict(), "model": recorded})
     assert cfg.model == StudentConfig(**TINY)
     assert dataclasses.asdict(cfg.model) == recorded

@@ -108,9 +108,25 @@ def test_resume_after_a_crash_gives_identical_arrays(demo_root, demo_store, tmp_
 
 def test_kill_9_then_rerun_gives_a_verified_identical_store(demo_root, demo_store, tmp_path):
     out = tmp_path / "pairs.zarr"
-    cmd = [sys.executable, "-m", "pkd.preprocess", "scannet", "--root", str(demo_root), "--out", str(out),
-           "--teacher", "random", "--num-points", str(POINTS), "--shard-size", "2", "--teacher-batch", "2",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pkd.preprocess",
+        "scannet",
+        "--root",
+        str(demo_root),
+        "--out",
+        str(out),
+        "--teacher",
+        "random",
+        "--num-points",
+        str(POINTS),
+        "--shard-size",
+        "2",
+        "--teacher-batch",
+        "2",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -139,8 +155,7 @@ def test_overwrite_drops_a_stale_staging_store_of_other_arguments(demo_root, tmp
     out = tmp_path / "pairs.zarr"
     run_prep(config(demo_root, limit=2), str(out), TEACHER, QUIET)
     shutil.copytree(out, tmp_path / "pairs.zarr.overwrite")  # as if an --overwrite with these arguments was killed
-    run_prep(config(demo_root, limit=3), str(out), TEACHER, RunOptions(teacher_batch=2, progress=False,
-                                                                        overwrite=True))
+    run_prep(config(demo_root, limit=3), str(out), TEACHER, RunOptions(teacher_batch=2, progress=False, overwrite=True))
     assert store_info(str(out))["splits"]["train"]["samples"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.zarr"]
 
@@ -148,8 +163,7 @@ def test_overwrite_drops_a_stale_staging_store_of_other_arguments(demo_root, tmp
 def test_overwrite_replaces_a_store_but_never_a_foreign_folder(demo_root, tmp_path):
     out = tmp_path / "pairs.zarr"
     run_prep(config(demo_root, limit=2), str(out), TEACHER, QUIET)
-    run_prep(config(demo_root, limit=3), str(out), TEACHER, RunOptions(teacher_batch=2, progress=False,
-                                                                        overwrite=True))
+    run_prep(config(demo_root, limit=3), str(out), TEACHER, RunOptions(teacher_batch=2, progress=False, overwrite=True))
     assert store_info(str(out))["splits"]["train"]["samples"] == 3
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -162,8 +176,7 @@ def test_overwrite_replaces_a_store_but_never_a_foreign_folder(demo_root, tmp_pa
 def test_a_second_prep_on_the_same_store_is_refused(demo_root, tmp_path):
     out = tmp_path / "pairs.zarr"
     with store_lock(str(out)):
-        code = ("from pkd.preprocess.prep import store_lock\n"
-                f"with store_lock({str(out)!r}): pass")
+        code = f"from pkd.preprocess.prep import store_lock\nwith store_lock({str(out)!r}): pass"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and "another pkd-prep" in result.stderr
 
@@ -196,8 +209,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
-    result = run_cli("scannet", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o.zarr"),
-                     "--teacher", "random")
+    result = run_cli(
+        "scannet", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o.zarr"), "--teacher", "random"
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert str(tmp_path / "missing") in result.stderr
@@ -227,10 +241,17 @@ def test_real_scannet_frames_give_the_same_samples_from_sens_and_exported(scanne
         (scene / folder).symlink_to(scannet_scene / folder)
     k_color = np.loadtxt(scannet_scene / "intrinsic" / "intrinsic_color.txt")[:3, :3]
     k_depth = np.loadtxt(scannet_scene / "intrinsic" / "intrinsic_depth.txt")[:3, :3]
-    frames = [(np.loadtxt(scannet_scene / "pose" / f"{i}.txt"), (scannet_scene / "color" / f"{i}.jpg").read_bytes(),
-               cv2.imread(str(scannet_scene / "depth" / f"{i}.png"), cv2.IMREAD_UNCHANGED)) for i in range(3)]
-    write_sens(scene / f"{scene.name}.sens", Camera(k_color, k_depth, np.eye(4), (1296, 968), (640, 480), 1000.0),
-               frames)
+    frames = [
+        (
+            np.loadtxt(scannet_scene / "pose" / f"{i}.txt"),
+            (scannet_scene / "color" / f"{i}.jpg").read_bytes(),
+            cv2.imread(str(scannet_scene / "depth" / f"{i}.png"), cv2.IMREAD_UNCHANGED),
+        )
+        for i in range(3)
+    ]
+    write_sens(
+        scene / f"{scene.name}.sens", Camera(k_color, k_depth, np.eye(4), (1296, 968), (640, 480), 1000.0), frames
+    )
     geometry = GeometryConfig(sampling="random")
     stores = {}
     for source in ("sens", "exported"):

@@ -73,19 +73,25 @@ def run(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([PREP, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--teacher-batch", 0], "error: --teacher-batch must be at least 1, got 0."),
-    (["--threads", 0], "error: --threads must be at least 1, got 0."),
-    (["--dask-workers", -1], "error: --dask-workers must be at least 0, got -1."),
-    (["--teacher", "clip"], "error: unknown teacher kind 'clip' (--teacher): choose 'clipcap'"),
-    (["--precision", "int8"], "error: unknown teacher precision 'int8' (--precision): choose one of fp32"),
-    (["--num-points", 70_000], "error: --num-points 70000 is above 65536"),
-    (["--sampling", "grid"], "error: --sampling 'grid': choose 'fps' or 'random'."),
-    (["--shard-size", 0], "error: --shard-size must be at least 1, got 0."),
-    (["--depth-scale", 0], "error: --depth-scale must be positive"),
-    (["--points", 0], "error: --num-points must be at least 1, got 0."),
-    (["--points", 8, "--num-points", 8], "error: --points is the old name of --num-points; pass only --num-points."),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--teacher-batch", 0], "error: --teacher-batch must be at least 1, got 0."),
+        (["--threads", 0], "error: --threads must be at least 1, got 0."),
+        (["--dask-workers", -1], "error: --dask-workers must be at least 0, got -1."),
+        (["--teacher", "clip"], "error: unknown teacher kind 'clip' (--teacher): choose 'clipcap'"),
+        (["--precision", "int8"], "error: unknown teacher precision 'int8' (--precision): choose one of fp32"),
+        (["--num-points", 70_000], "error: --num-points 70000 is above 65536"),
+        (["--sampling", "grid"], "error: --sampling 'grid': choose 'fps' or 'random'."),
+        (["--shard-size", 0], "error: --shard-size must be at least 1, got 0."),
+        (["--depth-scale", 0], "error: --depth-scale must be positive"),
+        (["--points", 0], "error: --num-points must be at least 1, got 0."),
+        (
+            ["--points", 8, "--num-points", 8],
+            "error: --points is the old name of --num-points; pass only --num-points.",
+        ),
+    ],
+)
 def test_bad_option_exits_2_with_one_line_naming_it(tmp_path, extra, message):
     result = run("scannet", "--root", tmp_path, "--out", tmp_path / "pairs.zarr", "--no-progress", *extra)
     errors = [line for line in result.stderr.splitlines() if not line.startswith("WARNING")]
@@ -101,17 +107,20 @@ def test_old_spelling_warns_that_it_is_deprecated(tmp_path):
     assert "error: --dask-workers must be at least 0, got -1." in result.stderr
 
 
-@pytest.mark.parametrize("build", [
-    lambda: RunOptions(threads=0),
-    lambda: RunOptions(dask_workers=-1),
-    lambda: TeacherConfig(kind="clip"),
-    lambda: TeacherConfig(precision="int8"),
-    lambda: GeometryConfig(num_points=0),
-    lambda: GeometryConfig(sampling="grid"),
-    lambda: PrepConfig(root="r", frame_skip=0),
-    lambda: PrepConfig(root="r", limit=0),
-    lambda: PrepConfig(root="r", depth_scale=0.0),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: RunOptions(threads=0),
+        lambda: RunOptions(dask_workers=-1),
+        lambda: TeacherConfig(kind="clip"),
+        lambda: TeacherConfig(precision="int8"),
+        lambda: GeometryConfig(num_points=0),
+        lambda: GeometryConfig(sampling="grid"),
+        lambda: PrepConfig(root="r", frame_skip=0),
+        lambda: PrepConfig(root="r", limit=0),
+        lambda: PrepConfig(root="r", depth_scale=0.0),
+    ],
+)
 def test_python_callers_get_the_same_checks(build):
     with pytest.raises(ConfigError):
         build()

@@ -41,8 +41,23 @@ def test_teacher_recomputes_targets_only(demo_store, tmp_path):
     root = zarr.open_group(str(out), mode="r")
     assert root.attrs["teacher"]["seed"] == 1 and root.attrs["status"] == "complete"
     assert verify_store(str(out)) == []
-    again = subprocess.run([sys.executable, "-m", "pkd.preprocess", "teacher", str(out), "--teacher", "random",
-                            "--seed", "1", "--patch-tokens", "--no-progress"], capture_output=True, text=True)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pkd.preprocess",
+            "teacher",
+            str(out),
+            "--teacher",
+            "random",
+            "--seed",
+            "1",
+            "--patch-tokens",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0, again.stderr
     assert "train: teacher targets for 0 shards written" in again.stdout
 
@@ -77,8 +92,21 @@ def test_show_writes_a_picture_of_the_expected_size(demo_store, tmp_path):
     with Image.open(png) as picture:
         assert picture.size == (1500, 500)
         assert np.asarray(picture.convert("L")).std() > 10
-    result = subprocess.run([sys.executable, "-m", "pkd.preprocess", "show", str(demo_store), "--index", "2",
-                             "--out", str(tmp_path / "cli.png")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pkd.preprocess",
+            "show",
+            str(demo_store),
+            "--index",
+            "2",
+            "--out",
+            str(tmp_path / "cli.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cli.png").stat().st_size > 10_000
 
@@ -99,8 +127,12 @@ def test_ply_holds_the_sample_points(demo_store, tmp_path):
 
 def test_dask_cluster_gives_the_single_process_store(demo_root, demo_store, tmp_path):
     out = tmp_path / "dask.zarr"
-    run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
-             RunOptions(teacher_batch=2, progress=False, dask_workers=2, threads=1))
+    run_prep(
+        demo_prep_config(demo_root),
+        str(out),
+        TeacherConfig(kind="random", seed=0),
+        RunOptions(teacher_batch=2, progress=False, dask_workers=2, threads=1),
+    )
     assert verify_store(str(out)) == []
     names = [s.name for s in store.array_specs(DEMO_POINTS)]
     dask_arrays, local = split_arrays(out, names), split_arrays(demo_store, names)
@@ -119,13 +151,19 @@ def test_a_dask_worker_killed_mid_shard_still_ends_in_the_clean_store(demo_root,
 
     out = tmp_path / "pairs.zarr"
     killed = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+
         def kill_a_busy_worker():
             deadline = time.time() + 120
             while time.time() < deadline and not killed:
-                busy = [address for address, tasks in client.processing().items()
-                        if any("pkd-shard" in str(t) for t in tasks)]
+                busy = [
+                    address
+                    for address, tasks in client.processing().items()
+                    if any("pkd-shard" in str(t) for t in tasks)
+                ]
                 if busy:
                     time.sleep(1.0)
                     pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
@@ -135,8 +173,12 @@ def test_a_dask_worker_killed_mid_shard_still_ends_in_the_clean_store(demo_root,
 
         killer = threading.Thread(target=kill_a_busy_worker)
         killer.start()
-        run_prep(demo_prep_config(demo_root), str(out), TeacherConfig(kind="random", seed=0),
-                 RunOptions(teacher_batch=2, progress=False, scheduler=cluster.scheduler_address, threads=1))
+        run_prep(
+            demo_prep_config(demo_root),
+            str(out),
+            TeacherConfig(kind="random", seed=0),
+            RunOptions(teacher_batch=2, progress=False, scheduler=cluster.scheduler_address, threads=1),
+        )
         killer.join()
     assert killed, "no worker was killed: the test did not exercise the retry"
     assert verify_store(str(out)) == []

@@ -151,7 +151,7 @@ def test_sens_keeps_lost_tracking_poses(tmp_path):
 
 
 def test_sens_writer_accepts_raw_frames_in_any_depth_codec(tmp_path):
-    (pose, jpeg, depth), = _frames(1)
+    ((pose, jpeg, depth),) = _frames(1)
     png = cv2.imencode(".png", depth)[1].tobytes()
     raws = [RawFrame(0, pose, jpeg, png, "png"), RawFrame(1, pose, jpeg, depth.tobytes(), "raw_ushort")]
     with SensReader(write_sens(tmp_path / "s.sens", _camera(), raws)) as reader:
@@ -213,8 +213,18 @@ def _truncate(path: Path, size: int) -> None:
         (lambda p, at: _patch(p, at["num_frames"], "<Q", 10**12), "says 1000000000000 frames"),
         (lambda p, at: _patch(p, 4, "<Q", 2**40), "sensor name"),
     ],
-    ids=["version", "color-unknown", "color-raw", "depth-occi", "depth-bogus", "tiny", "in-calibration",
-         "in-num-frames", "num-frames-huge", "sensor-name-huge"],
+    ids=[
+        "version",
+        "color-unknown",
+        "color-raw",
+        "depth-occi",
+        "depth-bogus",
+        "tiny",
+        "in-calibration",
+        "in-num-frames",
+        "num-frames-huge",
+        "sensor-name-huge",
+    ],
 )
 def test_sens_header_errors(tmp_path, corrupt, match):
     path = _small_sens(tmp_path / "s.sens")
@@ -234,8 +244,7 @@ def test_sens_header_errors(tmp_path, corrupt, match):
         (lambda p, at: _patch(p, at["num_frames"], "<Q", 2), "header says 2 frames"),
         (lambda p, at: _patch(p, at["num_frames"], "<Q", 4), "frame 3 header"),
     ],
-    ids=["frame-header", "payload", "absurd-color-size", "absurd-depth-size", "num-frames-short",
-         "num-frames-long"],
+    ids=["frame-header", "payload", "absurd-color-size", "absurd-depth-size", "num-frames-short", "num-frames-long"],
 )
 def test_sens_frame_chain_errors(tmp_path, corrupt, match):
     path = _small_sens(tmp_path / "s.sens")
@@ -260,7 +269,7 @@ def test_sens_missing_file(tmp_path):
 
 def test_decode_errors_are_frame_decode_errors():
     camera = _camera()
-    (pose, jpeg, depth), = _frames(1)
+    ((pose, jpeg, depth),) = _frames(1)
     assert issubclass(FrameDecodeError, DataError)
     cases = [
         (decode_color, RawFrame(7, pose, b"not a jpeg", b"", "png")),
@@ -269,8 +278,10 @@ def test_decode_errors_are_frame_decode_errors():
         (lambda f: decode_depth(f, camera), RawFrame(7, pose, jpeg, depth.tobytes()[:-2], "raw_ushort")),
         (lambda f: decode_depth(f, camera), RawFrame(7, pose, jpeg, jpeg, "png")),
         (lambda f: decode_depth(f, camera), RawFrame(7, pose, jpeg, b"", "exr")),
-        (lambda f: decode_depth(f, _camera((40, 30))), RawFrame(7, pose, jpeg, cv2.imencode(".png", depth)[1].tobytes(),
-                                                                 "png")),
+        (
+            lambda f: decode_depth(f, _camera((40, 30))),
+            RawFrame(7, pose, jpeg, cv2.imencode(".png", depth)[1].tobytes(), "png"),
+        ),
     ]
     for decode, frame in cases:
         with pytest.raises(FrameDecodeError, match="frame 7"):
@@ -303,8 +314,9 @@ def test_exported_reader_on_real_scannet_frames():
         raws = list(reader.read([2, 0]))
     assert [r.frame for r in raws] == [2, 0]
     assert raws[0].color == (scene / "color/2.jpg").read_bytes()
-    np.testing.assert_array_equal(decode_depth(raws[0], cam),
-                                  cv2.imread(str(scene / "depth/2.png"), cv2.IMREAD_UNCHANGED))
+    np.testing.assert_array_equal(
+        decode_depth(raws[0], cam), cv2.imread(str(scene / "depth/2.png"), cv2.IMREAD_UNCHANGED)
+    )
 
 
 def _exported(folder: Path, frames=(0, 1, 2), size: tuple[int, int] = SMALL, meta: bool = True) -> Path:
@@ -323,8 +335,9 @@ def _exported(folder: Path, frames=(0, 1, 2), size: tuple[int, int] = SMALL, met
     np.savetxt(folder / "intrinsic" / "intrinsic_color.txt", k, fmt="%f")
     np.savetxt(folder / "intrinsic" / "intrinsic_depth.txt", k, fmt="%f")
     if meta:
-        (folder / f"{folder.name}.txt").write_text(f"colorWidth = {size[0]}\ncolorHeight = {size[1]}\n"
-                                                   f"depthWidth = {size[0]}\ndepthHeight = {size[1]}\n")
+        (folder / f"{folder.name}.txt").write_text(
+            f"colorWidth = {size[0]}\ncolorHeight = {size[1]}\ndepthWidth = {size[0]}\ndepthHeight = {size[1]}\n"
+        )
     return folder
 
 

@@ -24,8 +24,10 @@ from store_factory import make_store
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
-SHAPE = r"{} was trained with different settings \(lr: {} -> {}\); resume with the same arguments \(only .* may " \
-        r"change\) or start a new run\."
+SHAPE = (
+    r"{} was trained with different settings \(lr: {} -> {}\); resume with the same arguments \(only .* may "
+    r"change\) or start a new run\."
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +41,14 @@ def config(store, **kw) -> TrainConfig:
 
 # ---- schedules ------------------------------------------------------------------------------------------
 
+
 def test_step_schedule_hand_values():
-    assert Schedule.of(epochs=250, warmup_epochs=10, steps_per_epoch=100) == Schedule(warmup=1000, total=25000,
-                                                                                      stop=25000)
-    assert Schedule.of(epochs=250, warmup_epochs=10, steps_per_epoch=100, max_steps=500, stop_after=30) == \
-        Schedule(warmup=20, total=500, stop=30)
+    assert Schedule.of(epochs=250, warmup_epochs=10, steps_per_epoch=100) == Schedule(
+        warmup=1000, total=25000, stop=25000
+    )
+    assert Schedule.of(epochs=250, warmup_epochs=10, steps_per_epoch=100, max_steps=500, stop_after=30) == Schedule(
+        warmup=20, total=500, stop=30
+    )
     rates = dict(lr=1e-3, min_lr=1e-5, warmup=4, total=14)
     assert [lr_at(s, **rates) for s in range(4)] == [0.25e-3, 0.5e-3, 0.75e-3, 1e-3]
     assert lr_at(4, **rates) == 1e-3
@@ -60,6 +65,7 @@ def test_epoch_schedule_is_point_maes_coslr():
 
 
 # ---- the one resume rule ---------------------------------------------------------------------------------
+
 
 def test_resume_rule_is_the_same_for_finetuning_and_distillation(store, tmp_path):
     fine = dataclasses.asdict(FinetuneConfig(task="modelnet40", data="d", device="cpu"))
@@ -81,10 +87,12 @@ def test_nested_settings_are_compared_by_their_dotted_keys(tmp_path):
     plain = config("s").to_dict()
     runs.check_resume(plain, {**plain, "loader_workers": 2, "save_every": 5}, runs.run_fields(TrainConfig), tmp_path)
     with pytest.raises(ConfigError, match=r"model\.dim: 48 -> 64"):
-        runs.check_resume(plain, {**plain, "model": {**plain["model"], "dim": 64}}, runs.run_fields(TrainConfig),
-                          tmp_path)
-    assert {"device", "amp", "loader_workers", "stop_after", "save_every", "val_every"} <= \
-        set(runs.run_fields(TrainConfig))
+        runs.check_resume(
+            plain, {**plain, "model": {**plain["model"], "dim": 64}}, runs.run_fields(TrainConfig), tmp_path
+        )
+    assert {"device", "amp", "loader_workers", "stop_after", "save_every", "val_every"} <= set(
+        runs.run_fields(TrainConfig)
+    )
     assert "lr" not in runs.run_fields(TrainConfig)
 
 
@@ -97,23 +105,31 @@ def test_a_run_recorded_with_num_workers_resumes_from_the_console(store, tmp_pat
     ckpt = load_checkpoint(run / LAST)
     ckpt["config"]["num_workers"] = ckpt["config"].pop("loader_workers")
     atomic_save(ckpt, run / LAST)
-    done = subprocess.run([PKD_TRAIN, "distill", str(store), "--run-dir", str(run), "--resume", "--loader-workers",
-                           "1"], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [PKD_TRAIN, "distill", str(store), "--run-dir", str(run), "--resume", "--loader-workers", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "2 of 2 steps" in done.stdout
 
 
 # ---- seeding, devices, the NaN guard ---------------------------------------------------------------------
 
+
 def test_seed_everything_and_batch_generators_are_reproducible():
     runs.seed_everything(3)
     a = torch.rand(3)
     runs.seed_everything(3)
     assert torch.equal(a, torch.rand(3))
-    assert torch.equal(torch.rand(2, generator=runs.batch_generator(0, 5)),
-                       torch.rand(2, generator=runs.batch_generator(0, 5)))
-    assert not torch.equal(torch.rand(2, generator=runs.batch_generator(0, 5)),
-                           torch.rand(2, generator=runs.batch_generator(0, 5, stream=1)))
+    assert torch.equal(
+        torch.rand(2, generator=runs.batch_generator(0, 5)), torch.rand(2, generator=runs.batch_generator(0, 5))
+    )
+    assert not torch.equal(
+        torch.rand(2, generator=runs.batch_generator(0, 5)),
+        torch.rand(2, generator=runs.batch_generator(0, 5, stream=1)),
+    )
 
 
 def test_device_resolution(monkeypatch):
@@ -125,8 +141,11 @@ def test_device_resolution(monkeypatch):
 
 def test_nan_guard_names_the_step_what_is_left_and_the_fix(tmp_path):
     runs.check_finite(torch.tensor(1.5), 1, tmp_path, "Lower --lr.")
-    with pytest.raises(TrainingError, match=r"loss became nan at step 3 \(epoch 1\); training stopped, no checkpoint "
-                                            r"was written yet in .*\. Lower --lr\.$"):
+    with pytest.raises(
+        TrainingError,
+        match=r"loss became nan at step 3 \(epoch 1\); training stopped, no checkpoint "
+        r"was written yet in .*\. Lower --lr\.$",
+    ):
         runs.check_finite(torch.tensor(float("nan")), 3, tmp_path, "Lower --lr.", " (epoch 1)")
     atomic_save({}, tmp_path / LAST)
     with pytest.raises(TrainingError, match=r"inf at step 2; .*last good checkpoint .* is untouched"):

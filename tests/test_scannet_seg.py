@@ -29,8 +29,22 @@ torch.set_num_threads(1)  # the CI machine is shared: threads only contend
 
 SCENE = "scene9000_00"
 BIN = Path(sys.executable).parent
-TINY = ["--num-points", "256", "--num-group", "16", "--dim", "32", "--depth", "3", "--heads", "2", "--crop-size",
-        "4.0", "--device", "cpu"]
+TINY = [
+    "--num-points",
+    "256",
+    "--num-group",
+    "16",
+    "--dim",
+    "32",
+    "--depth",
+    "3",
+    "--heads",
+    "2",
+    "--crop-size",
+    "4.0",
+    "--device",
+    "cpu",
+]
 
 
 def demo_tree(root: Path, spacing: float = 0.25) -> Path:
@@ -49,12 +63,22 @@ def tree(tmp_path) -> Path:
 
 # ---- PLY files --------------------------------------------------------------------------------------------
 
+
 def test_demo_mesh_has_scannets_binary_layout_and_labels(tree):
     mesh, labels = scene_files(tree / "scans" / SCENE)
     header = labels.read_bytes().split(b"end_header")[0].decode()
     assert "format binary_little_endian 1.0" in header
-    assert [line.split()[-1] for line in header.splitlines() if line.startswith("property")] == \
-        ["x", "y", "z", "red", "green", "blue", "alpha", "label", "vertex_indices"]
+    assert [line.split()[-1] for line in header.splitlines() if line.startswith("property")] == [
+        "x",
+        "y",
+        "z",
+        "red",
+        "green",
+        "blue",
+        "alpha",
+        "label",
+        "vertex_indices",
+    ]
     assert "property ushort label" in header and "property list uchar int vertex_indices" in header
     assert "property ushort label" not in mesh.read_bytes().split(b"end_header")[0].decode()
     scene = read_scene(mesh, labels)
@@ -66,8 +90,10 @@ def test_demo_mesh_has_scannets_binary_layout_and_labels(tree):
 
 
 def test_label_mapping_follows_the_benchmark_ids():
-    np.testing.assert_array_equal(map_labels(np.array([0, 1, 2, 13, 14, 22, 36, 39, 40, 41, 65535])),
-                                  [IGNORE, 0, 1, IGNORE, 12, IGNORE, 18, 19, IGNORE, IGNORE, IGNORE])
+    np.testing.assert_array_equal(
+        map_labels(np.array([0, 1, 2, 13, 14, 22, 36, 39, 40, 41, 65535])),
+        [IGNORE, 0, 1, IGNORE, 12, IGNORE, 18, 19, IGNORE, IGNORE, IGNORE],
+    )
     assert len(class_names()) == 20 and class_names()[:3] == ("wall", "floor", "cabinet")
 
 
@@ -96,18 +122,51 @@ def test_broken_plys_give_errors_naming_the_file(tmp_path):
             read_scene(*scene_files(root / "scans" / SCENE))
         assert name in str(err.value)
     root, name = trees["no_label"]
-    done = subprocess.run([str(BIN / "pkd-prep"), "scannet-seg", "--root", str(root), "--out",
-                           str(tmp_path / "seg.zarr"), "--splits", str(root / "splits"), "--split", "train"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(BIN / "pkd-prep"),
+            "scannet-seg",
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path / "seg.zarr"),
+            "--splits",
+            str(root / "splits"),
+            "--split",
+            "train",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and name in done.stderr and "Traceback" not in done.stderr, done.stderr
     root, name = trees["truncated"]
-    done = subprocess.run([str(BIN / "pkd-train"), "finetune", "scannet-seg", "--data", str(root), "--splits",
-                           str(root / "splits"), "--init", "scratch", "--cache-dir", str(tmp_path / "cache"),
-                           "--run-dir", str(tmp_path / "run"), *TINY], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(BIN / "pkd-train"),
+            "finetune",
+            "scannet-seg",
+            "--data",
+            str(root),
+            "--splits",
+            str(root / "splits"),
+            "--init",
+            "scratch",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and name in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 # ---- cache ------------------------------------------------------------------------------------------------
+
 
 def test_cache_resumes_verifies_and_refuses_corruption(tree, tmp_path):
     path = tmp_path / "seg.zarr"
@@ -147,9 +206,10 @@ def test_cache_resumes_verifies_and_refuses_corruption(tree, tmp_path):
 
 # ---- metrics, coverage, plots -----------------------------------------------------------------------------
 
+
 def test_scene_ious_by_hand_with_ignored_and_absent_classes():
     label = np.array([0, 0, 0, 1, 1, 2, IGNORE, IGNORE])
-    pred = np.array([0, 0, 1, 1, 3, 2, 0, 3])      # ignored points' predictions count nowhere
+    pred = np.array([0, 0, 1, 1, 3, 2, 0, 3])  # ignored points' predictions count nowhere
     matrix = metrics.scene_confusion(pred, label, 5, IGNORE)
     ious = metrics.class_ious(matrix)
     # class 0: TP 2, FN 1 -> 2/3; class 1: TP 1, FP 1, FN 1 -> 1/3; class 2: 1; class 3: predicted, absent -> 0;
@@ -182,19 +242,38 @@ def test_iou_chart_title_is_not_clipped(tmp_path):
 
 # ---- end to end -------------------------------------------------------------------------------------------
 
+
 def test_finetune_then_test_score_every_vertex_and_compare_counts_the_run_once(tree, tmp_path):
     runner, run = CliRunner(), tmp_path / "run"
     args = ["--data", str(tree), "--splits", str(tree / "splits"), "--cache-dir", str(tmp_path / "cache")]
-    result = runner.invoke(app, ["finetune", "scannet-seg", *args, "--init", "scratch", "--run-dir", str(run),
-                                 "--epochs", "2", "--repeats", "2", "--batch-size", "2", *TINY])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "scannet-seg",
+            *args,
+            "--init",
+            "scratch",
+            "--run-dir",
+            str(run),
+            "--epochs",
+            "2",
+            "--repeats",
+            "2",
+            "--batch-size",
+            "2",
+            *TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((run / "results.json").read_text())
     test = results["test"]
     assert results["steps"] == 2 and len(results["history"]) == 2 and results["config"]["lr"] == 1e-3
     records = {r["metric"]: r for r in results["records"]}
     assert set(records) == {"miou", "overall_acc"} and results["schema"] == "pkd-results/1"
-    assert {(r["benchmark"], r["unit"], r["seed"], r["run"]) for r in records.values()} == {("scannet-seg", "%", 0,
-                                                                                            str(run))}
+    assert {(r["benchmark"], r["unit"], r["seed"], r["run"]) for r in records.values()} == {
+        ("scannet-seg", "%", 0, str(run))
+    }
     assert records["miou"]["data"] == {"used": 1, "listed": 1, "split": "val"}
     assert records["miou"]["value"] == test["miou"] and records["overall_acc"]["value"] == test["overall_acc"]
     coverage = test["vertex_coverage"]
@@ -212,8 +291,9 @@ def test_finetune_then_test_score_every_vertex_and_compare_counts_the_run_once(t
     rescored = json.loads((run / "test" / "results.json").read_text())
     again = rescored["test"]
     assert again["miou"] == pytest.approx(test["miou"]) and again["vertex_coverage"] == coverage  # best.pt, same passes
-    assert [(r["metric"], r["run"], r["settings"]) for r in rescored["records"]] == \
-        [(r["metric"], r["run"], r["settings"]) for r in results["records"]]
+    assert [(r["metric"], r["run"], r["settings"]) for r in rescored["records"]] == [
+        (r["metric"], r["run"], r["settings"]) for r in results["records"]
+    ]
     assert (run / "test" / "scene_top_view.png").is_file()
     result = runner.invoke(app, ["test", "scannet-seg", str(run), *args, "--device", "cpu"])
     assert isinstance(result.exception, ConfigError) and "--overwrite" in str(result.exception)
@@ -231,23 +311,63 @@ def test_finetune_then_test_score_every_vertex_and_compare_counts_the_run_once(t
 def test_finetune_resumes_bit_identically(tree, tmp_path):
     from pkd.train.downstream.run import FinetuneConfig, run_finetune
 
-    cfg = FinetuneConfig.for_task("scannet-seg", tree, splits=str(tree / "splits"), cache_dir=str(tmp_path / "c"),
-                                  epochs=2, repeats=2, batch_size=2, num_points=128, num_group=8, dim=32, depth=3,
-                                  heads=2, crop_size=8.0, device="cpu")
+    cfg = FinetuneConfig.for_task(
+        "scannet-seg",
+        tree,
+        splits=str(tree / "splits"),
+        cache_dir=str(tmp_path / "c"),
+        epochs=2,
+        repeats=2,
+        batch_size=2,
+        num_points=128,
+        num_group=8,
+        dim=32,
+        depth=3,
+        heads=2,
+        crop_size=8.0,
+        device="cpu",
+    )
     run_finetune(cfg, tmp_path / "straight", progress=False)
     run_finetune(FinetuneConfig(**{**cfg.__dict__, "max_steps": 1}), tmp_path / "split", progress=False)
     assert run_finetune(cfg, tmp_path / "split", resume=True, progress=False)["steps"] == 2
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
-    torch.testing.assert_close(torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"], straight,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"], straight, rtol=0, atol=0
+    )
 
 
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "-m", "pkd.train",
-           "finetune", "scannet-seg", "--data", tree, "--splits", tree / "splits", "--cache-dir", tmp_path / "cache",
-           "--init", "scratch", "--run-dir", run, "--epochs", 1, "--repeats", 4, "--batch-size", 4, *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        2,
+        "-m",
+        "pkd.train",
+        "finetune",
+        "scannet-seg",
+        "--data",
+        tree,
+        "--splits",
+        tree / "splits",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--init",
+        "scratch",
+        "--run-dir",
+        run,
+        "--epochs",
+        1,
+        "--repeats",
+        4,
+        "--batch-size",
+        4,
+        *TINY,
+    ]
     done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())

@@ -39,18 +39,59 @@ def test_schema_of_this_version_is_pinned():
     assert store.VERSION == 2
     teacher = store.TeacherAttrs.from_dict(make_teacher_dict())
     assert field_names(PrepConfig(root="r")) == {
-        "root", "split", "scenes", "source", "frame_skip", "limit", "shard_size", "seed", "geometry.num_points",
-        "geometry.sampling", "geometry.fps_candidates", "geometry.min_depth", "geometry.max_depth",
-        "geometry.min_valid_pixels", "geometry.teacher_image_size", "depth_scale"}
+        "root",
+        "split",
+        "scenes",
+        "source",
+        "frame_skip",
+        "limit",
+        "shard_size",
+        "seed",
+        "geometry.num_points",
+        "geometry.sampling",
+        "geometry.fps_candidates",
+        "geometry.min_depth",
+        "geometry.max_depth",
+        "geometry.min_valid_pixels",
+        "geometry.teacher_image_size",
+        "depth_scale",
+    }
     assert field_names(teacher) == {
-        "clip_model", "mapper", "kind", "random", "seed", "clip_weights", "clip_weights_sha256", "clipcap_weights",
-        "clipcap_weights_sha256", "precision", "device", "clip_embed", "patch_tokens", "open_clip_version",
-        *(f"transform.{k}" for k in ("image_size", "resize", "interpolation", "center_crop", "mean", "std", "steps"))}
+        "clip_model",
+        "mapper",
+        "kind",
+        "random",
+        "seed",
+        "clip_weights",
+        "clip_weights_sha256",
+        "clipcap_weights",
+        "clipcap_weights_sha256",
+        "precision",
+        "device",
+        "clip_embed",
+        "patch_tokens",
+        "open_clip_version",
+        *(f"transform.{k}" for k in ("image_size", "resize", "interpolation", "center_crop", "mean", "std", "steps")),
+    }
     assert {f.name for f in dataclasses.fields(store.RootAttrs)} == {
-        "format", "version", "prep", "teacher", "versions", "status"}
+        "format",
+        "version",
+        "prep",
+        "teacher",
+        "versions",
+        "status",
+    }
     assert {f.name for f in dataclasses.fields(store.SplitAttrs)} == {
-        "scenes", "num_samples", "shard_size", "skip_reasons", "color_sizes", "plan", "plan_skipped", "skipped",
-        "valid"}
+        "scenes",
+        "num_samples",
+        "shard_size",
+        "skip_reasons",
+        "color_sizes",
+        "plan",
+        "plan_skipped",
+        "skipped",
+        "valid",
+    }
 
 
 def make_teacher_dict() -> dict:
@@ -62,8 +103,13 @@ def make_teacher_dict() -> dict:
 def test_attrs_round_trip_and_validate():
     teacher = store.TeacherAttrs.from_dict(make_teacher_dict())
     assert teacher.transform.image_size == 224 and teacher.seed == 3 and isinstance(teacher.transform.mean, tuple)
-    split = store.SplitAttrs(scenes=("a", "b"), num_samples=5, shard_size=2, color_sizes=((640, 480), (640, 480)),
-                             plan_skipped={"invalid_pose": 1})
+    split = store.SplitAttrs(
+        scenes=("a", "b"),
+        num_samples=5,
+        shard_size=2,
+        color_sizes=((640, 480), (640, 480)),
+        plan_skipped={"invalid_pose": 1},
+    )
     assert store.SplitAttrs.from_dict(split.to_dict()) == split and split.num_shards == 3
     root = store.RootAttrs(prep=to_plain(PrepConfig(root="r")), teacher=teacher, versions={}, status="complete")
     assert store.RootAttrs.from_dict(root.to_dict()) == root and root.num_points == 4096
@@ -76,8 +122,9 @@ def test_attrs_round_trip_and_validate():
     with pytest.raises(ConfigError, match="precision"):
         dataclasses.replace(teacher, precision="int8")
     with pytest.raises(ConfigError, match=r"unknown fields \['name'\], missing fields \['clip_model'"):
-        store.TeacherAttrs.from_dict({**{k: v for k, v in make_teacher_dict().items() if k != "clip_model"},
-                                      "name": "x"})
+        store.TeacherAttrs.from_dict(
+            {**{k: v for k, v in make_teacher_dict().items() if k != "clip_model"}, "name": "x"}
+        )
 
 
 def test_factory_store_passes_verify_and_records_skip_columns(tmp_path):
@@ -152,9 +199,10 @@ def documented_names() -> set[str]:
 
 def test_readme_and_module_docstring_name_every_attr_and_array():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("### The store"):readme.index("### Teacher weights")]
+    section = readme[readme.index("### The store") : readme.index("### Teacher weights")]
     for text, where in ((store.__doc__, "common/store.py docstring"), (section, "README store section")):
-        missing = sorted(name for name in documented_names()
-                         if not re.search(rf"(?<![\w/]){re.escape(name)}(?![\w/])", text))
+        missing = sorted(
+            name for name in documented_names() if not re.search(rf"(?<![\w/]){re.escape(name)}(?![\w/])", text)
+        )
         assert not missing, f"{where} does not describe {missing}"
     assert f"(`pkd-pairs`, version {store.VERSION})" in section

@@ -36,17 +36,22 @@ def gpt_state(vocab: int, n_positions: int = 32, seed: int = 0) -> dict[str, tor
     return {
         "gpt.transformer.wte.weight": wte,
         "gpt.transformer.wpe.weight": wpe,
-        h + "ln_1.weight": torch.ones(EMBED), h + "ln_1.bias": torch.zeros(EMBED),
+        h + "ln_1.weight": torch.ones(EMBED),
+        h + "ln_1.bias": torch.zeros(EMBED),
         h + "attn.bias": causal,
         h + "attn.masked_bias": torch.tensor(-1e4),
         h + "attn.c_attn.weight": 0.02 * torch.randn(EMBED, 3 * EMBED, generator=g),
         h + "attn.c_attn.bias": torch.zeros(3 * EMBED),
-        h + "attn.c_proj.weight": torch.zeros(EMBED, EMBED), h + "attn.c_proj.bias": torch.zeros(EMBED),
-        h + "ln_2.weight": torch.ones(EMBED), h + "ln_2.bias": torch.zeros(EMBED),
+        h + "attn.c_proj.weight": torch.zeros(EMBED, EMBED),
+        h + "attn.c_proj.bias": torch.zeros(EMBED),
+        h + "ln_2.weight": torch.ones(EMBED),
+        h + "ln_2.bias": torch.zeros(EMBED),
         h + "mlp.c_fc.weight": 0.02 * torch.randn(EMBED, 4 * EMBED, generator=g),
         h + "mlp.c_fc.bias": torch.zeros(4 * EMBED),
-        h + "mlp.c_proj.weight": torch.zeros(4 * EMBED, EMBED), h + "mlp.c_proj.bias": torch.zeros(EMBED),
-        "gpt.transformer.ln_f.weight": torch.ones(EMBED), "gpt.transformer.ln_f.bias": torch.zeros(EMBED),
+        h + "mlp.c_proj.weight": torch.zeros(4 * EMBED, EMBED),
+        h + "mlp.c_proj.bias": torch.zeros(EMBED),
+        "gpt.transformer.ln_f.weight": torch.ones(EMBED),
+        "gpt.transformer.ln_f.bias": torch.zeros(EMBED),
         "gpt.lm_head.weight": wte,
     }
 
@@ -120,7 +125,8 @@ def test_official_checkpoints_give_clipcaps_prefix(weights, scannet_scene):
 
     # Independent path: open_clip's own loader and transform, ClipCap's mapper written out by hand.
     model, _, preprocess = import_open_clip().create_model_and_transforms(
-        "ViT-B-32-quickgelu", pretrained=str(weights["clip"]))
+        "ViT-B-32-quickgelu", pretrained=str(weights["clip"])
+    )
     with torch.no_grad():
         embed = model.eval().encode_image(preprocess(image)[None]).float()
     sd = mlp_state()
@@ -148,19 +154,25 @@ def test_openai_torchscript_archive_loads(weights, tmp_path):
     loaded = teacher.visual.state_dict()
     for key, value in state.items():
         if key.startswith("visual."):
-            assert torch.equal(loaded[key[len("visual."):]], value.float()), key
+            assert torch.equal(loaded[key[len("visual.") :]], value.float()), key
 
 
 def test_transformer_mapper_checkpoint_refused(tmp_path):
     path = tmp_path / "transformer_weights.pt"
-    mapper = {"clip_project.prefix_const": torch.randn(40, EMBED),
-              "clip_project.linear.weight": torch.randn(10 * EMBED, 512),
-              "clip_project.linear.bias": torch.randn(10 * EMBED)}
+    mapper = {
+        "clip_project.prefix_const": torch.randn(40, EMBED),
+        "clip_project.linear.weight": torch.randn(10 * EMBED, 512),
+        "clip_project.linear.bias": torch.randn(10 * EMBED),
+    }
     for i in range(2):
         layer = f"clip_project.transformer.layers.{i}."
-        mapper.update({layer + "norm1.weight": torch.ones(EMBED),
-                       layer + "attn.to_queries.weight": torch.randn(EMBED, EMBED),
-                       layer + "mlp.fc1.weight": torch.randn(2 * EMBED, EMBED)})
+        mapper.update(
+            {
+                layer + "norm1.weight": torch.ones(EMBED),
+                layer + "attn.to_queries.weight": torch.randn(EMBED, EMBED),
+                layer + "mlp.fc1.weight": torch.randn(2 * EMBED, EMBED),
+            }
+        )
     torch.save({**mapper, **gpt_state(len(WORDS))}, path)
     with pytest.raises(WeightsError) as err:
         build_teacher(TeacherConfig(clip_weights=str(path), clipcap_weights=str(path)))
@@ -174,8 +186,9 @@ def test_missing_weights_explain_where_to_get_them(tmp_path, weights):
         build_teacher(TeacherConfig(clip_weights=str(weights["clip"]), clipcap_weights=str(tmp_path / "no.pt")))
     assert "does not exist" in str(err.value) and "--teacher random" in str(err.value)
     with pytest.raises(WeightsError, match="openai") as err:
-        build_teacher(TeacherConfig(clip_weights=str(tmp_path / "ViT-B-32.pt"),
-                                    clipcap_weights=str(weights["clipcap"])))
+        build_teacher(
+            TeacherConfig(clip_weights=str(tmp_path / "ViT-B-32.pt"), clipcap_weights=str(weights["clipcap"]))
+        )
     assert "--teacher random" in str(err.value)
     with pytest.raises(WeightsError, match="no CLIP weights given"):
         build_teacher(TeacherConfig())
@@ -234,7 +247,12 @@ def test_caption_tokenizer_folder_missing(weights, tmp_path):
 
 def test_import_open_clip_in_fresh_process():
     code = "from pkd.preprocess.torchvision_compat import import_open_clip; print(import_open_clip().__version__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

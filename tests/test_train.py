@@ -28,8 +28,7 @@ VARIANTS = ["distill", "no-concept", "clip-target", "local", "recon", "recon+dis
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("store") / "pairs.zarr", n=18, num_points=160, shard_size=4,
-                      invalid=(5,))
+    return make_store(tmp_path_factory.mktemp("store") / "pairs.zarr", n=18, num_points=160, shard_size=4, invalid=(5,))
 
 
 def config(store, variant="distill", **kw) -> TrainConfig:
@@ -38,6 +37,7 @@ def config(store, variant="distill", **kw) -> TrainConfig:
 
 
 # ---- loader ---------------------------------------------------------------------------------------------
+
 
 def loader(store, **kw) -> StoreLoader:
     args = dict(store=str(store), split="train", arrays=("points", "prefix", "frame"), batch_size=4, num_points=160)
@@ -89,15 +89,21 @@ def test_loader_subsamples_points_deterministically(store):
 
 def test_target_stats_recorded_or_computed(tmp_path, store):
     from pkd.common.store import open_split
+
     recorded = target_stats(open_split(store, "train"), "prefix")
-    computed = target_stats(open_split(make_store(tmp_path / "s.zarr", n=18, num_points=160, shard_size=4,
-                                                  invalid=(5,), stats=False), "train"), "prefix")
+    computed = target_stats(
+        open_split(
+            make_store(tmp_path / "s.zarr", n=18, num_points=160, shard_size=4, invalid=(5,), stats=False), "train"
+        ),
+        "prefix",
+    )
     assert recorded[0].shape == (10, 768)
     np.testing.assert_allclose(recorded[0], computed[0], atol=1e-4)
     np.testing.assert_allclose(recorded[1], computed[1], rtol=1e-3, atol=1e-4)
 
 
 # ---- losses and model -----------------------------------------------------------------------------------
+
 
 def test_patch_cells_follow_the_teacher_crop(tmp_path):
     path = make_store(tmp_path / "portrait.zarr", n=2, num_points=64, color_size=(480, 640))
@@ -123,10 +129,12 @@ def test_one_optimisation_step_lowers_the_loss(store):
 
 # ---- trainer --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_trains_two_steps(store, tmp_path, variant):
-    summary = train(config(store, variant, max_steps=2, normalize_targets=variant != "local"), tmp_path / "run",
-                    progress=False)
+    summary = train(
+        config(store, variant, max_steps=2, normalize_targets=variant != "local"), tmp_path / "run", progress=False
+    )
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["config"]["model"]["variant"] == variant
@@ -191,10 +199,12 @@ def test_existing_run_dir_is_never_overwritten_silently(store, tmp_path):
 
 def test_init_from_exported_encoder(store, tmp_path):
     from pkd.train.export import export_encoder
+
     train(config(store, max_steps=1), tmp_path / "a", progress=False)
     encoder = export_encoder(tmp_path / "a", tmp_path / "enc.pth")
-    assert train(config(store, "no-concept", max_steps=1, init=str(encoder)), tmp_path / "b",
-                 progress=False)["steps"] == 1
+    assert (
+        train(config(store, "no-concept", max_steps=1, init=str(encoder)), tmp_path / "b", progress=False)["steps"] == 1
+    )
     torch.save({"model": {"fc.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
     with pytest.raises(ConfigError, match="no Point-MAE encoder weights"):
         train(config(store, max_steps=1, init=str(tmp_path / "foreign.pth")), tmp_path / "c", progress=False)
@@ -220,6 +230,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = loader(path, shuffle_shards=1)
     poisoned = int(_Epoch(data.cfg, data.shards, data.valid, 0).windows[2][0])
     from pkd.common.store import open_store
+
     group = open_store(path, mode="r+")["train"]
     prefix = np.full((4, 10, 768), np.nan, dtype=np.float16)
     write_shard(group, poisoned, "teacher", {"prefix": prefix, "clip_embed": np.zeros((4, 512), np.float16)})
@@ -232,9 +243,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 # ---- CLI and import rule --------------------------------------------------------------------------------
 
+
 def cli(*args, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     """Run pkd-train's main() in-process (as the console script does): exit code, stdout, stderr."""
     from pkd.train.cli import main
+
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["pkd-train", *map(str, args)])
     try:
@@ -246,8 +259,24 @@ def cli(*args, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-SMALL = ["--num-points", 128, "--num-group", 16, "--group-size", 8, "--dim", 48, "--depth", 2, "--heads", 4,
-         "--batch-size", 4, "--device", "cpu"]
+SMALL = [
+    "--num-points",
+    128,
+    "--num-group",
+    16,
+    "--group-size",
+    8,
+    "--dim",
+    48,
+    "--depth",
+    2,
+    "--heads",
+    4,
+    "--batch-size",
+    4,
+    "--device",
+    "cpu",
+]
 
 
 def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, capsys):
@@ -264,8 +293,9 @@ def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, caps
     assert list(weights) == ["base_model", "pkd"] and "MAE_encoder.norm.weight" in weights["base_model"]
     assert weights["pkd"]["store"] == str(store) and "random" in weights["pkd"]["teacher"]  # the store's teacher
     assert all(k.startswith("MAE_encoder.") for k in weights["base_model"])
-    code, _, err = run("ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t",
-                       "--eval", "none")
+    code, _, err = run(
+        "ablate", store, *SMALL, "--variants", "distill,no-concept", "--max-steps", 1, "--name", "t", "--eval", "none"
+    )
     assert code == 0, err
     rows = json.loads((tmp_path / "runs" / "ablate-t" / "table.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["distill", "no-concept"] and all(r["steps"] == 1 for r in rows)
@@ -274,8 +304,9 @@ def test_cli_distill_export_ablate_and_errors(store, tmp_path, monkeypatch, caps
 
 
 def test_python_m_entry_point_reports_errors_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pkd.train", "distill", tmp_path / "missing.zarr"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pkd.train", "distill", tmp_path / "missing.zarr"], capture_output=True, text=True
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: no pair store") and "Traceback" not in done.stderr
 
 

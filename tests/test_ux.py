@@ -70,8 +70,11 @@ def test_info_shows_the_prep_parameters(demo_store):
 
 def test_an_unwritable_log_file_is_a_usage_error(demo_store, tmp_path):
     (tmp_path / "file").write_text("")
-    out = subprocess.run([BIN / "pkd-prep", "--log-file", str(tmp_path / "file" / "log.txt"), "info",
-                          str(demo_store)], capture_output=True, text=True)
+    out = subprocess.run(
+        [BIN / "pkd-prep", "--log-file", str(tmp_path / "file" / "log.txt"), "info", str(demo_store)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "cannot write the log file" in out.stderr and "Traceback" not in out.stderr
 
@@ -109,10 +112,37 @@ def test_expected_library_warnings_go_to_debug(tmp_path, restore_logging, capfd)
 
 def test_piped_pkd_train_prints_lines_and_writes_the_log_file(demo_store, tmp_path):
     log_file = tmp_path / "train.log"
-    out = subprocess.run([BIN / "pkd-train", "--log-file", str(log_file), "distill", str(demo_store),
-                          "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "1", "--batch-size",
-                          "2", "--num-points", "256", "--num-group", "8", "--group-size", "8", "--dim", "32",
-                          "--depth", "1", "--heads", "2"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            BIN / "pkd-train",
+            "--log-file",
+            str(log_file),
+            "distill",
+            str(demo_store),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--num-points",
+            "256",
+            "--num-group",
+            "8",
+            "--group-size",
+            "8",
+            "--dim",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "\r" not in out.stderr
     assert "train distill: 100%" in out.stderr
@@ -159,9 +189,29 @@ def test_depth_scale_reads_frames_from_another_sensor(sevenscenes, tmp_path):
     assert 4.5 < ratio < 5.5
 
     out = tmp_path / "pairs.zarr"
-    result = subprocess.run([BIN / "pkd-prep", "--no-progress", "scannet", "--root", str(tum), "--out", str(out),
-                             "--teacher", "random", "--frame-skip", "1", "--num-points", "1024",
-                             "--depth-scale", "5000", "--teacher-batch", "3"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            BIN / "pkd-prep",
+            "--no-progress",
+            "scannet",
+            "--root",
+            str(tum),
+            "--out",
+            str(out),
+            "--teacher",
+            "random",
+            "--frame-skip",
+            "1",
+            "--num-points",
+            "1024",
+            "--depth-scale",
+            "5000",
+            "--teacher-batch",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "scenes under" in result.stderr and "train: 1 scene (kitchen)" in result.stderr
     group = zarr.open_group(str(out), mode="r")
@@ -170,8 +220,9 @@ def test_depth_scale_reads_frames_from_another_sensor(sevenscenes, tmp_path):
     # the store's seed for a sample derives from (seed, scene, frame): recompute frame 1 the same way
     with open_scene(reference) as reader:
         (raw,) = reader.read([1])
-        expected = make_sample(raw, reader.camera, GeometryConfig(num_points=1024, min_valid_pixels=1024),
-                               derive_seed(0, "kitchen", 1)).points
+        expected = make_sample(
+            raw, reader.camera, GeometryConfig(num_points=1024, min_valid_pixels=1024), derive_seed(0, "kitchen", 1)
+        ).points
     np.testing.assert_allclose(group["train"]["points"][1], expected, atol=1e-5)
 
 
@@ -179,8 +230,22 @@ def test_depth_scale_is_refused_for_sens_files(demo_root):
     with pytest.raises(DataError, match="records its own depth scale; pass --source exported"):
         find_scenes(demo_root, depth_scale=5000)
     assert {e.kind for e in find_scenes(demo_root, source="exported", depth_scale=5000)} == {"exported"}
-    out = subprocess.run([BIN / "pkd-prep", "scannet", "--root", str(demo_root), "--out", str(demo_root / "x.zarr"),
-                          "--teacher", "random", "--depth-scale", "0"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            BIN / "pkd-prep",
+            "scannet",
+            "--root",
+            str(demo_root),
+            "--out",
+            str(demo_root / "x.zarr"),
+            "--teacher",
+            "random",
+            "--depth-scale",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "--depth-scale must be positive" in out.stderr and "Traceback" not in out.stderr
     assert not (demo_root / "x.zarr").exists()
 
@@ -201,10 +266,12 @@ def test_tensorboard_holds_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_
     from store_factory import make_store
 
     store_path = make_store(tmp_path / "pairs.zarr", n=8, num_points=128, shard_size=4)
-    model = StudentConfig(num_points=128, num_group=8, group_size=8, dim=32, depth=1, heads=2, num_concepts=4,
-                          head_hidden=32)
-    cfg = TrainConfig(store=str(store_path), model=model, epochs=2, warmup_epochs=1, batch_size=4, max_steps=4,
-                      device="cpu")
+    model = StudentConfig(
+        num_points=128, num_group=8, group_size=8, dim=32, depth=1, heads=2, num_concepts=4, head_hidden=32
+    )
+    cfg = TrainConfig(
+        store=str(store_path), model=model, epochs=2, warmup_epochs=1, batch_size=4, max_steps=4, device="cpu"
+    )
     run = tmp_path / "run"
     train(TrainConfig(**{**cfg.__dict__, "stop_after": 3}), run, progress=False, tensorboard=True)
     train(cfg, run, resume=True, progress=False, tensorboard=True)
@@ -229,8 +296,9 @@ def test_show_draws_the_points_from_the_camera_with_equal_axes(demo_store):
     sample = load_sample(str(demo_store), "train", 2)
     cam = camera_points(sample)
     assert (cam[:, 2] >= 0.1 - 1e-4).all() and (cam[:, 2] <= 10.0 + 1e-4).all()  # the prep depth range, in front
-    np.testing.assert_allclose(np.linalg.norm(cam, axis=1),
-                               np.linalg.norm(sample.points - sample.pose[:3, 3], axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(cam, axis=1), np.linalg.norm(sample.points - sample.pose[:3, 3], axis=1), rtol=1e-5
+    )
     fig = plt.figure()
     ax = fig.add_subplot(projection="3d")
     draw_points(ax, sample)
@@ -245,13 +313,16 @@ def test_show_draws_the_points_from_the_camera_with_equal_axes(demo_store):
 
 def test_the_readme_snippet_reads_a_store(demo_store):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Reading the store"):]
-    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    section = readme[readme.index("### Reading the store") :]
+    code = section[
+        section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))
+    ]
     assert 'path = "pairs.zarr"\n' in code
     namespace: dict = {}
     exec(code.replace('path = "pairs.zarr"', f"path = {str(demo_store)!r}"), namespace)
     group = zarr.open_group(str(demo_store), mode="r")["train"]
     valid = group["valid"][:]
-    np.testing.assert_allclose(namespace["mean_prefix"], group["prefix"][:][valid].astype(np.float32).mean(0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        namespace["mean_prefix"], group["prefix"][:][valid].astype(np.float32).mean(0), rtol=1e-5, atol=1e-6
+    )
     assert namespace["points"].shape == (1024, 3) and namespace["scene"] == "scene9000_00"

@@ -39,37 +39,48 @@ class Readout:
 
     kind: str = "probe"
     data: str | None = None
-    splits: str | None = None          # folder of the split lists, if not inside ``data``
+    splits: str | None = None  # folder of the split lists, if not inside ``data``
     allow_missing: bool = False
-    epochs: int | None = None          # fine-tuning epochs (default: the protocol's 300)
-    batch_size: int | None = None      # fine-tuning batch (default: the protocol's 32)
+    epochs: int | None = None  # fine-tuning epochs (default: the protocol's 300)
+    batch_size: int | None = None  # fine-tuning batch (default: the protocol's 32)
     cache_dir: str | None = "runs/cache"
-    pool_points: int = 8192            # the protocol's FPS pool and input size (smaller only for tests)
+    pool_points: int = 8192  # the protocol's FPS pool and input size (smaller only for tests)
     num_points: int = 1024
 
     def __post_init__(self) -> None:
         if self.kind not in READOUTS:
             raise ConfigError(f"unknown readout {self.kind!r}; use one of {', '.join(READOUTS)}.")
         if self.kind != "none" and not (self.data and Path(self.data).is_dir()):
-            raise ConfigError(f"--eval {self.kind} reads ModelNet40 ({self.data or 'no --eval-data given'}): pass "
-                              "--eval-data path/to/modelnet40_normal_resampled, or --eval none for losses only.")
+            raise ConfigError(
+                f"--eval {self.kind} reads ModelNet40 ({self.data or 'no --eval-data given'}): pass "
+                "--eval-data path/to/modelnet40_normal_resampled, or --eval none for losses only."
+            )
 
 
 def cell_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
 
 
-def run_ablation(base: TrainConfig, variants: list[str], seeds: list[int], out_dir: str | Path,
-                 readout: Readout = Readout(kind="none"), resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> list[dict[str, Any]]:
+def run_ablation(
+    base: TrainConfig,
+    variants: list[str],
+    seeds: list[int],
+    out_dir: str | Path,
+    readout: Readout = Readout(kind="none"),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Pre-train, export and read out every (variant, seed) under ``out_dir``; returns the table's rows.
 
     A variant the store cannot serve (e.g. ``local`` without patch tokens) gets a row with its error and
     the others still run.
     """
     if launched():
-        raise ConfigError("ablate runs in one process; train a variant under torchrun with `pkd-train distill` "
-                          "and read it out with `pkd-train probe` / `finetune`.")
+        raise ConfigError(
+            "ablate runs in one process; train a variant under torchrun with `pkd-train distill` "
+            "and read it out with `pkd-train probe` / `finetune`."
+        )
     for name in variants:
         variant_spec(name)
     if not variants or not seeds or len(set(seeds)) != len(seeds):
@@ -82,8 +93,15 @@ def run_ablation(base: TrainConfig, variants: list[str], seeds: list[int], out_d
         cells += [(SCRATCH, s) for s in seeds]
     for variant, seed in cells:
         key = (variant, seed)
-        row = rows.setdefault(key, table.new_row(variant, seed, variant_spec(variant).objective
-                                                 if variant != SCRATCH else None, out_dir / cell_name(variant, seed)))
+        row = rows.setdefault(
+            key,
+            table.new_row(
+                variant,
+                seed,
+                variant_spec(variant).objective if variant != SCRATCH else None,
+                out_dir / cell_name(variant, seed),
+            ),
+        )
         try:
             _run_cell(base, row, readout, progress)
         except PkdError as exc:
@@ -104,8 +122,10 @@ def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> d
         raise ConfigError("pass either --resume or --overwrite, not both.")
     if path.is_file() and not resume:
         if not overwrite:
-            raise ConfigError(f"{out_dir} holds an ablation already; pass --resume to finish or extend it, "
-                              "--overwrite to replace it, or choose another --name.")
+            raise ConfigError(
+                f"{out_dir} holds an ablation already; pass --resume to finish or extend it, "
+                "--overwrite to replace it, or choose another --name."
+            )
         shutil.rmtree(out_dir)
     if not path.is_file():
         if resume:
@@ -117,8 +137,10 @@ def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> d
     saved, mine = option_values(TrainConfig.from_dict(recorded["config"])), option_values(base)
     differ = [k for k in mine if k not in run_option_names() and saved.get(k) != mine[k]]
     if differ or recorded["config"]["store"] != base.store:
-        raise ConfigError(f"{out_dir} was run with other settings ({', '.join(differ) or 'store'}); resume with the "
-                          "same options, or choose another --name.")
+        raise ConfigError(
+            f"{out_dir} was run with other settings ({', '.join(differ) or 'store'}); resume with the "
+            "same options, or choose another --name."
+        )
     return {(r["variant"], r["seed"]): r for r in recorded["rows"]}
 
 
@@ -133,10 +155,21 @@ def _run_cell(base: TrainConfig, row: dict[str, Any], readout: Readout, progress
             tic = time.perf_counter()
             cfg = dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, variant=variant))
             resume = (cell / LAST).is_file()
-            summary = train(cfg, cell, resume=resume, overwrite=cell.exists() and not resume, progress=progress,
-                            desc=f"{label} pretrain")
-            row.update(train_loss=summary["final_loss"], val_loss=summary["val_loss"], steps=summary["steps"],
-                       in_warmup=summary["in_warmup"], wall_s=row["wall_s"] + time.perf_counter() - tic)
+            summary = train(
+                cfg,
+                cell,
+                resume=resume,
+                overwrite=cell.exists() and not resume,
+                progress=progress,
+                desc=f"{label} pretrain",
+            )
+            row.update(
+                train_loss=summary["final_loss"],
+                val_loss=summary["val_loss"],
+                steps=summary["steps"],
+                in_warmup=summary["in_warmup"],
+                wall_s=row["wall_s"] + time.perf_counter() - tic,
+            )
         encoder = cell / "encoder.pth"
         if not encoder.is_file():
             export_encoder(cell, encoder)
@@ -155,17 +188,28 @@ def _readout(base: TrainConfig, readout: Readout, init: str, seed: int, cell: Pa
     from pkd.train.downstream.run import FinetuneConfig, ProbeConfig, probe_modelnet40, run_finetune
 
     m = base.model
-    shared: dict[str, Any] = dict(init=init, seed=seed, device=base.device, splits=readout.splits,
-                                  allow_missing=readout.allow_missing, cache_dir=readout.cache_dir,
-                                  pool_points=readout.pool_points, num_points=readout.num_points, dim=m.dim,
-                                  depth=m.depth, heads=m.heads)
+    shared: dict[str, Any] = dict(
+        init=init,
+        seed=seed,
+        device=base.device,
+        splits=readout.splits,
+        allow_missing=readout.allow_missing,
+        cache_dir=readout.cache_dir,
+        pool_points=readout.pool_points,
+        num_points=readout.num_points,
+        dim=m.dim,
+        depth=m.depth,
+        heads=m.heads,
+    )
     run_dir = cell / readout.kind  # an unfinished readout of this row (none is recorded) is ours to replace
     if readout.kind == "probe":
         results = probe_modelnet40(ProbeConfig(data=str(readout.data), **shared), run_dir, overwrite=run_dir.exists())
     else:
-        cfg = FinetuneConfig.for_task("modelnet40", str(readout.data), epochs=readout.epochs,
-                                      batch_size=readout.batch_size, votes=1, **shared)
+        cfg = FinetuneConfig.for_task(
+            "modelnet40", str(readout.data), epochs=readout.epochs, batch_size=readout.batch_size, votes=1, **shared
+        )
         resume = (run_dir / LAST).is_file()
-        results = run_finetune(cfg, run_dir, resume=resume, overwrite=run_dir.exists() and not resume,
-                               progress=progress)
+        results = run_finetune(
+            cfg, run_dir, resume=resume, overwrite=run_dir.exists() and not resume, progress=progress
+        )
     return float(results["test"]["overall_acc"])  # percent, as results.json holds it

@@ -26,8 +26,9 @@ def normalize_unit_sphere(points: torch.Tensor) -> torch.Tensor:
     return centred / radius[:, None, None]
 
 
-def random_scale_shift(points: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
-                       shift: float, per_axis: bool) -> torch.Tensor:
+def random_scale_shift(
+    points: torch.Tensor, generator: torch.Generator, scale: tuple[float, float], shift: float, per_axis: bool
+) -> torch.Tensor:
     """Each cloud (B, P, 3) scaled by U(scale) (per axis or one factor) and shifted by U(-shift, shift) per axis.
 
     Per axis it is Point-MAE's ScaleAndTranslate (pre-training and classification); with one factor the

@@ -42,15 +42,20 @@ def atomic_save(obj: Any, path: Path) -> None:
         if not isinstance(exc, (OSError, RuntimeError)):
             raise
         kept = f"; the previous {path.name} is untouched" if path.is_file() else ""
-        raise OutputError(f"cannot write {path} ({exc}){kept}. Free disk space, raise the file-size limit or choose "
-                          "a writable path, then rerun the same command.") from exc
+        raise OutputError(
+            f"cannot write {path} ({exc}){kept}. Free disk space, raise the file-size limit or choose "
+            "a writable path, then rerun the same command."
+        ) from exc
 
 
 def last_good(run_dir: Path) -> str:
     """What a failed run leaves to resume from, for error messages."""
     last = Path(run_dir) / LAST
-    return (f"the last good checkpoint {last} is untouched (--resume continues from it)" if last.is_file()
-            else f"no checkpoint was written yet in {run_dir}")
+    return (
+        f"the last good checkpoint {last} is untouched (--resume continues from it)"
+        if last.is_file()
+        else f"no checkpoint was written yet in {run_dir}"
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -72,8 +77,13 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
     }
 

@@ -17,9 +17,14 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pret
 app.callback()(logs.cli_options)
 
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
-Resume = Annotated[bool, typer.Option(help="continue with the run's recorded settings (options given must match "
-                                           "them, except run options such as --loader-workers, --device, "
-                                           "--stop-after)")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        help="continue with the run's recorded settings (options given must match "
+        "them, except run options such as --loader-workers, --device, "
+        "--stop-after)"
+    ),
+]
 
 
 @app.command()
@@ -30,8 +35,12 @@ def distill(
     run_dir: Annotated[Path | None, typer.Option(help="output folder (default runs/<store>-<variant>)")] = None,
     resume: Resume = False,
     overwrite: Annotated[bool, typer.Option(help="delete an existing --run-dir first")] = False,
-    tensorboard: Annotated[bool, typer.Option(help="also write metrics.jsonl's scalars to RUN_DIR/tensorboard "
-                                                   "(needs pip install 'pkd[tensorboard]')")] = False,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            help="also write metrics.jsonl's scalars to RUN_DIR/tensorboard (needs pip install 'pkd[tensorboard]')"
+        ),
+    ] = False,
     **options: Any,
 ) -> None:
     """Train one student on STORE (no teacher is loaded: targets come from the store)."""
@@ -49,8 +58,10 @@ def distill(
         return  # under torchrun only rank 0 reports
     held_out = "" if summary["val_loss"] is None else f", held-out loss {summary['val_loss']:.4g}"
     warmup = " (stopped inside warm-up)" if summary["in_warmup"] else ""
-    typer.echo(f"{summary['variant']}: {summary['steps']} of {summary['schedule_steps']} steps{warmup}, final loss "
-               f"{summary['final_loss']:.4g}{held_out}, {summary['samples_per_s']:.1f} samples/s → {run_dir}")
+    typer.echo(
+        f"{summary['variant']}: {summary['steps']} of {summary['schedule_steps']} steps{warmup}, final loss "
+        f"{summary['final_loss']:.4g}{held_out}, {summary['samples_per_s']:.1f} samples/s → {run_dir}"
+    )
 
 
 @app.command()
@@ -59,20 +70,29 @@ def ablate(
     ctx: typer.Context,
     store: Store,
     variants: Annotated[str, typer.Option(help="comma-separated variants")] = "distill,no-concept,clip-target,recon,"
-                                                                             "recon+distill",
+    "recon+distill",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds: every variant (and readout) once per seed")] = "0",
     name: Annotated[str | None, typer.Option(help="writes runs/ablate-NAME (default: the store's name)")] = None,
-    readout: Annotated[str, typer.Option("--eval", help="readout per encoder on ModelNet40: probe (linear SVM), "
-                                                        "finetune (no voting; adds scratch rows) or none")] = "probe",
+    readout: Annotated[
+        str,
+        typer.Option(
+            "--eval",
+            help="readout per encoder on ModelNet40: probe (linear SVM), "
+            "finetune (no voting; adds scratch rows) or none",
+        ),
+    ] = "probe",
     eval_data: Annotated[Path | None, typer.Option(help="ModelNet40 folder (modelnet40_normal_resampled)")] = None,
-    eval_splits: Annotated[Path | None, typer.Option(help="ModelNet40 split lists, if not inside --eval-data")
-                           ] = None,
+    eval_splits: Annotated[Path | None, typer.Option(help="ModelNet40 split lists, if not inside --eval-data")] = None,
     allow_missing: Annotated[bool, typer.Option(help="readout on the listed ModelNet40 shapes that exist")] = False,
     eval_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs of the readout (default 300)")] = None,
-    eval_batch_size: Annotated[int | None, typer.Option(help="fine-tuning batch of the readout (default 32)")
-                               ] = None,
-    resume: Annotated[bool, typer.Option(help="finish or extend the ablation of an earlier call (its settings are "
-                                              "used; new --variants/--seeds add rows)")] = False,
+    eval_batch_size: Annotated[int | None, typer.Option(help="fine-tuning batch of the readout (default 32)")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="finish or extend the ablation of an earlier call (its settings are "
+            "used; new --variants/--seeds add rows)"
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing runs/ablate-NAME")] = False,
     **options: Any,
 ) -> None:
@@ -89,11 +109,22 @@ def ablate(
     if resume and (out / TABLE_JSON).is_file():
         saved = TrainConfig.from_dict(json.loads((out / TABLE_JSON).read_text())["config"])
         base = resume_config(saved, store_path(store), given_options(ctx, options), str(out))
-    rows = run_ablation(base, _split(variants, str), _split(seeds, int), out,
-                        Readout(readout, str(eval_data) if eval_data else None,
-                                str(eval_splits) if eval_splits else None, allow_missing, eval_epochs,
-                                eval_batch_size),
-                        resume=resume, overwrite=overwrite)
+    rows = run_ablation(
+        base,
+        _split(variants, str),
+        _split(seeds, int),
+        out,
+        Readout(
+            readout,
+            str(eval_data) if eval_data else None,
+            str(eval_splits) if eval_splits else None,
+            allow_missing,
+            eval_epochs,
+            eval_batch_size,
+        ),
+        resume=resume,
+        overwrite=overwrite,
+    )
     typer.echo(markdown(rows) + f"→ {out}/table.md")
 
 
@@ -106,8 +137,10 @@ def _split(values: str, kind: type) -> list:
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="run directory (uses its last.pt, with or without optimizer state) "
-                                             "or a checkpoint file")],
+    run: Annotated[
+        Path,
+        typer.Argument(help="run directory (uses its last.pt, with or without optimizer state) or a checkpoint file"),
+    ],
     out: Annotated[Path, typer.Option(help="where to write the Point-MAE checkpoint")] = Path("encoder.pth"),
 ) -> None:
     """Write the student's encoder as {'base_model': {'MAE_encoder.<key>': tensor}} for Point-MAE finetuning."""

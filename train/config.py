@@ -36,29 +36,37 @@ class TrainConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (not on biases, norms, tokens, queries)")
     seed: int = option(0, "seed of the loader order, augmentation, masks and initialisation")
     device: str = option("auto", "cpu, cuda, cuda:N or auto", run=True)
-    amp: bool = option(True, "bf16 autocast (CUDA only; recorded as false on CPU; follows --device on resume)",
-                       run=True)
+    amp: bool = option(
+        True, "bf16 autocast (CUDA only; recorded as false on CPU; follows --device on resume)", run=True
+    )
     loader_workers: int = option(0, "DataLoader worker processes (each reads whole shards)", run=True)
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
     recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
-    max_steps: int | None = option(None, "make the whole schedule this many optimizer steps (warm-up and cosine "
-                                         "scaled to fit)")
-    stop_after: int | None = option(None, "stop after this many optimizer steps without changing the schedule "
-                                          "(resume later)", run=True)
+    max_steps: int | None = option(
+        None, "make the whole schedule this many optimizer steps (warm-up and cosine scaled to fit)"
+    )
+    stop_after: int | None = option(
+        None, "stop after this many optimizer steps without changing the schedule (resume later)", run=True
+    )
     save_every: int | None = option(None, "also checkpoint every N steps", run=True)
-    keep_optimizer: bool = option(True, "keep the optimizer state in last.pt when the run ends (--no-keep-optimizer: "
-                                         "a third of the size, export still works, the run cannot be extended)",
-                                  run=True)
+    keep_optimizer: bool = option(
+        True,
+        "keep the optimizer state in last.pt when the run ends (--no-keep-optimizer: "
+        "a third of the size, export still works, the run cannot be extended)",
+        run=True,
+    )
     val_split: str = option("val", "held-out split whose loss is logged every epoch (skipped when absent)")
     val_every: int | None = option(None, "also log the held-out loss every N steps", run=True)
     val_max_samples: int | None = option(None, "held-out samples per evaluation (default: all)")
-    monitor_recon: bool = option(False, "log the held-out Chamfer loss of a frozen random decoder on masked "
-                                        "patches (paper Table 7)")
+    monitor_recon: bool = option(
+        False, "log the held-out Chamfer loss of a frozen random decoder on masked patches (paper Table 7)"
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init: str | None = option(None, "initialise the encoder from a Point-MAE checkpoint")
-    streams: int | None = option(None, "data streams (a multiple of the torchrun process count); default: one per "
-                                       "process of the first launch")
+    streams: int | None = option(
+        None, "data streams (a multiple of the torchrun process count); default: one per process of the first launch"
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards"):
@@ -68,8 +76,10 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 when given, got {getattr(self, name)}.")
         if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
-            raise ConfigError(f"--streams {self.streams} must be at least 1 and divide the batch size "
-                              f"{self.batch_size} (every stream gives each batch the same number of samples).")
+            raise ConfigError(
+                f"--streams {self.streams} must be at least 1 and divide the batch size "
+                f"{self.batch_size} (every stream gives each batch the same number of samples)."
+            )
         if self.warmup_epochs < 0 or self.loader_workers < 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("warmup_epochs, loader_workers and weight_decay must be ≥ 0 and lr > 0.")
         if not 0 <= self.min_lr <= self.lr:
@@ -89,8 +99,13 @@ class TrainConfig:
         """The config a run recorded (``config.json``'s ``config`` or a checkpoint's); fields added since take
         their defaults, renamed run options (RENAMED) their new names."""
         d = {RENAMED.get(k, k): v for k, v in d.items()}
-        return cls(**{**_known(cls, d), "model": StudentConfig(**_known(StudentConfig, d["model"])),
-                      "augment": AugmentConfig(**_known(AugmentConfig, d["augment"]))})
+        return cls(
+            **{
+                **_known(cls, d),
+                "model": StudentConfig(**_known(StudentConfig, d["model"])),
+                "augment": AugmentConfig(**_known(AugmentConfig, d["augment"])),
+            }
+        )
 
 
 def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -45,12 +45,12 @@ def target_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray]:
             valid = read_shard(group, "valid", start, stop).astype(bool)
             values = read_shard(group, name, start, stop)[valid].astype(np.float64)
             total += values.sum(0)
-            total_sq += (values ** 2).sum(0)
+            total_sq += (values**2).sum(0)
             count += len(values)
         if count == 0:
             raise StoreError(f"cannot normalise {name!r}: the split has no valid samples.")
         mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.astype(np.float32), np.maximum(std, MIN_STD).astype(np.float32)
 
 
@@ -100,11 +100,11 @@ class _Epoch:
         step = max(1, cfg.shuffle_shards)
         items = []
         for position, s in enumerate(cfg.own_streams):
-            mine = order[s::cfg.num_streams]
+            mine = order[s :: cfg.num_streams]
             offset = 0
             for w, i in enumerate(range(0, len(mine), step)):
-                window = mine[i:i + step]
-                size = sum(int(valid[shards[x][0]:shards[x][1]].sum()) for x in window)
+                window = mine[i : i + step]
+                size = sum(int(valid[shards[x][0] : shards[x][1]].sum()) for x in window)
                 items.append((offset // max(1, cfg.chunk), position, s, w, offset, size, window))
                 offset += size
         items.sort(key=lambda item: item[:2])
@@ -122,8 +122,14 @@ class _Epoch:
 class _WindowDataset(IterableDataset):
     """Yields whole windows (dicts of numpy arrays, shuffled, subsampled, normalised): the items ``todo`` names."""
 
-    def __init__(self, cfg: LoaderConfig, epoch: _Epoch, todo: list[int],
-                 stats: Mapping[str, tuple[np.ndarray, np.ndarray]], group: zarr.Group | None) -> None:
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        epoch: _Epoch,
+        todo: list[int],
+        stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        group: zarr.Group | None,
+    ) -> None:
         self.cfg, self.epoch, self.todo, self.stats = cfg, epoch, todo, stats
         self._group = group
 
@@ -163,8 +169,12 @@ def subsample_points(arrays: dict[str, np.ndarray], num_points: int, rng: np.ran
         return arrays
     keep = np.argpartition(rng.random((count, stored)), num_points - 1, axis=1)
     keep = np.sort(keep[:, :num_points], axis=1)
-    return {name: np.take_along_axis(values, keep.reshape(*keep.shape, *(1,) * (values.ndim - 2)), axis=1)
-            if name in POINT_ARRAYS else values for name, values in arrays.items()}
+    return {
+        name: np.take_along_axis(values, keep.reshape(*keep.shape, *(1,) * (values.ndim - 2)), axis=1)
+        if name in POINT_ARRAYS
+        else values
+        for name, values in arrays.items()
+    }
 
 
 def normalize(values: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
@@ -191,34 +201,45 @@ class StoreLoader:
     its streams (``cfg.own_streams``, ``cfg.chunk`` samples each), in stream order.
     """
 
-    def __init__(self, cfg: LoaderConfig, num_workers: int = 0,
-                 stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    def __init__(
+        self, cfg: LoaderConfig, num_workers: int = 0, stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> None:
         self.cfg, self.num_workers, self.stats = cfg, num_workers, dict(stats or {})
         streams = cfg.num_streams
         if streams % cfg.world_size:
-            raise ConfigError(f"{cfg.world_size} processes cannot share {streams} data streams evenly; pass "
-                              f"--streams as a multiple of the number of processes (e.g. {cfg.world_size}).")
+            raise ConfigError(
+                f"{cfg.world_size} processes cannot share {streams} data streams evenly; pass "
+                f"--streams as a multiple of the number of processes (e.g. {cfg.world_size})."
+            )
         if cfg.batch_size % streams:
-            raise ConfigError(f"batch size {cfg.batch_size} does not split into {streams} data streams; pass a "
-                              f"--batch-size that is a multiple of {streams} (or change --streams).")
+            raise ConfigError(
+                f"batch size {cfg.batch_size} does not split into {streams} data streams; pass a "
+                f"--batch-size that is a multiple of {streams} (or change --streams)."
+            )
         self.group = open_split(cfg.store, cfg.split, require=cfg.arrays)
         stored = cast(zarr.Array, self.group["points"]).shape[1]
         if cfg.num_points > stored:
-            raise ConfigError(f"the model wants {cfg.num_points} points per sample but {cfg.store}/{cfg.split} "
-                              f"stores {stored}; pass --num-points {stored} or less.")
+            raise ConfigError(
+                f"the model wants {cfg.num_points} points per sample but {cfg.store}/{cfg.split} "
+                f"stores {stored}; pass --num-points {stored} or less."
+            )
         self.shards = [(start, stop) for _, start, stop in iter_shards(self.group)]
         self.valid = np.asarray(cast(zarr.Array, self.group["valid"])[:]).astype(bool)
         per_shard = sorted(int(self.valid[a:b].sum()) for a, b in self.shards)
-        worst_stream = sum(per_shard[:len(per_shard) // streams])
+        worst_stream = sum(per_shard[: len(per_shard) // streams])
         self.steps_per_epoch = worst_stream // cfg.chunk
         if self.steps_per_epoch == 0:
             if streams == 1:
-                raise ConfigError(f"batch size {cfg.batch_size} is larger than the {worst_stream} valid samples "
-                                  f"{cfg.store}/{cfg.split} holds; pass a smaller --batch-size.")
-            raise ConfigError(f"batch size {cfg.batch_size} takes {cfg.chunk} samples from each of {streams} data "
-                              f"streams, but a stream of {cfg.store}/{cfg.split} may get only {worst_stream} valid "
-                              f"samples ({len(per_shard)} shards dealt into {streams} streams); pass a smaller "
-                              "--batch-size or fewer --streams.")
+                raise ConfigError(
+                    f"batch size {cfg.batch_size} is larger than the {worst_stream} valid samples "
+                    f"{cfg.store}/{cfg.split} holds; pass a smaller --batch-size."
+                )
+            raise ConfigError(
+                f"batch size {cfg.batch_size} takes {cfg.chunk} samples from each of {streams} data "
+                f"streams, but a stream of {cfg.store}/{cfg.split} may get only {worst_stream} valid "
+                f"samples ({len(per_shard)} shards dealt into {streams} streams); pass a smaller "
+                "--batch-size or fewer --streams."
+            )
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` from batch index ``start_batch`` on."""
@@ -227,8 +248,11 @@ class StoreLoader:
         # the windows that still hold samples; the first of each stream is entered ``skip - start`` samples in
         todo = [k for k in range(len(layout.windows)) if layout.start[k] + layout.sizes[k] > skip]
         dataset = _WindowDataset(self.cfg, layout, todo, self.stats, self.group if self.num_workers == 0 else None)
-        windows: Iterator = iter(dataset) if self.num_workers == 0 else iter(
-            DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+        windows: Iterator = (
+            iter(dataset)
+            if self.num_workers == 0
+            else iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+        )
         streams = [(layout.stream[k], max(0, skip - layout.start[k])) for k in todo]
         return self._batches(zip(streams, windows), self.steps_per_epoch - start_batch)
 
@@ -247,7 +271,7 @@ class StoreLoader:
                 while need:
                     window, pos = queue[0]
                     take = min(need, len(window["points"]) - pos)
-                    parts.append({k: v[pos:pos + take] for k, v in window.items()})
+                    parts.append({k: v[pos : pos + take] for k, v in window.items()})
                     need, queue[0][1] = need - take, pos + take
                     if queue[0][1] == len(window["points"]):
                         queue.popleft()

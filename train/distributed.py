@@ -67,8 +67,10 @@ def init_from_env(device: str = "cpu") -> DistInfo:
     cuda = device.startswith("cuda")
     if cuda:
         if torch.cuda.device_count() <= local_rank:
-            raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU (torch sees {torch.cuda.device_count()}); "
-                              "start at most one process per GPU (torchrun --nproc-per-node).")
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank} has no GPU (torch sees {torch.cuda.device_count()}); "
+                "start at most one process per GPU (torchrun --nproc-per-node)."
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return info()
@@ -111,9 +113,11 @@ def session(device: str = "cpu") -> Iterator[DistInfo]:
 def check_global_batch(batch_size: int, rank_info: DistInfo) -> None:
     """``--batch-size`` is the global batch: every rank must get the same share of it."""
     if batch_size % rank_info.world_size:
-        raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
-                          f"{rank_info.world_size} processes; pass a multiple of {rank_info.world_size} or change "
-                          "--nproc-per-node.")
+        raise ConfigError(
+            f"--batch-size {batch_size} is the global batch and must be divisible by the "
+            f"{rank_info.world_size} processes; pass a multiple of {rank_info.world_size} or change "
+            "--nproc-per-node."
+        )
 
 
 def local_device(device: str, rank_info: DistInfo) -> torch.device:
@@ -124,6 +128,7 @@ def local_device(device: str, rank_info: DistInfo) -> torch.device:
 
 
 # ---- collectives (identity in a single process) ---------------------------------------------------------
+
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` over ranks (a new tensor; the input itself in a single process)."""
@@ -144,6 +149,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 # ---- models ---------------------------------------------------------------------------------------------
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose backward sums the gradients over ranks (what every rank's loss owes this input)."""
@@ -205,8 +211,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
-        new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        new = CpuSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         new.running_mean = module.running_mean
@@ -219,8 +226,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
-def wrap_model(model: nn.Module, rank_info: DistInfo, device: torch.device,
-               find_unused_parameters: bool = True) -> nn.Module:
+def wrap_model(
+    model: nn.Module, rank_info: DistInfo, device: torch.device, find_unused_parameters: bool = True
+) -> nn.Module:
     """``model`` itself in a single process; under torchrun, synchronised batch norm inside DDP (a plain wrapper:
     callers keep the module's settings, such as its variant, themselves; see ``LossSettings``).
 
@@ -232,8 +240,9 @@ def wrap_model(model: nn.Module, rank_info: DistInfo, device: torch.device,
     model = convert_sync_batchnorm(model, device)
     ids = [device.index] if device.type == "cuda" else None
     # batch-norm buffers are identical on every rank (synchronised statistics): no per-forward broadcast
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                               find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -35,13 +35,17 @@ class EncoderConfig:
     drop_path: float = option(0.1, "stochastic depth (its masks differ between world sizes)")
 
     def __post_init__(self) -> None:
-        small = [f"{k} {getattr(self, k)}" for k in ("num_group", "group_size", "dim", "depth", "heads")
-                 if getattr(self, k) < 1]
+        small = [
+            f"{k} {getattr(self, k)}"
+            for k in ("num_group", "group_size", "dim", "depth", "heads")
+            if getattr(self, k) < 1
+        ]
         if small:
             raise ConfigError(f"{', '.join(small)}: must be at least 1.")
         if self.dim % self.heads:
-            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}; choose --dim a multiple "
-                              "of --heads.")
+            raise ConfigError(
+                f"dim {self.dim} is not divisible by heads {self.heads}; choose --dim a multiple of --heads."
+            )
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"drop_path {self.drop_path} must lie in [0, 1).")
 
@@ -63,9 +67,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.encoder_channel = encoder_channel
         self.first_conv = nn.Sequential(
-            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1))
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+        )
         self.second_conv = nn.Sequential(
-            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, encoder_channel, 1))
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, encoder_channel, 1)
+        )
 
     @staticmethod
     def _pointwise(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +183,13 @@ def init_weights(module: nn.Module) -> None:
 class PointEncoder(nn.Module):
     """Point-MAE ``MaskTransformer`` encoder: patch tokens + centre embedding → transformer → LayerNorm."""
 
-    def __init__(self, dim: int = EncoderConfig.dim, depth: int = EncoderConfig.depth,
-                 num_heads: int = EncoderConfig.heads, drop_path: float = EncoderConfig.drop_path) -> None:
+    def __init__(
+        self,
+        dim: int = EncoderConfig.dim,
+        depth: int = EncoderConfig.depth,
+        num_heads: int = EncoderConfig.heads,
+        drop_path: float = EncoderConfig.drop_path,
+    ) -> None:
         super().__init__()
         self.encoder = Encoder(dim)
         self.pos_embed = positional_embedding(dim)
@@ -191,8 +202,9 @@ class PointEncoder(nn.Module):
         """The encoder of ``cfg`` (freshly initialised)."""
         return cls(cfg.dim, cfg.depth, cfg.heads, cfg.drop_path)
 
-    def forward(self, patches: torch.Tensor, centres: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, patches: torch.Tensor, centres: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised final tokens (B, G', C) and every layer's raw output; ``mask`` (B, G) True hides a patch."""
         tokens = self.encoder(patches)
         if mask is not None:

@@ -21,7 +21,7 @@ from pkd.train.encoder import PointEncoder
 from pkd.train.model import Student
 
 ENCODER_PREFIX = "MAE_encoder."
-PROVENANCE = "pkd"          # export entry: the store (path, teacher identity) the encoder was distilled from
+PROVENANCE = "pkd"  # export entry: the store (path, teacher identity) the encoder was distilled from
 STRIP_PREFIXES = ("module.", "MAE_encoder.", "base_model.")
 
 
@@ -81,7 +81,7 @@ def _strip(key: str) -> str:
         changed = False
         for prefix in STRIP_PREFIXES:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     return key
 
 
@@ -92,10 +92,15 @@ def load_pointmae_checkpoint(path: str | Path, model: nn.Module) -> LoadReport:
     except FileNotFoundError as exc:
         raise ConfigError(f"no checkpoint at {path}; pass an existing file to --init.") from exc
     except Exception as exc:
-        reason = ("the file is empty" if Path(path).stat().st_size == 0
-                  else f"not a torch checkpoint file: {type(exc).__name__} {exc}")
-        raise WeightsError(f"cannot read {path} as a tensor-only checkpoint ({reason}); pass a Point-MAE or "
-                           "`pkd-train export` .pth file.") from exc
+        reason = (
+            "the file is empty"
+            if Path(path).stat().st_size == 0
+            else f"not a torch checkpoint file: {type(exc).__name__} {exc}"
+        )
+        raise WeightsError(
+            f"cannot read {path} as a tensor-only checkpoint ({reason}); pass a Point-MAE or "
+            "`pkd-train export` .pth file."
+        ) from exc
     state = raw.get("base_model", raw.get("model", raw)) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds no state dict (expected a 'base_model' or 'model' entry).")
@@ -106,12 +111,15 @@ def load_pointmae_checkpoint(path: str | Path, model: nn.Module) -> LoadReport:
     own = encoder.state_dict()
     used = sorted(k for k in state if k in own)
     if not used:
-        raise ConfigError(f"{path} has no Point-MAE encoder weights (none of its {len(state)} keys, e.g. "
-                          f"{sorted(state)[:3]}, match encoder.*, pos_embed.*, blocks.*, norm.*); "
-                          "pass a Point-MAE or pkd-train export checkpoint.")
+        raise ConfigError(
+            f"{path} has no Point-MAE encoder weights (none of its {len(state)} keys, e.g. "
+            f"{sorted(state)[:3]}, match encoder.*, pos_embed.*, blocks.*, norm.*); "
+            "pass a Point-MAE or pkd-train export checkpoint."
+        )
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in used if state[k].shape != own[k].shape]
     if wrong:
-        raise WeightsError(f"{path} is an encoder of another size: {', '.join(wrong[:3])}; "
-                           "match --dim/--depth to the checkpoint.")
+        raise WeightsError(
+            f"{path} is an encoder of another size: {', '.join(wrong[:3])}; match --dim/--depth to the checkpoint."
+        )
     encoder.load_state_dict({k: state[k] for k in used}, strict=False)
     return LoadReport(used=used, missing=sorted(set(own) - set(used)), unexpected=sorted(set(state) - set(own)))

@@ -30,20 +30,35 @@ log = logging.getLogger(__name__)
 class HeldOut:
     """The held-out split of a run; ``evaluate`` returns its mean loss (and parts) for a model."""
 
-    def __init__(self, cfg: TrainConfig, arrays: tuple[str, ...], stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                 settings: LossSettings, batch_size: int) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        arrays: tuple[str, ...],
+        stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        settings: LossSettings,
+        batch_size: int,
+    ) -> None:
         self.cfg, self.arrays, self.stats, self.settings = cfg, arrays, dict(stats), settings
         self.batch_size = batch_size
         self.group = open_split(cfg.store, cfg.val_split, require=arrays)
         self.monitor = _frozen_decoder(cfg) if cfg.monitor_recon else None
 
     @classmethod
-    def open(cls, cfg: TrainConfig, arrays: tuple[str, ...], stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
-             settings: LossSettings, batch_size: int) -> HeldOut | None:
+    def open(
+        cls,
+        cfg: TrainConfig,
+        arrays: tuple[str, ...],
+        stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        settings: LossSettings,
+        batch_size: int,
+    ) -> HeldOut | None:
         """The run's held-out data, or None (said once in the log) when the store has no such split."""
         if cfg.val_split not in splits_of(open_store(cfg.store)):
-            log.warning("%s has no %r split: no held-out loss is logged (pass --val-split to use another).",
-                        cfg.store, cfg.val_split)
+            log.warning(
+                "%s has no %r split: no held-out loss is logged (pass --val-split to use another).",
+                cfg.store,
+                cfg.val_split,
+            )
             return None
         return cls(cfg, arrays, stats, settings, batch_size)
 
@@ -55,20 +70,23 @@ class HeldOut:
             if left <= 0:
                 break
             valid = read_shard(self.group, "valid", start, stop).astype(bool)
-            arrays = {name: normalize(read_shard(self.group, name, start, stop)[valid][:left], self.stats.get(name))
-                      for name in self.arrays}
+            arrays = {
+                name: normalize(read_shard(self.group, name, start, stop)[valid][:left], self.stats.get(name))
+                for name in self.arrays
+            }
             arrays = subsample_points(arrays, self.cfg.model.num_points, np.random.default_rng([self.cfg.seed, shard]))
             left -= len(arrays["points"])
             buffer = {k: np.concatenate([buffer[k], v]) if buffer else v for k, v in arrays.items()}
             while len(buffer["points"]) >= self.batch_size:
-                yield {k: to_tensor(v[:self.batch_size]) for k, v in buffer.items()}
-                buffer = {k: v[self.batch_size:] for k, v in buffer.items()}
+                yield {k: to_tensor(v[: self.batch_size]) for k, v in buffer.items()}
+                buffer = {k: v[self.batch_size :] for k, v in buffer.items()}
         if buffer and len(buffer["points"]):
             yield {k: to_tensor(v) for k, v in buffer.items()}
 
     @torch.no_grad()
-    def evaluate(self, model: Student, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+    def evaluate(
+        self, model: Student, device: torch.device, autocast: Callable[[], AbstractContextManager]
+    ) -> dict[str, float]:
         """Mean loss, its parts and (with ``--monitor-recon``) ``monitor_recon`` over the held-out samples."""
         was_training = model.training
         model.eval()
@@ -84,8 +102,9 @@ class HeldOut:
                 values = {"loss": float(loss), **parts}
                 if self.monitor is not None:
                     mask = self.settings.mask(size, generator).to(device)
-                    values["monitor_recon"] = float(monitor_recon_loss(model, self.monitor.to(device),
-                                                                       batch["points"], mask))
+                    values["monitor_recon"] = float(
+                        monitor_recon_loss(model, self.monitor.to(device), batch["points"], mask)
+                    )
             totals = {k: totals.get(k, 0.0) + v * size for k, v in values.items()}
             count += size
         model.train(was_training)

@@ -12,7 +12,7 @@ from pkd.common.store import PATCH_TOKENS
 from pkd.train.model import MaskedDecoder, Student, StudentConfig, Variant, random_mask, variant_spec
 from pkd.train.tokenizer import gather_points
 
-GRID = int(round(PATCH_TOKENS ** 0.5))
+GRID = int(round(PATCH_TOKENS**0.5))
 
 
 def chamfer_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,13 @@ def patch_cells(uv: torch.Tensor, crop: CropBox) -> tuple[torch.Tensor, torch.Te
     return cell[..., 1] * GRID + cell[..., 0], inside
 
 
-def local_alignment(pred: torch.Tensor, patch_tokens: torch.Tensor, centre_pixels: torch.Tensor,
-                    centre_in_view: torch.Tensor, crop: CropBox) -> torch.Tensor:
+def local_alignment(
+    pred: torch.Tensor,
+    patch_tokens: torch.Tensor,
+    centre_pixels: torch.Tensor,
+    centre_in_view: torch.Tensor,
+    crop: CropBox,
+) -> torch.Tensor:
     """1 − cosine between each in-view centre's token (B, G, D) and the teacher patch token its pixel falls in."""
     cells, inside = patch_cells(centre_pixels, crop)
     keep = inside & centre_in_view
@@ -68,18 +73,27 @@ class LossSettings:
     @classmethod
     def of(cls, model: StudentConfig, recon_weight: float = 1.0, crop: CropBox | None = None) -> LossSettings:
         """The settings of a student config's variant."""
-        return cls(variant=variant_spec(model.variant), num_group=model.num_group, mask_ratio=model.mask_ratio,
-                   recon_weight=recon_weight, crop=crop)
+        return cls(
+            variant=variant_spec(model.variant),
+            num_group=model.num_group,
+            mask_ratio=model.mask_ratio,
+            recon_weight=recon_weight,
+            crop=crop,
+        )
 
     def mask(self, batch: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
         """A reconstruction mask (B, G) drawn from ``generator`` (None: torch's global generator)."""
-        return random_mask(batch, self.num_group, self.mask_ratio,
-                           torch.default_generator if generator is None else generator)
+        return random_mask(
+            batch, self.num_group, self.mask_ratio, torch.default_generator if generator is None else generator
+        )
 
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: LossSettings,
-                 mask_generator: torch.Generator | list[torch.Generator] | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    settings: LossSettings,
+    mask_generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of one batch and its named parts (as floats, for logging).
 
     ``model`` is a Student of ``settings.variant`` or its DDP wrapper; only its forward is called.
@@ -92,10 +106,13 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], setting
     parts: dict[str, torch.Tensor] = {}
     if spec.head == "token":
         assert spec.target is not None and settings.crop is not None  # LossSettings.of gives the token head its crop
-        parts["local"] = local_alignment(out.pred.float(), batch[spec.target],
-                                         gather_points(batch["pixels"], out.centre_idx),
-                                         gather_points(batch["in_view"].unsqueeze(-1), out.centre_idx)[..., 0],
-                                         settings.crop)
+        parts["local"] = local_alignment(
+            out.pred.float(),
+            batch[spec.target],
+            gather_points(batch["pixels"], out.centre_idx),
+            gather_points(batch["in_view"].unsqueeze(-1), out.centre_idx)[..., 0],
+            settings.crop,
+        )
     elif spec.target is not None:
         parts["distill"] = F.mse_loss(out.pred.float(), batch[spec.target])
     if spec.recon:
@@ -111,8 +128,9 @@ def patch_chamfer(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return chamfer_l2(pred.float().reshape(-1, k, 3), target.float().reshape(-1, k, 3))
 
 
-def monitor_recon_loss(model: Student, decoder: MaskedDecoder, points: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
+def monitor_recon_loss(
+    model: Student, decoder: MaskedDecoder, points: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Chamfer-L2 of a (frozen, randomly initialised) ``decoder`` reconstructing the masked patches from the
     student encoder's visible tokens: the paper's Table 7 probe of what distillation does to reconstruction."""
     patches, centres, _ = model.group_divider(points)

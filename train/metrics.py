@@ -17,8 +17,13 @@ TENSORBOARD = "tensorboard"
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl``; on resume drops records past the checkpoint's step."""
 
-    def __init__(self, run_dir: Path, keep_until_step: int = 0, write: bool = True,
-                 sinks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        keep_until_step: int = 0,
+        write: bool = True,
+        sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    ) -> None:
         """``write=False`` (DDP ranks other than 0) keeps the records in memory and never touches the files;
         ``sinks`` also receive every new record (e.g. ``TensorBoardSink``)."""
         self.run_dir = Path(run_dir)
@@ -48,8 +53,15 @@ class MetricsLog:
     def epoch(self, epoch: int, step: int) -> None:
         """An epoch summary: mean loss and samples/s over the epoch's steps."""
         steps = [r for r in self.records if r["kind"] == "step" and r["epoch"] == epoch]
-        self._append({"kind": "epoch", "epoch": epoch, "step": step, "loss": _mean(steps, "loss"),
-                      "samples_per_s": _mean(steps, "samples_per_s")})
+        self._append(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": step,
+                "loss": _mean(steps, "loss"),
+                "samples_per_s": _mean(steps, "samples_per_s"),
+            }
+        )
 
     def has(self, kind: str, step: int) -> bool:
         """Whether a record of ``kind`` was logged at ``step`` (e.g. by the run before a resume)."""
@@ -64,12 +76,16 @@ class MetricsLog:
         excluded when possible)."""
         steps = [r for r in self.records if r["kind"] == "step"]
         vals = [r for r in self.records if r["kind"] == "val"]
-        return {"final_loss": steps[-1]["loss"] if steps else None, "val_loss": vals[-1]["loss"] if vals else None,
-                "samples_per_s": _mean(steps[1:] or steps, "samples_per_s") if steps else None}
+        return {
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "val_loss": vals[-1]["loss"] if vals else None,
+            "samples_per_s": _mean(steps[1:] or steps, "samples_per_s") if steps else None,
+        }
 
     def plot(self, title: str = "") -> None:
         """Write curves.png under ``title``: training and held-out loss (log scale), learning rate, against step."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FormatStrFormatter
@@ -112,8 +128,10 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'pkd[tensorboard]' "
-                              "(or drop --tensorboard; metrics.jsonl holds the same numbers).") from exc
+            raise ConfigError(
+                "--tensorboard needs the tensorboard package: pip install 'pkd[tensorboard]' "
+                "(or drop --tensorboard; metrics.jsonl holds the same numbers)."
+            ) from exc
         self.writer = SummaryWriter(str(log_dir), purge_step=keep_until_step + 1 if keep_until_step else None)
 
     def __call__(self, record: dict[str, Any]) -> None:

@@ -39,10 +39,10 @@ from pkd.train.encoder import (
 class Variant:
     """What a training variant reads from the store and how its student predicts."""
 
-    target: str | None      # store array the head regresses, None for pure reconstruction
-    head: str | None        # "concept" | "pool" | "token" | None
-    recon: bool             # Point-MAE masked reconstruction loss
-    objective: str          # what its loss measures (losses of different objectives are not comparable)
+    target: str | None  # store array the head regresses, None for pure reconstruction
+    head: str | None  # "concept" | "pool" | "token" | None
+    recon: bool  # Point-MAE masked reconstruction loss
+    objective: str  # what its loss measures (losses of different objectives are not comparable)
     extra_arrays: tuple[str, ...] = ()
 
     @property
@@ -90,16 +90,21 @@ class StudentConfig(EncoderConfig):
         variant_spec(self.variant)
         if self.head not in HEADS:
             raise ConfigError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
-        small = [f"{k} {getattr(self, k)}" for k in ("num_points", "num_concepts", "head_hidden", "decoder_depth")
-                 if getattr(self, k) < 1]
+        small = [
+            f"{k} {getattr(self, k)}"
+            for k in ("num_points", "num_concepts", "head_hidden", "decoder_depth")
+            if getattr(self, k) < 1
+        ]
         if small:
             raise ConfigError(f"{', '.join(small)}: must be at least 1.")
         if self.num_group > self.num_points or self.group_size > self.num_points:
-            raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups of "
-                              f"{self.group_size} points.")
+            raise ConfigError(
+                f"num_points {self.num_points} is too small for {self.num_group} groups of {self.group_size} points."
+            )
         if not 0 < int(self.mask_ratio * self.num_group) < self.num_group:
-            raise ConfigError(f"mask_ratio {self.mask_ratio} must mask some but not all of the {self.num_group} "
-                              "patches.")
+            raise ConfigError(
+                f"mask_ratio {self.mask_ratio} must mask some but not all of the {self.num_group} patches."
+            )
 
 
 class MaskedDecoder(nn.Module):
@@ -169,8 +174,9 @@ class Student(nn.Module):
             out.recon_pred, out.recon_target = self.reconstruct(self.MAE_decoder, patches, centres, mask)
         return out
 
-    def reconstruct(self, decoder: MaskedDecoder, patches: torch.Tensor, centres: torch.Tensor,
-                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, decoder: MaskedDecoder, patches: torch.Tensor, centres: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``decoder``'s prediction of the masked patches from the visible ones, and those patches (B, M, k, 3)."""
         visible, _ = self.MAE_encoder(patches, centres, mask)
         pred = decoder(visible, centres, mask)
@@ -199,8 +205,9 @@ def _mean_max(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens.mean(1), tokens.max(1).values], dim=-1)
 
 
-def random_mask(batch: int, num_group: int, ratio: float,
-                generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+def random_mask(
+    batch: int, num_group: int, ratio: float, generator: torch.Generator | Sequence[torch.Generator]
+) -> torch.Tensor:
     """(B, G) bool with exactly int(ratio·G) True per row, at random positions (Point-MAE's 'rand' mask).
 
     A sequence of generators draws the rows in equal consecutive slices, one generator each (the data

@@ -46,14 +46,17 @@ def build_config(store: str, values: dict[str, Any]) -> TrainConfig:
     for name, value in values.items():
         opt = OPTIONS[name]
         parts[opt.section][opt.field.name] = value
-    return TrainConfig(store=store, model=StudentConfig(**parts["model"]), augment=AugmentConfig(**parts["augment"]),
-                       **parts[None])
+    return TrainConfig(
+        store=store, model=StudentConfig(**parts["model"]), augment=AugmentConfig(**parts["augment"]), **parts[None]
+    )
 
 
 def option_values(cfg: TrainConfig) -> dict[str, Any]:
     """Every option's value in ``cfg``, by option name."""
-    return {name: getattr(cfg if opt.section is None else getattr(cfg, opt.section), opt.field.name)
-            for name, opt in OPTIONS.items()}
+    return {
+        name: getattr(cfg if opt.section is None else getattr(cfg, opt.section), opt.field.name)
+        for name, opt in OPTIONS.items()
+    }
 
 
 def given_options(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -69,14 +72,19 @@ def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: s
     names the run in the message).
     """
     recorded = option_values(saved)
-    differ = [f"--{k.replace('_', '-')} {v!r} (the run has {recorded[k]!r})" for k, v in given.items()
-              if not OPTIONS[k].run and v != recorded[k]]
+    differ = [
+        f"--{k.replace('_', '-')} {v!r} (the run has {recorded[k]!r})"
+        for k, v in given.items()
+        if not OPTIONS[k].run and v != recorded[k]
+    ]
     if store != saved.store:
         differ.insert(0, f"store {store} (the run has {saved.store})")
     if differ:
         runs = ", ".join(f"--{k.replace('_', '-')}" for k, o in OPTIONS.items() if o.run)
-        raise ConfigError(f"{what} was trained with other settings: {'; '.join(differ)}. Resume without those "
-                          f"flags (the run's own values are used; only {runs} may change) or start a new run.")
+        raise ConfigError(
+            f"{what} was trained with other settings: {'; '.join(differ)}. Resume without those "
+            f"flags (the run's own values are used; only {runs} may change) or start a new run."
+        )
     kept = {k: v for k, v in recorded.items() if not OPTIONS[k].run}
     return build_config(saved.store, {**kept, **{k: v for k, v in given.items() if OPTIONS[k].run}})
 

@@ -40,18 +40,26 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, act: bool = Tr
     started = (run_dir / CONFIG).is_file() and not (run_dir / LAST).is_file()
     if resume:
         if not (run_dir / LAST).is_file():
-            fix = ("it stopped before its first checkpoint: pass --overwrite instead of --resume to start it again"
-                   if started else "drop --resume to start a new run")
+            fix = (
+                "it stopped before its first checkpoint: pass --overwrite instead of --resume to start it again"
+                if started
+                else "drop --resume to start a new run"
+            )
             raise ConfigError(f"nothing to resume in {run_dir} (no {LAST}); {fix}.")
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            fix = ("it stopped before its first checkpoint, so pass --overwrite to start it again" if started else
-                   "pass --resume to continue it, --overwrite to replace it")
+            fix = (
+                "it stopped before its first checkpoint, so pass --overwrite to start it again"
+                if started
+                else "pass --resume to continue it, --overwrite to replace it"
+            )
             raise ConfigError(f"run directory {run_dir} already exists; {fix}, or choose another --run-dir.")
         if not ((run_dir / CONFIG).is_file() or (run_dir / LAST).is_file()):
-            raise ConfigError(f"{run_dir} is not empty and is not a pkd-train run (no {CONFIG} or {LAST}); "
-                              "--overwrite only replaces run directories. Choose another --run-dir.")
+            raise ConfigError(
+                f"{run_dir} is not empty and is not a pkd-train run (no {CONFIG} or {LAST}); "
+                "--overwrite only replaces run directories. Choose another --run-dir."
+            )
         if act:
             shutil.rmtree(run_dir)
     if act:
@@ -66,13 +74,18 @@ def run_lock(run_dir: Path, rank_info: DistInfo) -> AbstractContextManager[Any]:
 def code_version() -> dict[str, str | None]:
     """pkd's version and, when run from a git checkout, its commit."""
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         pkd_version: str | None = version("pkd")
     except PackageNotFoundError:
         pkd_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"pkd": pkd_version, "git_commit": commit}
@@ -106,19 +119,28 @@ def run_fields(cls: type, prefix: str = "") -> tuple[str, ...]:
     return tuple(names)
 
 
-def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Iterable[str],
-                 run_dir: Path) -> None:
+def check_resume(
+    saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Iterable[str], run_dir: Path
+) -> None:
     """The one resume rule: the plain configs of the checkpoint and of this launch must agree on every
     (nested, dotted) key except the run options ``may_change``; else ConfigError naming each difference."""
     allowed = tuple(may_change)
     differ = [line for line in config_diff(saved, current) if line.split(":", 1)[0] not in allowed]
     if differ:
-        raise ConfigError(f"{run_dir} was trained with different settings ({'; '.join(differ)}); resume with the "
-                          f"same arguments (only {', '.join(allowed)} may change) or start a new run.")
+        raise ConfigError(
+            f"{run_dir} was trained with different settings ({'; '.join(differ)}); resume with the "
+            f"same arguments (only {', '.join(allowed)} may change) or start a new run."
+        )
 
 
-def restore_training(ckpt: Mapping[str, Any], current: Mapping[str, Any], may_change: Iterable[str], run_dir: Path,
-                     model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def restore_training(
+    ckpt: Mapping[str, Any],
+    current: Mapping[str, Any],
+    may_change: Iterable[str],
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
     """Load a checkpoint's model and optimizer after ``check_resume`` of its config against ``current``.
 
     A finished run saved without its optimizer state (``--no-keep-optimizer``) restores the model only.
@@ -129,8 +151,14 @@ def restore_training(ckpt: Mapping[str, Any], current: Mapping[str, Any], may_ch
         optimizer.load_state_dict(ckpt["optimizer"])
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    config: Mapping[str, Any], rng: Any, **extra: Any) -> None:
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: Mapping[str, Any],
+    rng: Any,
+    **extra: Any,
+) -> None:
     """Atomically write a resumable checkpoint: model, optimizer (left out when None), RNG state, the plain
     config, the code version and ``extra`` (the loop's position)."""
     state = {"model": model.state_dict(), "rng": rng, **extra, "config": dict(config), "code": code_version()}
@@ -181,5 +209,6 @@ def check_finite(loss: torch.Tensor, step: int, run_dir: Path, fix: str, where: 
     """The NaN guard: TrainingError when ``loss`` (of optimizer step ``step``, 1-based) is NaN or infinite,
     naming the step, what is left to resume from and ``fix``; ``where`` adds context such as the epoch."""
     if not torch.isfinite(loss):
-        raise TrainingError(f"loss became {float(loss)} at step {step}{where}; training stopped, "
-                            f"{last_good(run_dir)}. {fix}")
+        raise TrainingError(
+            f"loss became {float(loss)} at step {step}{where}; training stopped, {last_good(run_dir)}. {fix}"
+        )

@@ -20,8 +20,15 @@ class Schedule:
     stop: int
 
     @classmethod
-    def of(cls, *, epochs: int, warmup_epochs: int, steps_per_epoch: int, max_steps: int | None = None,
-           stop_after: int | None = None) -> Schedule:
+    def of(
+        cls,
+        *,
+        epochs: int,
+        warmup_epochs: int,
+        steps_per_epoch: int,
+        max_steps: int | None = None,
+        stop_after: int | None = None,
+    ) -> Schedule:
         """``epochs`` × ``steps_per_epoch`` steps, or ``max_steps`` with warm-up the same fraction of them;
         ``stop_after`` ends this launch early without changing the schedule."""
         if max_steps:

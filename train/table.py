@@ -12,17 +12,39 @@ from typing import Any
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"
 TABLE_PNG = "table.png"
-COLUMNS = ("variant", "seed", "objective", "train_loss", "val_loss", "probe_oa", "finetune_oa", "steps", "wall_s",
-           "run_dir")
+COLUMNS = (
+    "variant",
+    "seed",
+    "objective",
+    "train_loss",
+    "val_loss",
+    "probe_oa",
+    "finetune_oa",
+    "steps",
+    "wall_s",
+    "run_dir",
+)
 ACCURACIES = ("probe_oa", "finetune_oa")
-HEADERS = {"train_loss": "train loss", "val_loss": "held-out loss", "probe_oa": "probe OA %",
-           "finetune_oa": "finetune OA %", "wall_s": "wall s", "run_dir": "run dir"}
+HEADERS = {
+    "train_loss": "train loss",
+    "val_loss": "held-out loss",
+    "probe_oa": "probe OA %",
+    "finetune_oa": "finetune OA %",
+    "wall_s": "wall s",
+    "run_dir": "run dir",
+}
 
 
 def new_row(variant: str, seed: int, objective: str | None, run_dir: Path) -> dict[str, Any]:
     """A row with nothing run yet (null values)."""
-    return {**dict.fromkeys(COLUMNS), "variant": variant, "seed": seed, "objective": objective, "wall_s": 0.0,
-            "run_dir": str(run_dir)}
+    return {
+        **dict.fromkeys(COLUMNS),
+        "variant": variant,
+        "seed": seed,
+        "objective": objective,
+        "wall_s": 0.0,
+        "run_dir": str(run_dir),
+    }
 
 
 def write(out_dir: Path, config: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -44,8 +66,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"variant": variant, "objective": mine[0]["objective"], "seeds": len(mine)}
         for key in ("train_loss", "val_loss", *ACCURACIES):
             values = [r[key] for r in mine if r[key] is not None]
-            entry[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) \
-                if values else None
+            entry[key] = (
+                (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+            )
         out.append(entry)
     return sorted(out, key=lambda e: -max((e[k][0] for k in ACCURACIES if e[k]), default=float("-inf")))
 
@@ -57,19 +80,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         note = r.get("error") or ("stopped inside warm-up" if r.get("in_warmup") else "")
         lines.append("| " + " | ".join(_cell(r[c]) for c in COLUMNS) + f" | {note} |")
     keys = ("train_loss", "val_loss", *ACCURACIES)
-    lines += ["", "Mean ± std over seeds, best readout first (losses are of each row's own objective: "
-              "compare them within a variant only).", "",
-              "| variant | objective | seeds | " + " | ".join(HEADERS[k] for k in keys) + " |",
-              "|---" * (3 + len(keys)) + "|"]
+    lines += [
+        "",
+        "Mean ± std over seeds, best readout first (losses are of each row's own objective: "
+        "compare them within a variant only).",
+        "",
+        "| variant | objective | seeds | " + " | ".join(HEADERS[k] for k in keys) + " |",
+        "|---" * (3 + len(keys)) + "|",
+    ]
     for e in summarise(rows):
-        lines.append(f"| {e['variant']} | {e['objective'] or '–'} | {e['seeds']} | "
-                     + " | ".join(_mean_std(e[k]) for k in keys) + " |")
+        lines.append(
+            f"| {e['variant']} | {e['objective'] or '–'} | {e['seeds']} | "
+            + " | ".join(_mean_std(e[k]) for k in keys)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
     """Bar chart of readout accuracy per variant with the std over seeds as error bars."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -81,8 +112,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         means = [e[key][0] if e[key] else 0.0 for e in summary]
         stds = [e[key][1] if e[key] else 0.0 for e in summary]
         ax.bar(xs, means, width, yerr=stds, capsize=4, label=HEADERS[key])
-    ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(summary))],
-                  [e["variant"] for e in summary])
+    ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(summary))], [e["variant"] for e in summary])
     ax.set(ylabel="ModelNet40 OA % (no voting)", title="ablation: readout accuracy per variant (mean ± std)")
     ax.legend()
     fig.tight_layout()

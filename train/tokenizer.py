@@ -31,8 +31,7 @@ def farthest_point_sample(xyz: torch.Tensor, num: int) -> torch.Tensor:
 def knn(xyz: torch.Tensor, centre_idx: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (B, G, k) of each centre's k nearest points, nearest first, the centre itself first."""
     centres = gather_points(xyz, centre_idx)
-    dist = (centres ** 2).sum(-1, keepdim=True) + (xyz ** 2).sum(-1).unsqueeze(1) \
-        - 2 * centres @ xyz.transpose(1, 2)
+    dist = (centres**2).sum(-1, keepdim=True) + (xyz**2).sum(-1).unsqueeze(1) - 2 * centres @ xyz.transpose(1, 2)
     dist.scatter_(2, centre_idx.unsqueeze(-1), -1.0)
     return dist.topk(k, dim=-1, largest=False, sorted=True).indices
 

@@ -87,9 +87,22 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
     crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.head == "token" else None
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
-    loader = StoreLoader(LoaderConfig(cfg.store, cfg.split, spec.arrays, cfg.batch_size, cfg.model.num_points,
-                                      cfg.seed, cfg.shuffle_shards, rank_info.rank, rank_info.world_size,
-                                      cfg.streams or rank_info.world_size), cfg.loader_workers, stats)
+    loader = StoreLoader(
+        LoaderConfig(
+            cfg.store,
+            cfg.split,
+            spec.arrays,
+            cfg.batch_size,
+            cfg.model.num_points,
+            cfg.seed,
+            cfg.shuffle_shards,
+            rank_info.rank,
+            rank_info.world_size,
+            cfg.streams or rank_info.world_size,
+        ),
+        cfg.loader_workers,
+        stats,
+    )
     settings = LossSettings.of(cfg.model, cfg.recon_weight, crop)
     heldout = HeldOut.open(cfg, spec.arrays, stats, settings, max(1, cfg.batch_size // rank_info.world_size))
     return loader, settings, heldout
@@ -99,10 +112,18 @@ def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader, world_siz
     """Record the run: its config, the store it reads (teacher, prep, samples) and the launch's world size."""
     root = open_store(cfg.store)
     num_samples = int(cast(int, loader.group.attrs["num_samples"]))
-    runs.write_config(run_dir, cfg.to_dict(),
-                      store={"path": cfg.store, "split": cfg.split, "teacher": root.attrs.get("teacher"),
-                             "prep": root.attrs.get("prep"), "num_samples": num_samples},
-                      launch={"world_size": world_size})
+    runs.write_config(
+        run_dir,
+        cfg.to_dict(),
+        store={
+            "path": cfg.store,
+            "split": cfg.split,
+            "teacher": root.attrs.get("teacher"),
+            "prep": root.attrs.get("prep"),
+            "num_samples": num_samples,
+        },
+        launch={"world_size": world_size},
+    )
 
 
 def read_config(run_dir: Path) -> TrainConfig:
@@ -110,8 +131,14 @@ def read_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.from_dict(runs.read_config(run_dir))
 
 
-def restore(ckpt: dict[str, Any], run_dir: Path, cfg: TrainConfig, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, rank_info: DistInfo = DistInfo()) -> Position:
+def restore(
+    ckpt: dict[str, Any],
+    run_dir: Path,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_info: DistInfo = DistInfo(),
+) -> Position:
     """Load checkpoint ``ckpt`` into model and optimizer, restore RNGs; refuse a checkpoint of other settings
     (``runs.check_resume``: only run options may differ).
 
@@ -120,8 +147,7 @@ def restore(ckpt: dict[str, Any], run_dir: Path, cfg: TrainConfig, model: torch.
     """
     pos = Position(**ckpt["position"])
     saved = TrainConfig.from_dict({"streams": 1, **ckpt["config"]}).to_dict()
-    runs.restore_training({**ckpt, "config": saved}, cfg.to_dict(), run_fields(TrainConfig), run_dir, model,
-                          optimizer)
+    runs.restore_training({**ckpt, "config": saved}, cfg.to_dict(), run_fields(TrainConfig), run_dir, model, optimizer)
     ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
     if len(ranks) == rank_info.world_size:
         set_rng_state(ranks[rank_info.rank])
@@ -132,16 +158,24 @@ def restore(ckpt: dict[str, Any], run_dir: Path, cfg: TrainConfig, model: torch.
     return pos
 
 
-def save(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         pos: Position) -> None:
+def save(
+    run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, pos: Position
+) -> None:
     """Write ``last.pt`` (rank 0; under DDP every rank must call this: it gathers their RNG states).
 
     ``optimizer`` None leaves the optimizer state out (a finished run under ``--no-keep-optimizer``).
     """
     states = distributed.all_gather_object(rng_state())
     if distributed.is_main():
-        runs.save_checkpoint(run_dir / LAST, unwrap(model), optimizer, cfg.to_dict(), states[0],
-                             position=dataclasses.asdict(pos), rng_ranks=states if len(states) > 1 else [])
+        runs.save_checkpoint(
+            run_dir / LAST,
+            unwrap(model),
+            optimizer,
+            cfg.to_dict(),
+            states[0],
+            position=dataclasses.asdict(pos),
+            rng_ranks=states if len(states) > 1 else [],
+        )
 
 
 def resolve_streams(cfg: TrainConfig, ckpt: dict[str, Any] | None, world_size: int) -> TrainConfig:
@@ -158,8 +192,15 @@ def with_device(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, device=device, amp=cfg.amp and device.startswith("cuda"))
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, desc: str | None = None, tensorboard: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str | None = None,
+    tensorboard: bool = False,
+) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary (final and held-out loss, steps, samples/s, run_dir, whether
     it stopped inside warm-up). ``desc`` labels the progress bar (default: "train <variant>").
 
@@ -168,12 +209,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
     """
     with distributed.session(cfg.device) as rank_info, runs.run_lock(Path(run_dir), rank_info):
-        return _train(cfg, Path(run_dir), resume, overwrite, progress, desc or f"train {cfg.variant}", rank_info,
-                      tensorboard)
+        return _train(
+            cfg, Path(run_dir), resume, overwrite, progress, desc or f"train {cfg.variant}", rank_info, tensorboard
+        )
 
 
-def _setup(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool,
-           rank_info: DistInfo) -> tuple[Setup, dict[str, Any] | None]:
+def _setup(
+    cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, rank_info: DistInfo
+) -> tuple[Setup, dict[str, Any] | None]:
     """Check the run directory (every rank alike), open the data, build the student and its optimizer; returns
     them with the checkpoint to resume from (None for a new run). Rank 0 prepares the run directory."""
     cfg = with_device(dataclasses.replace(cfg, store=store_path(cfg.store)))
@@ -184,13 +227,22 @@ def _setup(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool,
     loader, settings, heldout = open_data(cfg, rank_info)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"--grad-accum {cfg.grad_accum} needs more batches than the {loader.steps_per_epoch} "
-                          "an epoch has; lower it or the batch size.")
-    sched = Schedule.of(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps_per_epoch,
-                        max_steps=cfg.max_steps, stop_after=cfg.stop_after)
+        raise ConfigError(
+            f"--grad-accum {cfg.grad_accum} needs more batches than the {loader.steps_per_epoch} "
+            "an epoch has; lower it or the batch size."
+        )
+    sched = Schedule.of(
+        epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=cfg.max_steps,
+        stop_after=cfg.stop_after,
+    )
     if ckpt is not None and "optimizer" not in ckpt and ckpt["position"]["step"] < sched.stop:
-        raise ConfigError(f"{run_dir / LAST} was saved without its optimizer state (--no-keep-optimizer) and cannot "
-                          "be trained further; export it, or start a new run.")
+        raise ConfigError(
+            f"{run_dir / LAST} was saved without its optimizer state (--no-keep-optimizer) and cannot "
+            "be trained further; export it, or start a new run."
+        )
     distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
     if rank_info.main:
         prepare_run_dir(run_dir, resume, overwrite)
@@ -201,9 +253,17 @@ def _setup(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool,
     if cfg.init and not resume:
         load_pointmae_checkpoint(cfg.init, model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    return Setup(cfg=cfg, loader=loader, settings=settings, heldout=heldout, sched=sched,
-                 epoch_batches=steps_per_epoch * cfg.grad_accum, device=device, model=model,
-                 optimizer=optimizer), ckpt
+    return Setup(
+        cfg=cfg,
+        loader=loader,
+        settings=settings,
+        heldout=heldout,
+        sched=sched,
+        epoch_batches=steps_per_epoch * cfg.grad_accum,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+    ), ckpt
 
 
 def _start(run: Setup, ckpt: dict[str, Any] | None, run_dir: Path, rank_info: DistInfo) -> Position:
@@ -218,8 +278,9 @@ def _start(run: Setup, ckpt: dict[str, Any] | None, run_dir: Path, rank_info: Di
     return Position()
 
 
-def _micro_batch(run: Setup, ddp: torch.nn.Module, batch: dict[str, torch.Tensor], pos: Position,
-                 run_dir: Path) -> tuple[float, dict[str, float]]:
+def _micro_batch(
+    run: Setup, ddp: torch.nn.Module, batch: dict[str, torch.Tensor], pos: Position, run_dir: Path
+) -> tuple[float, dict[str, float]]:
     """Forward and backward of the micro-batch at ``pos``; returns its loss and loss parts, averaged over ranks.
 
     Gradients are synchronised on the last micro-batch of an optimizer step only; a NaN/inf loss stops the
@@ -229,8 +290,9 @@ def _micro_batch(run: Setup, ddp: torch.nn.Module, batch: dict[str, torch.Tensor
     micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
     generators = [batch_generator(cfg.seed, micro, s) for s in run.loader.cfg.own_streams]
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-    batch["points"] = torch.cat([augment(points, cfg.augment, g)
-                                 for points, g in zip(batch["points"].split(run.loader.cfg.chunk), generators)])
+    batch["points"] = torch.cat(
+        [augment(points, cfg.augment, g) for points, g in zip(batch["points"].split(run.loader.cfg.chunk), generators)]
+    )
     last_micro = (pos.batch + 1) % cfg.grad_accum == 0
     with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last_micro else nullcontext():
         with run.autocast():
@@ -251,8 +313,16 @@ def _optimizer_step(run: Setup, step: int) -> float:
     return lr
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progress: bool, desc: str,
-           rank_info: DistInfo, tensorboard: bool = False) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    desc: str,
+    rank_info: DistInfo,
+    tensorboard: bool = False,
+) -> dict[str, Any]:
     main = rank_info.main
     run, ckpt = _setup(cfg, run_dir, resume, overwrite, rank_info)
     pos = _start(run, ckpt, run_dir, rank_info)
@@ -266,8 +336,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
     samples_per_step = cfg.batch_size * cfg.grad_accum
 
     ddp.train()
-    bar = progress_bar(total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", desc=desc,
-                       dynamic_ncols=True)
+    bar = progress_bar(
+        total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", desc=desc, dynamic_ncols=True
+    )
     saved_at = pos.step if resume else -1
     while pos.step < sched.stop:
         tic, step_loss = time.perf_counter(), 0.0
@@ -308,15 +379,25 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, progr
 
 def _evaluator(run: Setup, log_: MetricsLog, main: bool) -> Callable[[Position], None]:
     """``evaluate(pos)``: log the held-out loss at ``pos`` once (rank 0 computes it; the others wait)."""
+
     def evaluate(pos: Position) -> None:
         if run.heldout is not None and main and not log_.has("val", pos.step):
             log_.val(epoch=pos.epoch, step=pos.step, **run.heldout.evaluate(run.model, run.device, run.autocast))
         distributed.barrier()
+
     return evaluate
 
 
-def _finish(run: Setup, ddp: torch.nn.Module, log_: MetricsLog, evaluate: Callable[[Position], None], pos: Position,
-            saved_at: int, run_dir: Path, rank_info: DistInfo) -> dict[str, Any]:
+def _finish(
+    run: Setup,
+    ddp: torch.nn.Module,
+    log_: MetricsLog,
+    evaluate: Callable[[Position], None],
+    pos: Position,
+    saved_at: int,
+    run_dir: Path,
+    rank_info: DistInfo,
+) -> dict[str, Any]:
     """The end of a launch: the last held-out loss and checkpoint, the plot, a warm-up warning; the summary."""
     cfg, sched = run.cfg, run.sched
     if pos.step >= sched.total and pos.batch:  # the schedule ended mid-epoch: its held-out loss too
@@ -327,9 +408,22 @@ def _finish(run: Setup, ddp: torch.nn.Module, log_: MetricsLog, evaluate: Callab
     log_.plot(f"{run_dir.name} ({cfg.variant})")
     in_warmup = pos.step < sched.warmup
     if in_warmup and rank_info.main:
-        log.warning("%s stopped at step %d, inside the %d warm-up steps: its learning rate never reached --lr %g.",
-                    run_dir, pos.step, sched.warmup, cfg.lr)
+        log.warning(
+            "%s stopped at step %d, inside the %d warm-up steps: its learning rate never reached --lr %g.",
+            run_dir,
+            pos.step,
+            sched.warmup,
+            cfg.lr,
+        )
     distributed.barrier()  # rank 0 has written everything before any rank returns
-    return {"run_dir": str(run_dir), "variant": cfg.variant, "steps": pos.step, "schedule_steps": sched.total,
-            "warmup_steps": sched.warmup, "in_warmup": in_warmup, "world_size": rank_info.world_size,
-            "rank": rank_info.rank, **log_.summary()}
+    return {
+        "run_dir": str(run_dir),
+        "variant": cfg.variant,
+        "steps": pos.step,
+        "schedule_steps": sched.total,
+        "warmup_steps": sched.warmup,
+        "in_warmup": in_warmup,
+        "world_size": rank_info.world_size,
+        "rank": rank_info.rank,
+        **log_.summary(),
+    }

@@ -43,15 +43,24 @@ MODELNET_PROTOCOL = "Point-MAE cfgs/finetune_modelnet.yaml, tools/runner_finetun
 
 def load_modelnet_split(cfg: Any, split: str) -> ShapeSet:
     """A ModelNet40 split with the data options of a finetune or probe config."""
-    return load_modelnet40(cfg.data, split, splits=cfg.splits, num_points=cfg.pool_points,
-                           allow_missing=cfg.allow_missing, trust_pickle=cfg.trust_pickle, cache_dir=cfg.cache_dir)
+    return load_modelnet40(
+        cfg.data,
+        split,
+        splits=cfg.splits,
+        num_points=cfg.pool_points,
+        allow_missing=cfg.allow_missing,
+        trust_pickle=cfg.trust_pickle,
+        cache_dir=cfg.cache_dir,
+    )
 
 
 def class_metrics(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """Overall and mean-class accuracy in percent."""
     pred = logits.argmax(dim=-1).numpy()
-    return {"overall_acc": percent(metrics.overall_accuracy(pred, labels)),
-            "mean_class_acc": percent(metrics.mean_class_accuracy(pred, labels, num_classes))}
+    return {
+        "overall_acc": percent(metrics.overall_accuracy(pred, labels)),
+        "mean_class_acc": percent(metrics.mean_class_accuracy(pred, labels, num_classes)),
+    }
 
 
 def augmented_draw(pool: torch.Tensor, num_points: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,17 +88,30 @@ class ClassificationTask:
 
     headline = ("overall_acc", "mean_class_acc", "vote_overall_acc")
 
-    def __init__(self, cfg: FinetuneConfig, train_set: ShapeSet, test_set: ShapeSet, classes: list[str],
-                 benchmark: str, protocol: str, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        train_set: ShapeSet,
+        test_set: ShapeSet,
+        classes: list[str],
+        benchmark: str,
+        protocol: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg, self.train_set, self.test_set, self.classes = cfg, train_set, test_set, classes
         self.benchmark, self.protocol, self.extra = benchmark, protocol, extra or {}
         self.model: torch.nn.Module = PointClassifier(len(classes), cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
-        return {"train_shapes": len(self.train_set.labels), "test_shapes": len(self.test_set.labels),
-                "missing_train": self.train_set.missing, "missing_test": self.test_set.missing,
-                "classes": len(self.classes),
-                "coverage": coverage(len(self.test_set.labels), self.test_set.missing, "test"), **self.extra}
+        return {
+            "train_shapes": len(self.train_set.labels),
+            "test_shapes": len(self.test_set.labels),
+            "missing_train": self.train_set.missing,
+            "missing_test": self.test_set.missing,
+            "classes": len(self.classes),
+            "coverage": coverage(len(self.test_set.labels), self.test_set.missing, "test"),
+            **self.extra,
+        }
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         return shuffled_batches(len(self.train_set.labels), self.cfg.batch_size, self.cfg.seed, epoch)
@@ -104,8 +126,12 @@ class ClassificationTask:
     @cached_property
     def _plain_test_points(self) -> torch.Tensor:
         """The deterministic num_points FPS of every test shape (CPU), computed once for all evaluations."""
-        return torch.cat([fps(self._points(self.test_set, batch), self.cfg.num_points).cpu()
-                          for batch in ordered_batches(len(self.test_set.labels), self.cfg.batch_size)])
+        return torch.cat(
+            [
+                fps(self._points(self.test_set, batch), self.cfg.num_points).cpu()
+                for batch in ordered_batches(len(self.test_set.labels), self.cfg.batch_size)
+            ]
+        )
 
     @torch.no_grad()
     def test_logits(self, votes: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,8 +143,9 @@ class ClassificationTask:
         for batch in stage_bar(batches, f"{votes}-vote evaluation" if votes else "evaluation", len(batches)):
             if votes and generator is not None:
                 pool = fps_pool(self._points(self.test_set, batch), self.cfg.num_points)
-                logits = torch.stack([self.model(augmented_draw(pool, self.cfg.num_points, generator))
-                                      for _ in range(votes)]).mean(0)
+                logits = torch.stack(
+                    [self.model(augmented_draw(pool, self.cfg.num_points, generator)) for _ in range(votes)]
+                ).mean(0)
             else:
                 logits = self.model(self._plain_test_points[batch].to(self.cfg.device))
             out.append(logits.float().cpu())
@@ -133,8 +160,11 @@ class ClassificationTask:
         scores = {"score": result["overall_acc"], **result}
         if self.cfg.votes:
             vote = self.vote_accuracy(seeded(self.cfg.seed, epoch))
-            scores.update(vote_score=vote["overall_acc"], vote_overall_acc=vote["overall_acc"],
-                          vote_mean_class_acc=vote["mean_class_acc"])
+            scores.update(
+                vote_score=vote["overall_acc"],
+                vote_overall_acc=vote["overall_acc"],
+                vote_mean_class_acc=vote["mean_class_acc"],
+            )
         return scores
 
     def report(self, run_dir: Path) -> dict[str, Any]:
@@ -142,8 +172,9 @@ class ClassificationTask:
         plain = class_metrics(logits, self.test_set.labels, len(self.classes))
         matrix = metrics.confusion_matrix(logits.argmax(-1).numpy(), self.test_set.labels, len(self.classes))
         note = coverage_note(self.data_summary()["coverage"])
-        plot_confusion(matrix, self.classes, run_dir / CONFUSION,
-                       f"{self.benchmark} test, OA {plain['overall_acc']:.2f} %, {note}")
+        plot_confusion(
+            matrix, self.classes, run_dir / CONFUSION, f"{self.benchmark} test, OA {plain['overall_acc']:.2f} %, {note}"
+        )
         result = {**plain, "votes": self.cfg.votes, "confusion_matrix": matrix.tolist(), "classes": self.classes}
         if self.cfg.votes:
             vote = self.vote_accuracy(seeded(self.cfg.seed))

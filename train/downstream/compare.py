@@ -65,12 +65,23 @@ def group_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (benchmark, metric, _, settings), members in sorted(groups.items()):
         stats = metrics.mean_std_best([m["value"] for m in members])
         coverage = min(members, key=lambda m: m["data"]["used"] / max(1, m["data"]["listed"]))["data"]
-        rows.append({"benchmark": benchmark, "metric": metric, "init": init_label(members[0]["init"]),
-                     "random_teacher": members[0]["init"].get("random_teacher"),
-                     "teacher": members[0]["init"].get("teacher"), "settings": settings,
-                     "seeds": sorted({m["seed"] for m in members}), "n": stats["n"], "mean": stats["mean"],
-                     "std": stats["std"], "unit": members[0]["unit"], "coverage": coverage,
-                     "runs": sorted({m["run"] for m in members})})
+        rows.append(
+            {
+                "benchmark": benchmark,
+                "metric": metric,
+                "init": init_label(members[0]["init"]),
+                "random_teacher": members[0]["init"].get("random_teacher"),
+                "teacher": members[0]["init"].get("teacher"),
+                "settings": settings,
+                "seeds": sorted({m["seed"] for m in members}),
+                "n": stats["n"],
+                "mean": stats["mean"],
+                "std": stats["std"],
+                "unit": members[0]["unit"],
+                "coverage": coverage,
+                "runs": sorted({m["run"] for m in members}),
+            }
+        )
     return rows
 
 
@@ -79,11 +90,14 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| benchmark | metric | init | seeds | n | value | data |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         data = r["coverage"]
-        partial = f"{data['used']}/{data['listed']} {data['split']}" + (" (partial)" if data["used"] < data["listed"]
-                                                                          else "")
+        partial = f"{data['used']}/{data['listed']} {data['split']}" + (
+            " (partial)" if data["used"] < data["listed"] else ""
+        )
         value = f"{r['mean']:.2f} ± {r['std']:.2f} {r['unit']}" if r["n"] > 1 else f"{r['mean']:.2f} {r['unit']}"
-        lines.append(f"| {r['benchmark']} | {r['metric']} | {r['init']} | {', '.join(map(str, r['seeds']))} | "
-                     f"{r['n']} | {value} | {partial} |")
+        lines.append(
+            f"| {r['benchmark']} | {r['metric']} | {r['init']} | {', '.join(map(str, r['seeds']))} | "
+            f"{r['n']} | {value} | {partial} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -92,12 +106,15 @@ def compare(paths: list[Path], out: Path, overwrite: bool = False) -> tuple[list
     outputs = [out, out.with_suffix(".json"), out.with_suffix(".png")]
     existing = [p for p in outputs if p.exists()]
     if existing and not overwrite:
-        raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace the comparison or choose "
-                          "another --out.")
+        raise ConfigError(
+            f"{existing[0]} already exists; pass --overwrite to replace the comparison or choose another --out."
+        )
     records, skipped = load_records(find_results(paths))
     if not records:
-        raise DataError(f"no {SCHEMA} results under {', '.join(map(str, paths))}; pass the folders of finished "
-                        "finetune / probe / few-shot / test runs.")
+        raise DataError(
+            f"no {SCHEMA} results under {', '.join(map(str, paths))}; pass the folders of finished "
+            "finetune / probe / few-shot / test runs."
+        )
     rows = group_records(records)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(format_markdown(rows))

@@ -31,8 +31,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # 5-way 10-shot is the first of the four settings papers report
     "fewshot": dict(epochs=150, votes=0, way=5, shot=10),
     # the paper's appendix A.2 (lr 1e-3, weight decay 1e-2, 200 epochs, cosine; no warm-up stated); no voting
-    "scannet-seg": dict(epochs=200, warmup_epochs=0, batch_size=16, lr=1e-3, weight_decay=1e-2, num_points=8192,
-                        num_group=256, votes=0),
+    "scannet-seg": dict(
+        epochs=200, warmup_epochs=0, batch_size=16, lr=1e-3, weight_decay=1e-2, num_points=8192, num_group=256, votes=0
+    ),
 }
 
 
@@ -43,8 +44,9 @@ class FinetuneConfig(EncoderConfig):
     task: str
     data: str
     init: str = "scratch"
-    splits: str | None = option(None, "folder with the split lists, if not inside --data (ScanNet: default the "
-                                      "official lists)")
+    splits: str | None = option(
+        None, "folder with the split lists, if not inside --data (ScanNet: default the official lists)"
+    )
     epochs: int = option(300, "training epochs")
     warmup_epochs: int = option(10, "epochs of linear learning-rate warm-up")
     decay_epochs: int | None = option(None, "cosine length in epochs (default: --epochs)")
@@ -58,16 +60,17 @@ class FinetuneConfig(EncoderConfig):
     max_steps: int | None = option(None, "stop after this many optimizer steps", run=True)
     allow_missing: bool = option(False, "use only the listed shapes (ScanNet: scenes) that exist")
     trust_pickle: bool = option(False, "read Point-MAE's modelnet40_*_fps.dat pickles (runs their code)")
-    cache_dir: str | None = option(None, "cache of the FPS pools per shape (.npz); ScanNet: of the parsed meshes",
-                                   run=True)
+    cache_dir: str | None = option(
+        None, "cache of the FPS pools per shape (.npz); ScanNet: of the parsed meshes", run=True
+    )
     num_points: int = option(1024, "points per input fed to the model")
     pool_points: int = option(8192, "FPS points kept per shape before per-batch sampling")
     votes: int = option(10, "voting draws per evaluation (0: no voting)")
     variant: str | None = option(None, "obj_bg | obj_only | pb_t50_rs (the hardest)")
     way: int = option(0, "classes per fold (5 or 10)")
     shot: int = option(0, "training shapes per class (10 or 20)")
-    fold: int = 0                       # few-shot fold index (the CLI runs one per --fold)
-    folds: str | None = None            # few-shot: folder of {way}way_{shot}shot/{fold}.pkl (None: generated)
+    fold: int = 0  # few-shot fold index (the CLI runs one per --fold)
+    folds: str | None = None  # few-shot: folder of {way}way_{shot}shot/{fold}.pkl (None: generated)
     crop_size: float = option(3.0, "side in metres of the vertical column each input is drawn from")
     repeats: int = option(1, "random columns drawn from every train scene per epoch")
 
@@ -110,5 +113,6 @@ def resume_options(run_dir: str | Path, options: dict[str, Any], given: set[str]
     if not (Path(run_dir) / CONFIG).is_file():
         return options
     saved = read_config(Path(run_dir))
-    return {k: saved[k] if k not in given and k in saved and k not in RESUME_MAY_CHANGE else v
-            for k, v in options.items()}
+    return {
+        k: saved[k] if k not in given and k in saved and k not in RESUME_MAY_CHANGE else v for k, v in options.items()
+    }

@@ -86,8 +86,9 @@ class State:
     history: tuple[dict[str, float], ...] = ()
 
 
-def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module,
-             optimizer: torch.optim.Optimizer) -> tuple[State, dict]:
+def _restore(
+    run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[State, dict]:
     """Load last.pt into model and optimizer, restore RNGs; refuse a checkpoint of other settings."""
     ckpt = load_checkpoint(run_dir / LAST)
     restore_training(ckpt, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, run_dir, model, optimizer)
@@ -96,21 +97,47 @@ def _restore(run_dir: Path, cfg: FinetuneConfig, model: nn.Module,
     return State(**{**state, "history": tuple(state["history"])}), ckpt["init_report"]
 
 
-def _save(run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: State,
-          init_report: dict) -> None:
-    save_checkpoint(run_dir / LAST, model, optimizer, dataclasses.asdict(cfg), rng_state(),
-                    state={**dataclasses.asdict(state), "history": list(state.history)}, init_report=init_report)
+def _save(
+    run_dir: Path,
+    cfg: FinetuneConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: State,
+    init_report: dict,
+) -> None:
+    save_checkpoint(
+        run_dir / LAST,
+        model,
+        optimizer,
+        dataclasses.asdict(cfg),
+        rng_state(),
+        state={**dataclasses.asdict(state), "history": list(state.history)},
+        init_report=init_report,
+    )
 
 
-def finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: str | Path,
-             resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def finetune(
+    build_task: Callable[[FinetuneConfig], Task],
+    cfg: FinetuneConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Finetune (or resume) one run, under torchrun too; writes ``results.json`` and returns its content."""
     with distributed.session(resolve_device(cfg.device)) as rank_info, run_lock(Path(run_dir), rank_info):
         return _finetune(build_task, cfg, Path(run_dir), resume, overwrite, progress, rank_info)
 
 
-def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig, run_dir: Path, resume: bool,
-              overwrite: bool, progress: bool, rank_info: DistInfo) -> dict[str, Any]:
+def _finetune(
+    build_task: Callable[[FinetuneConfig], Task],
+    cfg: FinetuneConfig,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    rank_info: DistInfo,
+) -> dict[str, Any]:
     """The loop. Under DDP every rank takes rows rank, rank+W, … of each global batch (``--batch-size`` stays
     global); rank 0 alone evaluates-to-disk, logs and checkpoints."""
     main, world = rank_info.main, rank_info.world_size
@@ -122,8 +149,10 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     model = task.model
     batches_per_epoch = len(task.epoch_batches(0))
     if batches_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                          f"({task.data_summary()['train_shapes']} shapes); lower it.")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the training set "
+            f"({task.data_summary()['train_shapes']} shapes); lower it."
+        )
     init_report = {} if resume else init_encoder(cast(PointEncoder, model.MAE_encoder), cfg.init)
     prepare_run_dir(run_dir, resume, overwrite, act=False)  # every rank refuses alike: none waits alone
     distributed.barrier()
@@ -139,19 +168,26 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     ddp = distributed.wrap_model(model, rank_info, device)
     log = MetricsLog(run_dir, keep_until_step=state.step, write=main)
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
-    bar = progress_bar(total=limit, initial=state.step, disable=not (progress and main), unit="step",
-                       desc=f"finetune {cfg.task}", dynamic_ncols=True)
+    bar = progress_bar(
+        total=limit,
+        initial=state.step,
+        disable=not (progress and main),
+        unit="step",
+        desc=f"finetune {cfg.task}",
+        dynamic_ncols=True,
+    )
     while state.step < limit:
         bar.set_description(f"{run_dir.name}: {cfg.task} fine-tuning, epoch {state.epoch + 1}/{cfg.epochs}")
-        lr = epoch_lr(state.epoch, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs,
-                      total=cfg.decay_epochs or cfg.epochs)
+        lr = epoch_lr(
+            state.epoch, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs, total=cfg.decay_epochs or cfg.epochs
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        for batch in task.epoch_batches(state.epoch)[state.batch:]:
+        for batch in task.epoch_batches(state.epoch)[state.batch :]:
             tic = time.perf_counter()
             generator = batch_generator(cfg.seed, state.step * world + rank_info.rank)
-            local_loss = task.loss(ddp, batch[rank_info.rank::world], generator)
+            local_loss = task.loss(ddp, batch[rank_info.rank :: world], generator)
             loss = distributed.all_reduce_mean(local_loss.detach())  # DDP averages the gradients likewise
             check_finite(loss, state.step + 1, run_dir, "Lower --lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
@@ -159,8 +195,13 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state = dataclasses.replace(state, step=state.step + 1, batch=state.batch + 1)
-            log.step(step=state.step, epoch=state.epoch, loss=float(loss), lr=lr,
-                     samples_per_s=len(batch) / (time.perf_counter() - tic))
+            log.step(
+                step=state.step,
+                epoch=state.epoch,
+                loss=float(loss),
+                lr=lr,
+                samples_per_s=len(batch) / (time.perf_counter() - tic),
+            )
             bar.update(1)
             if state.step >= limit:
                 break
@@ -178,10 +219,19 @@ def _finetune(build_task: Callable[[FinetuneConfig], Task], cfg: FinetuneConfig,
     best = {"epoch": state.best_epoch, "score": state.best_score}
     if state.best_vote_epoch >= 0:
         best.update(vote_epoch=state.best_vote_epoch, vote_score=state.best_vote_score)
-    results = {"task": cfg.task, "init": init_report, "selection": SELECTION, "best": best, "steps": state.step,
-               "test": task.report(run_dir) if main else None, "history": list(state.history),
-               "data": task.data_summary(), "config": dataclasses.asdict(cfg), "code": code_version(),
-               "world_size": world}
+    results = {
+        "task": cfg.task,
+        "init": init_report,
+        "selection": SELECTION,
+        "best": best,
+        "steps": state.step,
+        "test": task.report(run_dir) if main else None,
+        "history": list(state.history),
+        "data": task.data_summary(),
+        "config": dataclasses.asdict(cfg),
+        "code": code_version(),
+        "world_size": world,
+    }
     if main:
         results = write_results(run_dir / RESULTS, results, task_records(task, results, run_dir))
     distributed.barrier()
@@ -195,11 +245,20 @@ def task_records(task: Task, results: dict[str, Any], run_dir: Path) -> list[dic
     values = {k: test[k] for k in getattr(task, "headline", ()) if k in test}
     if "vote_score" in results.get("best", {}):
         values["best_vote_overall_acc"] = results["best"]["vote_score"]
-    data = results["data"].get("coverage") or {"used": results["data"]["test_shapes"],
-                                               "listed": results["data"]["test_shapes"], "split": "test"}
-    return make_records(getattr(task, "benchmark", results["task"]), values, init_report=results["init"],
-                        config=results["config"], data=data, protocol=getattr(task, "protocol", ""),
-                        run_dir=run_dir)
+    data = results["data"].get("coverage") or {
+        "used": results["data"]["test_shapes"],
+        "listed": results["data"]["test_shapes"],
+        "split": "test",
+    }
+    return make_records(
+        getattr(task, "benchmark", results["task"]),
+        values,
+        init_report=results["init"],
+        config=results["config"],
+        data=data,
+        protocol=getattr(task, "protocol", ""),
+        run_dir=run_dir,
+    )
 
 
 def describe_data(results: dict[str, Any]) -> str:
@@ -213,8 +272,7 @@ def describe_data(results: dict[str, Any]) -> str:
 def _evaluate(task: Task, state: State, run_dir: Path, write: bool = True) -> State:
     """Score the current weights (every rank, same result); keep them in best.pt when they beat the best so far."""
     metrics = task.evaluate(state.epoch)
-    state = dataclasses.replace(state, history=state.history + ({"epoch": state.epoch, "step": state.step,
-                                                                 **metrics},))
+    state = dataclasses.replace(state, history=state.history + ({"epoch": state.epoch, "step": state.step, **metrics},))
     weights = {"model": task.model.state_dict(), "epoch": state.epoch, "metrics": metrics}
     if metrics["score"] > state.best_score:
         if write:

@@ -36,11 +36,14 @@ from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.results import make_records, write_results
 
 FOLDS = 10
-TEST_PER_CLASS = 20         # generate_few_shot_data.py: eval_sample=20
-NUM_OUTPUTS = 40            # cfgs/fewshot.yaml: cls_dim 40
+TEST_PER_CLASS = 20  # generate_few_shot_data.py: eval_sample=20
+NUM_OUTPUTS = 40  # cfgs/fewshot.yaml: cls_dim 40
 PROTOCOL = "Point-MAE cfgs/fewshot.yaml, tools/runner_finetune.py"
-SAFE_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-                for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+SAFE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 
 class FoldUnpickler(pickle.Unpickler):
@@ -58,41 +61,58 @@ def fold_path(folds: str | Path, way: int, shot: int, fold: int) -> Path:
 
 def _shapes(path: Path, items: Any, split: str) -> ShapeSet:
     if not isinstance(items, list) or not items:
-        raise DataError(f"{path}: '{split}' is not a non-empty list of (points, label, class) tuples; "
-                        "use the published fold files.")
+        raise DataError(
+            f"{path}: '{split}' is not a non-empty list of (points, label, class) tuples; use the published fold files."
+        )
     points, labels = [], []
     for item in items:
-        if not (isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], np.ndarray)
-                and item[0].ndim == 2 and item[0].shape[1] >= 3):
-            raise DataError(f"{path}: a '{split}' entry is not (points (P, ≥3), label, class); "
-                            "use the published fold files.")
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 3
+            and isinstance(item[0], np.ndarray)
+            and item[0].ndim == 2
+            and item[0].shape[1] >= 3
+        ):
+            raise DataError(
+                f"{path}: a '{split}' entry is not (points (P, ≥3), label, class); use the published fold files."
+            )
         points.append(normalize_unit_sphere(np.asarray(item[0][:, :3], dtype=np.float32)))
         labels.append(int(item[1]))
     if len({p.shape for p in points}) != 1:
         raise DataError(f"{path}: the '{split}' clouds differ in size; use the published fold files.")
-    return ShapeSet(np.stack(points), np.asarray(labels, dtype=np.int64), [f"{path.name}:{split}:{i}"
-                                                                            for i in range(len(labels))], [])
+    return ShapeSet(
+        np.stack(points),
+        np.asarray(labels, dtype=np.int64),
+        [f"{path.name}:{split}:{i}" for i in range(len(labels))],
+        [],
+    )
 
 
 def read_fold(path: str | Path) -> tuple[ShapeSet, ShapeSet, str]:
     """(train, test, sha256) of a published fold file, loaded without running code."""
-    path = require_file(Path(path), "a few-shot fold file ({way}way_{shot}shot/{fold}.pkl)",
-                        "Pass --fold-files pointing at the folder holding the {way}way_{shot}shot/ folders, "
-                        "or leave it out to generate folds from --data.")
+    path = require_file(
+        Path(path),
+        "a few-shot fold file ({way}way_{shot}shot/{fold}.pkl)",
+        "Pass --fold-files pointing at the folder holding the {way}way_{shot}shot/ folders, "
+        "or leave it out to generate folds from --data.",
+    )
     raw = path.read_bytes()
     try:
         fold = FoldUnpickler(io.BytesIO(raw)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
-        raise DataError(f"refused {path}: {exc}. A fold file may hold only numpy arrays, lists, tuples, dicts, "
-                        "ints and strings; use the published fold files or generate folds (leave out "
-                        "--fold-files).") from exc
+        raise DataError(
+            f"refused {path}: {exc}. A fold file may hold only numpy arrays, lists, tuples, dicts, "
+            "ints and strings; use the published fold files or generate folds (leave out "
+            "--fold-files)."
+        ) from exc
     if not isinstance(fold, dict) or set(fold) != {"train", "test"}:
         raise DataError(f"{path} is not a few-shot fold (a dict with 'train' and 'test'); use the published files.")
     return _shapes(path, fold["train"], "train"), _shapes(path, fold["test"], "test"), hashlib.sha256(raw).hexdigest()
 
 
-def generate_fold(train: ShapeSet, test: ShapeSet, way: int, shot: int, fold: int, seed: int) -> tuple[ShapeSet,
-                                                                                                      ShapeSet]:
+def generate_fold(
+    train: ShapeSet, test: ShapeSet, way: int, shot: int, fold: int, seed: int
+) -> tuple[ShapeSet, ShapeSet]:
     """A fold drawn from full ModelNet40 splits: ``way`` classes, ``shot`` train and 20 test shapes each,
     relabelled 0…way-1 in draw order; fixed by (seed, way, shot, fold)."""
     rng = np.random.default_rng([seed, way, shot, fold])
@@ -105,14 +125,22 @@ def generate_fold(train: ShapeSet, test: ShapeSet, way: int, shot: int, fold: in
         for split, shapes, count in (("train", train, shot), ("test", test, TEST_PER_CLASS)):
             members = np.flatnonzero(shapes.labels == key)
             if len(members) < count:
-                raise DataError(f"class {shapes.classes[key]} has {len(members)} {split} shapes, fewer than the "
-                                f"{count} a {way}-way {shot}-shot fold needs; use the full ModelNet40.")
+                raise DataError(
+                    f"class {shapes.classes[key]} has {len(members)} {split} shapes, fewer than the "
+                    f"{count} a {way}-way {shot}-shot fold needs; use the full ModelNet40."
+                )
             parts[split] += [(shapes.points[i], label) for i in rng.choice(members, count, replace=False)]
     out = []
     for split, items in parts.items():
         order = rng.permutation(len(items))
-        out.append(ShapeSet(np.stack([items[i][0] for i in order]), np.asarray([items[i][1] for i in order]),
-                            [f"generated:{split}:{i}" for i in order], []))
+        out.append(
+            ShapeSet(
+                np.stack([items[i][0] for i in order]),
+                np.asarray([items[i][1] for i in order]),
+                [f"generated:{split}:{i}" for i in order],
+                [],
+            )
+        )
     return out[0], out[1]
 
 
@@ -124,32 +152,62 @@ def fewshot_task(cfg: FinetuneConfig) -> ClassificationTask:
         train, test, digest = read_fold(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold))
         source: dict[str, Any] = {"source": str(fold_path(cfg.folds, cfg.way, cfg.shot, cfg.fold)), "sha256": digest}
     else:
-        train, test = generate_fold(load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test"),
-                                    cfg.way, cfg.shot, cfg.fold, cfg.seed)
+        train, test = generate_fold(
+            load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test"), cfg.way, cfg.shot, cfg.fold, cfg.seed
+        )
         source = {"source": "generated from ModelNet40", "seed": cfg.seed}
     classes = [f"fold class {i}" if i < cfg.way else f"unused {i}" for i in range(NUM_OUTPUTS)]
-    return ClassificationTask(cfg, train, test, classes, f"fewshot/{cfg.way}way{cfg.shot}shot", PROTOCOL,
-                              extra={"fold": {"index": cfg.fold, **source}})
+    return ClassificationTask(
+        cfg,
+        train,
+        test,
+        classes,
+        f"fewshot/{cfg.way}way{cfg.shot}shot",
+        PROTOCOL,
+        extra={"fold": {"index": cfg.fold, **source}},
+    )
 
 
-def run_fewshot(cfg: FinetuneConfig, run_dir: str | Path, folds: list[int], resume: bool = False,
-                overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_fewshot(
+    cfg: FinetuneConfig,
+    run_dir: str | Path,
+    folds: list[int],
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Fine-tune every fold in ``folds`` under ``run_dir/fold<k>``; ``run_dir/results.json`` then holds the
     accuracy of every finished fold in ``run_dir`` (these and earlier ones) and their mean ± std (population).
     ``resume`` continues folds that have a ``last.pt`` and starts the others."""
     run_dir = Path(run_dir)
     for fold in folds:
         fold_dir = run_dir / f"fold{fold}"
-        result = finetune(fewshot_task, dataclasses.replace(cfg, fold=fold), fold_dir,
-                          resume=resume and (fold_dir / LAST).is_file(), overwrite=overwrite, progress=progress)
+        result = finetune(
+            fewshot_task,
+            dataclasses.replace(cfg, fold=fold),
+            fold_dir,
+            resume=resume and (fold_dir / LAST).is_file(),
+            overwrite=overwrite,
+            progress=progress,
+        )
     per_fold = finished_folds(run_dir, result["records"][0]["settings"])
     summary = metrics.mean_std_best(list(per_fold.values()))
-    records = make_records(result["records"][0]["benchmark"],
-                           {"fold_mean": summary["mean"], "fold_std": summary["std"]}, init_report=result["init"],
-                           config=result["config"], data={"used": len(per_fold), "listed": FOLDS, "split": "folds"},
-                           protocol=PROTOCOL, run_dir=run_dir)
-    payload = {"task": "fewshot", "folds": {str(k): v for k, v in sorted(per_fold.items())}, "summary": summary,
-               "fold_source": result["data"]["fold"]["source"], "config": result["config"]}
+    records = make_records(
+        result["records"][0]["benchmark"],
+        {"fold_mean": summary["mean"], "fold_std": summary["std"]},
+        init_report=result["init"],
+        config=result["config"],
+        data={"used": len(per_fold), "listed": FOLDS, "split": "folds"},
+        protocol=PROTOCOL,
+        run_dir=run_dir,
+    )
+    payload = {
+        "task": "fewshot",
+        "folds": {str(k): v for k, v in sorted(per_fold.items())},
+        "summary": summary,
+        "fold_source": result["data"]["fold"]["source"],
+        "config": result["config"],
+    }
     return write_results(run_dir / RESULTS, payload, records)
 
 
@@ -160,7 +218,9 @@ def finished_folds(run_dir: Path, settings: str) -> dict[int, float]:
     for path in run_dir.glob("fold*/" + RESULTS):
         result = json.loads(path.read_text())
         if result["records"][0]["settings"] != settings:
-            raise ConfigError(f"{path.parent} was run with other settings than this run; use another --run-dir "
-                              "for these settings, or --overwrite that fold.")
+            raise ConfigError(
+                f"{path.parent} was run with other settings than this run; use another --run-dir "
+                "for these settings, or --overwrite that fold."
+            )
         found[int(result["config"]["fold"])] = result["test"]["overall_acc"]
     return found

@@ -33,11 +33,15 @@ def read_point_file(path: Path, delimiter: str | None, min_columns: int) -> np.n
     try:
         table = np.loadtxt(path, delimiter=delimiter, dtype=np.float32, ndmin=2)
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot parse {path} as a point table ({exc}); the file is damaged or of another "
-                        "format. Re-extract the dataset archive.") from exc
+        raise DataError(
+            f"cannot parse {path} as a point table ({exc}); the file is damaged or of another "
+            "format. Re-extract the dataset archive."
+        ) from exc
     if table.shape[0] == 0 or table.shape[1] < min_columns:
-        raise DataError(f"{path} has shape {table.shape}, expected rows of at least {min_columns} columns; "
-                        "the file is damaged or of another format. Re-extract the dataset archive.")
+        raise DataError(
+            f"{path} has shape {table.shape}, expected rows of at least {min_columns} columns; "
+            "the file is damaged or of another format. Re-extract the dataset archive."
+        )
     return table
 
 

@@ -45,8 +45,10 @@ def _pooled_shape(data: Path, shape: str, num_points: int) -> np.ndarray:
     path = data / shape.rsplit("_", 1)[0] / f"{shape}.txt"
     table = read_point_file(path, ",", 3)[:, :3]
     if len(table) < num_points:
-        raise DataError(f"{path} has {len(table)} points, fewer than the {num_points} to sample; lower "
-                        "--pool-points or re-extract the file.")
+        raise DataError(
+            f"{path} has {len(table)} points, fewer than the {num_points} to sample; lower "
+            "--pool-points or re-extract the file."
+        )
     return normalize_unit_sphere(table[farthest_points(table, num_points)])
 
 
@@ -62,9 +64,16 @@ def _cache_path(cache_dir: Path, data: Path, split: str, num_points: int, names:
     return cache_dir / f"modelnet40_{split}_{num_points}pts_fps_{key}.npz"
 
 
-def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None = None, num_points: int = 8192,
-                    allow_missing: bool = False, trust_pickle: bool = False,
-                    cache_dir: str | Path | None = None) -> ShapeSet:
+def load_modelnet40(
+    data: str | Path,
+    split: str,
+    *,
+    splits: str | Path | None = None,
+    num_points: int = 8192,
+    allow_missing: bool = False,
+    trust_pickle: bool = False,
+    cache_dir: str | Path | None = None,
+) -> ShapeSet:
     """One split of ModelNet40, each shape reduced to ``num_points`` by FPS and normalised to the unit sphere.
 
     ``allow_missing`` keeps only the listed shapes that exist (for partial copies); otherwise the first
@@ -72,23 +81,37 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
     """
     if split not in SPLITS:
         raise DataError(f"unknown ModelNet40 split {split!r}; use one of {', '.join(SPLITS)}.")
-    data = require_dir(Path(data), "the modelnet40_normal_resampled folder (one sub-folder per class)",
-                       "Pass --data pointing at the extracted modelnet40_normal_resampled folder.")
+    data = require_dir(
+        Path(data),
+        "the modelnet40_normal_resampled folder (one sub-folder per class)",
+        "Pass --data pointing at the extracted modelnet40_normal_resampled folder.",
+    )
     dat = data / f"modelnet40_{split}_{num_points}pts_fps.dat"
     if dat.is_file() and trust_pickle:
         points, labels = _read_dat(dat)
-        classes = read_lines(require_file(Path(splits or data) / "modelnet40_shape_names.txt", "the 40 class names",
-                                          "Pass --splits pointing at the folder with the ModelNet40 split lists."))
+        classes = read_lines(
+            require_file(
+                Path(splits or data) / "modelnet40_shape_names.txt",
+                "the 40 class names",
+                "Pass --splits pointing at the folder with the ModelNet40 split lists.",
+            )
+        )
         return ShapeSet(points, labels, [f"{dat.name}:{i}" for i in range(len(labels))], classes)
     list_dir = Path(splits) if splits else data
     fix = "Pass --splits pointing at the folder that holds modelnet40_{train,test}.txt and modelnet40_shape_names.txt."
     classes = read_lines(require_file(list_dir / "modelnet40_shape_names.txt", "the 40 ModelNet40 class names", fix))
     ids = read_lines(require_file(list_dir / f"modelnet40_{split}.txt", f"the ModelNet40 {split} list", fix))
     if not any((data / c).is_dir() for c in classes):
-        hint = (f" {dat.name} is there, but it is a pickle, which can run code when loaded: pass --trust-pickle "
-                "if you trust where it came from." if dat.is_file() else "")
-        raise DataError(f"{data} holds none of the ModelNet40 class folders (e.g. {data / classes[0]});{hint} "
-                        "Point --data at the extracted modelnet40_normal_resampled folder.")
+        hint = (
+            f" {dat.name} is there, but it is a pickle, which can run code when loaded: pass --trust-pickle "
+            "if you trust where it came from."
+            if dat.is_file()
+            else ""
+        )
+        raise DataError(
+            f"{data} holds none of the ModelNet40 class folders (e.g. {data / classes[0]});{hint} "
+            "Point --data at the extracted modelnet40_normal_resampled folder."
+        )
     index = {c: i for i, c in enumerate(classes)}
     present: list[str] = []
     label_ids: list[int] = []
@@ -96,20 +119,26 @@ def load_modelnet40(data: str | Path, split: str, *, splits: str | Path | None =
     for shape in ids:
         cls = shape.rsplit("_", 1)[0]
         if cls not in index:
-            raise DataError(f"{list_dir / f'modelnet40_{split}.txt'} lists {shape!r} of class {cls!r}, which "
-                            f"{list_dir / 'modelnet40_shape_names.txt'} does not name; use matching split files.")
+            raise DataError(
+                f"{list_dir / f'modelnet40_{split}.txt'} lists {shape!r} of class {cls!r}, which "
+                f"{list_dir / 'modelnet40_shape_names.txt'} does not name; use matching split files."
+            )
         path = data / cls / f"{shape}.txt"
         if not path.is_file():
             if not allow_missing:
-                raise DataError(f"{path} is listed in modelnet40_{split}.txt but missing. Re-extract the dataset, "
-                                "or pass --allow-missing to use only the shapes present.")
+                raise DataError(
+                    f"{path} is listed in modelnet40_{split}.txt but missing. Re-extract the dataset, "
+                    "or pass --allow-missing to use only the shapes present."
+                )
             missing += 1
             continue
         present.append(shape)
         label_ids.append(index[cls])
     if not present:
-        raise DataError(f"none of the {len(ids)} shapes in modelnet40_{split}.txt exist under {data}; "
-                        "point --data at the modelnet40_normal_resampled folder.")
+        raise DataError(
+            f"none of the {len(ids)} shapes in modelnet40_{split}.txt exist under {data}; "
+            "point --data at the modelnet40_normal_resampled folder."
+        )
     cache = _cache_path(Path(cache_dir), data, split, num_points, present) if cache_dir else None
     points = _pooled_shapes(data, present, num_points, cache, f"ModelNet40 {split}: {num_points}-point FPS")
     return ShapeSet(points, np.asarray(label_ids, dtype=np.int64), present, classes, missing)

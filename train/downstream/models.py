@@ -30,8 +30,12 @@ SCRATCH = "scratch"
 log = logging.getLogger(__name__)
 
 
-def run_blocks(encoder: PointEncoder, patches: torch.Tensor, centres: torch.Tensor,
-               prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def run_blocks(
+    encoder: PointEncoder,
+    patches: torch.Tensor,
+    centres: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """Every block's raw output for patch tokens, optionally after a prepended (token, positional) pair."""
     tokens, pos = encoder.encoder(patches), encoder.pos_embed(centres)
     if prefix is not None:
@@ -59,9 +63,16 @@ class PointClassifier(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_head_finetune = nn.Sequential(
-            nn.Linear(2 * dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(256, num_classes))
+            nn.Linear(2 * dim, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(256, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(256, num_classes),
+        )
         self.cls_head_finetune.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.cls_pos, std=0.02)
@@ -88,8 +99,9 @@ class FeaturePropagation(nn.Module):
             in_channels = width
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, xyz: torch.Tensor, centres: torch.Tensor, skip: torch.Tensor,
-                features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, xyz: torch.Tensor, centres: torch.Tensor, skip: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
         """xyz (B, N, 3), centres (B, S, 3), skip (B, D, N), features (B, S, F) → (B, widths[-1], N)."""
         dist = torch.cdist(xyz, centres) ** 2
         dist, idx = dist.topk(3, dim=-1, largest=False)
@@ -109,18 +121,23 @@ class PartSegmenter(nn.Module):
         self.num_categories = num_categories
         self.group_divider = tokenizer(encoder)
         self.MAE_encoder = PointEncoder.from_config(encoder)
-        self.label_conv = nn.Sequential(nn.Conv1d(num_categories, 64, 1, bias=False), nn.BatchNorm1d(64),
-                                        nn.LeakyReLU(0.2))
+        self.label_conv = nn.Sequential(
+            nn.Conv1d(num_categories, 64, 1, bias=False), nn.BatchNorm1d(64), nn.LeakyReLU(0.2)
+        )
         self.propagation_0 = FeaturePropagation(3 * dim + 3, [4 * dim, 1024])
-        self.seg_head = nn.Sequential(*conv_bn_relu(1024 + 6 * dim + 64, 512), nn.Dropout(0.5),
-                                      *conv_bn_relu(512, 256), nn.Conv1d(256, num_parts, 1))
+        self.seg_head = nn.Sequential(
+            *conv_bn_relu(1024 + 6 * dim + 64, 512),
+            nn.Dropout(0.5),
+            *conv_bn_relu(512, 256),
+            nn.Conv1d(256, num_parts, 1),
+        )
 
     def forward(self, points: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3), category (B,) index → part logits (B, N, num_parts)."""
         num_points = points.shape[1]
         patches, centres, _ = self.group_divider(points)
         blocks = run_blocks(self.MAE_encoder, patches, centres)
-        tokens = torch.cat([self.MAE_encoder.norm(blocks[i]) for i in self.layers], dim=-1)     # (B, G, 3C)
+        tokens = torch.cat([self.MAE_encoder.norm(blocks[i]) for i in self.layers], dim=-1)  # (B, G, 3C)
         one_hot = nn.functional.one_hot(category, self.num_categories).to(points.dtype).unsqueeze(-1)
         global_feature = torch.cat([tokens.max(dim=1).values, tokens.mean(dim=1)], dim=-1).unsqueeze(-1)
         global_feature = torch.cat([global_feature, self.label_conv(one_hot)], dim=1).expand(-1, -1, num_points)
@@ -139,16 +156,28 @@ def init_encoder(encoder: PointEncoder, init: str | Path) -> dict:
     report: LoadReport = load_pointmae_checkpoint(path, encoder)
     if report.missing:
         total = len(report.used) + len(report.missing)
-        raise WeightsError(f"{path} provides only {len(report.used)} of the encoder's {total} "
-                           f"weights (missing e.g. {report.missing[:3]}); it is an encoder of another depth. "
-                           "Match --depth/--dim/--heads to the checkpoint.")
+        raise WeightsError(
+            f"{path} provides only {len(report.used)} of the encoder's {total} "
+            f"weights (missing e.g. {report.missing[:3]}); it is an encoder of another depth. "
+            "Match --depth/--dim/--heads to the checkpoint."
+        )
     provenance = checkpoint_provenance(path) or {}
     teacher = provenance.get("teacher")
     random_teacher = bool(teacher.get("random")) if isinstance(teacher, dict) else None
     if random_teacher:
-        log.warning("!!! %s was distilled from a RANDOM TEACHER store (%s): its numbers say nothing about pkd's "
-                    "pre-training; distill from a store made with the real ClipCap weights.", path,
-                    provenance.get("store"))
-    return {"init": str(path), "used": len(report.used), "missing": report.missing,
-            "unexpected": len(report.unexpected), "unexpected_examples": report.unexpected[:5],
-            "store": provenance.get("store"), "teacher": teacher, "random_teacher": random_teacher}
+        log.warning(
+            "!!! %s was distilled from a RANDOM TEACHER store (%s): its numbers say nothing about pkd's "
+            "pre-training; distill from a store made with the real ClipCap weights.",
+            path,
+            provenance.get("store"),
+        )
+    return {
+        "init": str(path),
+        "used": len(report.used),
+        "missing": report.missing,
+        "unexpected": len(report.unexpected),
+        "unexpected_examples": report.unexpected[:5],
+        "store": provenance.get("store"),
+        "teacher": teacher,
+        "random_teacher": random_teacher,
+    }

@@ -12,6 +12,7 @@ import numpy as np
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -66,8 +67,9 @@ def plot_curves(steps: list[dict[str, Any]], history: list[dict[str, Any]], path
     ax_score.plot(epochs, [h["score"] for h in history], marker=".", label="test")
     voted = [h for h in history if "vote_score" in h]
     if voted:
-        ax_score.plot([h["epoch"] + 1 for h in voted], [h["vote_score"] for h in voted], marker=".",
-                      label="test, voted")
+        ax_score.plot(
+            [h["epoch"] + 1 for h in voted], [h["vote_score"] for h in voted], marker=".", label="test, voted"
+        )
     ax_score.set(xlabel="epoch", ylabel="test score (%)")
     ax_score.legend()
     for ax in (ax_loss, ax_score):
@@ -100,8 +102,7 @@ def class_iou_figure(ious: dict[str, float | None], title: str):
     bars = ax.bar(list(ious), values)
     for bar, value in zip(bars, ious.values()):
         label = "n/a" if value is None else f"{value:.0f}"
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=7)
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
     ax.set(ylim=(0.0, 105.0), ylabel="IoU (%)")
     ax.set_title(textwrap.fill(title, width=int(width * 9)))  # ~9 characters per inch at 12 pt
     plt.setp(ax.get_xticklabels(), rotation=60, ha="right")
@@ -113,8 +114,9 @@ def plot_class_iou(ious: dict[str, float | None], path: Path, title: str) -> Pat
     return _save(class_iou_figure(ious, title), path)
 
 
-def plot_top_view(xyz: np.ndarray, pred: np.ndarray, label: np.ndarray, classes: list[str], ignore: int,
-                  path: Path, title: str) -> Path:
+def plot_top_view(
+    xyz: np.ndarray, pred: np.ndarray, label: np.ndarray, classes: list[str], ignore: int, path: Path, title: str
+) -> Path:
     """Two top views of a scene's vertices, coloured by predicted and by true class; vertices whose label
     is ``ignore`` are grey in both (they are not scored) and drawn first, the rest from low to high z."""
     plt = _pyplot()
@@ -131,7 +133,11 @@ def plot_top_view(xyz: np.ndarray, pred: np.ndarray, label: np.ndarray, classes:
         ax.set(aspect="equal", title=name, xticks=[], yticks=[])
     present = sorted(set(pred[scored].tolist()) | set(label[scored].tolist()))
     handles = [Patch(color=palette[c], label=classes[c]) for c in present]
-    axes[1].legend(handles=handles + [Patch(color=palette[-1], label="not scored")], loc="upper left",
-                   bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    axes[1].legend(
+        handles=handles + [Patch(color=palette[-1], label="not scored")],
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+    )
     fig.suptitle(title)
     return _save(fig, path)

@@ -51,8 +51,15 @@ class ProbeConfig(EncoderConfig):
 
 
 @torch.no_grad()
-def encoder_features(encoder: PointEncoder, group: Group, shapes: ShapeSet, num_points: int, batch_size: int,
-                     device: str, desc: str = "probe features") -> np.ndarray:
+def encoder_features(
+    encoder: PointEncoder,
+    group: Group,
+    shapes: ShapeSet,
+    num_points: int,
+    batch_size: int,
+    device: str,
+    desc: str = "probe features",
+) -> np.ndarray:
     """(N, 2·C) max- and mean-pooled final tokens of every shape."""
     encoder.eval()
     out = []
@@ -82,28 +89,56 @@ def probe_modelnet40(cfg: ProbeConfig, run_dir: str | Path, overwrite: bool = Fa
     encoder = PointEncoder.from_config(cfg).to(cfg.device)
     init_report = init_encoder(encoder, cfg.init)
     group = tokenizer(cfg)
-    feats = [encoder_features(encoder, group, s, cfg.num_points, cfg.batch_size, cfg.device, f"probe features ({name})")
-             for name, s in (("train", train), ("test", test))]
+    feats = [
+        encoder_features(encoder, group, s, cfg.num_points, cfg.batch_size, cfg.device, f"probe features ({name})")
+        for name, s in (("train", train), ("test", test))
+    ]
     svm = make_pipeline(StandardScaler(), LinearSVC(C=cfg.svm_c, max_iter=20000, random_state=cfg.seed))
     svm.fit(feats[0], train.labels)
     pred = svm.predict(feats[1])
     num_classes = len(train.classes)
     matrix = metrics.confusion_matrix(pred, test.labels, num_classes)
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-    data: dict[str, Any] = {"train_shapes": len(train.labels), "test_shapes": len(test.labels),
-                            "missing_train": train.missing, "missing_test": test.missing,
-                            "coverage": coverage(len(test.labels), test.missing, "test")}
+    data: dict[str, Any] = {
+        "train_shapes": len(train.labels),
+        "test_shapes": len(test.labels),
+        "missing_train": train.missing,
+        "missing_test": test.missing,
+        "coverage": coverage(len(test.labels), test.missing, "test"),
+    }
     config = dataclasses.asdict(cfg)
     write_config(run_dir, config, init=init_report, data=data)
-    test_metrics = {"overall_acc": percent(metrics.overall_accuracy(pred, test.labels)),
-                    "mean_class_acc": percent(metrics.mean_class_accuracy(pred, test.labels, num_classes)),
-                    "train_acc": percent(metrics.overall_accuracy(svm.predict(feats[0]), train.labels)),
-                    "confusion_matrix": matrix.tolist(), "classes": train.classes}
-    plot_confusion(matrix, train.classes, run_dir / CONFUSION,
-                   f"ModelNet40 linear probe, OA {test_metrics['overall_acc']:.2f} %, "
-                   f"{coverage_note(data['coverage'])}")
-    records = make_records("probe/modelnet40", {k: test_metrics[k] for k in ("overall_acc", "mean_class_acc")},
-                           init_report=init_report, config=config, data=data["coverage"],
-                           protocol="linear SVM on frozen max+mean tokens (pkd)", run_dir=run_dir)
-    return write_results(run_dir / RESULTS, {"task": "probe-modelnet40", "init": init_report, "test": test_metrics,
-                                             "data": data, "config": config, "code": code_version()}, records)
+    test_metrics = {
+        "overall_acc": percent(metrics.overall_accuracy(pred, test.labels)),
+        "mean_class_acc": percent(metrics.mean_class_accuracy(pred, test.labels, num_classes)),
+        "train_acc": percent(metrics.overall_accuracy(svm.predict(feats[0]), train.labels)),
+        "confusion_matrix": matrix.tolist(),
+        "classes": train.classes,
+    }
+    plot_confusion(
+        matrix,
+        train.classes,
+        run_dir / CONFUSION,
+        f"ModelNet40 linear probe, OA {test_metrics['overall_acc']:.2f} %, {coverage_note(data['coverage'])}",
+    )
+    records = make_records(
+        "probe/modelnet40",
+        {k: test_metrics[k] for k in ("overall_acc", "mean_class_acc")},
+        init_report=init_report,
+        config=config,
+        data=data["coverage"],
+        protocol="linear SVM on frozen max+mean tokens (pkd)",
+        run_dir=run_dir,
+    )
+    return write_results(
+        run_dir / RESULTS,
+        {
+            "task": "probe-modelnet40",
+            "init": init_report,
+            "test": test_metrics,
+            "data": data,
+            "config": config,
+            "code": code_version(),
+        },
+        records,
+    )

@@ -56,17 +56,36 @@ def coverage_note(data: dict[str, Any], what: str = "shapes") -> str:
 
 def init_identity(init_report: dict[str, Any]) -> dict[str, Any]:
     """The ``init`` field from ``models.init_encoder``'s report."""
-    return {"path": init_report.get("init", "scratch"), "random_teacher": init_report.get("random_teacher"),
-            "teacher": init_report.get("teacher")}
+    return {
+        "path": init_report.get("init", "scratch"),
+        "random_teacher": init_report.get("random_teacher"),
+        "teacher": init_report.get("teacher"),
+    }
 
 
-def make_records(benchmark: str, values: dict[str, float], *, init_report: dict[str, Any], config: dict[str, Any],
-                 data: dict[str, Any], protocol: str, run_dir: str | Path) -> list[dict[str, Any]]:
+def make_records(
+    benchmark: str,
+    values: dict[str, float],
+    *,
+    init_report: dict[str, Any],
+    config: dict[str, Any],
+    data: dict[str, Any],
+    protocol: str,
+    run_dir: str | Path,
+) -> list[dict[str, Any]]:
     """One record per metric in ``values`` (already in percent)."""
-    common = {"unit": UNIT, "init": init_identity(init_report), "seed": config.get("seed"),
-              "settings": settings_digest(config), "data": data, "protocol": protocol, "run": str(run_dir)}
-    return [{"benchmark": benchmark, "metric": metric, "value": float(value), **common}
-            for metric, value in values.items()]
+    common = {
+        "unit": UNIT,
+        "init": init_identity(init_report),
+        "seed": config.get("seed"),
+        "settings": settings_digest(config),
+        "data": data,
+        "protocol": protocol,
+        "run": str(run_dir),
+    }
+    return [
+        {"benchmark": benchmark, "metric": metric, "value": float(value), **common} for metric, value in values.items()
+    ]
 
 
 def write_results(path: Path, payload: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:

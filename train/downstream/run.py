@@ -24,21 +24,38 @@ from pkd.train.downstream.votetest import test_modelnet40
 from pkd.train.runs import code_version, resolve_device
 
 TASKS: dict[str, Callable[[FinetuneConfig], Task]] = {
-    "modelnet40": modelnet_task, "shapenetpart": ShapeNetPartTask, "scanobjectnn": scanobjectnn_task,
-    "scannet-seg": ScanNetSegTask}
+    "modelnet40": modelnet_task,
+    "shapenetpart": ShapeNetPartTask,
+    "scanobjectnn": scanobjectnn_task,
+    "scannet-seg": ScanNetSegTask,
+}
 
-__all__ = ["FinetuneConfig", "ProbeConfig", "run_finetune", "run_fewshot", "run_test", "probe_modelnet40",
-           "test_modelnet40", "compare"]
+__all__ = [
+    "FinetuneConfig",
+    "ProbeConfig",
+    "run_finetune",
+    "run_fewshot",
+    "run_test",
+    "probe_modelnet40",
+    "test_modelnet40",
+    "compare",
+]
 
 
-def run_finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+def run_finetune(
+    cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Finetune ``cfg.task`` (a key of TASKS) into ``run_dir``; returns results.json's content."""
     return finetune(TASKS[cfg.task], cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
-def run_test(build_task: Callable[[FinetuneConfig], Task], run_dir: str | Path, out: str | Path | None = None,
-             overwrite: bool = False, **changes: Any) -> dict[str, Any]:
+def run_test(
+    build_task: Callable[[FinetuneConfig], Task],
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    **changes: Any,
+) -> dict[str, Any]:
     """Score a finetuning run's best weights (its last.pt when it has no best.pt) again: the run's
     config.json with ``changes`` (None values ignored) on top, the task's test report and plots in ``out``
     (default RUN/test); returns the results.json written there, whose records name RUN as their run (so
@@ -59,7 +76,14 @@ def run_test(build_task: Callable[[FinetuneConfig], Task], run_dir: str | Path, 
     task = build_task(cfg)
     task.model.load_state_dict(load_checkpoint(weights)["model"])
     out.mkdir(parents=True, exist_ok=True)
-    results = {"task": cfg.task, "run": str(run_dir), "weights": str(weights), "init": saved["init"],
-               "test": task.report(out), "data": task.data_summary(), "config": dataclasses.asdict(cfg),
-               "code": code_version()}
+    results = {
+        "task": cfg.task,
+        "run": str(run_dir),
+        "weights": str(weights),
+        "init": saved["init"],
+        "test": task.report(out),
+        "data": task.data_summary(),
+        "config": dataclasses.asdict(cfg),
+        "code": code_version(),
+    }
     return write_results(out / RESULTS, results, task_records(task, results, run_dir))

@@ -46,7 +46,7 @@ def random_columns(points: torch.Tensor, num: int, generator: torch.Generator) -
 def shuffled_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Full batches of a permutation of range(count) fixed by (seed, epoch); the remainder is dropped."""
     order = np.random.default_rng([seed, epoch]).permutation(count)
-    return [order[i:i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
 
 
 def ordered_batches(count: int, batch_size: int) -> list[np.ndarray]:
@@ -56,7 +56,7 @@ def ordered_batches(count: int, batch_size: int) -> list[np.ndarray]:
 
 def numpy_rng(generator: torch.Generator) -> np.random.Generator:
     """A numpy generator seeded from ``generator``, for draws numpy does better (resampling shapes)."""
-    return np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
 
 T = TypeVar("T")
@@ -64,5 +64,6 @@ T = TypeVar("T")
 
 def stage_bar(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """A transient progress bar named after its stage (evaluation, voting, features); silent when not a TTY."""
-    return iter(progress_bar(items, desc=desc, total=total, leave=False, dynamic_ncols=True,
-                             disable=not sys.stderr.isatty()))
+    return iter(
+        progress_bar(items, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    )

@@ -82,8 +82,10 @@ def load_split(cfg: FinetuneConfig, split: str, progress: bool = True) -> SceneS
     done = done_scenes(root)
     present = [name for name in names if name in done]
     if not present:
-        raise DataError(f"none of the {len(names)} {split} scenes is under {cfg.data}; point --data at the ScanNet "
-                        "tree holding scans/<scene>/<scene>_vh_clean_2[.labels].ply.")
+        raise DataError(
+            f"none of the {len(names)} {split} scenes is under {cfg.data}; point --data at the ScanNet "
+            "tree holding scans/<scene>/<scene>_vh_clean_2[.labels].ply."
+        )
     return SceneSet(present, [load_scene(root, name) for name in present], [n for n in names if n not in done])
 
 
@@ -92,27 +94,28 @@ def column(xyz: np.ndarray, centre: np.ndarray, size: float) -> np.ndarray:
     return np.flatnonzero((np.abs(xyz[:, :2] - centre) <= size / 2).all(axis=1))
 
 
-def model_input(scene: SceneMesh, idx: np.ndarray, centre: np.ndarray, size: float
-                ) -> tuple[np.ndarray, np.ndarray]:
+def model_input(scene: SceneMesh, idx: np.ndarray, centre: np.ndarray, size: float) -> tuple[np.ndarray, np.ndarray]:
     """(points, colours) of vertices ``idx``: xyz relative to (centre, lowest z) over size/2, rgb in [0, 1]."""
     origin = np.array([centre[0], centre[1], scene.xyz[:, 2].min()], dtype=np.float32)
     return (scene.xyz[idx] - origin) / np.float32(size / 2), scene.rgb[idx].astype(np.float32) / 255.0
 
 
-def coverage_passes(xyz: np.ndarray, size: float, num_points: int, rng: np.random.Generator
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+def coverage_passes(
+    xyz: np.ndarray, size: float, num_points: int, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(vertex indices, column centre) of passes of ``num_points`` that together cover every vertex once (the
     last pass of each column padded with random repeats of its vertices)."""
     low = xyz[:, :2].min(axis=0)
     cells = np.floor((xyz[:, :2] - low) / size).astype(np.int64)
     keys, inverse = np.unique(cells, axis=0, return_inverse=True)
     passes = []
-    for cell, members in zip(keys, np.split(np.argsort(inverse.ravel(), kind="stable"),
-                                            np.cumsum(np.bincount(inverse.ravel()))[:-1])):
+    for cell, members in zip(
+        keys, np.split(np.argsort(inverse.ravel(), kind="stable"), np.cumsum(np.bincount(inverse.ravel()))[:-1])
+    ):
         members = rng.permutation(members)
         centre = low + (cell + 0.5) * size
         for start in range(0, len(members), num_points):
-            chunk = members[start:start + num_points]
+            chunk = members[start : start + num_points]
             pad = rng.choice(members, num_points - len(chunk)) if len(chunk) < num_points else chunk[:0]
             passes.append((np.concatenate([chunk, pad]), centre))
     return passes
@@ -144,7 +147,7 @@ class SceneSegmenter(nn.Module):
         """points (B, N, 3), colors (B, N, 3) → class logits (B, N, num_classes)."""
         patches, centres, _ = self.group_divider(points)
         blocks = run_blocks(self.MAE_encoder, patches, centres)
-        tokens = torch.cat([self.MAE_encoder.norm(blocks[i]) for i in self.layers], dim=-1)   # (B, G, 3C)
+        tokens = torch.cat([self.MAE_encoder.norm(blocks[i]) for i in self.layers], dim=-1)  # (B, G, 3C)
         skip = torch.cat([points, colors], dim=-1).transpose(1, 2)
         return self.classifier(self.propagation(points, centres, skip, tokens)).transpose(1, 2)
 
@@ -172,12 +175,19 @@ class ScanNetSegTask:
         self.model: nn.Module = SceneSegmenter(NUM_CLASSES, cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
-        summary = {"val_scenes": len(self.val_set.names), "missing_val": self.val_set.missing,
-                   "cache": str(cache_path(self.cfg)), "crop_size_m": self.cfg.crop_size,
-                   "coverage": coverage(len(self.val_set.names), len(self.val_set.missing), "val")}
+        summary = {
+            "val_scenes": len(self.val_set.names),
+            "missing_val": self.val_set.missing,
+            "cache": str(cache_path(self.cfg)),
+            "crop_size_m": self.cfg.crop_size,
+            "coverage": coverage(len(self.val_set.names), len(self.val_set.missing), "val"),
+        }
         if self.train_set is not None:
-            summary.update(train_shapes=len(self.train_set.names), train_scenes=len(self.train_set.names),
-                           missing_train=self.train_set.missing)
+            summary.update(
+                train_shapes=len(self.train_set.names),
+                train_scenes=len(self.train_set.names),
+                missing_train=self.train_set.missing,
+            )
         return summary
 
     @property
@@ -190,8 +200,10 @@ class ScanNetSegTask:
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """``repeats`` random columns of every train scene per epoch (scene indices), in shuffled batches."""
         count = len(self._train.names)
-        return [batch % count for batch in shuffled_batches(count * self.cfg.repeats, self.cfg.batch_size,
-                                                            self.cfg.seed, epoch)]
+        return [
+            batch % count
+            for batch in shuffled_batches(count * self.cfg.repeats, self.cfg.batch_size, self.cfg.seed, epoch)
+        ]
 
     def _tensors(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.cfg.device
@@ -210,8 +222,9 @@ class ScanNetSegTask:
         points, colors = self._tensors(inputs)
         logits = model(augment(points, generator), colors)
         target = torch.from_numpy(np.stack(labels)).to(logits.device)
-        loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), target.reshape(-1), ignore_index=IGNORE,
-                               reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, NUM_CLASSES), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
         return loss / (target != IGNORE).sum().clamp_min(1)  # a crop of ignored vertices only adds nothing
 
     @torch.no_grad()
@@ -223,9 +236,10 @@ class ScanNetSegTask:
         sums = np.zeros((len(scene.xyz), NUM_CLASSES))
         counts = np.zeros(len(scene.xyz))
         for start in range(0, len(passes), self.cfg.batch_size):
-            chunk = passes[start:start + self.cfg.batch_size]
-            points, colors = self._tensors([model_input(scene, idx, centre, self.cfg.crop_size)
-                                            for idx, centre in chunk])
+            chunk = passes[start : start + self.cfg.batch_size]
+            points, colors = self._tensors(
+                [model_input(scene, idx, centre, self.cfg.crop_size) for idx, centre in chunk]
+            )
             logits = self.model(points, colors).float().cpu().numpy()
             for (idx, _), values in zip(chunk, logits):
                 np.add.at(sums, idx, values)
@@ -236,8 +250,9 @@ class ScanNetSegTask:
         matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
         predictions, passes, vertices, predicted, scored = [], 0, 0, 0, 0
         scenes = zip(self.val_set.names, self.val_set.scenes)
-        for i, (_name, scene) in enumerate(progress_bar(scenes, total=len(self.val_set.names), desc="val scenes",
-                                                       disable=not progress, unit="scene")):
+        for i, (_name, scene) in enumerate(
+            progress_bar(scenes, total=len(self.val_set.names), desc="val scenes", disable=not progress, unit="scene")
+        ):
             pred, count, covered = self.predict_scene(scene, self.cfg.seed * 100_003 + i)
             matrix += metrics.scene_confusion(pred, scene.label, NUM_CLASSES, IGNORE)
             predictions.append(pred)
@@ -245,9 +260,15 @@ class ScanNetSegTask:
             vertices += len(pred)
             predicted += covered
             scored += int((scene.label != IGNORE).sum())
-        vertex_coverage = {"scenes": len(self.val_set.names), "missing_scenes": len(self.val_set.missing),
-                           "vertices": vertices, "predicted_vertices": predicted,
-                           "fraction": predicted / max(vertices, 1), "scored_vertices": scored, "passes": passes}
+        vertex_coverage = {
+            "scenes": len(self.val_set.names),
+            "missing_scenes": len(self.val_set.missing),
+            "vertices": vertices,
+            "predicted_vertices": predicted,
+            "fraction": predicted / max(vertices, 1),
+            "scored_vertices": scored,
+            "passes": passes,
+        }
         return Scores(matrix, predictions, vertex_coverage)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
@@ -264,14 +285,28 @@ class ScanNetSegTask:
         miou, overall = percent(metrics.mean_iou(ious)), percent(_overall(scores.matrix))
         per_class = {name: None if np.isnan(v) else percent(v) for name, v in zip(class_names(), ious)}
         scene, name = self.val_set.scenes[0], self.val_set.names[0]
-        plot_class_iou(per_class, run_dir / IOU_PLOT,
-                       f"ScanNet val per-class IoU: mIoU {miou:.2f} %, OA {overall:.2f} % "
-                       f"({coverage_note(self.data_summary()['coverage'], 'scenes')}, every vertex)")
-        plot_top_view(scene.xyz, scores.predictions[0], scene.label, list(class_names()), IGNORE,
-                      run_dir / SCENE_PLOT, f"{name}: top view by prediction (left) and ground truth (right)")
-        return {"miou": miou, "overall_acc": overall, "class_iou": per_class,
-                "vertex_coverage": scores.vertex_coverage,
-                "plots": {"class_iou": IOU_PLOT, "scene": SCENE_PLOT, "scene_name": name}}
+        plot_class_iou(
+            per_class,
+            run_dir / IOU_PLOT,
+            f"ScanNet val per-class IoU: mIoU {miou:.2f} %, OA {overall:.2f} % "
+            f"({coverage_note(self.data_summary()['coverage'], 'scenes')}, every vertex)",
+        )
+        plot_top_view(
+            scene.xyz,
+            scores.predictions[0],
+            scene.label,
+            list(class_names()),
+            IGNORE,
+            run_dir / SCENE_PLOT,
+            f"{name}: top view by prediction (left) and ground truth (right)",
+        )
+        return {
+            "miou": miou,
+            "overall_acc": overall,
+            "class_iou": per_class,
+            "vertex_coverage": scores.vertex_coverage,
+            "plots": {"class_iou": IOU_PLOT, "scene": SCENE_PLOT, "scene_name": name},
+        }
 
 
 def _overall(matrix: np.ndarray) -> float:

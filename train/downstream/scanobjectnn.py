@@ -21,8 +21,23 @@ from pkd.train.downstream.files import require_dir, require_file
 from pkd.train.downstream.modelnet import ShapeSet
 
 # Point-BERT data/ScanObjectNN_shape_names.txt (label order of the h5 files)
-CLASSES = ["bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table", "bed", "pillow",
-           "sink", "sofa", "toilet"]
+CLASSES = [
+    "bag",
+    "bin",
+    "box",
+    "cabinet",
+    "chair",
+    "desk",
+    "display",
+    "door",
+    "shelf",
+    "table",
+    "bed",
+    "pillow",
+    "sink",
+    "sofa",
+    "toilet",
+]
 # variant → (sub-folder, file suffix, Point-MAE config)
 VARIANTS = {
     "obj_bg": ("main_split", "", "cfgs/finetune_scan_objbg.yaml"),
@@ -36,8 +51,11 @@ def variant_dir(data: Path, variant: str) -> Path:
     """The folder holding ``variant``'s files: DATA/<main_split[_nobg]> or DATA itself when it is that folder."""
     if variant not in VARIANTS:
         raise DataError(f"unknown ScanObjectNN variant {variant!r}; use one of {', '.join(VARIANTS)}.")
-    data = require_dir(data, "ScanObjectNN's h5_files folder (with main_split/ and main_split_nobg/)",
-                       "Pass --data pointing at the extracted h5_files folder.")
+    data = require_dir(
+        data,
+        "ScanObjectNN's h5_files folder (with main_split/ and main_split_nobg/)",
+        "Pass --data pointing at the extracted h5_files folder.",
+    )
     sub = VARIANTS[variant][0]
     return data / sub if (data / sub).is_dir() else data
 
@@ -47,23 +65,30 @@ def load_scanobjectnn(data: str | Path, variant: str, split: str) -> ShapeSet:
     import h5py
 
     folder, suffix, _ = VARIANTS.get(variant, ("", "", ""))
-    path = require_file(variant_dir(Path(data), variant) / f"{FILE_STEM[split]}{suffix}.h5",
-                        f"the ScanObjectNN {variant} {split} file ({folder}/{FILE_STEM[split]}{suffix}.h5)",
-                        "Pass --data pointing at h5_files (or at its main_split / main_split_nobg folder).")
+    path = require_file(
+        variant_dir(Path(data), variant) / f"{FILE_STEM[split]}{suffix}.h5",
+        f"the ScanObjectNN {variant} {split} file ({folder}/{FILE_STEM[split]}{suffix}.h5)",
+        "Pass --data pointing at h5_files (or at its main_split / main_split_nobg folder).",
+    )
     try:
         with h5py.File(path, "r") as h5:
             points = np.asarray(h5["data"], dtype=np.float32)
             labels = np.asarray(h5["label"]).astype(np.int64).reshape(-1)
     except (OSError, KeyError) as exc:
-        raise DataError(f"cannot read {path} as a ScanObjectNN h5 file with datasets 'data' and 'label' ({exc}); "
-                        "re-download the file.") from exc
+        raise DataError(
+            f"cannot read {path} as a ScanObjectNN h5 file with datasets 'data' and 'label' ({exc}); "
+            "re-download the file."
+        ) from exc
     if points.ndim != 3 or points.shape[2] < 3 or len(points) != len(labels) or len(labels) == 0:
-        raise DataError(f"{path} holds data {points.shape} and label {labels.shape}; expected (N, P, 3) and (N,). "
-                        "Re-download the file.")
+        raise DataError(
+            f"{path} holds data {points.shape} and label {labels.shape}; expected (N, P, 3) and (N,). "
+            "Re-download the file."
+        )
     if labels.min() < 0 or labels.max() >= len(CLASSES):
         raise DataError(f"{path} has labels outside 0–{len(CLASSES) - 1}; it is not a ScanObjectNN file.")
-    return ShapeSet(np.ascontiguousarray(points[:, :, :3]), labels, [f"{path.name}:{i}" for i in range(len(labels))],
-                    CLASSES)
+    return ShapeSet(
+        np.ascontiguousarray(points[:, :, :3]), labels, [f"{path.name}:{i}" for i in range(len(labels))], CLASSES
+    )
 
 
 def scanobjectnn_task(cfg: FinetuneConfig) -> ClassificationTask:
@@ -71,5 +96,11 @@ def scanobjectnn_task(cfg: FinetuneConfig) -> ClassificationTask:
     if cfg.variant not in VARIANTS:
         raise DataError(f"ScanObjectNN needs --variant, one of {', '.join(VARIANTS)}; got {cfg.variant!r}.")
     train, test = (load_scanobjectnn(cfg.data, cfg.variant, split) for split in ("train", "test"))
-    return ClassificationTask(cfg, train, test, CLASSES, f"scanobjectnn/{cfg.variant}",
-                              f"Point-MAE {VARIANTS[cfg.variant][2]}, tools/runner_finetune.py")
+    return ClassificationTask(
+        cfg,
+        train,
+        test,
+        CLASSES,
+        f"scanobjectnn/{cfg.variant}",
+        f"Point-MAE {VARIANTS[cfg.variant][2]}, tools/runner_finetune.py",
+    )

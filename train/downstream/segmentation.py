@@ -49,17 +49,26 @@ class ShapeNetPartTask:
         self.model = PartSegmenter(NUM_PARTS, len(CATEGORIES), cfg).to(cfg.device)
 
     def data_summary(self) -> dict[str, Any]:
-        return {"train_shapes": len(self.train_set.names), "test_shapes": len(self.test_set.names),
-                "missing_train": self.train_set.missing, "missing_test": self.test_set.missing,
-                "train_split": "trainval",
-                "coverage": coverage(len(self.test_set.names), self.test_set.missing, "test")}
+        return {
+            "train_shapes": len(self.train_set.names),
+            "test_shapes": len(self.test_set.names),
+            "missing_train": self.train_set.missing,
+            "missing_test": self.test_set.missing,
+            "train_split": "trainval",
+            "coverage": coverage(len(self.test_set.names), self.test_set.missing, "test"),
+        }
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         return shuffled_batches(len(self.train_set.names), self.cfg.batch_size, self.cfg.seed, epoch)
 
-    def _forward(self, shapes: PartSet, batch: np.ndarray, draws: list[tuple[np.ndarray, np.ndarray]],
-                 generator: torch.Generator | None, model: torch.nn.Module | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self,
+        shapes: PartSet,
+        batch: np.ndarray,
+        draws: list[tuple[np.ndarray, np.ndarray]],
+        generator: torch.Generator | None,
+        model: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.cfg.device
         points = torch.from_numpy(np.stack([d[0] for d in draws])).to(device)
         if generator is not None:
@@ -94,9 +103,12 @@ class ShapeNetPartTask:
 
     def _scores(self, *seed: int) -> dict[str, Any]:
         ious, cats, accuracy = self._shape_ious(*seed)
-        return {"instance_miou": percent(metrics.instance_miou(ious)),
-                "class_miou": percent(metrics.class_miou(ious, cats)), "point_acc": percent(accuracy),
-                "category_miou": {c: percent(v) for c, v in metrics.category_mious(ious, cats).items()}}
+        return {
+            "instance_miou": percent(metrics.instance_miou(ious)),
+            "class_miou": percent(metrics.class_miou(ious, cats)),
+            "point_acc": percent(accuracy),
+            "category_miou": {c: percent(v) for c, v in metrics.category_mious(ious, cats).items()},
+        }
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         scores = self._scores(self.cfg.seed, epoch)
@@ -105,7 +117,10 @@ class ShapeNetPartTask:
 
     def report(self, run_dir: Path) -> dict[str, Any]:
         result = self._scores(self.cfg.seed)
-        plot_category_iou(result["category_miou"], run_dir / IOU_PLOT,
-                          f"ShapeNetPart test: instance mIoU {result['instance_miou']:.2f} %, "
-                          f"class mIoU {result['class_miou']:.2f} %, {coverage_note(self.data_summary()['coverage'])}")
+        plot_category_iou(
+            result["category_miou"],
+            run_dir / IOU_PLOT,
+            f"ShapeNetPart test: instance mIoU {result['instance_miou']:.2f} %, "
+            f"class mIoU {result['class_miou']:.2f} %, {coverage_note(self.data_summary()['coverage'])}",
+        )
         return result

@@ -24,12 +24,24 @@ from pkd.common.errors import DataError
 from pkd.train.downstream.files import normalize_unit_sphere, read_point_file, require_dir, require_file
 
 CATEGORY_PARTS: dict[str, tuple[int, ...]] = {
-    "Airplane": (0, 1, 2, 3), "Bag": (4, 5), "Cap": (6, 7), "Car": (8, 9, 10, 11), "Chair": (12, 13, 14, 15),
-    "Earphone": (16, 17, 18), "Guitar": (19, 20, 21), "Knife": (22, 23), "Lamp": (24, 25, 26, 27),
-    "Laptop": (28, 29), "Motorbike": (30, 31, 32, 33, 34, 35), "Mug": (36, 37), "Pistol": (38, 39, 40),
-    "Rocket": (41, 42, 43), "Skateboard": (44, 45, 46), "Table": (47, 48, 49),
+    "Airplane": (0, 1, 2, 3),
+    "Bag": (4, 5),
+    "Cap": (6, 7),
+    "Car": (8, 9, 10, 11),
+    "Chair": (12, 13, 14, 15),
+    "Earphone": (16, 17, 18),
+    "Guitar": (19, 20, 21),
+    "Knife": (22, 23),
+    "Lamp": (24, 25, 26, 27),
+    "Laptop": (28, 29),
+    "Motorbike": (30, 31, 32, 33, 34, 35),
+    "Mug": (36, 37),
+    "Pistol": (38, 39, 40),
+    "Rocket": (41, 42, 43),
+    "Skateboard": (44, 45, 46),
+    "Table": (47, 48, 49),
 }
-CATEGORIES = tuple(CATEGORY_PARTS)          # the one-hot order: synsetoffset2category.txt's (alphabetical) order
+CATEGORIES = tuple(CATEGORY_PARTS)  # the one-hot order: synsetoffset2category.txt's (alphabetical) order
 NUM_PARTS = 50
 SPLITS = {"train": ("train",), "val": ("val",), "test": ("test",), "trainval": ("train", "val")}
 
@@ -40,8 +52,8 @@ class PartSet:
 
     points: list[np.ndarray]
     parts: list[np.ndarray]
-    categories: np.ndarray      # (N,) index into CATEGORIES
-    names: list[str]            # "<synset>/<id>"
+    categories: np.ndarray  # (N,) index into CATEGORIES
+    names: list[str]  # "<synset>/<id>"
     missing: int = 0
 
     def sample(self, index: int, num_points: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -52,16 +64,21 @@ class PartSet:
 
 def read_category_map(meta: Path) -> dict[str, str]:
     """synset → category name from ``synsetoffset2category.txt``; DataError for a category we do not know."""
-    path = require_file(meta / "synsetoffset2category.txt", "the ShapeNetPart category map (Name<TAB>synset)",
-                        "Pass --splits pointing at the folder holding synsetoffset2category.txt and train_test_split/.")
+    path = require_file(
+        meta / "synsetoffset2category.txt",
+        "the ShapeNetPart category map (Name<TAB>synset)",
+        "Pass --splits pointing at the folder holding synsetoffset2category.txt and train_test_split/.",
+    )
     mapping = {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         name, synset = line.split()[:2]
         if name not in CATEGORY_PARTS:
-            raise DataError(f"{path} names category {name!r}, which is not one of the 16 ShapeNetPart categories "
-                            f"({', '.join(CATEGORIES)}); use the official synsetoffset2category.txt.")
+            raise DataError(
+                f"{path} names category {name!r}, which is not one of the 16 ShapeNetPart categories "
+                f"({', '.join(CATEGORIES)}); use the official synsetoffset2category.txt."
+            )
         mapping[synset] = name
     return mapping
 
@@ -69,8 +86,11 @@ def read_category_map(meta: Path) -> dict[str, str]:
 def _split_entries(meta: Path, split: str) -> list[tuple[str, str]]:
     entries = []
     for part in SPLITS[split]:
-        path = require_file(meta / "train_test_split" / f"shuffled_{part}_file_list.json", f"the {part} split list",
-                            "Pass --splits pointing at the folder that holds train_test_split/.")
+        path = require_file(
+            meta / "train_test_split" / f"shuffled_{part}_file_list.json",
+            f"the {part} split list",
+            "Pass --splits pointing at the folder that holds train_test_split/.",
+        )
         try:
             items = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -91,32 +111,41 @@ def _index_shape_files(data: Path, synsets: set[str]) -> dict[tuple[str, str], P
             continue
         key = (path.parent.name, path.name.split(".", 1)[0])
         if key in found:
-            raise DataError(f"shape {key[0]}/{key[1]} exists twice, as {found[key]} and {path}; keep one copy "
-                            "under --data.")
+            raise DataError(
+                f"shape {key[0]}/{key[1]} exists twice, as {found[key]} and {path}; keep one copy under --data."
+            )
         found[key] = path
     return found
 
 
-def load_shapenetpart(data: str | Path, split: str, *, splits: str | Path | None = None,
-                      allow_missing: bool = False) -> PartSet:
+def load_shapenetpart(
+    data: str | Path, split: str, *, splits: str | Path | None = None, allow_missing: bool = False
+) -> PartSet:
     """One split (train, val, test or trainval) of ShapeNetPart, xyz normalised per shape."""
     if split not in SPLITS:
         raise DataError(f"unknown ShapeNetPart split {split!r}; use one of {', '.join(SPLITS)}.")
-    data = require_dir(Path(data), "the shapenetcore_partanno_segmentation_benchmark_v0_normal folder",
-                       "Pass --data pointing at the extracted ShapeNetPart folder.")
+    data = require_dir(
+        Path(data),
+        "the shapenetcore_partanno_segmentation_benchmark_v0_normal folder",
+        "Pass --data pointing at the extracted ShapeNetPart folder.",
+    )
     meta = Path(splits) if splits else data
     synset_to_name = read_category_map(meta)
     files = _index_shape_files(data, set(synset_to_name))
     points, parts, categories, names, missing = [], [], [], [], 0
     for synset, shape in _split_entries(meta, split):
         if synset not in synset_to_name:
-            raise DataError(f"the {split} split lists {synset}/{shape}, but synset {synset} is not in "
-                            f"{meta / 'synsetoffset2category.txt'}; use the official metadata files.")
+            raise DataError(
+                f"the {split} split lists {synset}/{shape}, but synset {synset} is not in "
+                f"{meta / 'synsetoffset2category.txt'}; use the official metadata files."
+            )
         path = files.get((synset, shape))
         if path is None:
             if not allow_missing:
-                raise DataError(f"{data / synset / f'{shape}.txt'} (listed in the {split} split) is missing. "
-                                "Re-extract the dataset, or pass --allow-missing to use only the shapes present.")
+                raise DataError(
+                    f"{data / synset / f'{shape}.txt'} (listed in the {split} split) is missing. "
+                    "Re-extract the dataset, or pass --allow-missing to use only the shapes present."
+                )
             missing += 1
             continue
         category = synset_to_name[synset]
@@ -124,13 +153,17 @@ def load_shapenetpart(data: str | Path, split: str, *, splits: str | Path | None
         labels = table[:, -1].astype(np.int64)
         wrong = sorted(set(labels.tolist()) - set(CATEGORY_PARTS[category]))
         if wrong:
-            raise DataError(f"{path} is a {category} shape but has part labels {wrong[:5]}, outside {category}'s "
-                            f"parts {list(CATEGORY_PARTS[category])}; the file is damaged or misplaced.")
+            raise DataError(
+                f"{path} is a {category} shape but has part labels {wrong[:5]}, outside {category}'s "
+                f"parts {list(CATEGORY_PARTS[category])}; the file is damaged or misplaced."
+            )
         points.append(normalize_unit_sphere(table[:, :3]))
         parts.append(labels)
         categories.append(CATEGORIES.index(category))
         names.append(f"{synset}/{shape}")
     if not points:
-        raise DataError(f"none of the shapes in the {split} split exist under {data}; point --data at the "
-                        "extracted ShapeNetPart folder.")
+        raise DataError(
+            f"none of the shapes in the {split} split exist under {data}; point --data at the "
+            "extracted ShapeNetPart folder."
+        )
     return PartSet(points, parts, np.asarray(categories, dtype=np.int64), names, missing)

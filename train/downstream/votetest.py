@@ -29,8 +29,14 @@ POINT_MAE_PASSES = 299
 WEIGHTS = {"best": BEST, "best_vote": BEST_VOTE, "last": "last.pt"}
 
 
-def test_modelnet40(run_dir: str | Path, votes: int = 10, passes: int = POINT_MAE_PASSES, weights: str = "best",
-                    device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+def test_modelnet40(
+    run_dir: str | Path,
+    votes: int = 10,
+    passes: int = POINT_MAE_PASSES,
+    weights: str = "best",
+    device: str = "auto",
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Score a finished ``finetune modelnet40`` run with ``passes`` voting passes of ``votes`` draws each."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -43,8 +49,7 @@ def test_modelnet40(run_dir: str | Path, votes: int = 10, passes: int = POINT_MA
         raise ConfigError(f"--votes and --passes must be at least 1, got {votes} and {passes}.")
     if weights not in WEIGHTS or not (run_dir / WEIGHTS[weights]).is_file():
         present = ", ".join(w for w, f in WEIGHTS.items() if (run_dir / f).is_file()) or "none: finish the run"
-        raise ConfigError(f"{run_dir / WEIGHTS.get(weights, weights)} does not exist; choose --weights from "
-                          f"{present}.")
+        raise ConfigError(f"{run_dir / WEIGHTS.get(weights, weights)} does not exist; choose --weights from {present}.")
     out = run_dir / VOTE_RESULTS
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it.")
@@ -52,13 +57,30 @@ def test_modelnet40(run_dir: str | Path, votes: int = 10, passes: int = POINT_MA
     task = modelnet_task(cfg)
     task.model.load_state_dict(load_checkpoint(run_dir / WEIGHTS[weights])["model"])
     plain = class_metrics(task.test_logits(), task.test_set.labels, len(task.classes))
-    accuracies = [task.vote_accuracy(seeded(cfg.seed, POINT_MAE_PASSES, index))["overall_acc"]
-                  for index in stage_bar(range(passes), f"voting passes ({votes} votes each)", passes)]
+    accuracies = [
+        task.vote_accuracy(seeded(cfg.seed, POINT_MAE_PASSES, index))["overall_acc"]
+        for index in stage_bar(range(passes), f"voting passes ({votes} votes each)", passes)
+    ]
     summary = metrics.mean_std_best(accuracies)
     data = task.data_summary()
     values = {"vote_pass_mean": summary["mean"], "vote_pass_std": summary["std"], "vote_pass_best": summary["best"]}
-    records = make_records("modelnet40", values, init_report=record["init"], config=dataclasses.asdict(cfg),
-                           data=data["coverage"], protocol="Point-MAE tools/runner_finetune.py test()", run_dir=run_dir)
-    payload = {"task": "test-modelnet40", "weights": weights, "votes": votes, "passes": passes,
-               "plain": plain, "vote_passes": accuracies, "summary": summary, "data": data}
+    records = make_records(
+        "modelnet40",
+        values,
+        init_report=record["init"],
+        config=dataclasses.asdict(cfg),
+        data=data["coverage"],
+        protocol="Point-MAE tools/runner_finetune.py test()",
+        run_dir=run_dir,
+    )
+    payload = {
+        "task": "test-modelnet40",
+        "weights": weights,
+        "votes": votes,
+        "passes": passes,
+        "plain": plain,
+        "vote_passes": accuracies,
+        "summary": summary,
+        "data": data,
+    }
     return write_results(out, payload, records)
