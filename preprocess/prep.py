@@ -238,7 +238,8 @@ def run_prep(cfg: PrepConfig, out: str, teacher_cfg: TeacherConfig, options: Run
         if target != out:
             _drop_stale_staging(target, cfg, teacher.identity.comparable())
         root = _open_or_create(target, cfg, plans, teacher.identity, teacher_cfg.patch_tokens)
-        summary = _execute(target, root, cfg, plans, teacher, teacher_cfg, options)
+        with _disk_full_is_store_error(target):
+            summary = _build(target, root, cfg, plans, teacher, teacher_cfg, options)
         _require_valid(summary, target, out)
         if target != out:
             _swap(target, out)
@@ -283,7 +284,8 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
         entries = cfg.scenes_to_read()
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
         _check_plans(root, plans, cfg, out)
-        return _execute(out, root, cfg, plans, teacher, teacher_cfg, options)
+        with _disk_full_is_store_error(out):
+            return _build(out, root, cfg, plans, teacher, teacher_cfg, options)
 
 
 def prep_config_of(recorded: Mapping[str, Any], out: str) -> PrepConfig:
@@ -299,17 +301,11 @@ def prep_config_of(recorded: Mapping[str, Any], out: str) -> PrepConfig:
         ) from exc
 
 
-def _execute(
-    out: str,
-    root: zarr.Group,
-    cfg: PrepConfig,
-    plans: dict[str, SplitPlan],
-    teacher: Teacher,
-    teacher_cfg: TeacherConfig,
-    options: RunOptions,
-) -> dict:
+@contextmanager
+def _disk_full_is_store_error(out: str) -> Iterator[None]:
+    """A full disk (or file-size limit) while writing ``out`` becomes a StoreError saying how to go on."""
     try:
-        return _build(out, root, cfg, plans, teacher, teacher_cfg, options)
+        yield
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise

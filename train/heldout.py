@@ -27,6 +27,16 @@ from pkd.train.model import MaskedDecoder, Student
 log = logging.getLogger(__name__)
 
 
+def has_heldout(cfg: TrainConfig) -> bool:
+    """Whether the run's store has its held-out split; when not, says so once in the log."""
+    if cfg.val_split in splits_of(open_store(cfg.store)):
+        return True
+    log.warning(
+        "%s has no %r split: no held-out loss is logged (pass --val-split to use another).", cfg.store, cfg.val_split
+    )
+    return False
+
+
 class HeldOut:
     """The held-out split of a run; ``evaluate`` returns its mean loss (and parts) for a model."""
 
@@ -42,25 +52,6 @@ class HeldOut:
         self.batch_size = batch_size
         self.group = open_split(cfg.store, cfg.val_split, require=arrays)
         self.monitor = _frozen_decoder(cfg) if cfg.monitor_recon else None
-
-    @classmethod
-    def open(
-        cls,
-        cfg: TrainConfig,
-        arrays: tuple[str, ...],
-        stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
-        settings: LossSettings,
-        batch_size: int,
-    ) -> HeldOut | None:
-        """The run's held-out data, or None (said once in the log) when the store has no such split."""
-        if cfg.val_split not in splits_of(open_store(cfg.store)):
-            log.warning(
-                "%s has no %r split: no held-out loss is logged (pass --val-split to use another).",
-                cfg.store,
-                cfg.val_split,
-            )
-            return None
-        return cls(cfg, arrays, stats, settings, batch_size)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The held-out samples in store order, in batches of ``batch_size`` (the last one may be smaller)."""

@@ -41,7 +41,7 @@ from pkd.train.config import TrainConfig
 from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
-from pkd.train.heldout import HeldOut
+from pkd.train.heldout import HeldOut, has_heldout
 from pkd.train.losses import CropBox, LossSettings, compute_loss
 from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
 from pkd.train.model import Student, variant_spec
@@ -104,7 +104,9 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
         stats,
     )
     settings = LossSettings.of(cfg.model, cfg.recon_weight, crop)
-    heldout = HeldOut.open(cfg, spec.arrays, stats, settings, max(1, cfg.batch_size // rank_info.world_size))
+    heldout = None
+    if has_heldout(cfg):
+        heldout = HeldOut(cfg, spec.arrays, stats, settings, max(1, cfg.batch_size // rank_info.world_size))
     return loader, settings, heldout
 
 
