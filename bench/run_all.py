@@ -112,6 +112,7 @@ def write_table() -> Path:
         machines.add(json.dumps(data.get("machine", {"device": data.get("device")}), sort_keys=True))
         lines += [f"| {s} | {f} | {p} | {r:.2f} | {t} |" for s, f, p, r, t in _rows(name, data)]
     lines += ["", "Measured on: " + "; ".join(sorted(machines))]
+    lines += ["", "GPU figures (bench/gpu.sh, with the card of each run) are in results_gpu.md."]
     out = HERE / "results.md"
     out.write_text("\n".join(lines) + "\n")
     return out
