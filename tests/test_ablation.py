@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,37 +21,12 @@ from pkd.train.model import Student, StudentConfig
 from pkd.train.schedule import Schedule, lr_at
 from pkd.train.trainer import train
 
+from _cli import flags, run_script
 from conftest import require_fixture
 from store_factory import make_store
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
-TINY_CLI = [
-    "--num-points",
-    "128",
-    "--num-group",
-    "16",
-    "--group-size",
-    "8",
-    "--dim",
-    "48",
-    "--depth",
-    "2",
-    "--heads",
-    "4",
-    "--num-concepts",
-    "4",
-    "--head-hidden",
-    "32",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "3",
-    "--warmup-epochs",
-    "1",
-    "--device",
-    "cpu",
-]
-PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
+TINY_CLI = flags(**TINY, batch_size=4, epochs=3, warmup_epochs=1, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +47,7 @@ def records(run: Path, kind: str) -> list[dict]:
 
 
 def pkd_train(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([PKD_TRAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return run_script("pkd-train", *args, timeout=None, cwd=cwd)
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
