@@ -144,42 +144,16 @@ def test_scanobjectnn_defaults_follow_point_mae_and_errors_name_the_file(tmp_pat
         cfg.votes,
     ) == (2048, 128, 300, 10, 5e-4, 0.05, 32, 10.0, 0)
     write_scanobjectnn(tmp_path, "main_split", "")
-    runner = CliRunner()
-    result = runner.invoke(
-        app(),
-        [
-            "finetune",
-            "scanobjectnn",
-            "--data",
-            str(tmp_path),
-            "--variant",
-            "pb_t50_rs",
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "r"),
-            *TINY,
-        ],
-    )
+
+    def finetune(variant: str):
+        options = flags(data=tmp_path, variant=variant, init="scratch", run_dir=tmp_path / "r")
+        return CliRunner().invoke(app(), ["finetune", "scanobjectnn", *options, *TINY])
+
+    result = finetune("pb_t50_rs")
     assert isinstance(result.exception, DataError)
     assert "training_objectdataset_augmentedrot_scale75.h5" in str(result.exception)
     (tmp_path / "main_split" / "test_objectdataset.h5").write_bytes(b"not hdf5")
-    result = runner.invoke(
-        app(),
-        [
-            "finetune",
-            "scanobjectnn",
-            "--data",
-            str(tmp_path),
-            "--variant",
-            "obj_bg",
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "r"),
-            *TINY,
-        ],
-    )
+    result = finetune("obj_bg")
     assert isinstance(result.exception, DataError) and "test_objectdataset.h5" in str(result.exception)
 
 
