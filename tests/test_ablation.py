@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,37 +21,12 @@ from pkd.train.model import Student, StudentConfig
 from pkd.train.schedule import Schedule, lr_at
 from pkd.train.trainer import train
 
+from _cli import flags, run_script
 from conftest import require_fixture
 from store_factory import make_store
 
 TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
-TINY_CLI = [
-    "--num-points",
-    "128",
-    "--num-group",
-    "16",
-    "--group-size",
-    "8",
-    "--dim",
-    "48",
-    "--depth",
-    "2",
-    "--heads",
-    "4",
-    "--num-concepts",
-    "4",
-    "--head-hidden",
-    "32",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "3",
-    "--warmup-epochs",
-    "1",
-    "--device",
-    "cpu",
-]
-PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
+TINY_CLI = flags(**TINY, batch_size=4, epochs=3, warmup_epochs=1, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +47,7 @@ def records(run: Path, kind: str) -> list[dict]:
 
 
 def pkd_train(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([PKD_TRAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return run_script("pkd-train", *args, timeout=None, cwd=cwd)
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
@@ -192,17 +166,23 @@ def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(store, tmp_pa
 # ---- ablate ------------------------------------------------------------------------------------------------
 
 
-def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
+def modelnet_readout(kind: str, tmp_path: Path, **options) -> Readout:
+    """A ``kind`` readout on the real ModelNet40 fixture (skips when it is absent): 128 of 300 pooled points."""
     root = require_fixture("modelnet40")
-    readout = Readout(
-        "probe",
+    return Readout(
+        kind,
         str(root / "modelnet40_normal_resampled"),
         str(root / "splits"),
         allow_missing=True,
         cache_dir=str(tmp_path / "cache"),
         pool_points=300,
         num_points=128,
+        **options,
     )
+
+
+def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
+    readout = modelnet_readout("probe", tmp_path)
     base = config(store, max_steps=2)
     out = tmp_path / "ablate-t"
     rows = run_ablation(base, ["distill", "recon"], [0, 1], out, readout, progress=False)
@@ -232,18 +212,7 @@ def test_ablate_reads_out_every_variant_resumes_and_adds_rows(store, tmp_path):
 
 
 def test_ablate_finetune_readout_adds_scratch_rows(store, tmp_path):
-    root = require_fixture("modelnet40")
-    readout = Readout(
-        "finetune",
-        str(root / "modelnet40_normal_resampled"),
-        str(root / "splits"),
-        allow_missing=True,
-        epochs=1,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
-        pool_points=300,
-        num_points=128,
-    )
+    readout = modelnet_readout("finetune", tmp_path, epochs=1, batch_size=4)
     rows = run_ablation(config(store, max_steps=1), ["distill"], [0], tmp_path / "ft", readout, progress=False)
     assert [(r["variant"], r["objective"], r["steps"]) for r in rows] == [
         ("distill", "prefix MSE", 1),

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import pickle
-import subprocess
 from pathlib import Path
 
 import h5py
@@ -31,25 +30,11 @@ from pkd.train.encoder import PointEncoder
 from pkd.train.export import export_encoder
 from pkd.train.schedule import epoch_lr
 
+from _cli import flags, run_script
+
 torch.set_num_threads(1)
 
-PKD_TRAIN = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv")) / "bin" / "pkd-train"
-TINY = [
-    "--dim",
-    "32",
-    "--depth",
-    "1",
-    "--heads",
-    "2",
-    "--num-group",
-    "8",
-    "--device",
-    "cpu",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "1",
-]
+TINY = flags(dim=32, depth=1, heads=2, num_group=8, device="cpu", batch_size=4, epochs=1)
 
 
 def app() -> typer.Typer:
@@ -159,42 +144,16 @@ def test_scanobjectnn_defaults_follow_point_mae_and_errors_name_the_file(tmp_pat
         cfg.votes,
     ) == (2048, 128, 300, 10, 5e-4, 0.05, 32, 10.0, 0)
     write_scanobjectnn(tmp_path, "main_split", "")
-    runner = CliRunner()
-    result = runner.invoke(
-        app(),
-        [
-            "finetune",
-            "scanobjectnn",
-            "--data",
-            str(tmp_path),
-            "--variant",
-            "pb_t50_rs",
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "r"),
-            *TINY,
-        ],
-    )
+
+    def finetune(variant: str):
+        options = flags(data=tmp_path, variant=variant, init="scratch", run_dir=tmp_path / "r")
+        return CliRunner().invoke(app(), ["finetune", "scanobjectnn", *options, *TINY])
+
+    result = finetune("pb_t50_rs")
     assert isinstance(result.exception, DataError)
     assert "training_objectdataset_augmentedrot_scale75.h5" in str(result.exception)
     (tmp_path / "main_split" / "test_objectdataset.h5").write_bytes(b"not hdf5")
-    result = runner.invoke(
-        app(),
-        [
-            "finetune",
-            "scanobjectnn",
-            "--data",
-            str(tmp_path),
-            "--variant",
-            "obj_bg",
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "r"),
-            *TINY,
-        ],
-    )
+    result = finetune("obj_bg")
     assert isinstance(result.exception, DataError) and "test_objectdataset.h5" in str(result.exception)
 
 
@@ -237,26 +196,11 @@ def test_fold_files_load_without_code_and_a_payload_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"refused .*posix\.system|refused .*os\.system"):
         read_fold(tmp_path / "evil" / "5way_2shot" / "0.pkl")
     assert not marker.exists()
-    done = subprocess.run(
-        [
-            str(PKD_TRAIN),
-            "finetune",
-            "fewshot",
-            "--fold-files",
-            str(tmp_path / "evil"),
-            "--shot",
-            "2",
-            "--fold",
-            "0",
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_script(
+        "pkd-train",
+        "finetune",
+        "fewshot",
+        *flags(fold_files=tmp_path / "evil", shot=2, fold=0, init="scratch", run_dir=tmp_path / "run", device="cpu"),
     )
     assert done.returncode == 2 and "refused" in done.stderr and "Traceback" not in done.stderr
     assert not marker.exists()
@@ -287,33 +231,26 @@ def test_generated_folds_are_seeded_and_shaped_like_the_published_ones():
         generate_fold(train, ShapeSet(test.points[:40], test.labels[:40], test.names[:40], classes), 5, 10, 0, 0)
 
 
-def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
-    for fold in (0, 1):
-        write_fold(tmp_path / "folds", 5, 2, fold)
-    result = CliRunner().invoke(
+def run_fewshot(tmp_path: Path, second_fold: int, *extra: str):
+    """`pkd-train finetune fewshot` (in process) on 5-way 2-shot folds 0 and ``second_fold`` under tmp_path/folds."""
+    return CliRunner().invoke(
         app(),
         [
             "finetune",
             "fewshot",
-            "--fold-files",
-            str(tmp_path / "folds"),
-            "--way",
-            "5",
-            "--shot",
-            "2",
-            "--fold",
-            "0",
-            "--fold",
-            "1",
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "fs"),
-            "--num-points",
-            "64",
+            *flags(fold_files=tmp_path / "folds", way=5, shot=2, fold=0),
+            *flags(fold=second_fold, init="scratch"),
+            *extra,
+            *flags(run_dir=tmp_path / "fs", num_points=64),
             *TINY,
         ],
     )
+
+
+def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
+    for fold in (0, 1):
+        write_fold(tmp_path / "folds", 5, 2, fold)
+    result = run_fewshot(tmp_path, 1)
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "fs" / "results.json").read_text())
     folds = [json.loads((tmp_path / "fs" / f"fold{k}" / "results.json").read_text()) for k in (0, 1)]
@@ -324,31 +261,7 @@ def test_fewshot_runs_folds_and_reports_mean_and_std(tmp_path):
     assert folds[0]["config"]["epochs"] == 1 and folds[0]["data"]["fold"]["source"].endswith("0.pkl")
     assert folds[0]["records"][0]["benchmark"] == "fewshot/5way2shot" and folds[0]["data"]["test_shapes"] == 15
     write_fold(tmp_path / "folds", 5, 2, 2)
-    result = CliRunner().invoke(
-        app(),
-        [
-            "finetune",
-            "fewshot",
-            "--fold-files",
-            str(tmp_path / "folds"),
-            "--way",
-            "5",
-            "--shot",
-            "2",
-            "--fold",
-            "0",
-            "--fold",
-            "2",
-            "--init",
-            "scratch",
-            "--resume",
-            "--run-dir",
-            str(tmp_path / "fs"),
-            "--num-points",
-            "64",
-            *TINY,
-        ],
-    )
+    result = run_fewshot(tmp_path, 2, "--resume")
     assert result.exit_code == 0, result.output  # fold 0 is continued (already done), fold 2 started
     out = json.loads((tmp_path / "fs" / "results.json").read_text())
     assert out["folds"] == {"0": accs[0], "1": accs[1], "2": out["folds"]["2"]}  # earlier fold 1 kept
@@ -411,15 +324,9 @@ def test_compare_groups_equal_settings_over_seeds(tmp_path):
     table = json.loads((tmp_path / "cmp" / "table.json").read_text())
     assert len(table["rows"]) == 3 and "old/results.json" in table["skipped"][0]
     assert (tmp_path / "cmp" / "table.png").stat().st_size > 0
-    done = subprocess.run(
-        [str(PKD_TRAIN), "compare", str(tmp_path), "--out", str(tmp_path / "cmp" / "table.md")],
-        capture_output=True,
-        text=True,
-    )
+    done = run_script("pkd-train", "compare", tmp_path, "--out", tmp_path / "cmp" / "table.md")
     assert done.returncode == 2 and "--overwrite" in done.stderr
-    done = subprocess.run(
-        [str(PKD_TRAIN), "compare", str(tmp_path / "old")], capture_output=True, text=True, cwd=tmp_path
-    )
+    done = run_script("pkd-train", "compare", tmp_path / "old", cwd=tmp_path)
     assert done.returncode == 2 and "no pkd-results/1 results" in done.stderr
 
 
@@ -446,6 +353,6 @@ def test_usage_errors_exit_cleanly_through_the_console_script(tmp_path):
         ),
     ]
     for args, message in cases:
-        done = subprocess.run([str(PKD_TRAIN), *args], capture_output=True, text=True)
+        done = run_script("pkd-train", *args)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "r").exists()

@@ -21,36 +21,12 @@ from pkd.train.distributed import CpuSyncBatchNorm, convert_sync_batchnorm
 from pkd.train.model import StudentConfig
 from pkd.train.trainer import TrainConfig, train
 
+from _cli import flags
 from store_factory import make_store
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-TINY = dict(
-    num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=2, num_concepts=4, head_hidden=32, drop_path=0.0
-)
-FLAGS = [
-    "--dim",
-    48,
-    "--depth",
-    2,
-    "--heads",
-    2,
-    "--num-points",
-    128,
-    "--num-group",
-    16,
-    "--group-size",
-    8,
-    "--drop-path",
-    0,
-    "--batch-size",
-    8,
-    "--epochs",
-    2,
-    "--warmup-epochs",
-    1,
-    "--device",
-    "cpu",
-]
+MODEL_FLAGS = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=2, drop_path=0.0)
+FLAGS = flags(**MODEL_FLAGS, batch_size=8, epochs=2, warmup_epochs=1, device="cpu")
 EXPECTED_FILES = {"config.json", "metrics.jsonl", "curves.png", LAST}
 
 
@@ -62,7 +38,7 @@ def store(tmp_path_factory):
 
 def config(store, variant="recon+distill", **kw) -> TrainConfig:
     """The 1-process twin of the FLAGS runs (head_hidden and num_concepts are not CLI options: match defaults)."""
-    model = StudentConfig(**{**TINY, "num_concepts": 32, "head_hidden": 1024}, variant=variant)
+    model = StudentConfig(**MODEL_FLAGS, num_concepts=32, head_hidden=1024, variant=variant)
     return TrainConfig(store=str(store), model=model, epochs=2, warmup_epochs=1, batch_size=8, streams=2, **kw)
 
 
@@ -285,41 +261,13 @@ def test_finetune_under_torchrun_trains_on_both_ranks_and_rank_0_writes(tmp_path
     root = require_fixture("modelnet40")
     run = tmp_path / "cls"
     cmd = [
-        "-m",
-        "pkd.train",
-        "finetune",
-        "modelnet40",
-        "--data",
-        root / "modelnet40_normal_resampled",
-        "--splits",
-        root / "splits",
-        "--allow-missing",
-        "--pool-points",
-        300,
-        "--num-points",
-        128,
-        "--num-group",
-        16,
-        "--dim",
-        48,
-        "--depth",
-        3,
-        "--heads",
-        2,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--init",
-        "scratch",
-        "--run-dir",
-        run,
-        "--epochs",
-        2,
-        "--batch-size",
-        4,
-        "--device",
-        "cpu",
+        *("-m", "pkd.train", "finetune", "modelnet40"),
+        *flags(data=root / "modelnet40_normal_resampled", splits=root / "splits", allow_missing=True, pool_points=300),
+        *flags(num_points=128, num_group=16, dim=48, depth=3, heads=2, cache_dir=tmp_path / "cache", init="scratch"),
     ]
-    code, ranks = run_ranks(tmp_path / "logs", 2, *cmd, timeout=300)
+    code, ranks = run_ranks(
+        tmp_path / "logs", 2, *cmd, *flags(run_dir=run, epochs=2, batch_size=4, device="cpu"), timeout=300
+    )
     assert code == 0, [r["stderr"][-2000:] for r in ranks]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4 and len(results["history"]) == 2
@@ -327,15 +275,8 @@ def test_finetune_under_torchrun_trains_on_both_ranks_and_rank_0_writes(tmp_path
     code, ranks = run_ranks(
         tmp_path / "odd-logs",
         2,
-        *cmd[:-6],
-        "--run-dir",
-        tmp_path / "odd",
-        "--epochs",
-        1,
-        "--batch-size",
-        3,
-        "--device",
-        "cpu",
+        *cmd,
+        *flags(run_dir=tmp_path / "odd", epochs=1, batch_size=3, device="cpu"),
         timeout=300,
     )
     assert code != 0  # torchrun exits 1

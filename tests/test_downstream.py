@@ -30,6 +30,7 @@ from pkd.train.downstream.shapenetpart import CATEGORIES, load_shapenetpart
 from pkd.train.encoder import EncoderConfig, PointEncoder
 from pkd.train.export import export_encoder
 
+from _cli import flags
 from conftest import require_fixture
 
 torch.set_num_threads(1)  # the CI machine is shared: threads only contend
@@ -224,7 +225,7 @@ def cli_app() -> typer.Typer:
     return app
 
 
-TINY_CLI = ["--dim", "48", "--depth", "4", "--heads", "4", "--num-group", "16", "--device", "cpu", "--allow-missing"]
+TINY_CLI = flags(dim=48, depth=4, heads=4, num_group=16, device="cpu", allow_missing=True)
 
 
 def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
@@ -232,35 +233,14 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     source = PointEncoder(48, 4, 4)
     torch.save(pointmae_checkpoint(source, ""), tmp_path / "encoder.pth")
     runner, app = CliRunner(), cli_app()
-    mn = [
-        "--data",
-        str(data),
-        "--splits",
-        str(splits),
-        "--pool-points",
-        "300",
-        "--num-points",
-        "128",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        *TINY_CLI,
-    ]
+    mn = [*flags(data=data, splits=splits, pool_points=300, num_points=128, cache_dir=tmp_path / "cache"), *TINY_CLI]
     result = runner.invoke(
         app,
         [
             "finetune",
             "modelnet40",
             *mn,
-            "--init",
-            str(tmp_path / "encoder.pth"),
-            "--run-dir",
-            str(tmp_path / "cls"),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "4",
-            "--votes",
-            "2",
+            *flags(init=tmp_path / "encoder.pth", run_dir=tmp_path / "cls", epochs=2, batch_size=4, votes=2),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -301,20 +281,8 @@ def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
         [
             "finetune",
             "shapenetpart",
-            "--data",
-            str(part_data),
-            "--splits",
-            str(meta),
-            "--init",
-            "scratch",
-            "--run-dir",
-            str(tmp_path / "seg"),
-            "--num-points",
-            "256",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
+            *flags(data=part_data, splits=meta, init="scratch", run_dir=tmp_path / "seg"),
+            *flags(num_points=256, epochs=1, batch_size=2),
             *TINY_CLI,
         ],
     )

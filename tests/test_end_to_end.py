@@ -9,34 +9,14 @@ import torch
 from pkd.preprocess.prep import RunOptions, run_prep
 from pkd.preprocess.teacher import TeacherConfig
 
+from _cli import DEMO_TRAIN, flags, run_command
 from conftest import demo_prep_config
 
-TINY = [
-    "--dim",
-    "48",
-    "--depth",
-    "2",
-    "--heads",
-    "2",
-    "--num-points",
-    "512",
-    "--num-group",
-    "16",
-    "--group-size",
-    "8",
-    "--batch-size",
-    "2",
-    "--epochs",
-    "2",
-    "--warmup-epochs",
-    "1",
-    "--device",
-    "cpu",
-]
+TINY = flags(**DEMO_TRAIN, epochs=2)
 
 
 def pkd_train(*args: str, cwd) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "pkd.train", *args], capture_output=True, text=True, cwd=cwd)
+    result = run_command(sys.executable, "-m", "pkd.train", *args, timeout=None, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -13,7 +13,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,35 +24,16 @@ import zarr
 from pkd.common import store
 from pkd.train.checkpoint import LAST
 
+from _cli import flags, script
+from _cli import run_command as run
 from conftest import DEMO_POINTS, require_fixture
 
-BIN = Path(sys.executable).parent
-PREP, TRAIN = str(BIN / "pkd-prep"), str(BIN / "pkd-train")
+PREP, TRAIN = script("pkd-prep"), script("pkd-train")
 NAMES = [s.name for s in store.array_specs(DEMO_POINTS)]
-TINY = [
-    "--num-points",
-    "128",
-    "--num-group",
-    "16",
-    "--group-size",
-    "8",
-    "--dim",
-    "32",
-    "--depth",
-    "1",
-    "--heads",
-    "2",
-    "--batch-size",
-    "2",
-    "--device",
-    "cpu",
-    "--no-augment",
-]
+TINY = flags(
+    num_points=128, num_group=16, group_size=8, dim=32, depth=1, heads=2, batch_size=2, device="cpu", no_augment=True
+)
 INTERRUPTED = "interrupted: rerun the same command to resume"
-
-
-def run(*args: object, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def check(result: subprocess.CompletedProcess, code: int, *messages: str) -> None:

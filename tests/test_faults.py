@@ -22,6 +22,7 @@ from pkd.preprocess.demo import demo_camera
 from pkd.preprocess.frames import decode_color, decode_depth
 from pkd.preprocess.sens import SensReader, write_sens
 
+from _cli import DEMO_TRAIN, flags
 from conftest import DEMO_POINTS
 
 NAMES = [s.name for s in store.array_specs(DEMO_POINTS)]
@@ -145,32 +146,7 @@ def test_fuzzed_sens_files_end_in_data_errors_only(small_sens, tmp_path, data):
         read_everything(path)
 
 
-TINY_TRAIN = [
-    "--dim",
-    "48",
-    "--depth",
-    "2",
-    "--heads",
-    "2",
-    "--num-points",
-    "512",
-    "--num-group",
-    "16",
-    "--group-size",
-    "8",
-    "--batch-size",
-    "2",
-    "--epochs",
-    "3",
-    "--warmup-epochs",
-    "1",
-    "--device",
-    "cpu",
-    "--save-every",
-    "1",
-    "--max-steps",
-    "6",
-]
+TINY_TRAIN = flags(**DEMO_TRAIN, epochs=3, save_every=1, max_steps=6)
 
 
 def train_command(store_path: Path, run: Path, *extra: str) -> list[str]:

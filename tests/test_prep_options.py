@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +17,8 @@ from pkd.preprocess import cli
 from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.frame_sample import GeometryConfig
 
-PREP = str(Path(sys.executable).parent / "pkd-prep")
+from _cli import run_script
+
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
 
 
@@ -70,7 +69,7 @@ def test_renamed_flag_and_its_old_spelling_set_dask_workers(args, workers):
 
 
 def run(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([PREP, *map(str, args)], capture_output=True, text=True, timeout=120)
+    return run_script("pkd-prep", *args, timeout=120)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """Store tools beyond the main prep: teacher-only recompute, show, ply, and prep on a dask cluster."""
 
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ from pkd.preprocess.prep import RunOptions, run_prep, run_teacher
 from pkd.preprocess.show import load_sample, render, write_ply
 from pkd.preprocess.teacher import TeacherConfig
 
+from _cli import flags, run_command
 from conftest import DEMO_POINTS, demo_prep_config
 
 QUIET = RunOptions(teacher_batch=2, progress=False)
@@ -41,22 +41,9 @@ def test_teacher_recomputes_targets_only(demo_store, tmp_path):
     root = zarr.open_group(str(out), mode="r")
     assert root.attrs["teacher"]["seed"] == 1 and root.attrs["status"] == "complete"
     assert verify_store(str(out)) == []
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pkd.preprocess",
-            "teacher",
-            str(out),
-            "--teacher",
-            "random",
-            "--seed",
-            "1",
-            "--patch-tokens",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
+    again = run_command(
+        *(sys.executable, "-m", "pkd.preprocess", "teacher", out),
+        *flags(teacher="random", seed=1, patch_tokens=True, no_progress=True),
     )
     assert again.returncode == 0, again.stderr
     assert "train: teacher targets for 0 shards written" in again.stdout
@@ -92,20 +79,8 @@ def test_show_writes_a_picture_of_the_expected_size(demo_store, tmp_path):
     with Image.open(png) as picture:
         assert picture.size == (1500, 500)
         assert np.asarray(picture.convert("L")).std() > 10
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pkd.preprocess",
-            "show",
-            str(demo_store),
-            "--index",
-            "2",
-            "--out",
-            str(tmp_path / "cli.png"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_command(
+        sys.executable, "-m", "pkd.preprocess", "show", demo_store, *flags(index=2, out=tmp_path / "cli.png")
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cli.png").stat().st_size > 10_000

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,26 +24,12 @@ from pkd.train.downstream import metrics
 from pkd.train.downstream.plots import class_iou_figure
 from pkd.train.downstream.scannet_seg import coverage_passes
 
+from _cli import flags, run_command, run_script
+
 torch.set_num_threads(1)  # the CI machine is shared: threads only contend
 
 SCENE = "scene9000_00"
-BIN = Path(sys.executable).parent
-TINY = [
-    "--num-points",
-    "256",
-    "--num-group",
-    "16",
-    "--dim",
-    "32",
-    "--depth",
-    "3",
-    "--heads",
-    "2",
-    "--crop-size",
-    "4.0",
-    "--device",
-    "cpu",
-]
+TINY = flags(num_points=256, num_group=16, dim=32, depth=3, heads=2, crop_size=4.0, device="cpu")
 
 
 def demo_tree(root: Path, spacing: float = 0.25) -> Path:
@@ -122,44 +107,22 @@ def test_broken_plys_give_errors_naming_the_file(tmp_path):
             read_scene(*scene_files(root / "scans" / SCENE))
         assert name in str(err.value)
     root, name = trees["no_label"]
-    done = subprocess.run(
-        [
-            str(BIN / "pkd-prep"),
-            "scannet-seg",
-            "--root",
-            str(root),
-            "--out",
-            str(tmp_path / "seg.zarr"),
-            "--splits",
-            str(root / "splits"),
-            "--split",
-            "train",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_script(
+        "pkd-prep",
+        "scannet-seg",
+        *flags(root=root, out=tmp_path / "seg.zarr", splits=root / "splits", split="train"),
         timeout=120,
     )
     assert done.returncode == 2 and name in done.stderr and "Traceback" not in done.stderr, done.stderr
     root, name = trees["truncated"]
-    done = subprocess.run(
-        [
-            str(BIN / "pkd-train"),
-            "finetune",
-            "scannet-seg",
-            "--data",
-            str(root),
-            "--splits",
-            str(root / "splits"),
-            "--init",
-            "scratch",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--run-dir",
-            str(tmp_path / "run"),
-            *TINY,
-        ],
-        capture_output=True,
-        text=True,
+    done = run_script(
+        "pkd-train",
+        "finetune",
+        "scannet-seg",
+        *flags(
+            data=root, splits=root / "splits", init="scratch", cache_dir=tmp_path / "cache", run_dir=tmp_path / "run"
+        ),
+        *TINY,
         timeout=120,
     )
     assert done.returncode == 2 and name in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -180,7 +143,7 @@ def test_cache_resumes_verifies_and_refuses_corruption(tree, tmp_path):
     for a, b in zip((cached.xyz, cached.rgb, cached.label), (parsed.xyz, parsed.rgb, parsed.label)):
         np.testing.assert_array_equal(a, b)
     assert seg_cache.verify_cache(path) == []
-    done = subprocess.run([str(BIN / "pkd-prep"), "verify", str(path)], capture_output=True, text=True, timeout=120)
+    done = run_script("pkd-prep", "verify", path, timeout=120)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr
 
     seg_cache.open_cache(path, mode="a")[SCENE].attrs["done"] = False  # as if killed mid-write
@@ -193,7 +156,7 @@ def test_cache_resumes_verifies_and_refuses_corruption(tree, tmp_path):
     assert any("unreadable" in f for f in seg_cache.verify_cache(path))
     with pytest.raises(StoreError, match=f"{SCENE} is corrupt"):
         seg_cache.load_scene(seg_cache.open_cache(path), SCENE)
-    done = subprocess.run([str(BIN / "pkd-prep"), "verify", str(path)], capture_output=True, text=True, timeout=120)
+    done = run_script("pkd-prep", "verify", path, timeout=120)
     assert f"FAULT {SCENE}: unreadable" in done.stderr  # (its exit status is issue 12's: typer.Exit reads as 0)
     with pytest.raises(StoreError, match="not a Zarr group"):
         seg_cache.build_cache(tree, tree, [SCENE], progress=False)  # never writes into a folder of other files
@@ -339,36 +302,14 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        2,
-        "-m",
-        "pkd.train",
-        "finetune",
-        "scannet-seg",
-        "--data",
-        tree,
-        "--splits",
-        tree / "splits",
-        "--cache-dir",
-        tmp_path / "cache",
-        "--init",
-        "scratch",
-        "--run-dir",
-        run,
-        "--epochs",
-        1,
-        "--repeats",
-        4,
-        "--batch-size",
-        4,
+    done = run_command(
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2),
+        *("-m", "pkd.train", "finetune", "scannet-seg"),
+        *flags(data=tree, splits=tree / "splits", cache_dir=tmp_path / "cache", init="scratch", run_dir=run),
+        *flags(epochs=1, repeats=4, batch_size=4),
         *TINY,
-    ]
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 1

@@ -3,8 +3,6 @@
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -21,9 +19,8 @@ from pkd.preprocess.prep import RunOptions, run_prep
 from pkd.preprocess.scenes import find_scenes, open_scene
 from pkd.preprocess.teacher import TeacherConfig
 
+from _cli import flags, run_script
 from conftest import demo_prep_config
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -64,17 +61,14 @@ def test_other_arguments_are_refused_before_the_teacher_is_built(demo_root, demo
 
 
 def test_info_shows_the_prep_parameters(demo_store):
-    out = subprocess.run([BIN / "pkd-prep", "info", str(demo_store)], capture_output=True, text=True, check=True)
+    out = run_script("pkd-prep", "info", demo_store)
+    assert out.returncode == 0, out.stderr
     assert "frame skip 25, limit None, 1024 points (fps), depth 0.1-10.0 m" in out.stdout
 
 
 def test_an_unwritable_log_file_is_a_usage_error(demo_store, tmp_path):
     (tmp_path / "file").write_text("")
-    out = subprocess.run(
-        [BIN / "pkd-prep", "--log-file", str(tmp_path / "file" / "log.txt"), "info", str(demo_store)],
-        capture_output=True,
-        text=True,
-    )
+    out = run_script("pkd-prep", "--log-file", tmp_path / "file" / "log.txt", "info", demo_store)
     assert out.returncode == 2
     assert "cannot write the log file" in out.stderr and "Traceback" not in out.stderr
 
@@ -112,36 +106,13 @@ def test_expected_library_warnings_go_to_debug(tmp_path, restore_logging, capfd)
 
 def test_piped_pkd_train_prints_lines_and_writes_the_log_file(demo_store, tmp_path):
     log_file = tmp_path / "train.log"
-    out = subprocess.run(
-        [
-            BIN / "pkd-train",
-            "--log-file",
-            str(log_file),
-            "distill",
-            str(demo_store),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--device",
-            "cpu",
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--num-points",
-            "256",
-            "--num-group",
-            "8",
-            "--group-size",
-            "8",
-            "--dim",
-            "32",
-            "--depth",
-            "1",
-            "--heads",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_script(
+        "pkd-train",
+        *flags(log_file=log_file),
+        "distill",
+        demo_store,
+        *flags(run_dir=tmp_path / "run", device="cpu", max_steps=1, batch_size=2, num_points=256),
+        *flags(num_group=8, group_size=8, dim=32, depth=1, heads=2),
     )
     assert out.returncode == 0, out.stderr
     assert "\r" not in out.stderr
@@ -189,28 +160,11 @@ def test_depth_scale_reads_frames_from_another_sensor(sevenscenes, tmp_path):
     assert 4.5 < ratio < 5.5
 
     out = tmp_path / "pairs.zarr"
-    result = subprocess.run(
-        [
-            BIN / "pkd-prep",
-            "--no-progress",
-            "scannet",
-            "--root",
-            str(tum),
-            "--out",
-            str(out),
-            "--teacher",
-            "random",
-            "--frame-skip",
-            "1",
-            "--num-points",
-            "1024",
-            "--depth-scale",
-            "5000",
-            "--teacher-batch",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "pkd-prep",
+        "--no-progress",
+        "scannet",
+        *flags(root=tum, out=out, teacher="random", frame_skip=1, num_points=1024, depth_scale=5000, teacher_batch=3),
     )
     assert result.returncode == 0, result.stderr
     assert "scenes under" in result.stderr and "train: 1 scene (kitchen)" in result.stderr
@@ -230,21 +184,8 @@ def test_depth_scale_is_refused_for_sens_files(demo_root):
     with pytest.raises(DataError, match="records its own depth scale; pass --source exported"):
         find_scenes(demo_root, depth_scale=5000)
     assert {e.kind for e in find_scenes(demo_root, source="exported", depth_scale=5000)} == {"exported"}
-    out = subprocess.run(
-        [
-            BIN / "pkd-prep",
-            "scannet",
-            "--root",
-            str(demo_root),
-            "--out",
-            str(demo_root / "x.zarr"),
-            "--teacher",
-            "random",
-            "--depth-scale",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_script(
+        "pkd-prep", "scannet", *flags(root=demo_root, out=demo_root / "x.zarr", teacher="random", depth_scale=0)
     )
     assert out.returncode == 2 and "--depth-scale must be positive" in out.stderr and "Traceback" not in out.stderr
     assert not (demo_root / "x.zarr").exists()
