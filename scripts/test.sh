@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 bash scripts/lint.sh || { echo "error: lint or type check failed (scripts/lint.sh)" >&2; exit 1; }
 export HF_HUB_OFFLINE=1
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=15 "$@"  # the slowest tests, to keep the CI run well under 30 minutes
 status=$?
 if [ "$status" -eq 5 ]; then
     echo "error: pytest collected no tests" >&2
