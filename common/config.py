@@ -82,11 +82,16 @@ def option(default: Any, help: str, *, run: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "run": run})
 
 
-def at_least(lowest: int, **values: int) -> None:
-    """ConfigError naming the option (``--name``) of the first value below ``lowest``."""
+def flag(name: str) -> str:
+    """The command-line spelling of field or parameter ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def at_least(lowest: int, **values: int | None) -> None:
+    """ConfigError naming the option (``--name``) of the first value below ``lowest``; None (not given) passes."""
     for name, value in values.items():
-        if value < lowest:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}.")
+        if value is not None and value < lowest:
+            raise ConfigError(f"{flag(name)} must be at least {lowest}, got {value}.")
 
 
 def package_versions() -> dict[str, str]:

@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from pkd.common.config import flag
 from pkd.common.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,11 +89,6 @@ def by_section(options: Mapping[str, Option], values: Mapping[str, Any]) -> dict
         if name in values:
             parts[opt.section][opt.field.name] = values[name]
     return parts
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of parameter ``name``."""
-    return "--" + name.replace("_", "-")
 
 
 def alias_parameter(old: str, option: Option) -> inspect.Parameter:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkd.common.config import option
+from pkd.common.config import at_least, option
 from pkd.common.errors import ConfigError
 from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
@@ -69,12 +69,9 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_steps", "stop_after", "save_every", "val_every", "val_max_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1 when given, got {getattr(self, name)}.")
+        optional = ("max_steps", "stop_after", "save_every", "val_every", "val_max_samples")  # None: not given
+        at_least(1, **{name: getattr(self, name) for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards")})
+        at_least(1, **{name: getattr(self, name) for name in optional})
         if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
             raise ConfigError(
                 f"--streams {self.streams} must be at least 1 and divide the batch size "

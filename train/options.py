@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pkd.common.config import flag
 from pkd.common.errors import ConfigError
-from pkd.common.options import Option, dataclass_options, was_given, with_options
+from pkd.common.options import Option, by_section, dataclass_options, was_given, with_options
 from pkd.train.augment import AugmentConfig
 from pkd.train.config import TrainConfig
 from pkd.train.model import StudentConfig
@@ -42,10 +43,7 @@ def config_options(exclude: Iterable[str] = ()) -> Callable[[F], F]:
 
 def build_config(store: str, values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from option values (options not in ``values`` take their defaults)."""
-    parts: dict[str | None, dict[str, Any]] = {section: {} for section in SECTIONS}
-    for name, value in values.items():
-        opt = OPTIONS[name]
-        parts[opt.section][opt.field.name] = value
+    parts = by_section(OPTIONS, values)
     return TrainConfig(
         store=store, model=StudentConfig(**parts["model"]), augment=AugmentConfig(**parts["augment"]), **parts[None]
     )
@@ -73,14 +71,14 @@ def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: s
     """
     recorded = option_values(saved)
     differ = [
-        f"--{k.replace('_', '-')} {v!r} (the run has {recorded[k]!r})"
+        f"{flag(k)} {v!r} (the run has {recorded[k]!r})"
         for k, v in given.items()
         if not OPTIONS[k].run and v != recorded[k]
     ]
     if store != saved.store:
         differ.insert(0, f"store {store} (the run has {saved.store})")
     if differ:
-        runs = ", ".join(f"--{k.replace('_', '-')}" for k, o in OPTIONS.items() if o.run)
+        runs = ", ".join(flag(k) for k, o in OPTIONS.items() if o.run)
         raise ConfigError(
             f"{what} was trained with other settings: {'; '.join(differ)}. Resume without those "
             f"flags (the run's own values are used; only {runs} may change) or start a new run."

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pkd.common.config import option
+from pkd.common.config import at_least, option
 from pkd.common.errors import ConfigError
 from pkd.train.encoder import EncoderConfig
 from pkd.train.runs import CONFIG, read_config, run_fields
@@ -78,9 +78,7 @@ class FinetuneConfig(EncoderConfig):
         super().__post_init__()
         if self.task not in TASK_DEFAULTS:
             raise ConfigError(f"unknown finetuning task {self.task!r}; use one of {', '.join(TASK_DEFAULTS)}.")
-        for name in ("epochs", "num_points", "repeats"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        at_least(1, epochs=self.epochs, num_points=self.num_points, repeats=self.repeats)
         if self.votes < 0:
             raise ConfigError(f"votes must be 0 (no voting) or more, got {self.votes}.")
         if self.batch_size < 2:
