@@ -41,9 +41,7 @@ class PrepConfig:
     )
 
     def __post_init__(self) -> None:
-        at_least(1, frame_skip=self.frame_skip, shard_size=self.shard_size)
-        if self.limit is not None:
-            at_least(1, limit=self.limit)
+        at_least(1, frame_skip=self.frame_skip, shard_size=self.shard_size, limit=self.limit)
         if self.depth_scale is not None and not self.depth_scale > 0:
             raise ConfigError(
                 f"--depth-scale must be positive (depth units per metre, 1000 for millimetres), got {self.depth_scale}."
