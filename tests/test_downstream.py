@@ -25,6 +25,7 @@ from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app
 from pkd.train.downstream.cli import test_app as eval_app
 from pkd.train.downstream.modelnet import load_modelnet40
 from pkd.train.downstream.models import FeaturePropagation, PartSegmenter, PointClassifier, fetch_layers, init_encoder
+from pkd.train.downstream.registry import UNION_FIELDS, config_from_record
 from pkd.train.downstream.run import FinetuneConfig, run_finetune
 from pkd.train.downstream.shapenetpart import CATEGORIES, load_shapenetpart
 from pkd.train.encoder import EncoderConfig, PointEncoder
@@ -326,7 +327,7 @@ def test_resume_continues_bit_identically(modelnet, tmp_path):
         **TINY,
     )
     run_finetune(cfg, tmp_path / "straight", progress=False)
-    run_finetune(FinetuneConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "split", progress=False)
+    run_finetune(dataclasses.replace(cfg, max_steps=3), tmp_path / "split", progress=False)
     resumed = run_finetune(cfg, tmp_path / "split", resume=True, progress=False)
     assert resumed["steps"] == 4
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
@@ -334,7 +335,7 @@ def test_resume_continues_bit_identically(modelnet, tmp_path):
         torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"], straight, rtol=0, atol=0
     )
     with pytest.raises(ConfigError, match="different settings"):
-        run_finetune(FinetuneConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "split", resume=True, progress=False)
+        run_finetune(dataclasses.replace(cfg, lr=1e-3), tmp_path / "split", resume=True, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         run_finetune(cfg, tmp_path / "straight", progress=False)
 
@@ -423,8 +424,18 @@ OLD_FINETUNE_FIELDS = {  # FinetuneConfig's recorded layout before EncoderConfig
 def test_recorded_finetune_configs_keep_their_flat_layout():
     cfg = FinetuneConfig.for_task("shapenetpart", "x", dim=48, heads=4)
     recorded = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    assert set(recorded) == OLD_FINETUNE_FIELDS
-    assert FinetuneConfig(**recorded) == cfg
+    assert set(recorded) == OLD_FINETUNE_FIELDS - UNION_FIELDS | {"splits", "allow_missing"}
+    assert config_from_record(recorded) == cfg
+
+
+def test_records_of_the_union_config_load_as_their_benchmarks_config():
+    cfg = FinetuneConfig.for_task("shapenetpart", "x", dim=48, heads=4)
+    union = {"pool_points": 8192, "votes": 0, "variant": None, "way": 0, "shot": 0, "fold": 0, "folds": None}
+    old = {**dataclasses.asdict(cfg), **union, "trust_pickle": False, "cache_dir": None, "crop_size": 3.0, "repeats": 1}
+    assert set(old) == OLD_FINETUNE_FIELDS
+    assert config_from_record(old) == cfg
+    with pytest.raises(ConfigError, match="unknown keys colour_jitter"):
+        config_from_record({**old, "colour_jitter": 0.1})
 
 
 def _option_help(*command: str) -> dict[str, str]:

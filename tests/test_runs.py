@@ -15,7 +15,7 @@ import torch
 from pkd.common.errors import ConfigError, TrainingError
 from pkd.train import runs
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint
-from pkd.train.downstream.engine import RESUME_MAY_CHANGE, FinetuneConfig
+from pkd.train.downstream.config import RESUME_MAY_CHANGE, FinetuneConfig
 from pkd.train.model import StudentConfig
 from pkd.train.schedule import Schedule, epoch_lr, lr_at
 from pkd.train.trainer import TrainConfig, train

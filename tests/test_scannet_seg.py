@@ -3,6 +3,7 @@ metrics against hand-computed IoUs, full vertex coverage, and finetune/test end 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -291,7 +292,7 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
         device="cpu",
     )
     run_finetune(cfg, tmp_path / "straight", progress=False)
-    run_finetune(FinetuneConfig(**{**cfg.__dict__, "max_steps": 1}), tmp_path / "split", progress=False)
+    run_finetune(dataclasses.replace(cfg, max_steps=1), tmp_path / "split", progress=False)
     assert run_finetune(cfg, tmp_path / "split", resume=True, progress=False)["steps"] == 2
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     torch.testing.assert_close(

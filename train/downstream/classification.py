@@ -11,20 +11,25 @@ logits averaged over ``votes`` training-style draws from the unshuffled pool (``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import typer
 
+from pkd.common.config import option
 from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
-from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.commands import Device
+from pkd.train.downstream.config import ClassificationConfig, ModelNetData
 from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
+from pkd.train.downstream.registry import Benchmark, register
 from pkd.train.downstream.results import coverage, coverage_note, percent
 from pkd.train.downstream.sampling import (
     fps,
@@ -90,7 +95,7 @@ class ClassificationTask:
 
     def __init__(
         self,
-        cfg: FinetuneConfig,
+        cfg: ClassificationConfig,
         train_set: ShapeSet,
         test_set: ShapeSet,
         classes: list[str],
@@ -182,7 +187,43 @@ class ClassificationTask:
         return result
 
 
-def modelnet_task(cfg: FinetuneConfig) -> ClassificationTask:
+@dataclass(frozen=True, kw_only=True)
+class ModelNet40Config(ModelNetData, ClassificationConfig):
+    """ModelNet40 fine-tuning, Point-MAE's ``cfgs/finetune_modelnet.yaml`` (the shared defaults are its)."""
+
+    votes: int = option(10, "voting draws per evaluation (0: no voting)")
+
+
+def modelnet_task(cfg: ModelNet40Config) -> ClassificationTask:
     """ModelNet40 (``cfgs/finetune_modelnet.yaml``): 8192-point FPS pools, 1024 points, 10 votes."""
     train, test = load_modelnet_split(cfg, "train"), load_modelnet_split(cfg, "test")
     return ClassificationTask(cfg, train, test, train.classes, "modelnet40", MODELNET_PROTOCOL)
+
+
+def test_modelnet40_command(
+    run: Annotated[Path, typer.Argument(help="folder of a finished `pkd-train finetune modelnet40` run")],
+    votes: Annotated[int, typer.Option(help="draws averaged per pass (Point-MAE: 10)")] = 10,
+    passes: Annotated[int, typer.Option(help="voting passes (Point-MAE's test mode: 299)")] = 299,
+    weights: Annotated[str, typer.Option(help="best | best_vote | last")] = "best",
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing RUN/test_votes.json")] = False,
+) -> None:
+    """Point-MAE's test mode: mean, std and best accuracy over repeated voting passes → RUN/test_votes.json."""
+    from pkd.train.downstream.commands import summary
+    from pkd.train.downstream.votetest import test_modelnet40
+
+    results = test_modelnet40(run, votes=votes, passes=passes, weights=weights, device=device, overwrite=overwrite)
+    typer.echo(f"{passes} passes of {votes} votes ({weights} weights): {summary(results)} → {run}/test_votes.json")
+
+
+register(
+    Benchmark(
+        name="modelnet40",
+        config=ModelNet40Config,
+        build=modelnet_task,
+        summary="ModelNet40 classification: OA and mean-class accuracy after every epoch, with and without voting "
+        "(best plain epoch → best.pt, best voting epoch → best_vote.pt, as Point-MAE's ckpt-best / ckpt-best_vote).",
+        data_help="dataset folder (modelnet40_normal_resampled)",
+        test_command=test_modelnet40_command,
+    )
+)

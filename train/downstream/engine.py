@@ -19,9 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,9 +29,10 @@ from pkd.common.logs import progress_bar
 from pkd.train import distributed
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
 from pkd.train.distributed import DistInfo
-from pkd.train.downstream.config import RESUME_MAY_CHANGE, FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
+from pkd.train.downstream.registry import Task, benchmarks
 from pkd.train.downstream.results import coverage_note, make_records, write_results
 from pkd.train.encoder import PointEncoder
 from pkd.train.metrics import MetricsLog
@@ -44,6 +44,7 @@ from pkd.train.runs import (
     prepare_run_dir,
     resolve_device,
     restore_training,
+    run_fields,
     run_lock,
     save_checkpoint,
     seed_everything,
@@ -56,20 +57,6 @@ BEST_VOTE = "best_vote.pt"
 CURVES = "curves.png"
 RESULTS = "results.json"
 SELECTION = "best epoch chosen on the test split, as Point-MAE does (these benchmarks have no validation split)"
-
-
-class Task(Protocol):
-    """What ``finetune`` needs from a downstream task."""
-
-    @property
-    def model(self) -> nn.Module: ...  # read-only here, so a task may declare its own module type
-
-    def data_summary(self) -> dict[str, Any]: ...
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]: ...
-    def loss(self, model: nn.Module, batch: np.ndarray, generator: torch.Generator) -> torch.Tensor: ...
-    # ``model`` is ``self.model`` or its DDP wrapper: training forwards go through it
-    def evaluate(self, epoch: int) -> dict[str, float]: ...  # "score" (higher is better), optional "vote_score"
-    def report(self, run_dir: Path) -> dict[str, Any]: ...  # final test metrics (+ plots) of the current weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +78,7 @@ def _restore(
 ) -> tuple[State, dict]:
     """Load last.pt into model and optimizer, restore RNGs; refuse a checkpoint of other settings."""
     ckpt = load_checkpoint(run_dir / LAST)
-    restore_training(ckpt, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, run_dir, model, optimizer)
+    restore_training(ckpt, dataclasses.asdict(cfg), run_fields(type(cfg)), run_dir, model, optimizer)
     set_rng_state(ckpt["rng"])
     state = ckpt["state"]
     return State(**{**state, "history": tuple(state["history"])}), ckpt["init_report"]
@@ -117,7 +104,7 @@ def _save(
 
 
 def finetune(
-    build_task: Callable[[FinetuneConfig], Task],
+    build_task: Callable[[Any], Task],
     cfg: FinetuneConfig,
     run_dir: str | Path,
     resume: bool = False,
@@ -130,7 +117,7 @@ def finetune(
 
 
 def _finetune(
-    build_task: Callable[[FinetuneConfig], Task],
+    build_task: Callable[[Any], Task],
     cfg: FinetuneConfig,
     run_dir: Path,
     resume: bool,
@@ -242,7 +229,7 @@ def task_records(task: Task, results: dict[str, Any], run_dir: Path) -> list[dic
     """The schema records of a finished run (or a re-scoring without ``best``): the task's headline test
     metrics, plus the best voting epoch."""
     test = results["test"]
-    values = {k: test[k] for k in getattr(task, "headline", ()) if k in test}
+    values = {k: test[k] for k in task.headline if k in test}
     if "vote_score" in results.get("best", {}):
         values["best_vote_overall_acc"] = results["best"]["vote_score"]
     data = results["data"].get("coverage") or {
@@ -251,12 +238,12 @@ def task_records(task: Task, results: dict[str, Any], run_dir: Path) -> list[dic
         "split": "test",
     }
     return make_records(
-        getattr(task, "benchmark", results["task"]),
+        task.benchmark,
         values,
         init_report=results["init"],
         config=results["config"],
         data=data,
-        protocol=getattr(task, "protocol", ""),
+        protocol=task.protocol,
         run_dir=run_dir,
     )
 
@@ -266,7 +253,8 @@ def describe_data(results: dict[str, Any]) -> str:
     data = results["data"]
     if "coverage" not in data:
         return f"{data['test_shapes']} test shapes"
-    return coverage_note(data["coverage"], "scenes" if results["task"] == "scannet-seg" else "shapes")
+    registered = benchmarks().get(results["task"])  # the probe and voting passes are no registered benchmark
+    return coverage_note(data["coverage"], registered.items if registered else "shapes")
 
 
 def _evaluate(task: Task, state: State, run_dir: Path, write: bool = True) -> State:

@@ -20,6 +20,7 @@ from pkd.common.config import option
 from pkd.common.errors import ConfigError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.classification import CONFUSION, load_modelnet_split
+from pkd.train.downstream.config import ModelNetData
 from pkd.train.downstream.engine import RESULTS
 from pkd.train.downstream.modelnet import ShapeSet
 from pkd.train.downstream.models import init_encoder
@@ -32,22 +33,17 @@ from pkd.train.tokenizer import Group
 
 
 @dataclass(frozen=True)
-class ProbeConfig(EncoderConfig):
+class ProbeConfig(ModelNetData, EncoderConfig):
     """A linear-probe run on ModelNet40 (the encoder's sizes are ``EncoderConfig``'s fields; its drop_path
     does not matter, the encoder only runs in eval mode)."""
 
     data: str
     init: str = "scratch"
-    splits: str | None = option(None, "folder with the split lists, if not inside --data")
     svm_c: float = option(0.01, "LinearSVC regularisation C")
     batch_size: int = option(64, "shapes per forward pass")
     seed: int = option(0, "SVM seed")
     device: str = option("cpu", "cpu, cuda or auto")
-    allow_missing: bool = option(False, "use only the listed shapes that exist")
-    trust_pickle: bool = option(False, "read Point-MAE's modelnet40_*_fps.dat pickles (runs their code)")
-    cache_dir: str | None = option(None, "cache of the FPS pools per shape (.npz)")
     num_points: int = option(1024, "points per shape fed to the encoder")
-    pool_points: int = option(8192, "FPS points kept per shape")
 
 
 @torch.no_grad()

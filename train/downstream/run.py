@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import LAST, load_checkpoint
-from pkd.train.downstream.classification import modelnet_task
 from pkd.train.downstream.compare import compare
 from pkd.train.downstream.config import FinetuneConfig
-from pkd.train.downstream.engine import BEST, RESULTS, Task, finetune, task_records
+from pkd.train.downstream.engine import BEST, RESULTS, finetune, task_records
 from pkd.train.downstream.fewshot import run_fewshot
 from pkd.train.downstream.probe import ProbeConfig, probe_modelnet40
+from pkd.train.downstream.registry import Benchmark, benchmark, config_from_record
 from pkd.train.downstream.results import write_results
-from pkd.train.downstream.scannet_seg import ScanNetSegTask
-from pkd.train.downstream.scanobjectnn import scanobjectnn_task
-from pkd.train.downstream.segmentation import ShapeNetPartTask
 from pkd.train.downstream.votetest import test_modelnet40
 from pkd.train.runs import code_version, resolve_device
-
-TASKS: dict[str, Callable[[FinetuneConfig], Task]] = {
-    "modelnet40": modelnet_task,
-    "shapenetpart": ShapeNetPartTask,
-    "scanobjectnn": scanobjectnn_task,
-    "scannet-seg": ScanNetSegTask,
-}
 
 __all__ = [
     "FinetuneConfig",
@@ -45,12 +34,13 @@ __all__ = [
 def run_finetune(
     cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Finetune ``cfg.task`` (a key of TASKS) into ``run_dir``; returns results.json's content."""
-    return finetune(TASKS[cfg.task], cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    """Finetune ``cfg.task`` (a registered benchmark) into ``run_dir``; returns results.json's content."""
+    build = benchmark(cfg.task).build
+    return finetune(build, cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def run_test(
-    build_task: Callable[[FinetuneConfig], Task],
+    bench: Benchmark,
     run_dir: str | Path,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -64,8 +54,7 @@ def run_test(
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} holds no config.json; pass a run directory written by `pkd-train finetune`.")
     saved = json.loads((run_dir / "config.json").read_text())
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in changes.items() if v is not None}
-    cfg = FinetuneConfig(**{**saved["config"], **given})
+    cfg = config_from_record(saved["config"], **changes)
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     weights = run_dir / BEST if (run_dir / BEST).is_file() else run_dir / LAST
     if not weights.is_file():
@@ -73,7 +62,7 @@ def run_test(
     out = Path(out) if out else run_dir / "test"
     if (out / RESULTS).exists() and not overwrite:
         raise ConfigError(f"{out / RESULTS} exists; pass --overwrite to replace it or --out for another folder.")
-    task = build_task(cfg)
+    task = bench.test_task(cfg)
     task.model.load_state_dict(load_checkpoint(weights)["model"])
     out.mkdir(parents=True, exist_ok=True)
     results = {

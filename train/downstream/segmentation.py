@@ -9,6 +9,7 @@ category's parts; per-shape IoU → instance and class mIoU, in percent.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 
 from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
-from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.config import FinetuneConfig, ShapeData, redefault
 from pkd.train.downstream.models import PartSegmenter
 from pkd.train.downstream.plots import plot_category_iou
+from pkd.train.downstream.registry import Benchmark, register
 from pkd.train.downstream.results import coverage, coverage_note, percent
 from pkd.train.downstream.sampling import numpy_rng, ordered_batches, shuffled_batches, stage_bar
 from pkd.train.downstream.shapenetpart import CATEGORIES, CATEGORY_PARTS, NUM_PARTS, PartSet, load_shapenetpart
@@ -35,6 +37,17 @@ def restricted_prediction(logits: torch.Tensor, category: int) -> np.ndarray:
     return np.asarray(parts)[logits[:, list(parts)].argmax(dim=-1).cpu().numpy()]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShapeNetPartConfig(ShapeData, FinetuneConfig):
+    """Point-MAE's ``segmentation/main.py`` (current): --learning_rate 0.0002 --epoch 300, batch 16, 2048 points;
+    ``CosineLRScheduler(t_initial=args.epoch, warmup_t=10)``: cosine over all epochs."""
+
+    batch_size: int = redefault(FinetuneConfig, "batch_size", 16)
+    lr: float = redefault(FinetuneConfig, "lr", 2e-4)
+    num_points: int = redefault(FinetuneConfig, "num_points", 2048)
+    num_group: int = redefault(FinetuneConfig, "num_group", 128)
+
+
 class ShapeNetPartTask:
     """ShapeNetPart trainval/test data and a ``PartSegmenter``."""
 
@@ -42,7 +55,7 @@ class ShapeNetPartTask:
     protocol = "Point-MAE segmentation/main.py"
     headline = ("instance_miou", "class_miou")
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
+    def __init__(self, cfg: ShapeNetPartConfig) -> None:
         self.cfg = cfg
         self.train_set = load_shapenetpart(cfg.data, "trainval", splits=cfg.splits, allow_missing=cfg.allow_missing)
         self.test_set = load_shapenetpart(cfg.data, "test", splits=cfg.splits, allow_missing=cfg.allow_missing)
@@ -124,3 +137,14 @@ class ShapeNetPartTask:
             f"class mIoU {result['class_miou']:.2f} %, {coverage_note(self.data_summary()['coverage'])}",
         )
         return result
+
+
+register(
+    Benchmark(
+        name="shapenetpart",
+        config=ShapeNetPartConfig,
+        build=ShapeNetPartTask,
+        summary="ShapeNetPart part segmentation: instance and class mIoU.",
+        data_help="ShapeNetPart folder (shapenetcore_partanno_segmentation_benchmark_v0_normal)",
+    )
+)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pkd.common.errors import ConfigError
 from pkd.train.checkpoint import load_checkpoint
 from pkd.train.downstream import metrics
-from pkd.train.downstream.classification import class_metrics, modelnet_task, seeded
-from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.classification import ModelNet40Config, class_metrics, modelnet_task, seeded
 from pkd.train.downstream.engine import BEST, BEST_VOTE
+from pkd.train.downstream.registry import config_from_record
 from pkd.train.downstream.results import make_records, write_results
 from pkd.train.downstream.sampling import stage_bar
 from pkd.train.runs import resolve_device
@@ -53,8 +53,8 @@ def test_modelnet40(
     out = run_dir / VOTE_RESULTS
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it.")
-    cfg = FinetuneConfig(**{**record["config"], "votes": votes, "device": resolve_device(device)})
-    task = modelnet_task(cfg)
+    cfg = config_from_record(record["config"], votes=votes, device=resolve_device(device))
+    task = modelnet_task(cast(ModelNet40Config, cfg))
     task.model.load_state_dict(load_checkpoint(run_dir / WEIGHTS[weights])["model"])
     plain = class_metrics(task.test_logits(), task.test_set.labels, len(task.classes))
     accuracies = [
