@@ -103,7 +103,8 @@ def write_demo_mesh(
     """Write the room's ``<scene>_vh_clean_2.ply`` and ``.labels.ply`` into the scan folder ``scene``, and its
     annotation files (``meta``: the other ``key = value`` lines of ``<scene>.txt``); returns the two PLYs."""
     rng = np.random.default_rng([seed, 2])
-    vertices, faces, labels, colors, segments, objects, offset = [], [], [], [], [], {}, 0
+    vertices, faces, labels, colors, segments, offset = [], [], [], [], [], 0
+    objects: dict[int, tuple[str, list[int]]] = {}
     for points, tris, label, number in demo_surfaces(room, boxes, sphere, spacing):
         base = rng.uniform(60, 230, size=3)
         colors.append(np.clip(base + rng.normal(0, 12, size=points.shape), 0, 255).astype(np.uint8))
