@@ -88,6 +88,15 @@ def annotation_files(folder: Path) -> tuple[Path, Path, Path, Path]:
     return mesh, segs, aggregation, meta
 
 
+def require_annotation_files(folder: Path) -> tuple[Path, Path, Path, Path]:
+    """``annotation_files(folder)``; DataError naming the first that does not exist."""
+    files = annotation_files(folder)
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; {ANNOTATION_HINT}, {SKIP_HINT}.")
+    return files
+
+
 def _json(path: Path, key: str) -> Any:
     """``key`` of the JSON object in ``path``; DataError naming the file when it is malformed or lacks it."""
     try:
@@ -142,10 +151,7 @@ def _objects(path: Path) -> list[tuple[int, str, np.ndarray]]:
 def read_detection_scene(folder: Path) -> DetectionScene:
     """Vertices, instance and NYU40 labels and detection boxes of the scan folder ``folder``; DataError naming the
     file for a missing or damaged file, a segmentation of another vertex count or segments it lacks."""
-    mesh, segs, aggregation, meta = files = annotation_files(folder)
-    for path in files:
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; {ANNOTATION_HINT}, {SKIP_HINT}.")
+    mesh, segs, aggregation, meta = require_annotation_files(folder)
     vertices = read_ply_vertices(mesh, ("x", "y", "z", "red", "green", "blue"))
     try:
         seg_ids = np.asarray(_json(segs, "segIndices"), dtype=np.int64).reshape(-1)
