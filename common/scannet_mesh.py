@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from plyfile import PlyData, PlyParseError
+from plyfile import PlyData, PlyElement, PlyParseError
 
 from pkd.common.errors import DataError
 
@@ -29,6 +29,7 @@ LABELS_TSV = "scannetv2-labels.combined.tsv"
 DOWNLOAD_HINT = "fetch it with ScanNet's download script: --type _vh_clean_2.ply --type _vh_clean_2.labels.ply"
 # ScanNet faces are triangles; telling plyfile so lets it read the face lists at memmap speed.
 _TRIANGLES = {"face": {"vertex_indices": 3}}
+_VERTEX = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1")]
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,17 @@ class SceneMesh:
 
 
 @cache
+def label_rows() -> tuple[dict[str, str], ...]:
+    """The rows of the shipped ``scannetv2-labels.combined.tsv`` (raw_category, nyu40id, nyu40class, ...) that
+    carry an NYU40 id."""
+    text = resources.files("pkd.data_manifests").joinpath(LABELS_TSV).read_text()
+    return tuple(row for row in csv.DictReader(text.splitlines(), delimiter="\t") if row["nyu40id"].strip())
+
+
+@cache
 def class_names() -> tuple[str, ...]:
     """Names of the 20 benchmark classes (nyu40class of each id in CLASS_IDS), from the shipped tsv."""
-    text = resources.files("pkd.data_manifests").joinpath(LABELS_TSV).read_text()
-    names = {
-        int(row["nyu40id"]): row["nyu40class"]
-        for row in csv.DictReader(text.splitlines(), delimiter="\t")
-        if row["nyu40id"].strip()
-    }
+    names = {int(row["nyu40id"]): row["nyu40class"] for row in label_rows()}
     return tuple(names[i] for i in CLASS_IDS)
 
 
@@ -67,7 +71,7 @@ def scene_files(folder: Path) -> tuple[Path, Path]:
     return folder / f"{folder.name}{MESH_SUFFIX}", folder / f"{folder.name}{LABELS_SUFFIX}"
 
 
-def _vertices(path: Path, fields: tuple[str, ...]) -> np.ndarray:
+def read_ply_vertices(path: Path, fields: tuple[str, ...]) -> np.ndarray:
     """The vertex element of a PLY as a structured array; DataError naming the file when it is unreadable,
     truncated or lacks one of ``fields``."""
     try:
@@ -90,14 +94,37 @@ def _vertices(path: Path, fields: tuple[str, ...]) -> np.ndarray:
     return data
 
 
+def write_mesh_ply(
+    path: Path, xyz: np.ndarray, rgb: np.ndarray, faces: np.ndarray, label: np.ndarray | None = None
+) -> Path:
+    """Write a triangle mesh in ScanNet's binary little-endian layout (``_vh_clean_2.ply``; with ``label``, the
+    NYU40 ids as a ushort vertex property, ``_vh_clean_2.labels.ply``): the one PLY writer of the demo and tests."""
+    table = np.empty(len(xyz), dtype=_VERTEX + ([("label", "<u2")] if label is not None else []))
+    for i, axis in enumerate("xyz"):
+        table[axis] = xyz[:, i]
+    for i, channel in enumerate(("red", "green", "blue")):
+        table[channel] = rgb[:, i]
+    table["alpha"] = 255
+    if label is not None:
+        table["label"] = label
+    face = np.empty(len(faces), dtype=[("vertex_indices", "<i4", (3,))])
+    face["vertex_indices"] = faces
+    elements = [
+        PlyElement.describe(table, "vertex"),
+        PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"}),
+    ]
+    PlyData(elements, text=False, byte_order="<").write(str(path))
+    return path
+
+
 def read_scene(mesh: Path, labels: Path) -> SceneMesh:
     """Vertices, colours and benchmark labels of one scene from its two PLY files; DataError naming the file
     for a missing/damaged file, a missing property or vertex counts that differ between the two."""
     for path in (mesh, labels):
         if not path.is_file():
             raise DataError(f"{path} does not exist; {DOWNLOAD_HINT}, or pass --allow-missing to skip the scene.")
-    vertices = _vertices(mesh, ("x", "y", "z", "red", "green", "blue"))
-    labelled = _vertices(labels, ("label",))
+    vertices = read_ply_vertices(mesh, ("x", "y", "z", "red", "green", "blue"))
+    labelled = read_ply_vertices(labels, ("label",))
     if len(labelled) != len(vertices):
         raise DataError(
             f"{labels} has {len(labelled)} vertices but {mesh} has {len(vertices)}; the two files "

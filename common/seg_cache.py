@@ -1,32 +1,36 @@
-"""The ScanNet segmentation cache (format "pkd-scannet-seg", version 1): each scene's mesh vertices, parsed once.
+"""The ScanNet segmentation cache (format "pkd-scannet-seg", version 2): each scene's mesh vertices, parsed once.
 
 Parsing two PLYs per scene costs far more than reading them back from Zarr, and fine-tuning reads every
 scene hundreds of times, so ``build_cache`` parses each scene once into::
 
-    seg.zarr   attrs: format, version, class_ids (the NYU40 ids of classes 0..19), classes (names), ignore
-      <scene>/ attrs: vertices, mesh, labels (source paths), done (set last: a scene counts only then)
+    seg.zarr   attrs (SegCacheAttrs): format, version, class_ids (the NYU40 ids of classes 0..19), classes
+               (names), ignore, data_root (the resolved ScanNet tree it caches)
+      <scene>/ attrs (SegSceneAttrs): folder, vertices, sources (resolved path, size, mtime_ns of the mesh and
+               labels PLYs), done (written last: a scene counts only then)
         xyz    (V, 3) float32  vertex coordinates, metres
         rgb    (V, 3) uint8    vertex colour
         label  (V,)   uint8    benchmark class 0..19, or 255 (ignored)
 
-Chunks of 2^20 vertices (a whole scene in one chunk per array, for most scans), Blosc-lz4 + CRC32C: lz4
-decodes several times faster than zstd and reading is what the cache is for (bench/scannet_seg.py); a
-flipped byte fails on read (a StoreError naming the scene) instead of being trained on. Building is
-resumable: scenes already done are kept, a scene whose write was interrupted is rewritten whole. One process
-writes a cache at a time (under torchrun, rank 0).
+Arrays are written by ``scene_arrays`` (chunks of 2^20 vertices, a whole scene in one chunk per array for most
+scans, Blosc-lz4 + CRC32C: a flipped byte fails on read, a StoreError naming the scene, instead of being
+trained on). Building is resumable: scenes already done are kept, a scene whose write was interrupted is
+rewritten whole. The cache never serves stale data: a scene whose PLYs changed since it was cached is parsed
+again, and a cache of another data root is emptied and rebuilt (one INFO line each). One process writes a
+cache at a time (under torchrun, rank 0).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pkd.common.errors import DataError, StoreError
+from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
 from pkd.common.scannet_mesh import (
     CLASS_IDS,
@@ -39,22 +43,59 @@ from pkd.common.scannet_mesh import (
     read_scene,
     scene_files,
 )
-from pkd.common.store import array_of, int_attr, split_group
+from pkd.common.scene_arrays import ArraySpecs, layout_faults, read_arrays, write_arrays
+from pkd.common.source_identity import FileIdentity, fingerprint
+from pkd.common.store import _check, _Plain, split_group
+
+log = logging.getLogger(__name__)
 
 FORMAT = "pkd-scannet-seg"
-VERSION = 1
-CHUNK = 1 << 20
-ARRAYS = {"xyz": ((3,), "float32"), "rgb": ((3,), "uint8"), "label": ((), "uint8")}
+VERSION = 2
+ARRAYS: ArraySpecs = {
+    "xyz": ("vertices", (3,), "float32"),
+    "rgb": ("vertices", (3,), "uint8"),
+    "label": ("vertices", (), "uint8"),
+}
 
 
-def _attrs() -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "class_ids": list(CLASS_IDS),
-        "classes": list(class_names()),
-        "ignore": IGNORE,
-    }
+@dataclass(frozen=True, kw_only=True)
+class SegCacheAttrs(_Plain):
+    """The cache's root attrs: format and version, the 20 benchmark classes and the data root it caches."""
+
+    format: str = FORMAT
+    version: int = VERSION
+    class_ids: tuple[int, ...] = CLASS_IDS
+    classes: tuple[str, ...]
+    ignore: int = IGNORE
+    data_root: str | None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.format == FORMAT and self.version == VERSION,
+            f"format {self.format!r} version {self.version} is not {FORMAT!r} version {VERSION}",
+        )
+        _check(
+            self.class_ids == CLASS_IDS and self.ignore == IGNORE,
+            f"class_ids {self.class_ids} (ignore {self.ignore}) are not the 20 ScanNet benchmark classes",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegSceneAttrs(_Plain):
+    """A cached scene's attrs: its scan folder, vertex count and the identity of the two PLYs it was read from."""
+
+    folder: str
+    vertices: int
+    sources: tuple[FileIdentity, ...]
+    done: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.vertices >= 0, f"vertices {self.vertices} must be >= 0")
+        _check(len(self.sources) == 2, f"{len(self.sources)} sources, expected the mesh and labels PLYs")
+
+
+def _attrs(data: Path | None) -> SegCacheAttrs:
+    return SegCacheAttrs(classes=class_names(), data_root=str(Path(data).resolve()) if data is not None else None)
 
 
 def is_seg_cache(path: str | Path) -> bool:
@@ -65,8 +106,9 @@ def is_seg_cache(path: str | Path) -> bool:
         return False
 
 
-def open_cache(path: str | Path, mode: Literal["r", "a"] = "r") -> zarr.Group:
-    """Open a segmentation cache (``mode="a"`` creates it); StoreError for a foreign or other-version group."""
+def open_cache(path: str | Path, mode: Literal["r", "a"] = "r", data: Path | None = None) -> zarr.Group:
+    """Open a segmentation cache (``mode="a"`` creates it, for the data root ``data``); StoreError for a foreign
+    or other-version group."""
     path = Path(path)
     if mode == "r" and not path.exists():
         raise StoreError(
@@ -80,15 +122,31 @@ def open_cache(path: str | Path, mode: Literal["r", "a"] = "r") -> zarr.Group:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
         raise StoreError(f"{path} is not a Zarr v3 group ({exc}); pass a cache written by pkd.") from exc
     if mode != "r" and not root.attrs.get("format") and not list(root.group_keys()):
-        root.attrs.update(_attrs())
-    expected = _attrs()
-    found = {k: root.attrs.get(k) for k in ("format", "version", "class_ids")}
-    if found != {k: expected[k] for k in found}:
-        raise StoreError(
-            f"{path} is not a {FORMAT} v{VERSION} cache of the 20 ScanNet classes (found {found}); "
-            "pass another --out / --cache-dir, or delete it to rebuild."
-        )
+        root.attrs.put(_attrs(data).to_dict())
+    cache_attrs(root)
     return root
+
+
+def cache_attrs(root: zarr.Group) -> SegCacheAttrs:
+    """The typed root attrs of an open cache; StoreError when they are not this format's and version's."""
+    try:
+        return cast(SegCacheAttrs, SegCacheAttrs.from_dict(dict(root.attrs), f"{root.store} attrs"))
+    except ConfigError as exc:
+        raise StoreError(
+            f"{root.store} is not a {FORMAT} v{VERSION} cache of the 20 ScanNet classes ({exc}); "
+            "pass another --out / --cache-dir, or delete it to rebuild."
+        ) from exc
+
+
+def _scene_attrs(root: zarr.Group, name: str) -> SegSceneAttrs | None:
+    """The attrs of a finished cached scene; None when it is absent or unfinished."""
+    node = root.get(name)
+    if not isinstance(node, zarr.Group) or not node.attrs.get("done"):
+        return None
+    try:
+        return cast(SegSceneAttrs, SegSceneAttrs.from_dict(dict(node.attrs), f"{root.store}/{name} attrs"))
+    except ConfigError as exc:
+        raise StoreError(f"{exc}; the cache is damaged: delete it and rerun to rebuild it.") from exc
 
 
 def done_scenes(root: zarr.Group) -> set[str]:
@@ -96,38 +154,43 @@ def done_scenes(root: zarr.Group) -> set[str]:
     return {name for name, group in root.groups() if group.attrs.get("done")}
 
 
-def _write_scene(root: zarr.Group, name: str, mesh: SceneMesh, sources: tuple[Path, Path]) -> None:
+def _write_scene(root: zarr.Group, name: str, folder: Path) -> None:
+    sources = fingerprint(scene_files(folder))  # before reading: a change during the read shows next time
+    mesh = read_scene(*scene_files(folder))
     group = root.create_group(name, overwrite=True)
-    for array, values in (("xyz", mesh.xyz), ("rgb", mesh.rgb), ("label", mesh.label)):
-        group.create_array(
-            array,
-            data=values,
-            chunks=(max(1, min(CHUNK, len(values))), *values.shape[1:]),
-            compressors=(BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec()),
-        )
-    group.attrs.update({"vertices": len(mesh.xyz), "mesh": str(sources[0]), "labels": str(sources[1])})
-    group.attrs["done"] = True
+    write_arrays(group, {"xyz": mesh.xyz, "rgb": mesh.rgb, "label": mesh.label})
+    group.attrs.put(SegSceneAttrs(folder=str(folder), vertices=len(mesh.xyz), sources=sources).to_dict())
+
+
+def _for_root(path: Path, root: zarr.Group, data: Path) -> zarr.Group:
+    """``root``, emptied and re-keyed (one INFO line) when it caches another data root than ``data``."""
+    recorded, wanted = cache_attrs(root).data_root, str(data.resolve())
+    if recorded == wanted:
+        return root
+    if recorded is not None:
+        log.info("%s: cached the ScanNet tree %s, not %s; rebuilding", path, recorded, wanted)
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs.put(_attrs(data).to_dict())
+    return root
 
 
 def build_cache(
     data: str | Path, path: str | Path, scenes: Iterable[str], allow_missing: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Parse every scene of ``scenes`` not yet in the cache at ``path`` from the ScanNet tree ``data``.
+    """Parse every scene of ``scenes`` not yet in the cache at ``path`` (or whose PLYs changed since) from the
+    ScanNet tree ``data``; a cache of another tree is rebuilt.
 
     A scene without its folder or PLYs is a DataError, or with ``allow_missing`` is left out and listed
     under "missing" of the returned summary (also "written" and "kept" scene counts)."""
-    data = Path(data)
+    data, path = Path(data), Path(path)
     if not data.is_dir():
         raise DataError(f"{data} is not a directory; pass --data/--root pointing at the ScanNet tree (with scans/).")
-    root = open_cache(path, mode="a")
-    done = done_scenes(root)
-    todo, missing = [], []
+    root = _for_root(path, open_cache(path, mode="a", data=data), data)
+    todo, missing, kept = [], [], 0
     for scene in dict.fromkeys(scenes):
-        if scene in done:
-            continue
         folder = find_scan_folder(data, scene)
         files = scene_files(folder) if folder else None
-        if files is None or not all(f.is_file() for f in files):
+        if folder is None or files is None or not all(f.is_file() for f in files):
             if not allow_missing:
                 where = files[0] if files else data / "scans" / scene
                 raise DataError(
@@ -136,26 +199,25 @@ def build_cache(
                 )
             missing.append(scene)
             continue
-        todo.append((scene, files))
-    for scene, files in progress_bar(
+        attrs = _scene_attrs(root, scene)
+        if attrs is not None and attrs.folder == str(folder) and attrs.sources == fingerprint(files):
+            kept += 1
+            continue
+        if attrs is not None:
+            log.info("%s: mesh files changed since cached; re-reading", scene)
+        todo.append((scene, folder))
+    for scene, folder in progress_bar(
         todo, desc="caching ScanNet meshes", unit="scene", disable=not progress or not todo
     ):
-        _write_scene(root, scene, read_scene(*files), files)
-    return {"written": len(todo), "kept": len(done), "missing": missing}
+        _write_scene(root, scene, folder)
+    return {"written": len(todo), "kept": kept, "missing": missing}
 
 
 def load_scene(root: zarr.Group, name: str) -> SceneMesh:
     """One cached scene; StoreError naming the scene when it is absent, unfinished or fails its checksum."""
     if name not in root or not split_group(root, name).attrs.get("done"):
         raise StoreError(f"{root.store}: scene {name} is not cached (completely); rerun the command to build it.")
-    group = split_group(root, name)
-    try:
-        return SceneMesh(*(np.asarray(array_of(group, array)[...]) for array in ARRAYS))
-    except Exception as exc:  # codecs raise many types (ValueError, RuntimeError, blosc errors)
-        raise StoreError(
-            f"{root.store}/{name} is corrupt ({type(exc).__name__}: {exc}); run `pkd-prep verify` on "
-            "the cache, delete it and let the next run rebuild it."
-        ) from exc
+    return SceneMesh(*read_arrays(root, name, ARRAYS))
 
 
 def verify_cache(path: str | Path) -> list[str]:
@@ -163,15 +225,17 @@ def verify_cache(path: str | Path) -> list[str]:
     root = open_cache(path)
     faults = []
     for name, group in sorted(root.groups()):
-        if not group.attrs.get("done"):
+        try:
+            attrs = _scene_attrs(root, name)
+        except StoreError as exc:
+            faults.append(f"{name}: {exc}")
+            continue
+        if attrs is None:
             faults.append(f"{name}: unfinished (rerun the command that builds the cache)")
             continue
-        count = int_attr(group, "vertices", -1)
-        for array, (shape, dtype) in ARRAYS.items():
-            node = group.get(array)
-            if not isinstance(node, zarr.Array) or node.shape != (count, *shape) or node.dtype != np.dtype(dtype):
-                faults.append(f"{name}/{array}: missing or not ({count}, {shape}) {dtype}")
-        if any(f.startswith(f"{name}/") for f in faults):
+        layout = layout_faults(group, name, ARRAYS, {"vertices": attrs.vertices})
+        if layout:
+            faults += layout
             continue
         try:
             mesh = load_scene(root, name)

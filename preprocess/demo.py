@@ -59,8 +59,9 @@ def write_demo_scene(
     out: str | Path, num_frames: int = 250, layout: str = "both", seed: int = 0, name: str = "scene9000_00"
 ) -> Path:
     """Write the synthetic scene under ``out/scans/<name>/`` as a .sens and/or the exported layout, plus its
-    labelled mesh (``<name>_vh_clean_2[.labels].ply``) and ``out/splits/`` lists naming it for segmentation;
-    returns the scene folder. Deterministic given ``seed``."""
+    labelled mesh (``<name>_vh_clean_2[.labels].ply``), instance annotations (segs.json, aggregation.json,
+    ``<name>.txt`` with axisAlignment) and ``out/splits/`` lists naming it; returns the scene folder.
+    Deterministic given ``seed``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if num_frames < 1:
@@ -75,7 +76,7 @@ def write_demo_scene(
     lost = lost_tracking_frame(num_frames)
     exported = layout in ("both", "exported")
     if exported:
-        _write_exported_meta(scene, name, camera, num_frames)
+        _write_exported_meta(scene, camera)
 
     def frames():
         for i, pose in enumerate(renderer.path(num_frames)):
@@ -93,12 +94,12 @@ def write_demo_scene(
     else:
         for _ in frames():
             pass
-    write_demo_mesh(scene, ROOM, BOXES, SPHERE, seed)
+    write_demo_mesh(scene, ROOM, BOXES, SPHERE, seed, meta=_scan_meta(camera, num_frames))
     write_demo_splits(Path(out), name)
     return scene
 
 
-def _write_exported_meta(scene: Path, name: str, camera: Camera, num_frames: int) -> None:
+def _write_exported_meta(scene: Path, camera: Camera) -> None:
     for part in ("color", "depth", "pose", "intrinsic"):
         (scene / part).mkdir()
     for label, k in (("color", camera.color_intrinsic), ("depth", camera.depth_intrinsic)):
@@ -106,11 +107,19 @@ def _write_exported_meta(scene: Path, name: str, camera: Camera, num_frames: int
         k4[:3, :3] = k
         np.savetxt(scene / "intrinsic" / f"intrinsic_{label}.txt", k4, fmt="%f")
         np.savetxt(scene / "intrinsic" / f"extrinsic_{label}.txt", np.eye(4), fmt="%f")
-    (scene / f"{name}.txt").write_text(
-        f"colorHeight = {camera.color_size[1]}\ncolorWidth = {camera.color_size[0]}\n"
-        f"depthHeight = {camera.depth_size[1]}\ndepthWidth = {camera.depth_size[0]}\n"
-        f"numColorFrames = {num_frames}\nnumDepthFrames = {num_frames}\nsceneType = Demo\n"
-    )
+
+
+def _scan_meta(camera: Camera, num_frames: int) -> list[str]:
+    """The ``key = value`` lines of ``<scene>.txt`` after its axisAlignment (ScanNet writes them for every scan)."""
+    return [
+        f"colorHeight = {camera.color_size[1]}",
+        f"colorWidth = {camera.color_size[0]}",
+        f"depthHeight = {camera.depth_size[1]}",
+        f"depthWidth = {camera.depth_size[0]}",
+        f"numColorFrames = {num_frames}",
+        f"numDepthFrames = {num_frames}",
+        "sceneType = Demo",
+    ]
 
 
 class _Renderer:

@@ -1,24 +1,40 @@
-"""The demo room as a labelled ScanNet mesh: ``<scene>_vh_clean_2.ply`` and ``<scene>_vh_clean_2.labels.ply``.
+"""The demo room as an annotated ScanNet mesh: ``<scene>_vh_clean_2.ply`` and ``.labels.ply``, and the
+instance annotations (``_vh_clean_2.0.010000.segs.json``, ``.aggregation.json``, ``<scene>.txt``).
 
 The geometry is passed in by ``demo.write_demo_scene`` (its ROOM, BOXES, SPHERE), each surface a grid of
 vertices ``spacing`` apart, triangulated, in ScanNet's binary little-endian layout (vertex x, y, z float,
 red, green, blue, alpha uchar; faces as uchar-counted int lists; the labels file adds a ushort NYU40
 ``label``). Labels: walls 1, floor 2, cabinet 3, bed 4, table 7 (benchmark classes) and ceiling 22, ball
 40 (outside the benchmark's 20, so ignored). Colours come from their own seeded generator, so the rendered
-frames stay exactly as before.
+frames stay exactly as before. Every surface is one segment (named, as ScanNet's are, by a vertex index: its
+first); the objects are the four walls, floor, ceiling, the three boxes (five segments each: table, bed and
+cabinet are detection classes) and the ball. ``ALIGNMENT`` (a translation putting the room's centre at the
+origin) is the scan's axisAlignment.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from plyfile import PlyData, PlyElement
+
+from pkd.common.scannet_annotations import write_annotation_files
+from pkd.common.scannet_mesh import write_mesh_ply
 
 WALL, FLOOR, CABINET, BED, TABLE, CEILING, OTHERPROP = 1, 2, 3, 4, 7, 22, 40
 BOX_LABELS = (TABLE, BED, CABINET)  # the order of demo.BOXES
+RAW_CATEGORIES = {
+    WALL: "wall",
+    FLOOR: "floor",
+    CABINET: "cabinet",
+    BED: "bed",
+    TABLE: "table",
+    CEILING: "ceiling",
+    OTHERPROP: "ball",
+}
+ALIGNMENT = np.array([[1, 0, 0, -3.0], [0, 1, 0, -2.5], [0, 0, 1, 0], [0, 0, 0, 1]])
 Box = tuple[np.ndarray, np.ndarray]
-VERTEX = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1")]
 SPLIT_LISTS = ("train", "val")
 
 
@@ -53,22 +69,26 @@ def _sphere(centre: np.ndarray, radius: float, spacing: float) -> tuple[np.ndarr
 
 def demo_surfaces(
     room: Box, boxes: tuple[Box, ...], sphere: tuple[np.ndarray, float], spacing: float
-) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """(vertices, faces, NYU40 label) of every surface of the demo room: walls, floor, ceiling, the boxes
-    (table, bed, cabinet) and the ball."""
+) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
+    """(vertices, faces, NYU40 label, object number) of every surface of the demo room: walls, floor, ceiling
+    (one object each), the boxes (table, bed, cabinet; five surfaces each) and the ball."""
     lo, hi = room
     ex, ey, ez = np.diag(hi - lo)
     planes = [
-        ((lo, ex, ey), FLOOR),
-        ((lo + ez, ex, ey), CEILING),
-        ((lo, ex, ez), WALL),
-        ((lo + ey, ex, ez), WALL),
-        ((lo, ey, ez), WALL),
-        ((lo + ex, ey, ez), WALL),
+        ((lo, ex, ey), FLOOR, 0),
+        ((lo + ez, ex, ey), CEILING, 1),
+        ((lo, ex, ez), WALL, 2),
+        ((lo + ey, ex, ez), WALL, 3),
+        ((lo, ey, ez), WALL, 4),
+        ((lo + ex, ey, ez), WALL, 5),
     ]
-    planes += [(face, label) for (bmin, bmax), label in zip(boxes, BOX_LABELS) for face in _box_faces(bmin, bmax)]
-    surfaces = [(*_grid(*plane, spacing), label) for plane, label in planes]
-    return surfaces + [(*_sphere(sphere[0], sphere[1], spacing / 2), OTHERPROP)]
+    planes += [
+        (face, label, 6 + b)
+        for b, ((bmin, bmax), label) in enumerate(zip(boxes, BOX_LABELS))
+        for face in _box_faces(bmin, bmax)
+    ]
+    surfaces = [(*_grid(*plane, spacing), label, number) for plane, label, number in planes]
+    return surfaces + [(*_sphere(sphere[0], sphere[1], spacing / 2), OTHERPROP, 6 + len(boxes))]
 
 
 def write_demo_mesh(
@@ -78,36 +98,27 @@ def write_demo_mesh(
     sphere: tuple[np.ndarray, float],
     seed: int = 0,
     spacing: float = 0.1,
+    meta: Sequence[str] = (),
 ) -> tuple[Path, Path]:
-    """Write the room's ``<scene>_vh_clean_2.ply`` and ``.labels.ply`` into the scan folder ``scene``."""
+    """Write the room's ``<scene>_vh_clean_2.ply`` and ``.labels.ply`` into the scan folder ``scene``, and its
+    annotation files (``meta``: the other ``key = value`` lines of ``<scene>.txt``); returns the two PLYs."""
     rng = np.random.default_rng([seed, 2])
-    vertices, faces, labels, colors, offset = [], [], [], [], 0
-    for points, tris, label in demo_surfaces(room, boxes, sphere, spacing):
+    vertices, faces, labels, colors, segments, offset = [], [], [], [], [], 0
+    objects: dict[int, tuple[str, list[int]]] = {}
+    for points, tris, label, number in demo_surfaces(room, boxes, sphere, spacing):
         base = rng.uniform(60, 230, size=3)
         colors.append(np.clip(base + rng.normal(0, 12, size=points.shape), 0, 255).astype(np.uint8))
         vertices.append(points)
         faces.append(tris + offset)
         labels.append(np.full(len(points), label, dtype=np.uint16))
+        segments.append(np.full(len(points), offset))
+        objects.setdefault(number, (RAW_CATEGORIES[label], []))[1].append(offset)
         offset += len(points)
-    xyz, rgb = np.concatenate(vertices).astype(np.float32), np.concatenate(colors)
-    face = np.empty(sum(len(f) for f in faces), dtype=[("vertex_indices", "<i4", (3,))])
-    face["vertex_indices"] = np.concatenate(faces)
-    name = scene.name
-    mesh, labelled = scene / f"{name}_vh_clean_2.ply", scene / f"{name}_vh_clean_2.labels.ply"
-    for path, extra in ((mesh, []), (labelled, [("label", "<u2")])):
-        table = np.empty(len(xyz), dtype=VERTEX + extra)
-        for i, axis in enumerate("xyz"):
-            table[axis] = xyz[:, i]
-        for i, channel in enumerate(("red", "green", "blue")):
-            table[channel] = rgb[:, i]
-        table["alpha"] = 255
-        if extra:
-            table["label"] = np.concatenate(labels)
-        elements = [
-            PlyElement.describe(table, "vertex"),
-            PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"}),
-        ]
-        PlyData(elements, text=False, byte_order="<").write(str(path))
+    xyz, rgb, face = np.concatenate(vertices).astype(np.float32), np.concatenate(colors), np.concatenate(faces)
+    mesh, *_ = write_annotation_files(
+        scene, xyz, rgb, face, np.concatenate(segments), [objects[n] for n in sorted(objects)], ALIGNMENT, meta
+    )
+    labelled = write_mesh_ply(scene / f"{scene.name}_vh_clean_2.labels.ply", xyz, rgb, face, np.concatenate(labels))
     return mesh, labelled
 
 

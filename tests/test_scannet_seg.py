@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -166,6 +167,29 @@ def test_cache_resumes_verifies_and_refuses_corruption(tree, tmp_path):
     zarr.open_group(str(tmp_path / "pairs.zarr"), mode="w").attrs["format"] = "pkd-pairs"
     with pytest.raises(StoreError, match="not a pkd-scannet-seg"):
         seg_cache.open_cache(tmp_path / "pairs.zarr", mode="a")
+
+
+def test_cache_rebuilds_changed_plys_and_another_roots_cache(tree, tmp_path, caplog):
+    path = tmp_path / "seg.zarr"
+    seg_cache.build_cache(tree, path, [SCENE], progress=False)
+    attrs = seg_cache.cache_attrs(seg_cache.open_cache(path))
+    assert attrs.data_root == str(tree.resolve()) and attrs.classes == class_names()
+    mesh, labels = scene_files(tree / "scans" / SCENE)
+    stat = labels.stat()
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with caplog.at_level(logging.INFO, logger="pkd.common.seg_cache"):
+        assert seg_cache.build_cache(tree, path, [SCENE], progress=False)["written"] == 1
+        assert seg_cache.build_cache(tree, path, [SCENE], progress=False) == {"written": 0, "kept": 1, "missing": []}
+    assert [r.getMessage() for r in caplog.records] == [f"{SCENE}: mesh files changed since cached; re-reading"]
+
+    caplog.clear()
+    other = demo_tree(tmp_path / "other", spacing=0.2)  # another root, another (finer) mesh of the same scene
+    with caplog.at_level(logging.INFO, logger="pkd.common.seg_cache"):
+        assert seg_cache.build_cache(other, path, [SCENE], progress=False) == {"written": 1, "kept": 0, "missing": []}
+    assert len(caplog.records) == 1 and "rebuilding" in caplog.records[0].getMessage()
+    cached = seg_cache.load_scene(seg_cache.open_cache(path), SCENE)
+    np.testing.assert_array_equal(cached.xyz, read_scene(*scene_files(other / "scans" / SCENE)).xyz)
+    assert seg_cache.verify_cache(path) == []
 
 
 # ---- metrics, coverage, plots -----------------------------------------------------------------------------
