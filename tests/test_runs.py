@@ -20,9 +20,9 @@ from pkd.train.model import StudentConfig
 from pkd.train.schedule import Schedule, epoch_lr, lr_at
 from pkd.train.trainer import TrainConfig, train
 
+from _cli import TINY_STUDENT as TINY
 from store_factory import make_store
 
-TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
 SHAPE = (
     r"{} was trained with different settings \(lr: {} -> {}\); resume with the same arguments \(only .* may "

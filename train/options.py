@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 SECTIONS: dict[str | None, type] = {None: TrainConfig, "model": StudentConfig, "augment": AugmentConfig}
-RENAMED = {"augment": {"enabled": "augment"}}
+FLAG_NAMES = {"augment": {"enabled": "augment"}}  # fields whose flag is not their name (not a deprecation)
 
 
 def _options() -> dict[str, Option]:
     out: dict[str, Option] = {}
     for section, cls in SECTIONS.items():
-        out.update(dataclass_options(cls, section, RENAMED.get(section or "")))
+        out.update(dataclass_options(cls, section, FLAG_NAMES.get(section or "")))
     return out
 
 
