@@ -100,16 +100,17 @@ def alias_parameter(old: str, option: Option) -> inspect.Parameter:
     return inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-def apply_aliases(values: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+def apply_aliases(values: Mapping[str, Any], aliases: Mapping[str, str], removed_in: str) -> dict[str, Any]:
     """``values`` with each old spelling of ``aliases`` (old → new name) folded into its new name: a given old
-    one is used with a deprecation warning; both given is a ConfigError."""
+    one is used with a deprecation warning naming the release ``removed_in`` that drops it; both given is a
+    ConfigError."""
     out = {k: v for k, v in values.items() if k not in aliases}
     for old, new in aliases.items():
         if values.get(old) is None:
             continue
         if new in given_on_command_line():
             raise ConfigError(f"{flag(old)} is the old name of {flag(new)}; pass only {flag(new)}.")
-        log.warning("%s is deprecated and goes in the next release; use %s.", flag(old), flag(new))
+        log.warning("%s is deprecated and goes in pkd %s; use %s.", flag(old), removed_in, flag(new))
         out[new] = values[old]
     return out
 

@@ -51,7 +51,9 @@ PREP_OPTIONS = dataclass_options(PrepConfig, "prep")
 GEOMETRY_OPTIONS = dataclass_options(GeometryConfig, "geometry")
 TEACHER_OPTIONS = dataclass_options(TeacherConfig, "teacher", {"kind": "teacher"})
 RUN_OPTIONS = dataclass_options(RunOptions, "run")
-ALIASES = {"points": "num_points", "workers": "dask_workers"}  # old spellings, hidden, for one release
+# The deprecation map: old spellings (hidden) → their names, accepted with a warning until pkd ALIASES_REMOVED_IN.
+ALIASES = {"points": "num_points", "workers": "dask_workers"}
+ALIASES_REMOVED_IN = "0.2.0"
 WEIGHTS_DIR = inspect.Parameter(
     "weights_dir",
     inspect.Parameter.KEYWORD_ONLY,
@@ -69,7 +71,7 @@ def prep_options(options: Mapping[str, Option]) -> Callable[[F], F]:
 def configs(options: Mapping[str, Option], values: Mapping[str, Any], seed: int) -> dict[str | None, Any]:
     """The keyword values of a command's ``options`` by section, with ``teacher`` and ``run`` built (a random
     teacher uses ``seed``; ``--weights-dir`` supplies the weight files not given)."""
-    values = apply_aliases(values, ALIASES)
+    values = apply_aliases(values, ALIASES, ALIASES_REMOVED_IN)
     parts: dict[str | None, Any] = by_section(options, values)
     teacher = parts["teacher"]
     if values["weights_dir"] is not None:

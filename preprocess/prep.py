@@ -254,7 +254,7 @@ def _require_valid(summary: dict, written: str, out: str) -> None:
     if empty:
         kept = f"; {out} is untouched (the new store is at {written})" if written != out else ""
         raise DataError(
-            f"no valid sample in split {', '.join(empty)}: check the depth frames and that --points "
+            f"no valid sample in split {', '.join(empty)}: check the depth frames and that --num-points "
             f"is not above the valid depth pixels of a frame{kept}."
         )
 

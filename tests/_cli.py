@@ -39,3 +39,8 @@ def flags(**options: object) -> list[str]:
 DEMO_TRAIN = dict(
     dim=48, depth=2, heads=2, num_points=512, num_group=16, group_size=8, batch_size=2, warmup_epochs=1, device="cpu"
 )
+
+# The tiny student the unit tests build and train (the one model config they share).
+TINY_STUDENT = dict(
+    num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32
+)

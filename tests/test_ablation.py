@@ -21,11 +21,11 @@ from pkd.train.model import Student, StudentConfig
 from pkd.train.schedule import Schedule, lr_at
 from pkd.train.trainer import train
 
+from _cli import TINY_STUDENT as TINY
 from _cli import flags, run_script
 from conftest import require_fixture
 from store_factory import make_store
 
-TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 TINY_CLI = flags(**TINY, batch_size=4, epochs=3, warmup_epochs=1, device="cpu")
 
 

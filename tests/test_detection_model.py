@@ -27,7 +27,9 @@ def scene(rng: np.random.Generator, n: int = 2000) -> tuple[np.ndarray, np.ndarr
     """A 4 m cube of random points with the two BOXES' corners and interiors; rgb = 40 · (object id + 1)."""
     parts, ids = [rng.random((n, 3)) * 4], [np.zeros(n)]
     for i, box in enumerate(BOXES):
-        corners = np.array([[box[3 * a], box[1 + 3 * b], box[2 + 3 * c]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        corners = np.array(
+            [[box[3 * a], box[1 + 3 * b], box[2 + 3 * c]] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+        )
         parts += [corners, box[:3] + rng.random((30, 3)) * (box[3:] - box[:3])]
         ids += [np.full(38, i + 1)]
     rgb = np.repeat((np.concatenate(ids) * 40)[:, None], 3, axis=1).astype(np.uint8)
@@ -69,7 +71,9 @@ def test_detector_outputs_every_decoder_layer_with_3detr_keys_and_shapes():
     torch.manual_seed(0)
     coloured = tiny_detector(preencoder="3detr", in_features=3)
     points = torch.cat([inputs["point_clouds"], torch.rand(2, 512, 3)], dim=-1)
-    assert coloured(points, inputs["point_cloud_dims_min"], inputs["point_cloud_dims_max"])["outputs"]["boxes"].shape == (
+    assert coloured(points, inputs["point_cloud_dims_min"], inputs["point_cloud_dims_max"])["outputs"][
+        "boxes"
+    ].shape == (
         2,
         16,
         6,

@@ -15,7 +15,7 @@ from pkd.train.export import encoder_state, load_pointmae_checkpoint
 from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import Group, farthest_point_sample, knn
 
-TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
+from _cli import TINY_STUDENT as TINY
 
 
 def pointmae_encoder_keys(depth: int) -> set[str]:

@@ -20,9 +20,9 @@ from pkd.train.model import StudentConfig
 from pkd.train.schedule import Schedule, epoch_lr, lr_at
 from pkd.train.trainer import TrainConfig, train
 
+from _cli import TINY_STUDENT as TINY
 from store_factory import make_store
 
-TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
 SHAPE = (
     r"{} was trained with different settings \(lr: {} -> {}\); resume with the same arguments \(only .* may "
@@ -100,9 +100,11 @@ def test_a_run_recorded_with_num_workers_resumes_from_the_console(store, tmp_pat
     run = tmp_path / "old"
     train(config(store, max_steps=2, stop_after=1), run, progress=False)
     record = json.loads((run / "config.json").read_text())
-    record["config"]["num_workers"] = record["config"].pop("loader_workers")  # as runs before the rename wrote it
+    del record["format"], record["version"]  # as runs before the rename wrote it: unversioned, num_workers
+    record["config"]["num_workers"] = record["config"].pop("loader_workers")
     (run / "config.json").write_text(json.dumps(record))
     ckpt = load_checkpoint(run / LAST)
+    del ckpt["format"], ckpt["version"]
     ckpt["config"]["num_workers"] = ckpt["config"].pop("loader_workers")
     atomic_save(ckpt, run / LAST)
     done = subprocess.run(

@@ -20,9 +20,9 @@ from pkd.train.losses import CropBox, LossSettings, compute_loss, patch_cells
 from pkd.train.model import Student, StudentConfig
 from pkd.train.trainer import TrainConfig, train
 
+from _cli import TINY_STUDENT as TINY
 from store_factory import make_store
 
-TINY = dict(num_points=128, num_group=16, group_size=8, dim=48, depth=2, heads=4, num_concepts=4, head_hidden=32)
 VARIANTS = ["distill", "no-concept", "clip-target", "local", "recon", "recon+distill"]
 
 

@@ -22,7 +22,7 @@ from pkd.common.errors import ConfigError, PkdError
 from pkd.common.logs import progress_bar
 from pkd.train import table
 from pkd.train.checkpoint import LAST
-from pkd.train.config import TrainConfig
+from pkd.train.config import TrainConfig, upgrade_config_v1
 from pkd.train.distributed import launched
 from pkd.train.export import export_encoder
 from pkd.train.model import variant_spec
@@ -134,7 +134,8 @@ def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> d
         table.write(out_dir, base.to_dict(), [])
         return {}
     recorded = json.loads(path.read_text())
-    saved, mine = option_values(TrainConfig.from_dict(recorded["config"])), option_values(base)
+    saved = option_values(TrainConfig.from_dict(upgrade_config_v1(recorded["config"]), str(path)))
+    mine = option_values(base)
     differ = [k for k in mine if k not in run_option_names() and saved.get(k) != mine[k]]
     if differ or recorded["config"]["store"] != base.store:
         raise ConfigError(

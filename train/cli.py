@@ -46,11 +46,11 @@ def distill(
     """Train one student on STORE (no teacher is loaded: targets come from the store)."""
     from pkd.common.store import store_path
     from pkd.train.options import build_config, given_options, resume_config
-    from pkd.train.trainer import read_config, train
+    from pkd.train.trainer import recorded_config, train
 
     run_dir = run_dir or Path("runs") / f"{Path(store).stem}-{options['variant']}"
     if resume:
-        cfg = resume_config(read_config(run_dir), store_path(store), given_options(ctx, options), str(run_dir))
+        cfg = resume_config(recorded_config(run_dir), store_path(store), given_options(ctx, options), str(run_dir))
     else:
         cfg = build_config(str(store), options)
     summary = train(cfg, run_dir, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
@@ -100,14 +100,15 @@ def ablate(
     write table.json, table.md and table.png under runs/ablate-NAME."""
     from pkd.common.store import store_path
     from pkd.train.ablate import Readout, run_ablation
-    from pkd.train.config import TrainConfig
+    from pkd.train.config import TrainConfig, upgrade_config_v1
     from pkd.train.options import build_config, given_options, resume_config
     from pkd.train.table import TABLE_JSON, markdown
 
     out = Path("runs") / f"ablate-{name or Path(store).stem}"
     base = build_config(str(store), options)
     if resume and (out / TABLE_JSON).is_file():
-        saved = TrainConfig.from_dict(json.loads((out / TABLE_JSON).read_text())["config"])
+        recorded = json.loads((out / TABLE_JSON).read_text())["config"]  # tables are version-1 records
+        saved = TrainConfig.from_dict(upgrade_config_v1(recorded), str(out / TABLE_JSON))
         base = resume_config(saved, store_path(store), given_options(ctx, options), str(out))
     rows = run_ablation(
         base,

@@ -11,13 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkd.common.config import at_least, option
+from pkd.common.config import at_least, from_plain, option
 from pkd.common.errors import ConfigError
 from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
 
 DEVICES = ("auto", "cpu", "cuda")
-RENAMED = {"num_workers": "loader_workers"}  # fields of older runs' config.json and checkpoints
 
 
 @dataclass(frozen=True)
@@ -92,19 +91,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """The config a run recorded (``config.json``'s ``config`` or a checkpoint's); fields added since take
-        their defaults, renamed run options (RENAMED) their new names."""
-        d = {RENAMED.get(k, k): v for k, v in d.items()}
-        return cls(
-            **{
-                **_known(cls, d),
-                "model": StudentConfig(**_known(StudentConfig, d["model"])),
-                "augment": AugmentConfig(**_known(AugmentConfig, d["augment"])),
-            }
-        )
+    def from_dict(cls, d: dict[str, Any], where: str = "the recorded config") -> TrainConfig:
+        """The config a run recorded (``config.json``'s ``config`` or a checkpoint's, upgraded to the current
+        version), read strictly: an unknown or missing field is a ConfigError naming ``where`` and the field."""
+        return from_plain(cls, d, where)
 
 
-def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
+def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """The declared upgrade of a version-1 config (run records before versioning, ablation tables).
+
+    ``num_workers`` was renamed ``loader_workers``; runs before ``streams`` read one stream; fields added
+    since then take their defaults (the sections' too). Applied to a current config it changes nothing.
+    """
+    d = {"loader_workers" if k == "num_workers" else k: v for k, v in d.items()}
+    d.setdefault("streams", 1)
+    current = TrainConfig(store=d.get("store", "")).to_dict()
+    return {
+        **current,
+        **d,
+        "model": {**current["model"], **d.get("model", {})},
+        "augment": {**current["augment"], **d.get("augment", {})},
+    }

@@ -48,11 +48,6 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def launch_rank() -> int:
-    """This process's rank as the launcher set it (0 without torchrun), valid outside a process group too."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def init_from_env(device: str = "cpu") -> DistInfo:
     """Join the process group torchrun describes (if any); ``device`` picks the backend (cuda → nccl, else gloo).
 

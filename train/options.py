@@ -2,7 +2,8 @@
 
 Each config field becomes ``--field-name`` (nested fields flattened: ``--dim``, ``--head``; the augment
 switch is ``--augment/--no-augment``) with the field's default and help. ``distill`` and ``ablate`` take
-the same options; ``resume_config`` implements ``--resume`` on a run's recorded config.
+the same options; ``resume_config`` implements ``--resume`` on a run's recorded config with the rule of
+``pkd.train.runs.resume_values``, the one fine-tuning uses too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pkd.common.options import Option, by_section, dataclass_options, was_given,
 from pkd.train.augment import AugmentConfig
 from pkd.train.config import TrainConfig
 from pkd.train.model import StudentConfig
+from pkd.train.runs import refused_changes, resume_values
 
 if TYPE_CHECKING:
     import typer
@@ -23,13 +25,13 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 SECTIONS: dict[str | None, type] = {None: TrainConfig, "model": StudentConfig, "augment": AugmentConfig}
-RENAMED = {"augment": {"enabled": "augment"}}
+FLAG_NAMES = {"augment": {"enabled": "augment"}}  # fields whose flag is not their name (not a deprecation)
 
 
 def _options() -> dict[str, Option]:
     out: dict[str, Option] = {}
     for section, cls in SECTIONS.items():
-        out.update(dataclass_options(cls, section, RENAMED.get(section or "")))
+        out.update(dataclass_options(cls, section, FLAG_NAMES.get(section or "")))
     return out
 
 
@@ -69,11 +71,9 @@ def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: s
     changes what is computed must equal the saved value, else ConfigError naming each difference (``what``
     names the run in the message).
     """
-    recorded = option_values(saved)
+    recorded, may_change = option_values(saved), run_option_names()
     differ = [
-        f"{flag(k)} {v!r} (the run has {recorded[k]!r})"
-        for k, v in given.items()
-        if not OPTIONS[k].run and v != recorded[k]
+        f"{flag(k)} {given[k]!r} (the run has {recorded[k]!r})" for k in refused_changes(recorded, given, may_change)
     ]
     if store != saved.store:
         differ.insert(0, f"store {store} (the run has {saved.store})")
@@ -83,8 +83,8 @@ def resume_config(saved: TrainConfig, store: str, given: dict[str, Any], what: s
             f"{what} was trained with other settings: {'; '.join(differ)}. Resume without those "
             f"flags (the run's own values are used; only {runs} may change) or start a new run."
         )
-    kept = {k: v for k, v in recorded.items() if not OPTIONS[k].run}
-    return build_config(saved.store, {**kept, **{k: v for k, v in given.items() if OPTIONS[k].run}})
+    defaults = {k: opt.field.default for k, opt in OPTIONS.items()}
+    return build_config(saved.store, resume_values(recorded, {**defaults, **given}, given, may_change))
 
 
 def run_option_names() -> tuple[str, ...]:

@@ -1,36 +1,106 @@
-"""The run scaffold pre-training (``pkd.train.trainer``) and fine-tuning (``pkd.train.downstream.engine``) share.
+"""The run lifecycle pre-training (``pkd.train.trainer``) and fine-tuning (``pkd.train.downstream.engine``) share.
 
-A run folder is refused unless it is new, resumed or overwritten (``prepare_run_dir``) and is held by one
-process at a time (``run_lock``); it records its config with the code version (``write_config``); a resume
-compares the recorded plain config with this launch's under one rule (``check_resume``: only run options may
-change) before loading model and optimizer (``restore_training``); checkpoints carry model, optimizer, RNG
-state, position and config (``save_checkpoint``). Seeding, parameter groups, device resolution and the NaN
-guard live here too, so both loops behave alike.
+``open_run`` joins the process group and holds the run folder's lock; the ``Run`` it yields owns the folder:
+it is refused unless new, resumed or overwritten (``Run.check``, ``Run.prepare``: ``prepare_run_dir``), records
+its config with the code version (``Run.record``: ``config.json``), reads the checkpoint to resume from
+(``Run.last``), restores it under the one resume rule (``Run.restore``: ``check_resume``, only run options
+may change), saves checkpoints (``Run.save``: model, optimizer, RNG state, the loop's ``State``, config) and
+opens the metrics log (``Run.metrics``). Both record files are versioned (``pkd.train.records``; the kinds are
+declared below with their upgrade steps). ``resume_values`` is the same rule on command-line options: what a
+``--resume`` takes from the record. Seeding, parameter groups, device resolution and the NaN guard live here
+too, so both loops behave alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shutil
 import subprocess
 import typing
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from pkd.common import lock
-from pkd.common.config import config_diff
+from pkd.common.config import config_diff, from_plain, to_plain
 from pkd.common.errors import ConfigError, TrainingError
-from pkd.train.checkpoint import LAST, atomic_save, last_good
+from pkd.train import distributed
+from pkd.train.checkpoint import LAST, atomic_save, last_good, load_checkpoint, set_rng_state
+from pkd.train.config import upgrade_config_v1
 from pkd.train.distributed import DistInfo
+from pkd.train.metrics import MetricsLog
+from pkd.train.records import Record, RecordKind, read_record, write_record
 
 CONFIG = "config.json"
+S = TypeVar("S", bound="State")
+
+# The record kinds of both loops, each with its upgrade table (version 1: records written before versioning).
+DISTILL_RUN = RecordKind("pkd-distill-run", required=("config", "store", "launch", "code"))
+DISTILL_CHECKPOINT = RecordKind(
+    "pkd-distill-checkpoint",
+    required=("model", "rng", "rng_ranks", "position", "config", "code"),
+    optional=("optimizer",),
+)
+FINETUNE_RUN = RecordKind("pkd-finetune-run", required=("config", "init", "data", "code"))
+FINETUNE_CHECKPOINT = RecordKind(
+    "pkd-finetune-checkpoint",
+    required=("model", "rng", "position", "init_report", "config", "code"),
+    optional=("optimizer",),
+)
+
+
+@DISTILL_RUN.step
+def _distill_run_v1(record: Record) -> Record:
+    """v1 → v2: the config's own upgrade (``pkd.train.config.upgrade_config_v1``)."""
+    return {**record, "config": upgrade_config_v1(record["config"])}
+
+
+@DISTILL_CHECKPOINT.step
+def _distill_checkpoint_v1(record: Record) -> Record:
+    """v1 → v2: the config's own upgrade; single-process checkpoints of early v1 had no ``rng_ranks``."""
+    return {"rng_ranks": [], **record, "config": upgrade_config_v1(record["config"])}
+
+
+@FINETUNE_RUN.step
+def _finetune_run_v1(record: Record) -> Record:
+    """v1 → v2: the format and version only."""
+    return record
+
+
+@FINETUNE_CHECKPOINT.step
+def _finetune_checkpoint_v1(record: Record) -> Record:
+    """v1 → v2: the loop's state is kept under ``position``, as in pre-training checkpoints (v1: ``state``)."""
+    body = dict(record)
+    body["position"] = body.pop("state")
+    return body
+
+
+@dataclass(frozen=True, kw_only=True)
+class State:
+    """Where a run stands: optimizer steps done, current epoch, micro-batches consumed in that epoch.
+
+    Checkpoints keep it under ``position``; a loop that tracks more (fine-tuning's best scores) extends it.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain (JSON-able, torch-loadable) state, as checkpoints hold it."""
+        plain: dict[str, Any] = to_plain(self)
+        return plain
+
+    @classmethod
+    def of(cls: type[S], plain: Mapping[str, Any], where: str) -> S:
+        """The state ``to_dict`` wrote (read from ``where``); ConfigError for other fields."""
+        return from_plain(cls, plain, where)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, act: bool = True) -> None:
@@ -91,19 +161,26 @@ def code_version() -> dict[str, str | None]:
     return {"pkd": pkd_version, "git_commit": commit}
 
 
-def write_config(run_dir: Path, config: Mapping[str, Any], **record: Any) -> None:
-    """Write ``run_dir/config.json``: the plain ``config``, the other ``record`` sections and the code version."""
-    payload = {"config": dict(config), **record, "code": code_version()}
-    (run_dir / CONFIG).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+def write_config(run_dir: Path, config: Mapping[str, Any], kind: RecordKind = FINETUNE_RUN, **record: Any) -> None:
+    """Write ``run_dir/config.json`` as a ``kind`` record: the plain ``config``, the other ``record`` sections and
+    the code version."""
+    write_record(run_dir / CONFIG, kind, {"config": dict(config), **record, "code": code_version()})
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
-    """The plain config a run recorded in its config.json; ConfigError when there is none."""
+def read_config(run_dir: Path, kind: RecordKind = FINETUNE_RUN) -> dict[str, Any]:
+    """The plain config a run recorded in its config.json (upgraded, read strictly as ``kind``); ConfigError
+    when there is none."""
     path = run_dir / CONFIG
     if not path.is_file():
         raise ConfigError(f"nothing to resume in {run_dir} (no {CONFIG}); drop --resume to start a new run.")
-    config: dict[str, Any] = json.loads(path.read_text())["config"]
+    config: dict[str, Any] = read_record(path, kind)["config"]
     return config
+
+
+def read_checkpoint(path: Path, kind: RecordKind) -> Record:
+    """A resumable checkpoint's payload upgraded to ``kind``'s current version; TrainingError if unreadable,
+    ConfigError if it is of another kind or version."""
+    return kind.upgrade(load_checkpoint(path), path)
 
 
 def run_fields(cls: type, prefix: str = "") -> tuple[str, ...]:
@@ -117,6 +194,22 @@ def run_fields(cls: type, prefix: str = "") -> tuple[str, ...]:
         elif dataclasses.is_dataclass(hints[f.name]):
             names += run_fields(hints[f.name], f"{prefix}{f.name}.")
     return tuple(names)
+
+
+def resume_values(
+    saved: Mapping[str, Any], options: Mapping[str, Any], given: Iterable[str], may_change: Iterable[str]
+) -> dict[str, Any]:
+    """The one resume rule on option values (by name): an option not ``given`` on the command line takes the
+    ``saved`` value, so no flag has to be typed again; run options (``may_change``) keep this launch's value
+    (given or default), and so do given options: ``check_resume`` (or the caller) refuses those that differ."""
+    keep = set(given) | set(may_change)
+    return {k: saved[k] if k not in keep and k in saved else v for k, v in options.items()}
+
+
+def refused_changes(saved: Mapping[str, Any], given: Mapping[str, Any], may_change: Iterable[str]) -> list[str]:
+    """The names of ``given`` options a resume refuses: not run options, and not equal to the ``saved`` value."""
+    allowed = set(may_change)
+    return [k for k, v in given.items() if k not in allowed and v != saved.get(k)]
 
 
 def check_resume(
@@ -133,38 +226,111 @@ def check_resume(
         )
 
 
-def restore_training(
-    ckpt: Mapping[str, Any],
-    current: Mapping[str, Any],
-    may_change: Iterable[str],
-    run_dir: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-) -> None:
-    """Load a checkpoint's model and optimizer after ``check_resume`` of its config against ``current``.
+@dataclass(frozen=True)
+class Run:
+    """One launch of a run folder (``open_run`` makes it): the folder, its two record kinds and this process.
 
-    A finished run saved without its optimizer state (``--no-keep-optimizer``) restores the model only.
+    Every rank calls every method; those that write do so on rank 0 only, except ``save``, whose caller
+    decides (pre-training gathers every rank's RNG state first).
     """
-    check_resume(ckpt["config"], current, may_change, run_dir)
-    model.load_state_dict(ckpt["model"])
-    if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+
+    dir: Path
+    record: RecordKind  # config.json
+    checkpoint: RecordKind  # last.pt
+    rank_info: DistInfo
+    resume: bool = False
+    overwrite: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank_info.main
+
+    def check(self) -> None:
+        """Refuse a folder this launch may not use (every rank alike, so none waits alone); changes nothing."""
+        prepare_run_dir(self.dir, self.resume, self.overwrite, act=False)
+
+    def prepare(self) -> None:
+        """Rank 0 makes the folder ready (emptied under --overwrite) once every rank has checked it."""
+        distributed.barrier()
+        if self.main:
+            prepare_run_dir(self.dir, self.resume, self.overwrite)
+
+    def last(self) -> Record | None:
+        """The checkpoint to resume from (upgraded), None for a new run."""
+        return read_checkpoint(self.dir / LAST, self.checkpoint) if self.resume else None
+
+    def write_config(self, config: Mapping[str, Any], **sections: Any) -> None:
+        """Rank 0 records the run's plain ``config`` and ``sections`` in config.json."""
+        if self.main:
+            write_config(self.dir, config, self.record, **sections)
+
+    def restore(
+        self,
+        ckpt: Record,
+        state: type[S],
+        current: Mapping[str, Any],
+        may_change: Iterable[str],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        seed: int | None = None,
+    ) -> S:
+        """Load ``ckpt`` into model and optimizer after ``check_resume`` of its config against ``current``,
+        restore the RNGs, and return its ``state``.
+
+        A finished run saved without its optimizer state (``--no-keep-optimizer``) restores the model only.
+        A rank restores its own RNG state when the checkpoint holds one per rank of this launch; otherwise
+        rank 0, and every rank when ``seed`` is None, restores the saved one, and the other ranks reseed from
+        (``seed``, rank, step) (``rank_seed``).
+        """
+        check_resume(ckpt["config"], current, may_change, self.dir)
+        model.load_state_dict(ckpt["model"])
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        restored = state.of(ckpt["position"], f"{self.dir / LAST} position")
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(ranks) == self.rank_info.world_size:
+            set_rng_state(ranks[self.rank_info.rank])
+        elif self.main or seed is None:
+            set_rng_state(ckpt["rng"])
+        else:
+            torch.manual_seed(rank_seed(seed, self.rank_info.rank, restored.step))
+        return restored
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: Mapping[str, Any],
+        state: State,
+        rng: Any,
+        **extra: Any,
+    ) -> None:
+        """Atomically write ``last.pt``: model, optimizer (left out when None), RNG state, ``state``, the plain
+        config, the code version and ``extra``."""
+        payload = {
+            "model": model.state_dict(),
+            "rng": rng,
+            "position": state.to_dict(),
+            **extra,
+            "config": dict(config),
+            "code": code_version(),
+        }
+        if optimizer is not None:
+            payload["optimizer"] = optimizer.state_dict()
+        atomic_save(self.checkpoint.stamp(payload), self.dir / LAST)
+
+    def metrics(self, state: State, sinks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> MetricsLog:
+        """The metrics log, its records past ``state``'s step dropped (rank 0 writes it)."""
+        return MetricsLog(self.dir, keep_until_step=state.step, write=self.main, sinks=sinks)
 
 
-def save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    config: Mapping[str, Any],
-    rng: Any,
-    **extra: Any,
-) -> None:
-    """Atomically write a resumable checkpoint: model, optimizer (left out when None), RNG state, the plain
-    config, the code version and ``extra`` (the loop's position)."""
-    state = {"model": model.state_dict(), "rng": rng, **extra, "config": dict(config), "code": code_version()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    atomic_save(state, path)
+@contextmanager
+def open_run(
+    run_dir: Path, device: str, kinds: tuple[RecordKind, RecordKind], resume: bool = False, overwrite: bool = False
+) -> Iterator[Run]:
+    """Join the process group (under torchrun) and hold the run lock while the run goes on; yields its ``Run``."""
+    with distributed.session(device) as rank_info, run_lock(run_dir, rank_info):
+        yield Run(run_dir, *kinds, rank_info, resume, overwrite)
 
 
 def seed_everything(seed: int) -> None:

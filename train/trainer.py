@@ -2,8 +2,9 @@
 
 Read ``_train`` top to bottom: ``_setup`` opens the data and builds the student, ``_start`` restores or
 records the run, then the loop runs over epochs and micro-batches (``_micro_batch``, ``_optimizer_step``)
-and ``_finish`` ends the launch; the run folder, resume rule and checkpoint format are ``pkd.train.runs``'s,
-the learning rate ``pkd.train.schedule``'s. Every random draw is reproducible: the loader's order from
+and ``_finish`` ends the launch; the run folder, resume rule, state and checkpoint format are those of
+``pkd.train.runs.Run`` (record kinds ``DISTILL_RUN``, ``DISTILL_CHECKPOINT``), the learning rate
+``pkd.train.schedule``'s. Every random draw is reproducible: the loader's order from
 (seed, epoch), the augmentation and masks from (seed, micro-batch index), drop-path from the torch RNG
 saved in checkpoints, so a resumed run continues bit-identically.
 
@@ -36,7 +37,7 @@ from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store, store_path, teacher_crop
 from pkd.train import distributed, runs
 from pkd.train.augment import augment
-from pkd.train.checkpoint import LAST, load_checkpoint, rng_state, set_rng_state
+from pkd.train.checkpoint import LAST, rng_state
 from pkd.train.config import TrainConfig
 from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
@@ -45,20 +46,21 @@ from pkd.train.heldout import HeldOut, has_heldout
 from pkd.train.losses import CropBox, LossSettings, compute_loss
 from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
 from pkd.train.model import Student, variant_spec
-from pkd.train.runs import batch_generator, param_groups, prepare_run_dir, rank_seed, run_fields
+from pkd.train.runs import (
+    DISTILL_CHECKPOINT,
+    DISTILL_RUN,
+    Run,
+    State,
+    batch_generator,
+    open_run,
+    param_groups,
+    rank_seed,
+    run_fields,
+)
 from pkd.train.schedule import Schedule, lr_at
 
 log = logging.getLogger(__name__)
 NAN_FIX = "Check the store's targets for NaN/inf or lower --lr."
-
-
-@dataclass(frozen=True, kw_only=True)
-class Position:
-    """Where training stands: optimizer steps done, current epoch, micro-batches consumed in that epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,82 +112,41 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
     return loader, settings, heldout
 
 
-def write_config(run_dir: Path, cfg: TrainConfig, loader: StoreLoader, world_size: int = 1) -> None:
-    """Record the run: its config, the store it reads (teacher, prep, samples) and the launch's world size."""
+def store_record(cfg: TrainConfig, loader: StoreLoader) -> dict[str, Any]:
+    """What config.json records of the store a run reads: path, split, teacher, prep and samples."""
     root = open_store(cfg.store)
-    num_samples = int(cast(int, loader.group.attrs["num_samples"]))
-    runs.write_config(
-        run_dir,
-        cfg.to_dict(),
-        store={
-            "path": cfg.store,
-            "split": cfg.split,
-            "teacher": root.attrs.get("teacher"),
-            "prep": root.attrs.get("prep"),
-            "num_samples": num_samples,
-        },
-        launch={"world_size": world_size},
-    )
+    return {
+        "path": cfg.store,
+        "split": cfg.split,
+        "teacher": root.attrs.get("teacher"),
+        "prep": root.attrs.get("prep"),
+        "num_samples": int(cast(int, loader.group.attrs["num_samples"])),
+    }
 
 
-def read_config(run_dir: Path) -> TrainConfig:
-    """The config a run recorded in its config.json; ConfigError when there is none."""
-    return TrainConfig.from_dict(runs.read_config(run_dir))
-
-
-def restore(
-    ckpt: dict[str, Any],
-    run_dir: Path,
-    cfg: TrainConfig,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rank_info: DistInfo = DistInfo(),
-) -> Position:
-    """Load checkpoint ``ckpt`` into model and optimizer, restore RNGs; refuse a checkpoint of other settings
-    (``runs.check_resume``: only run options may differ).
-
-    Rank r > 0 restores its own RNG state when the checkpoint was written by as many processes, else it
-    reseeds from (seed, rank, step): only drop-path draws from it.
-    """
-    pos = Position(**ckpt["position"])
-    saved = TrainConfig.from_dict({"streams": 1, **ckpt["config"]}).to_dict()
-    runs.restore_training({**ckpt, "config": saved}, cfg.to_dict(), run_fields(TrainConfig), run_dir, model, optimizer)
-    ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
-    if len(ranks) == rank_info.world_size:
-        set_rng_state(ranks[rank_info.rank])
-    elif rank_info.main:
-        set_rng_state(ckpt["rng"])
-    else:
-        torch.manual_seed(rank_seed(cfg.seed, rank_info.rank, pos.step))
-    return pos
+def recorded_config(run_dir: Path) -> TrainConfig:
+    """The config a distill run recorded in its config.json (upgraded, read strictly); ConfigError when there
+    is none."""
+    return TrainConfig.from_dict(runs.read_config(run_dir, DISTILL_RUN), str(run_dir / runs.CONFIG))
 
 
 def save(
-    run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, pos: Position
+    run: Run, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, pos: State
 ) -> None:
     """Write ``last.pt`` (rank 0; under DDP every rank must call this: it gathers their RNG states).
 
     ``optimizer`` None leaves the optimizer state out (a finished run under ``--no-keep-optimizer``).
     """
     states = distributed.all_gather_object(rng_state())
-    if distributed.is_main():
-        runs.save_checkpoint(
-            run_dir / LAST,
-            unwrap(model),
-            optimizer,
-            cfg.to_dict(),
-            states[0],
-            position=dataclasses.asdict(pos),
-            rng_ranks=states if len(states) > 1 else [],
-        )
+    if run.main:
+        run.save(unwrap(model), optimizer, cfg.to_dict(), pos, states[0], rng_ranks=states if len(states) > 1 else [])
 
 
 def resolve_streams(cfg: TrainConfig, ckpt: dict[str, Any] | None, world_size: int) -> TrainConfig:
     """``streams`` made explicit: as recorded in a resumed run, else one per process of this launch."""
     if cfg.streams is not None:
         return cfg
-    streams = (ckpt["config"].get("streams") or 1) if ckpt is not None else world_size
-    return dataclasses.replace(cfg, streams=streams)
+    return dataclasses.replace(cfg, streams=ckpt["config"]["streams"] if ckpt is not None else world_size)
 
 
 def with_device(cfg: TrainConfig) -> TrainConfig:
@@ -210,23 +171,20 @@ def train(
 
     Under torchrun every process calls this; it joins (and afterwards leaves) the process group.
     """
-    with distributed.session(cfg.device) as rank_info, runs.run_lock(Path(run_dir), rank_info):
-        return _train(
-            cfg, Path(run_dir), resume, overwrite, progress, desc or f"train {cfg.variant}", rank_info, tensorboard
-        )
+    kinds = (DISTILL_RUN, DISTILL_CHECKPOINT)
+    with open_run(Path(run_dir), cfg.device, kinds, resume, overwrite) as run:
+        return _train(cfg, run, progress, desc or f"train {cfg.variant}", tensorboard)
 
 
-def _setup(
-    cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool, rank_info: DistInfo
-) -> tuple[Setup, dict[str, Any] | None]:
+def _setup(cfg: TrainConfig, run: Run) -> tuple[Setup, dict[str, Any] | None]:
     """Check the run directory (every rank alike), open the data, build the student and its optimizer; returns
     them with the checkpoint to resume from (None for a new run). Rank 0 prepares the run directory."""
     cfg = with_device(dataclasses.replace(cfg, store=store_path(cfg.store)))
-    distributed.check_global_batch(cfg.batch_size, rank_info)
-    prepare_run_dir(run_dir, resume, overwrite, act=False)
-    ckpt = load_checkpoint(run_dir / LAST) if resume else None
-    cfg = resolve_streams(cfg, ckpt, rank_info.world_size)
-    loader, settings, heldout = open_data(cfg, rank_info)
+    distributed.check_global_batch(cfg.batch_size, run.rank_info)
+    run.check()
+    ckpt = run.last()
+    cfg = resolve_streams(cfg, ckpt, run.rank_info.world_size)
+    loader, settings, heldout = open_data(cfg, run.rank_info)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -242,17 +200,15 @@ def _setup(
     )
     if ckpt is not None and "optimizer" not in ckpt and ckpt["position"]["step"] < sched.stop:
         raise ConfigError(
-            f"{run_dir / LAST} was saved without its optimizer state (--no-keep-optimizer) and cannot "
+            f"{run.dir / LAST} was saved without its optimizer state (--no-keep-optimizer) and cannot "
             "be trained further; export it, or start a new run."
         )
-    distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
-    if rank_info.main:
-        prepare_run_dir(run_dir, resume, overwrite)
+    run.prepare()
 
     runs.seed_everything(cfg.seed)
-    device = distributed.local_device(cfg.device, rank_info)
+    device = distributed.local_device(cfg.device, run.rank_info)
     model = Student(cfg.model).to(device)
-    if cfg.init and not resume:
+    if cfg.init and not run.resume:
         load_pointmae_checkpoint(cfg.init, model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     return Setup(
@@ -268,145 +224,146 @@ def _setup(
     ), ckpt
 
 
-def _start(run: Setup, ckpt: dict[str, Any] | None, run_dir: Path, rank_info: DistInfo) -> Position:
-    """Where the loop starts: the checkpoint's position restored, or step 0 of a new run (whose config rank 0
-    records)."""
+def _start(setup: Setup, ckpt: dict[str, Any] | None, run: Run) -> State:
+    """Where the loop starts: the checkpoint's state restored (``Run.restore``: only run options may differ;
+    ranks > 0 without their own RNG state reseed from (seed, rank, step), only drop-path draws from it), or
+    step 0 of a new run (whose config rank 0 records)."""
+    cfg = setup.cfg
     if ckpt is not None:
-        return restore(ckpt, run_dir, run.cfg, run.model, run.optimizer, rank_info)
-    if rank_info.main:
-        write_config(run_dir, run.cfg, run.loader, rank_info.world_size)
-    else:
-        torch.manual_seed(rank_seed(run.cfg.seed, rank_info.rank, 0))
-    return Position()
+        saved = TrainConfig.from_dict(ckpt["config"], str(run.dir / LAST)).to_dict()
+        ckpt = {**ckpt, "config": saved}
+        return run.restore(ckpt, State, cfg.to_dict(), run_fields(TrainConfig), setup.model, setup.optimizer, cfg.seed)
+    run.write_config(
+        cfg.to_dict(), store=store_record(cfg, setup.loader), launch={"world_size": run.rank_info.world_size}
+    )
+    if not run.main:
+        torch.manual_seed(rank_seed(cfg.seed, run.rank_info.rank, 0))
+    return State()
 
 
 def _micro_batch(
-    run: Setup, ddp: torch.nn.Module, batch: dict[str, torch.Tensor], pos: Position, run_dir: Path
+    setup: Setup, ddp: torch.nn.Module, batch: dict[str, torch.Tensor], pos: State, run_dir: Path
 ) -> tuple[float, dict[str, float]]:
     """Forward and backward of the micro-batch at ``pos``; returns its loss and loss parts, averaged over ranks.
 
     Gradients are synchronised on the last micro-batch of an optimizer step only; a NaN/inf loss stops the
     run (``runs.check_finite``).
     """
-    cfg = run.cfg
+    cfg = setup.cfg
     micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
-    generators = [batch_generator(cfg.seed, micro, s) for s in run.loader.cfg.own_streams]
-    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    generators = [batch_generator(cfg.seed, micro, s) for s in setup.loader.cfg.own_streams]
+    batch = {k: v.to(setup.device, non_blocking=True) for k, v in batch.items()}
     batch["points"] = torch.cat(
-        [augment(points, cfg.augment, g) for points, g in zip(batch["points"].split(run.loader.cfg.chunk), generators)]
+        [
+            augment(points, cfg.augment, g)
+            for points, g in zip(batch["points"].split(setup.loader.cfg.chunk), generators)
+        ]
     )
     last_micro = (pos.batch + 1) % cfg.grad_accum == 0
     with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last_micro else nullcontext():
-        with run.autocast():
-            loss, parts = compute_loss(ddp, batch, run.settings, generators[0] if len(generators) == 1 else generators)
+        with setup.autocast():
+            loss, parts = compute_loss(
+                ddp, batch, setup.settings, generators[0] if len(generators) == 1 else generators
+            )
         means = distributed.all_reduce_mean(torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64))
         runs.check_finite(means[0], pos.step + 1, run_dir, NAN_FIX, f" (epoch {pos.epoch})")
         (loss / cfg.grad_accum).backward()
     return float(means[0]), {k: float(v) for k, v in zip(parts, means[1:])}
 
 
-def _optimizer_step(run: Setup, step: int) -> float:
+def _optimizer_step(setup: Setup, step: int) -> float:
     """Set the learning rate of ``step`` (``schedule.lr_at``), step the optimizer and clear the gradients."""
-    lr = lr_at(step, lr=run.cfg.lr, min_lr=run.cfg.min_lr, warmup=run.sched.warmup, total=run.sched.total)
-    for group in run.optimizer.param_groups:
+    lr = lr_at(step, lr=setup.cfg.lr, min_lr=setup.cfg.min_lr, warmup=setup.sched.warmup, total=setup.sched.total)
+    for group in setup.optimizer.param_groups:
         group["lr"] = lr
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
     return lr
 
 
-def _train(
-    cfg: TrainConfig,
-    run_dir: Path,
-    resume: bool,
-    overwrite: bool,
-    progress: bool,
-    desc: str,
-    rank_info: DistInfo,
-    tensorboard: bool = False,
-) -> dict[str, Any]:
-    main = rank_info.main
-    run, ckpt = _setup(cfg, run_dir, resume, overwrite, rank_info)
-    pos = _start(run, ckpt, run_dir, rank_info)
+def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: bool = False) -> dict[str, Any]:
+    main, run_dir = run.main, run.dir
+    setup, ckpt = _setup(cfg, run)
+    pos = _start(setup, ckpt, run)
     del ckpt
-    cfg, sched = run.cfg, run.sched
+    cfg, sched = setup.cfg, setup.sched
     distributed.barrier()  # the run directory is ready
-    ddp = distributed.wrap_model(run.model, rank_info, run.device)
-    sinks = [TensorBoardSink(run_dir / TENSORBOARD, pos.step)] if tensorboard and main else []
-    log_ = MetricsLog(run_dir, keep_until_step=pos.step, write=main, sinks=sinks)
-    evaluate = _evaluator(run, log_, main)
+    ddp = distributed.wrap_model(setup.model, run.rank_info, setup.device)
+    log_ = run.metrics(pos, [TensorBoardSink(run_dir / TENSORBOARD, pos.step)] if tensorboard and main else [])
+    evaluate = _evaluator(setup, log_, main)
     samples_per_step = cfg.batch_size * cfg.grad_accum
 
     ddp.train()
     bar = progress_bar(
         total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", desc=desc, dynamic_ncols=True
     )
-    saved_at = pos.step if resume else -1
+    saved_at = pos.step if run.resume else -1
     while pos.step < sched.stop:
         tic, step_loss = time.perf_counter(), 0.0
         step_parts: dict[str, float] = {}
-        for batch in run.loader.epoch(pos.epoch, start_batch=pos.batch):
-            loss, parts = _micro_batch(run, ddp, batch, pos, run_dir)
+        for batch in setup.loader.epoch(pos.epoch, start_batch=pos.batch):
+            loss, parts = _micro_batch(setup, ddp, batch, pos, run_dir)
             step_loss += loss / cfg.grad_accum
             step_parts = {k: step_parts.get(k, 0.0) + v / cfg.grad_accum for k, v in parts.items()}
             pos = dataclasses.replace(pos, batch=pos.batch + 1)
             if pos.batch % cfg.grad_accum:
                 continue
-            lr = _optimizer_step(run, pos.step)
+            lr = _optimizer_step(setup, pos.step)
             pos = dataclasses.replace(pos, step=pos.step + 1)
             rate = samples_per_step / (time.perf_counter() - tic)
             log_.step(step=pos.step, epoch=pos.epoch, loss=step_loss, lr=lr, samples_per_s=rate, **step_parts)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4g}", samples_s=f"{rate:.1f}")
-            epoch_done = pos.batch >= run.epoch_batches
+            epoch_done = pos.batch >= setup.epoch_batches
             if cfg.val_every and pos.step % cfg.val_every == 0 and not epoch_done:
                 evaluate(pos)
             if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < sched.total:
-                save(run_dir, cfg, ddp, run.optimizer, pos)
+                save(run, cfg, ddp, setup.optimizer, pos)
                 saved_at = pos.step
             tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
             if pos.step >= sched.stop or epoch_done:
                 break
-        if pos.batch >= run.epoch_batches:
+        if pos.batch >= setup.epoch_batches:
             log_.epoch(epoch=pos.epoch, step=pos.step)
             evaluate(pos)
-            pos = Position(step=pos.step, epoch=pos.epoch + 1, batch=0)
+            pos = State(step=pos.step, epoch=pos.epoch + 1, batch=0)
             if pos.step < sched.total:
-                save(run_dir, cfg, ddp, run.optimizer, pos)
+                save(run, cfg, ddp, setup.optimizer, pos)
                 saved_at = pos.step
             log_.plot(f"{run_dir.name} ({cfg.variant})")
     bar.close()
-    return _finish(run, ddp, log_, evaluate, pos, saved_at, run_dir, rank_info)
+    return _finish(setup, run, ddp, log_, evaluate, pos, saved_at)
 
 
-def _evaluator(run: Setup, log_: MetricsLog, main: bool) -> Callable[[Position], None]:
+def _evaluator(setup: Setup, log_: MetricsLog, main: bool) -> Callable[[State], None]:
     """``evaluate(pos)``: log the held-out loss at ``pos`` once (rank 0 computes it; the others wait)."""
 
-    def evaluate(pos: Position) -> None:
-        if run.heldout is not None and main and not log_.has("val", pos.step):
-            log_.val(epoch=pos.epoch, step=pos.step, **run.heldout.evaluate(run.model, run.device, run.autocast))
+    def evaluate(pos: State) -> None:
+        if setup.heldout is not None and main and not log_.has("val", pos.step):
+            log_.val(
+                epoch=pos.epoch, step=pos.step, **setup.heldout.evaluate(setup.model, setup.device, setup.autocast)
+            )
         distributed.barrier()
 
     return evaluate
 
 
 def _finish(
-    run: Setup,
+    setup: Setup,
+    run: Run,
     ddp: torch.nn.Module,
     log_: MetricsLog,
-    evaluate: Callable[[Position], None],
-    pos: Position,
+    evaluate: Callable[[State], None],
+    pos: State,
     saved_at: int,
-    run_dir: Path,
-    rank_info: DistInfo,
 ) -> dict[str, Any]:
     """The end of a launch: the last held-out loss and checkpoint, the plot, a warm-up warning; the summary."""
-    cfg, sched = run.cfg, run.sched
+    cfg, sched, run_dir, rank_info = setup.cfg, setup.sched, run.dir, run.rank_info
     if pos.step >= sched.total and pos.batch:  # the schedule ended mid-epoch: its held-out loss too
         evaluate(pos)
     if saved_at != pos.step:  # the final state (the schedule's end or --stop-after)
         keep = cfg.keep_optimizer or pos.step < sched.total
-        save(run_dir, cfg, ddp, run.optimizer if keep else None, pos)
+        save(run, cfg, ddp, setup.optimizer if keep else None, pos)
     log_.plot(f"{run_dir.name} ({cfg.variant})")
     in_warmup = pos.step < sched.warmup
     if in_warmup and rank_info.main:

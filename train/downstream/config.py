@@ -17,7 +17,7 @@ from typing import Any
 from pkd.common.config import at_least, option
 from pkd.common.errors import ConfigError
 from pkd.train.encoder import EncoderConfig
-from pkd.train.runs import CONFIG, read_config, run_fields
+from pkd.train.runs import CONFIG, read_config, resume_values, run_fields
 
 
 def redefault(base: type, name: str, value: Any) -> Any:
@@ -107,4 +107,4 @@ def resume_options(
     if not (Path(run_dir) / CONFIG).is_file():
         return options
     saved = read_config(Path(run_dir))
-    return {k: saved[k] if k not in given and k in saved and k not in may_change else v for k, v in options.items()}
+    return resume_values(saved, options, given, may_change)

@@ -174,11 +174,15 @@ class SetCriterion(nn.Module):
         angle_pred = outputs["angle_residual_normalized"].gather(2, angle_label[..., None]).squeeze(-1)
         raw = {
             "loss_sem_cls": F.cross_entropy(logits.transpose(1, 2), labels, self.semcls_percls_weights),
-            "loss_angle_cls": per_box(F.cross_entropy(outputs["angle_logits"].transpose(1, 2), angle_label, reduction="none")),
+            "loss_angle_cls": per_box(
+                F.cross_entropy(outputs["angle_logits"].transpose(1, 2), angle_label, reduction="none")
+            ),
             "loss_angle_reg": per_box(F.huber_loss(angle_pred, angle_target, reduction="none", delta=1.0)),
             "loss_center": per_box(outputs["center_dist"].gather(2, inds[..., None]).squeeze(-1)),
             "loss_size": per_box(
-                F.l1_loss(outputs["size_normalized"], matched(targets["gt_box_sizes_normalized"]), reduction="none").sum(-1)
+                F.l1_loss(
+                    outputs["size_normalized"], matched(targets["gt_box_sizes_normalized"]), reduction="none"
+                ).sum(-1)
             ),
             "loss_giou": per_box(1 - outputs["gious"].gather(2, inds[..., None]).squeeze(-1)),
         }

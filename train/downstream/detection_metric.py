@@ -7,11 +7,11 @@
   without the old +1), and every kept box is proposed once per class with score p(class) · p(object), if
   p(object) > ``conf_thresh``.
 * ``average_precision`` is VoteNet's / 3DETR's ``utils/eval_det.py`` ``eval_det_cls``: per class, detections of
-  all scenes sorted by score, each matched greedily to the unmatched ground-truth box of its scene with the
-  highest IoU, a true positive when that IoU exceeds the threshold (``ovmax > ovthresh`` there) (a second detection of a matched box is a false
-  positive); AP is the area under the monotone precision envelope over all recall points (``voc_ap`` with
-  ``use_07_metric=False``). Classes without ground truth in the split are ``None`` and left out of the mean (3DETR
-  would count them as 0 AP; on ScanNet val every class has ground truth, so the means agree).
+  all scenes sorted by score, each compared with the ground-truth box of its scene of highest IoU; a true
+  positive when that IoU exceeds the threshold (``ovmax > ovthresh``) and the box is not matched yet, else a
+  false positive. AP is the area under the monotone precision envelope over all recall points (``voc_ap``,
+  ``use_07_metric=False``). Classes without ground truth in the split are ``None`` and left out of the mean
+  (3DETR would count them as 0 AP; on ScanNet val every class has ground truth, so the means agree).
 * ``predictions.json`` (``predictions_json``, ``read_predictions``): the post-processed boxes of every scene in the
   axis-aligned frame, metres, so anyone can rescore a run.
 """
@@ -186,7 +186,9 @@ def read_predictions(path: Path, class_names: list[str] | tuple[str, ...]) -> Bo
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path}: scene {scene} needs boxes (K×6), scores and labels ({exc}).") from exc
         if not len(boxes) == len(scores) == len(labels):
-            raise DataError(f"{path}: scene {scene} has {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels.")
+            raise DataError(
+                f"{path}: scene {scene} has {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels."
+            )
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise DataError(f"{path}: scene {scene} holds non-finite numbers.")
         if (boxes[:, :3] > boxes[:, 3:]).any():

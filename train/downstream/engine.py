@@ -5,7 +5,8 @@ final test report; ``finetune`` does the rest, top to bottom: prepare the run di
 encoder from ``--init``, AdamW with Point-MAE's per-epoch schedule (linear warm-up from ``min_lr``, then
 cosine, as timm's ``CosineLRScheduler``), gradient clipping, an evaluation after every epoch with the best
 weights kept in ``best.pt`` (and, for tasks that vote, the best voting epoch's in ``best_vote.pt``), an
-atomic ``last.pt`` (``--resume`` continues bit-identically), ``curves.png`` (loss and test score per
+atomic ``last.pt`` (``--resume`` continues bit-identically; folder, records, state and resume rule are
+``pkd.train.runs.Run``'s), ``curves.png`` (loss and test score per
 epoch), and finally the test report of the best weights in ``results.json`` (schema: ``results``).
 
 Model selection follows Point-MAE: the best epoch is chosen on the test split (the benchmarks have no
@@ -27,28 +28,26 @@ from torch import nn
 from pkd.common.errors import ConfigError
 from pkd.common.logs import progress_bar
 from pkd.train import distributed
-from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint, rng_state, set_rng_state
-from pkd.train.distributed import DistInfo
+from pkd.train.checkpoint import atomic_save, load_checkpoint, rng_state
 from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.models import init_encoder
 from pkd.train.downstream.plots import plot_curves
 from pkd.train.downstream.registry import Task, benchmarks
 from pkd.train.downstream.results import coverage_note, make_records, write_results
 from pkd.train.encoder import PointEncoder
-from pkd.train.metrics import MetricsLog
 from pkd.train.runs import (
+    FINETUNE_CHECKPOINT,
+    FINETUNE_RUN,
+    Run,
+    State,
     batch_generator,
     check_finite,
     code_version,
+    open_run,
     param_groups,
-    prepare_run_dir,
     resolve_device,
-    restore_training,
     run_fields,
-    run_lock,
-    save_checkpoint,
     seed_everything,
-    write_config,
 )
 from pkd.train.schedule import epoch_lr
 
@@ -60,47 +59,14 @@ SELECTION = "best epoch chosen on the test split, as Point-MAE does (these bench
 
 
 @dataclass(frozen=True, kw_only=True)
-class State:
-    """Progress of a run: optimizer steps, epoch, batches done in it, and the best evaluation so far."""
+class FinetuneState(State):
+    """A fine-tuning run's ``State`` with the best evaluation so far and every epoch's scores."""
 
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
     best_score: float = -1.0
     best_epoch: int = -1
     best_vote_score: float = -1.0
     best_vote_epoch: int = -1
     history: tuple[dict[str, float], ...] = ()
-
-
-def _restore(
-    run_dir: Path, cfg: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[State, dict]:
-    """Load last.pt into model and optimizer, restore RNGs; refuse a checkpoint of other settings."""
-    ckpt = load_checkpoint(run_dir / LAST)
-    restore_training(ckpt, dataclasses.asdict(cfg), run_fields(type(cfg)), run_dir, model, optimizer)
-    set_rng_state(ckpt["rng"])
-    state = ckpt["state"]
-    return State(**{**state, "history": tuple(state["history"])}), ckpt["init_report"]
-
-
-def _save(
-    run_dir: Path,
-    cfg: FinetuneConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: State,
-    init_report: dict,
-) -> None:
-    save_checkpoint(
-        run_dir / LAST,
-        model,
-        optimizer,
-        dataclasses.asdict(cfg),
-        rng_state(),
-        state={**dataclasses.asdict(state), "history": list(state.history)},
-        init_report=init_report,
-    )
 
 
 def finetune(
@@ -112,25 +78,18 @@ def finetune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Finetune (or resume) one run, under torchrun too; writes ``results.json`` and returns its content."""
-    with distributed.session(resolve_device(cfg.device)) as rank_info, run_lock(Path(run_dir), rank_info):
-        return _finetune(build_task, cfg, Path(run_dir), resume, overwrite, progress, rank_info)
+    kinds = (FINETUNE_RUN, FINETUNE_CHECKPOINT)
+    with open_run(Path(run_dir), resolve_device(cfg.device), kinds, resume, overwrite) as run:
+        return _finetune(build_task, cfg, run, progress)
 
 
-def _finetune(
-    build_task: Callable[[Any], Task],
-    cfg: FinetuneConfig,
-    run_dir: Path,
-    resume: bool,
-    overwrite: bool,
-    progress: bool,
-    rank_info: DistInfo,
-) -> dict[str, Any]:
+def _finetune(build_task: Callable[[Any], Task], cfg: FinetuneConfig, run: Run, progress: bool) -> dict[str, Any]:
     """The loop. Under DDP every rank takes rows rank, rank+W, … of each global batch (``--batch-size`` stays
     global); rank 0 alone evaluates-to-disk, logs and checkpoints."""
-    main, world = rank_info.main, rank_info.world_size
-    device = distributed.local_device(resolve_device(cfg.device), rank_info)
+    main, world, rank, run_dir = run.main, run.rank_info.world_size, run.rank_info.rank, run.dir
+    device = distributed.local_device(resolve_device(cfg.device), run.rank_info)
     cfg = dataclasses.replace(cfg, device=str(device))
-    distributed.check_global_batch(cfg.batch_size, rank_info)
+    distributed.check_global_batch(cfg.batch_size, run.rank_info)
     seed_everything(cfg.seed)
     task = build_task(cfg)
     model = task.model
@@ -140,20 +99,20 @@ def _finetune(
             f"--batch-size {cfg.batch_size} is larger than the training set "
             f"({task.data_summary()['train_shapes']} shapes); lower it."
         )
-    init_report = {} if resume else init_encoder(cast(PointEncoder, model.MAE_encoder), cfg.init)
-    prepare_run_dir(run_dir, resume, overwrite, act=False)  # every rank refuses alike: none waits alone
-    distributed.barrier()
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
+    init_report = {} if run.resume else init_encoder(cast(PointEncoder, model.MAE_encoder), cfg.init)
+    run.check()
+    run.prepare()
     distributed.barrier()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    state = State()
-    if resume:
-        state, init_report = _restore(run_dir, cfg, model, optimizer)
-    elif main:
-        write_config(run_dir, dataclasses.asdict(cfg), init=init_report, data=task.data_summary())
-    ddp = distributed.wrap_model(model, rank_info, device)
-    log = MetricsLog(run_dir, keep_until_step=state.step, write=main)
+    state, ckpt = FinetuneState(), run.last()
+    if ckpt is not None:
+        state = run.restore(ckpt, FinetuneState, dataclasses.asdict(cfg), run_fields(type(cfg)), model, optimizer)
+        init_report = ckpt["init_report"]
+    else:
+        run.write_config(dataclasses.asdict(cfg), init=init_report, data=task.data_summary())
+    del ckpt
+    ddp = distributed.wrap_model(model, run.rank_info, device)
+    log = run.metrics(state)
     limit = min(cfg.epochs * batches_per_epoch, cfg.max_steps or cfg.epochs * batches_per_epoch)
     bar = progress_bar(
         total=limit,
@@ -173,8 +132,8 @@ def _finetune(
         model.train()
         for batch in task.epoch_batches(state.epoch)[state.batch :]:
             tic = time.perf_counter()
-            generator = batch_generator(cfg.seed, state.step * world + rank_info.rank)
-            local_loss = task.loss(ddp, batch[rank_info.rank :: world], generator)
+            generator = batch_generator(cfg.seed, state.step * world + rank)
+            local_loss = task.loss(ddp, batch[rank::world], generator)
             loss = distributed.all_reduce_mean(local_loss.detach())  # DDP averages the gradients likewise
             check_finite(loss, state.step + 1, run_dir, "Lower --lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
@@ -197,7 +156,7 @@ def _finetune(
             log.epoch(epoch=state.epoch, step=state.step)
             state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
         if main:
-            _save(run_dir, cfg, model, optimizer, state, init_report)
+            run.save(model, optimizer, dataclasses.asdict(cfg), state, rng_state(), init_report=init_report)
             plot_curves(log.records, list(state.history), run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
     bar.close()
     distributed.barrier()
@@ -257,7 +216,7 @@ def describe_data(results: dict[str, Any]) -> str:
     return coverage_note(data["coverage"], registered.items if registered else "shapes")
 
 
-def _evaluate(task: Task, state: State, run_dir: Path, write: bool = True) -> State:
+def _evaluate(task: Task, state: FinetuneState, run_dir: Path, write: bool = True) -> FinetuneState:
     """Score the current weights (every rank, same result); keep them in best.pt when they beat the best so far."""
     metrics = task.evaluate(state.epoch)
     state = dataclasses.replace(state, history=state.history + ({"epoch": state.epoch, "step": state.step, **metrics},))

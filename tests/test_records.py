@@ -1,0 +1,112 @@
+"""Versioned run records (pkd.train.records): old records upgrade, unknown keys and newer versions are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pkd.common.errors import ConfigError
+from pkd.train import runs
+from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint
+from pkd.train.export import export_encoder
+from pkd.train.model import StudentConfig
+from pkd.train.records import RecordKind, read_record, write_record
+from pkd.train.trainer import TrainConfig, recorded_config, train
+
+from _cli import TINY_STUDENT
+from store_factory import make_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("records") / "pairs.zarr", n=8, num_points=160, shard_size=4)
+
+
+def config(store, **kw) -> TrainConfig:
+    return TrainConfig(
+        store=str(store), model=StudentConfig(**TINY_STUDENT), epochs=2, warmup_epochs=1, batch_size=4, **kw
+    )
+
+
+def as_old_main(run):
+    """Rewrite a run's config.json and last.pt in the layout today's main wrote: no format or version, no
+    ``streams`` (runs before it), ``num_workers`` and no ``rng_ranks`` in the checkpoint."""
+    record = json.loads((run / "config.json").read_text())
+    del record["format"], record["version"], record["config"]["streams"]
+    record["config"]["num_workers"] = record["config"].pop("loader_workers")
+    (run / "config.json").write_text(json.dumps(record))
+    ckpt = load_checkpoint(run / LAST)
+    del ckpt["format"], ckpt["version"], ckpt["rng_ranks"], ckpt["config"]["streams"]
+    ckpt["config"]["num_workers"] = ckpt["config"].pop("loader_workers")
+    atomic_save(ckpt, run / LAST)
+
+
+def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path):
+    whole = train(config(store, max_steps=2), tmp_path / "whole", progress=False)
+    train(config(store, max_steps=2, stop_after=1), tmp_path / "old", progress=False)
+    as_old_main(tmp_path / "old")
+    saved = recorded_config(tmp_path / "old")
+    assert saved.streams == 1 and saved.loader_workers == 0
+    resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "old", resume=True, progress=False)
+    assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
+    a, b = load_checkpoint(tmp_path / "whole" / LAST), load_checkpoint(tmp_path / "old" / LAST)
+    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (
+        "MAE_encoder.norm.weight"
+        in torch.load(export_encoder(tmp_path / "old", tmp_path / "enc.pth"), weights_only=True)["base_model"]
+    )
+
+
+def test_unknown_keys_and_newer_versions_are_refused_naming_the_file(store, tmp_path):
+    run = tmp_path / "run"
+    train(config(store, max_steps=1), run, progress=False)
+    record = json.loads((run / "config.json").read_text())
+    assert (record["format"], record["version"]) == ("pkd-distill-run", 2)
+    (run / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "typo_lr": 1}}))
+    with pytest.raises(ConfigError, match=r"config\.json does not match TrainConfig: unknown fields \['typo_lr'\]"):
+        recorded_config(run)
+    (run / "config.json").write_text(json.dumps({**record, "extra": 1}))
+    with pytest.raises(
+        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 2 record \(unknown keys"
+    ):
+        recorded_config(run)
+    (run / "config.json").write_text(json.dumps({**record, "version": 9}))
+    with pytest.raises(
+        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-2"
+    ):
+        recorded_config(run)
+    ckpt = load_checkpoint(run / LAST)
+    atomic_save({**ckpt, "version": 3}, run / LAST)
+    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 3"):
+        train(config(store, max_steps=2), run, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="is a 'pkd-distill-run' record, not 'pkd-finetune-run'"):
+        read_record(run / "config.json", runs.FINETUNE_RUN)
+
+
+def test_a_later_module_declares_the_next_upgrade_step(tmp_path):
+    kind = RecordKind("pkd-test", required=("config",))
+    write_record(tmp_path / "v1.json", kind, {"config": {"a": 1, "gone": 2}})
+    assert kind.version == 1
+
+    @kind.step
+    def _drop_gone(record):
+        return {**record, "config": {k: v for k, v in record["config"].items() if k != "gone"}}
+
+    assert kind.version == 2 and kind.upgrades == {1: _drop_gone}
+    assert read_record(tmp_path / "v1.json", kind) == {"config": {"a": 1}}
+    write_record(tmp_path / "v2.json", kind, {"config": {"a": 1}})
+    assert json.loads((tmp_path / "v2.json").read_text())["version"] == 2
+    (tmp_path / "old.json").write_text(json.dumps({"config": {}}))  # unversioned: version 1
+    assert read_record(tmp_path / "old.json", kind) == {"config": {}}
+
+
+def test_an_old_finetune_checkpoint_keeps_its_state_under_position():
+    old = {"model": {}, "rng": {}, "state": {"step": 3}, "init_report": {}, "config": {}, "code": {}}
+    new = runs.FINETUNE_CHECKPOINT.upgrade(old, "last.pt")
+    assert new["position"] == {"step": 3} and "state" not in new
+    with pytest.raises(ConfigError, match=r"last\.pt is not a valid pkd-finetune-checkpoint version 2 record"):
+        runs.FINETUNE_CHECKPOINT.upgrade({**old, "stray": 1}, "last.pt")
