@@ -121,6 +121,8 @@ class HungarianMatcher(nn.Module):
 class SetCriterion(nn.Module):
     """3DETR's ``SetCriterion`` with its ScanNet weights: (total loss, dict of weighted parts)."""
 
+    semcls_percls_weights: torch.Tensor
+
     def __init__(
         self, num_classes: int = 18, costs: MatcherCosts = MatcherCosts(), weights: LossWeights = LossWeights()
     ) -> None:

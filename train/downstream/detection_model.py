@@ -151,6 +151,8 @@ class FourierEmbedding(nn.Module):
     Computed in float32 outside autocast (3DETR runs it under ``no_grad`` in fp32): bf16 would lose the
     phase of 2π·x·B."""
 
+    gauss_B: torch.Tensor
+
     def __init__(self, dim: int, gauss_scale: float = 1.0) -> None:
         super().__init__()
         if dim % 2:
