@@ -163,6 +163,11 @@ def test_finetune_then_test_scores_what_predictions_json_holds(detection_run):
     per_class = results["test"]["per_class"]["map25"]
     assert per_class["sofa"] is None and per_class["chair"] is not None  # no sofa in the val scenes
     assert results["test"]["per_class"]["map25"] == pytest.approx(rescored["per_class"]["map25"], abs=1e-3)
+    table = root / "compare" / "table.md"
+    done = run_script("pkd-train", "compare", run, "--out", table, cwd=root)
+    assert done.returncode == 0, done.stderr
+    chair = next(line for line in table.read_text().splitlines() if line.startswith("| chair |"))
+    assert chair.count("|") == 4  # Table 9: one column per results file (the run's and its test's)
 
 
 def test_a_segs_file_of_another_mesh_is_refused_naming_it(detection_run, tmp_path):

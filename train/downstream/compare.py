@@ -101,15 +101,45 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_class_tables(files: list[Path]) -> dict[str, str]:
+    """Per-class numbers of several runs side by side (the paper's Table 9 for ``scannet-det``): one Markdown
+    table per (benchmark, metric) of the benchmarks that declare ``per_class``, a column per results file."""
+    from pkd.train.downstream.registry import benchmarks
+
+    columns: dict[tuple[str, str], list[tuple[str, dict[str, float | None]]]] = defaultdict(list)
+    for path in files:
+        content = json.loads(path.read_text())
+        bench = benchmarks().get(str(content.get("task"))) if isinstance(content, dict) else None
+        if bench is None or bench.per_class is None or content.get("schema") != SCHEMA:
+            continue
+        label = f"{init_label({'path': content['init'].get('init', 'scratch')})} ({path.parent.name})"
+        for metric, values in (content.get("test") or {}).get(bench.per_class, {}).items():
+            columns[(bench.name, metric)].append((label, values))
+    tables = {}
+    for (name, metric), runs in sorted(columns.items()):
+        classes = list(runs[0][1])
+        lines = [
+            f"| {name} {metric} | " + " | ".join(label for label, _ in runs) + " |",
+            "|---" * (len(runs) + 1) + "|",
+        ]
+        for c in classes:
+            values = [v.get(c) for _, v in runs]
+            lines.append(f"| {c} | " + " | ".join("–" if x is None else f"{x:.2f}" for x in values) + " |")
+        tables[f"{name}/{metric}"] = "\n".join(lines) + "\n"
+    return tables
+
+
 def compare(paths: list[Path], out: Path, overwrite: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """Write ``out`` (Markdown), ``out.json`` and ``out.png`` for every record below ``paths``."""
+    """Write ``out`` (Markdown: the records' table, then any per-class tables), ``out.json`` and ``out.png`` for
+    every record below ``paths``."""
     outputs = [out, out.with_suffix(".json"), out.with_suffix(".png")]
     existing = [p for p in outputs if p.exists()]
     if existing and not overwrite:
         raise ConfigError(
             f"{existing[0]} already exists; pass --overwrite to replace the comparison or choose another --out."
         )
-    records, skipped = load_records(find_results(paths))
+    files = find_results(paths)
+    records, skipped = load_records(files)
     if not records:
         raise DataError(
             f"no {SCHEMA} results under {', '.join(map(str, paths))}; pass the folders of finished "
@@ -117,7 +147,8 @@ def compare(paths: list[Path], out: Path, overwrite: bool = False) -> tuple[list
         )
     rows = group_records(records)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(format_markdown(rows))
-    outputs[1].write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2) + "\n")
+    tables = per_class_tables(files)
+    out.write_text("\n".join([format_markdown(rows), *tables.values()]))
+    outputs[1].write_text(json.dumps({"rows": rows, "per_class": tables, "skipped": skipped}, indent=2) + "\n")
     plot_comparison(rows, outputs[2])
     return rows, skipped
