@@ -1,4 +1,4 @@
-"""ScanNet detection: the AP metric on hand-computed cases, and `finetune scannet-det` → `test scannet-det` end to
+"""ScanNet detection (the metric itself: test_detection_metric.py): `finetune scannet-det` → `test scannet-det` end to
 end through the console script, re-deriving mAP from predictions.json and hand-built ground truth."""
 
 from __future__ import annotations
@@ -9,90 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pkd.common.errors import DataError
 from pkd.common.scannet_annotations import DET_CLASSES, write_annotation_files
-from pkd.train.downstream.detection_metric import (
-    average_precision,
-    box_iou_3d,
-    eval_class,
-    nms_3d,
-    postprocess,
-    predictions_json,
-    read_predictions,
-    voc_ap,
-)
+from pkd.train.downstream.detection_metric import average_precision, read_predictions
 from pkd.train.downstream.registry import benchmarks
 
 from _cli import flags, run_script
-
-UNIT = np.array([0, 0, 0, 1, 1, 1], dtype=np.float64)
-
-
-def shifted(box: np.ndarray, dx: float) -> np.ndarray:
-    return box + np.array([dx, 0, 0, dx, 0, 0])
-
-
-def test_iou_of_hand_built_pairs():
-    pairs = np.stack([UNIT, shifted(UNIT, 0.5), shifted(UNIT, 3), np.array([0.25, 0.25, 0.25, 0.75, 0.75, 0.75])])
-    iou = box_iou_3d(UNIT[None], pairs)[0]
-    assert iou == pytest.approx([1.0, 0.5 / 1.5, 0.0, 0.125])
-
-
-def test_nms_keeps_the_higher_score_and_other_classes():
-    boxes = np.stack([UNIT, shifted(UNIT, 0.1), shifted(UNIT, 5)])
-    scores = np.array([0.5, 0.9, 0.3])
-    assert nms_3d(boxes, scores, None, 0.25).tolist() == [1, 2]
-    assert nms_3d(boxes, scores, np.array([0, 1, 0]), 0.25).tolist() == [1, 0, 2]
-
-
-def test_voc_ap_is_the_area_under_the_precision_envelope():
-    # recall 0.5 at precision 1, then 0.5 at 0.5, then 1.0 at 2/3: envelope 1 on [0, .5], 2/3 on (.5, 1]
-    assert voc_ap(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])) == pytest.approx(0.5 + 0.5 * 2 / 3)
-
-
-def test_eval_class_counts_duplicates_and_misses():
-    gts = {"a": [UNIT, shifted(UNIT, 4)], "b": [UNIT]}
-    preds = {
-        "a": [(UNIT, 0.9), (shifted(UNIT, 0.05), 0.8)],  # a hit, then a duplicate of the same box (false positive)
-        "b": [(UNIT, 0.7), (shifted(UNIT, 9), 0.6)],  # a hit, then a box where nothing is
-    }
-    recall, precision, ap = eval_class(preds, gts, 0.25)
-    assert recall.tolist() == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
-    assert precision.tolist() == pytest.approx([1, 0.5, 2 / 3, 0.5])
-    assert ap == pytest.approx(1 / 3 * 1 + 1 / 3 * 2 / 3)  # the third ground-truth box is never found
-
-
-def test_classes_without_ground_truth_are_none_and_left_out_of_the_mean():
-    gt = {"s": {"boxes": np.stack([UNIT]), "labels": np.array([0])}}
-    pred = {"s": {"boxes": np.stack([UNIT, UNIT]), "scores": np.array([0.9, 0.8]), "labels": np.array([0, 1])}}
-    ap = average_precision(pred, gt, DET_CLASSES)
-    assert ap["per_class"]["map25"]["cabinet"] == pytest.approx(100.0)
-    assert ap["per_class"]["map25"]["bed"] is None
-    assert ap["map25"] == ap["map50"] == pytest.approx(100.0)
-
-
-def test_postprocess_drops_empty_and_unconfident_boxes():
-    boxes = np.stack([UNIT, shifted(UNIT, 5), shifted(UNIT, 10)])
-    points = np.random.default_rng(0).uniform(0, 1, (50, 3))
-    points = np.concatenate([points, points + [10, 0, 0]])
-    prob = np.array([[0.8, 0.2], [0.5, 0.5], [0.9, 0.1]])
-    out = postprocess(boxes, prob, np.array([0.9, 0.9, 0.01]), points)
-    assert out["boxes"].tolist() == [UNIT.tolist()] * 2  # box 1 holds no point, box 2 is not an object
-    assert out["labels"].tolist() == [0, 1] and out["scores"] == pytest.approx([0.72, 0.18])
-
-
-def test_predictions_json_round_trip_and_validation(tmp_path):
-    pred = {"s": {"boxes": np.stack([UNIT]), "scores": np.array([0.5]), "labels": np.array([3])}}
-    path = tmp_path / "predictions.json"
-    path.write_text(json.dumps(predictions_json(pred, DET_CLASSES)))
-    back = read_predictions(path, DET_CLASSES)
-    assert back["s"]["boxes"].tolist() == [UNIT.tolist()] and back["s"]["labels"].tolist() == [3]
-    bad = json.loads(path.read_text())
-    bad["scenes"]["s"]["boxes"] = [[1, 0, 0, 0, 1, 1]]
-    path.write_text(json.dumps(bad))
-    with pytest.raises(DataError, match="min exceeds its max"):
-        read_predictions(path, DET_CLASSES)
-
 
 # ---- end to end ---------------------------------------------------------------------------------------------
 
