@@ -11,7 +11,6 @@ import pytest
 
 from pkd.common.scannet_annotations import DET_CLASSES, write_annotation_files
 from pkd.train.downstream.detection_metric import average_precision, read_predictions
-from pkd.train.downstream.registry import benchmarks
 
 from _cli import flags, run_script
 
@@ -111,11 +110,3 @@ def test_a_segs_file_of_another_mesh_is_refused_naming_it(detection_run, tmp_pat
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert str(segs) in done.stderr
-
-
-def test_every_registered_benchmark_has_its_commands():
-    listing = run_script("pkd-train", "finetune", "--help", env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"}).stdout
-    tests = run_script("pkd-train", "test", "--help", env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"}).stdout
-    for name, bench in benchmarks().items():
-        assert name in listing
-        assert (name in tests) == bench.has_test
