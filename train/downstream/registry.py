@@ -4,8 +4,8 @@ Pointcept's ``register_module``): ``register(Benchmark(...))`` at the bottom of 
 ``--help`` (with that benchmark's defaults), the run folder's name, ``results.json``'s records and
 ``compare`` are all derived from the ``Benchmark``; nothing outside the module names it.
 
-``benchmarks()`` imports every module of the package once (so each registers itself) and returns the
-registry by name, in registration order.
+``benchmarks()`` imports every module of the package once (so each registers itself; ``cli``, which builds
+its commands from the registry at import, is left out) and returns the registry by name, in registration order.
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ class Benchmark:
 
 _REGISTRY: dict[str, Benchmark] = {}
 _LOADED = False
+# modules that build from the registry at import (the typer apps): discovery must not import them, or they would
+# see a registry still being filled
+CONSUMERS = frozenset({"cli"})
 
 
 def register(bench: Benchmark) -> Benchmark:
@@ -114,7 +117,8 @@ def benchmarks() -> dict[str, Benchmark]:
         _LOADED = True
         package = importlib.import_module(__package__ or "pkd.train.downstream")
         for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            if info.name not in CONSUMERS:
+                importlib.import_module(f"{package.__name__}.{info.name}")
     return dict(_REGISTRY)
 
 
