@@ -16,6 +16,7 @@ from pkd.train.options import config_options
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.callback()(logs.cli_options)
 
+DEFAULT_VARIANTS = ("distill", "no-concept", "clip-target", "recon", "recon+distill")
 Store = Annotated[Path, typer.Argument(help="pair store written by pkd-prep (pairs.zarr)")]
 Resume = Annotated[
     bool,
@@ -69,42 +70,65 @@ def distill(
 def ablate(
     ctx: typer.Context,
     store: Store,
-    variants: Annotated[str, typer.Option(help="comma-separated variants")] = "distill,no-concept,clip-target,recon,"
-    "recon+distill",
+    paper: Annotated[
+        bool,
+        typer.Option(
+            help="every row of the paper's Tables 5 and 6 (scratch, no-concept, clip-target, local, distill, recon, "
+            "recon+distill), read out by ModelNet40 fine-tuning without voting; the store needs a val split and "
+            "patch tokens (pkd-prep scannet --split all --patch-tokens)"
+        ),
+    ] = False,
+    variants: Annotated[
+        str | None,
+        typer.Option(
+            help=f"comma-separated variants ('scratch': the readout of an untrained encoder) [default: "
+            f"{','.join(DEFAULT_VARIANTS)}]"
+        ),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds: every variant (and readout) once per seed")] = "0",
     name: Annotated[str | None, typer.Option(help="writes runs/ablate-NAME (default: the store's name)")] = None,
+    out: Annotated[Path | None, typer.Option(help="the ablation's folder (default runs/ablate-NAME)")] = None,
     readout: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--eval",
-            help="readout per encoder on ModelNet40: probe (linear SVM), "
-            "finetune (no voting; adds scratch rows) or none",
+            help="readout per encoder on ModelNet40, without voting: probe (linear SVM), "
+            "finetune (adds scratch rows) or none [default: probe; finetune with --paper]",
         ),
-    ] = "probe",
+    ] = None,
     eval_data: Annotated[Path | None, typer.Option(help="ModelNet40 folder (modelnet40_normal_resampled)")] = None,
     eval_splits: Annotated[Path | None, typer.Option(help="ModelNet40 split lists, if not inside --eval-data")] = None,
     allow_missing: Annotated[bool, typer.Option(help="readout on the listed ModelNet40 shapes that exist")] = False,
     eval_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs of the readout (default 300)")] = None,
     eval_batch_size: Annotated[int | None, typer.Option(help="fine-tuning batch of the readout (default 32)")] = None,
+    eval_cache_dir: Annotated[Path, typer.Option(help="cache of the readout's ModelNet40 FPS pools")] = Path(
+        "runs/cache"
+    ),
     resume: Annotated[
         bool,
         typer.Option(
-            help="finish or extend the ablation of an earlier call (its settings are "
-            "used; new --variants/--seeds add rows)"
+            help="finish or extend the ablation of an earlier call (its settings are used; new --variants/--seeds "
+            "add rows; failed stages are retried, finished encoders never trained again)"
         ),
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing runs/ablate-NAME")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing ablation folder")] = False,
     **options: Any,
 ) -> None:
     """Pre-train every variant (per seed) with the same settings, read each encoder out on ModelNet40, and
-    write table.json, table.md and table.png under runs/ablate-NAME."""
+    write table.json, table.md and table.png under runs/ablate-NAME. Every input is checked before the first
+    pre-training (exit 2); a stage that fails later marks its row failed and the command exits 1."""
+    from pkd.common.errors import ConfigError
     from pkd.common.store import store_path
-    from pkd.train.ablate import Readout, run_ablation
+    from pkd.train.ablate import PAPER_VARIANTS, Readout, run_ablation
     from pkd.train.config import TrainConfig, upgrade_config_v1
     from pkd.train.options import build_config, given_options, resume_config
     from pkd.train.table import TABLE_JSON, markdown
 
-    out = Path("runs") / f"ablate-{name or Path(store).stem}"
+    if paper and (variants is not None or readout not in (None, "finetune")):
+        raise ConfigError(
+            "--paper runs the paper's rows with the fine-tune readout; drop --variants and --eval, or drop --paper."
+        )
+    out = out or Path("runs") / f"ablate-{name or Path(store).stem}"
     base = build_config(str(store), options)
     if resume and (out / TABLE_JSON).is_file():
         recorded = json.loads((out / TABLE_JSON).read_text())["config"]  # tables are version-1 records
@@ -112,21 +136,31 @@ def ablate(
         base = resume_config(saved, store_path(store), given_options(ctx, options), str(out))
     rows = run_ablation(
         base,
-        _split(variants, str),
+        list(PAPER_VARIANTS) if paper else _split(variants or ",".join(DEFAULT_VARIANTS), str),
         _split(seeds, int),
         out,
         Readout(
-            readout,
+            readout or ("finetune" if paper else "probe"),
             str(eval_data) if eval_data else None,
             str(eval_splits) if eval_splits else None,
             allow_missing,
             eval_epochs,
             eval_batch_size,
+            str(eval_cache_dir),
         ),
         resume=resume,
         overwrite=overwrite,
+        require_val=paper,
     )
     typer.echo(markdown(rows) + f"→ {out}/table.md")
+    failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in rows if r.get("status") == "failed"]
+    if failed:
+        typer.echo(
+            f"error: {len(failed)} of {len(rows)} rows failed ({'; '.join(failed)}). Fix the cause and rerun the "
+            "same command with --resume: it redoes the failed stages only.",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _split(values: str, kind: type) -> list:

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 import typer
 
 from pkd.common.config import option
+from pkd.common.errors import ConfigError
 from pkd.train.augment import random_scale_shift
 from pkd.train.downstream import metrics
 from pkd.train.downstream.commands import Device
 from pkd.train.downstream.config import ClassificationConfig, ModelNetData
-from pkd.train.downstream.modelnet import ShapeSet, load_modelnet40
+from pkd.train.downstream.modelnet import ShapeSet, check_modelnet40, load_modelnet40
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.downstream.plots import plot_confusion
 from pkd.train.downstream.registry import Benchmark, register
@@ -56,6 +57,17 @@ def load_modelnet_split(cfg: Any, split: str) -> ShapeSet:
         allow_missing=cfg.allow_missing,
         trust_pickle=cfg.trust_pickle,
         cache_dir=cfg.cache_dir,
+    )
+
+
+def check_modelnet_data(cfg: Any) -> dict[str, int]:
+    """``check_modelnet40`` with the data options of a finetune or probe config: the shapes per split it uses."""
+    return check_modelnet40(
+        cfg.data,
+        splits=cfg.splits,
+        num_points=cfg.pool_points,
+        allow_missing=cfg.allow_missing,
+        trust_pickle=cfg.trust_pickle,
     )
 
 
@@ -200,6 +212,14 @@ def modelnet_task(cfg: ModelNet40Config) -> ClassificationTask:
     return ClassificationTask(cfg, train, test, train.classes, "modelnet40", MODELNET_PROTOCOL)
 
 
+def check_modelnet_task(cfg: ModelNet40Config) -> None:
+    """What ``modelnet_task`` and the loop would refuse: the data (``check_modelnet_data``) and a batch larger
+    than the training shapes."""
+    train = check_modelnet_data(cfg).get("train", cfg.batch_size)
+    if train < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set ({train} shapes); lower it.")
+
+
 def test_modelnet40_command(
     run: Annotated[Path, typer.Argument(help="folder of a finished `pkd-train finetune modelnet40` run")],
     votes: Annotated[int, typer.Option(help="draws averaged per pass (Point-MAE: 10)")] = 10,
@@ -225,5 +245,6 @@ register(
         "(best plain epoch → best.pt, best voting epoch → best_vote.pt, as Point-MAE's ckpt-best / ckpt-best_vote).",
         data_help="dataset folder (modelnet40_normal_resampled)",
         test_command=test_modelnet40_command,
+        check=check_modelnet_task,
     )
 )

@@ -40,8 +40,8 @@ class ShapeSet:
     missing: int = 0
 
 
-def _pooled_shape(data: Path, shape: str, num_points: int) -> np.ndarray:
-    """One shape file reduced to ``num_points`` by FPS and normalised to the unit sphere."""
+def _shape_table(data: Path, shape: str, num_points: int) -> np.ndarray:
+    """The (P, 3) points of one shape file; DataError if it is unreadable or has fewer than ``num_points``."""
     path = data / shape.rsplit("_", 1)[0] / f"{shape}.txt"
     table = read_point_file(path, ",", 3)[:, :3]
     if len(table) < num_points:
@@ -49,6 +49,12 @@ def _pooled_shape(data: Path, shape: str, num_points: int) -> np.ndarray:
             f"{path} has {len(table)} points, fewer than the {num_points} to sample; lower "
             "--pool-points or re-extract the file."
         )
+    return table
+
+
+def _pooled_shape(data: Path, shape: str, num_points: int) -> np.ndarray:
+    """One shape file reduced to ``num_points`` by FPS and normalised to the unit sphere."""
+    table = _shape_table(data, shape, num_points)
     return normalize_unit_sphere(table[farthest_points(table, num_points)])
 
 
@@ -79,14 +85,7 @@ def load_modelnet40(
     ``allow_missing`` keeps only the listed shapes that exist (for partial copies); otherwise the first
     missing file is an error. ``cache_dir`` stores the FPS result as ``.npz`` so later runs skip the FPS.
     """
-    if split not in SPLITS:
-        raise DataError(f"unknown ModelNet40 split {split!r}; use one of {', '.join(SPLITS)}.")
-    data = require_dir(
-        Path(data),
-        "the modelnet40_normal_resampled folder (one sub-folder per class)",
-        "Pass --data pointing at the extracted modelnet40_normal_resampled folder.",
-    )
-    dat = data / f"modelnet40_{split}_{num_points}pts_fps.dat"
+    data, dat = _data_dir(data, split, num_points)
     if dat.is_file() and trust_pickle:
         points, labels = _read_dat(dat)
         classes = read_lines(
@@ -97,6 +96,68 @@ def load_modelnet40(
             )
         )
         return ShapeSet(points, labels, [f"{dat.name}:{i}" for i in range(len(labels))], classes)
+    listing = _listing(data, dat, split, splits, allow_missing)
+    cache = _cache_path(Path(cache_dir), data, split, num_points, listing.present) if cache_dir else None
+    points = _pooled_shapes(data, listing.present, num_points, cache, f"ModelNet40 {split}: {num_points}-point FPS")
+    return ShapeSet(points, listing.labels, listing.present, listing.classes, listing.missing)
+
+
+def check_modelnet40(
+    data: str | Path,
+    *,
+    splits: str | Path | None = None,
+    num_points: int = 8192,
+    allow_missing: bool = False,
+    trust_pickle: bool = False,
+    sample: int = 4,
+) -> dict[str, int]:
+    """What ``load_modelnet40`` would refuse, found in seconds: the folder, the split lists, every listed file
+    (present, or ``allow_missing``), and ``sample`` files per split spread over its list, parsed and counted
+    against ``num_points``. Returns the shapes per split a load would use (a split read from Point-MAE's
+    pickle under ``trust_pickle`` is left out: its count is known once it is unpickled); raises its DataError."""
+    used = {}
+    for split in SPLITS:
+        root, dat = _data_dir(data, split, num_points)
+        if dat.is_file() and trust_pickle:
+            continue
+        present = _listing(root, dat, split, splits, allow_missing).present
+        for shape in sample_shapes(present, sample):
+            _shape_table(root, shape, num_points)
+        used[split] = len(present)
+    return used
+
+
+def sample_shapes(shapes: list[str], count: int) -> list[str]:
+    """``count`` of ``shapes`` spread evenly over the list, first and last included (the ones checked)."""
+    if len(shapes) <= count:
+        return list(shapes)
+    return [shapes[round(i * (len(shapes) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """The listed shapes of one split that exist, their labels, the class names and how many are missing."""
+
+    classes: list[str]
+    present: list[str]
+    labels: np.ndarray
+    missing: int
+
+
+def _data_dir(data: str | Path, split: str, num_points: int) -> tuple[Path, Path]:
+    """The checked data folder and the path of Point-MAE's pickle for ``split`` in it."""
+    if split not in SPLITS:
+        raise DataError(f"unknown ModelNet40 split {split!r}; use one of {', '.join(SPLITS)}.")
+    root = require_dir(
+        Path(data),
+        "the modelnet40_normal_resampled folder (one sub-folder per class)",
+        "Pass --data pointing at the extracted modelnet40_normal_resampled folder.",
+    )
+    return root, root / f"modelnet40_{split}_{num_points}pts_fps.dat"
+
+
+def _listing(data: Path, dat: Path, split: str, splits: str | Path | None, allow_missing: bool) -> _Listing:
+    """The split list of ``split`` checked against the class names and the files under ``data``."""
     list_dir = Path(splits) if splits else data
     fix = "Pass --splits pointing at the folder that holds modelnet40_{train,test}.txt and modelnet40_shape_names.txt."
     classes = read_lines(require_file(list_dir / "modelnet40_shape_names.txt", "the 40 ModelNet40 class names", fix))
@@ -139,9 +200,7 @@ def load_modelnet40(
             f"none of the {len(ids)} shapes in modelnet40_{split}.txt exist under {data}; "
             "point --data at the modelnet40_normal_resampled folder."
         )
-    cache = _cache_path(Path(cache_dir), data, split, num_points, present) if cache_dir else None
-    points = _pooled_shapes(data, present, num_points, cache, f"ModelNet40 {split}: {num_points}-point FPS")
-    return ShapeSet(points, np.asarray(label_ids, dtype=np.int64), present, classes, missing)
+    return _Listing(classes, present, np.asarray(label_ids, dtype=np.int64), missing)
 
 
 def _stamps(data: Path, shapes: list[str]) -> np.ndarray:

@@ -58,7 +58,9 @@ class Benchmark:
     ``finetune_command`` the generated ``finetune NAME`` where a protocol needs other arguments (Point-MAE's
     voting passes, few-shot folds). ``run_name(cfg)`` names the default run folder ``runs/<name>-<init>``.
     ``items`` is what the test split counts (shapes, scenes); ``per_class`` the key of ``report``'s per-class
-    numbers that ``compare`` renders side by side (None: none).
+    numbers that ``compare`` renders side by side (None: none). ``check(cfg)`` finds in seconds what ``build``
+    would refuse of the data (folder, split lists, a sample of files), raising the same pkd error: a caller
+    that does long work before fine-tuning (``ablate`` pre-trains first) runs it up front (None: no check).
     """
 
     name: str
@@ -74,6 +76,7 @@ class Benchmark:
     run_name: Callable[[Any], str] | None = None
     items: str = "shapes"
     per_class: str | None = None
+    check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
         fields = {f.name for f in dataclasses.fields(self.config)}
@@ -88,6 +91,11 @@ class Benchmark:
     def test_task(self, cfg: Any) -> Task:
         """The task ``test NAME`` scores."""
         return (self.build_test or self.build)(cfg)
+
+    def check_data(self, cfg: Any) -> None:
+        """Run ``check`` on ``cfg`` (nothing when the benchmark has none)."""
+        if self.check is not None:
+            self.check(cfg)
 
     @property
     def has_test(self) -> bool:
