@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pkd.common.errors import ConfigError
-from pkd.train.ablate import Readout, run_ablation
+from pkd.train.ablate import PAPER_VARIANTS, Readout, run_ablation
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.config import TrainConfig
 from pkd.train.export import export_encoder
@@ -268,3 +268,150 @@ def test_ablate_cli_options_and_refusals(store, tmp_path):
     rows = json.loads((tmp_path / "runs" / "ablate-x" / "table.json").read_text())["rows"]
     assert [(r["variant"], r["steps"]) for r in rows] == [("distill", 1), ("recon", 1)]
     assert np.isfinite(rows[1]["train_loss"])
+
+
+# ---- ablate: --paper, inputs checked before the first pre-training, failed rows (issues 23 and 25) ---------
+
+
+def modelnet_copy(tmp_path: Path, lists: bool = True) -> Path:
+    """The ModelNet40 fixture as symlinks under ``tmp_path/mn40`` (each shape file its own link, so a test can
+    replace one), with the split lists beside the classes or (``lists`` False) none at all."""
+    root = require_fixture("modelnet40")
+    out = tmp_path / "mn40"
+    for shape in sorted((root / "modelnet40_normal_resampled").glob("*/*.txt")):
+        (out / shape.parent.name).mkdir(parents=True, exist_ok=True)
+        (out / shape.parent.name / shape.name).symlink_to(shape)
+    if lists:
+        for name in ("modelnet40_shape_names.txt", "modelnet40_train.txt", "modelnet40_test.txt"):
+            (out / name).symlink_to(root / "splits" / name)
+    return out
+
+
+def shape_file(data: Path, shape: str) -> Path:
+    return data / shape.rsplit("_", 1)[0] / f"{shape}.txt"
+
+
+def present_shapes(data: Path, split: str) -> list[str]:
+    """The shapes of ``split``'s list that exist under ``data``, in list order (what a readout uses)."""
+    return [s for s in (data / f"modelnet40_{split}.txt").read_text().split() if shape_file(data, s).exists()]
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.pt"))
+
+
+@pytest.fixture(scope="module")
+def train_only_store(tmp_path_factory):
+    """A store with patch tokens and no val split."""
+    return make_store(tmp_path_factory.mktemp("abl-noval") / "pairs.zarr", n=8, num_points=160, shard_size=4)
+
+
+@pytest.fixture(scope="module")
+def tokenless_store(tmp_path_factory):
+    """A store with a val split and no patch tokens."""
+    path = tmp_path_factory.mktemp("abl-notok") / "pairs.zarr"
+    make_store(path, n=8, num_points=160, shard_size=4, patch_tokens=False)
+    return make_store(path, n=4, num_points=160, shard_size=4, seed=1, split="val", add_split=True, patch_tokens=False)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no split lists", "a bad sampled file", "no val split", "no patch tokens", "missing --init", "--out under a file"],
+)
+def test_ablate_refuses_bad_input_with_exit_2_before_any_pretraining(
+    case, store, train_only_store, tokenless_store, tmp_path
+):
+    data = modelnet_copy(tmp_path, lists=case != "no split lists")
+    args: list = [store, *TINY_CLI, "--max-steps", 1, "--name", "x", "--eval-data", data, "--allow-missing"]
+    named = {"no split lists": [data / "modelnet40_shape_names.txt", "--eval-splits"]}
+    if case == "no split lists":
+        args += ["--variants", "distill,no-concept", "--eval", "probe"]
+    elif case == "a bad sampled file":
+        bad = shape_file(data, present_shapes(data, "train")[0])  # the first shape present is always sampled
+        bad.unlink()
+        bad.write_text("not,a,point\n")
+        args += ["--variants", "distill"]
+        named[case] = [bad]
+    elif case == "no val split":
+        args[0] = train_only_store
+        args += ["--paper"]
+        named[case] = [train_only_store, "'val'", "--split all"]
+    elif case == "no patch tokens":
+        args[0] = tokenless_store
+        args += ["--paper"]
+        named[case] = ["variant local", "patch_tokens", "--patch-tokens"]
+    elif case == "missing --init":
+        args += ["--variants", "distill", "--init", tmp_path / "nowhere.pth"]
+        named[case] = [tmp_path / "nowhere.pth", "--init"]
+    else:
+        (tmp_path / "a-file").write_text("")
+        args += ["--variants", "distill", "--out", tmp_path / "a-file" / "ablation"]
+        named[case] = [tmp_path / "a-file", "--out"]
+    refused = pkd_train("ablate", *args, cwd=tmp_path)
+    assert refused.returncode == 2, (refused.returncode, refused.stderr[-2000:])
+    assert "Traceback" not in refused.stderr and refused.stderr.startswith("error: ")
+    assert len(refused.stderr.strip().splitlines()) == 1  # one paragraph
+    for text in named[case]:
+        assert str(text) in refused.stderr, (text, refused.stderr)
+    assert not checkpoints(tmp_path) and not list(tmp_path.rglob("table.json"))  # nothing trained or written
+
+
+def test_ablate_paper_runs_every_row_of_tables_5_and_6_with_the_fine_tune_readout(store, tmp_path):
+    # the command: --paper is the fine-tune readout (it asks for its data) and takes no other --variants or --eval
+    refused = pkd_train("ablate", store, "--paper", *TINY_CLI, cwd=tmp_path)
+    assert refused.returncode == 2 and "--eval finetune reads ModelNet40" in refused.stderr
+    refused = pkd_train("ablate", store, "--paper", "--variants", "distill", cwd=tmp_path)
+    assert refused.returncode == 2 and "--paper" in refused.stderr and not (tmp_path / "runs").exists()
+    # the rows (in Python, with the readout's FPS pools made small for the test)
+    out = tmp_path / "ablate-p"
+    readout = modelnet_readout("finetune", tmp_path, epochs=1, batch_size=4)
+    rows = run_ablation(
+        config(store, max_steps=1), list(PAPER_VARIANTS), [0], out, readout, progress=False, require_val=True
+    )
+    assert [r["variant"] for r in rows] == [
+        "scratch", "no-concept", "clip-target", "local", "distill", "recon", "recon+distill"
+    ]  # fmt: skip
+    assert all(r["status"] == "done" and 0 <= r["finetune_oa"] <= 100 and r["probe_oa"] is None for r in rows)
+    assert [r["steps"] for r in rows] == [None] + [1] * 6 and all(r["val_loss"] > 0 for r in rows[1:])
+    for r in rows:
+        readout_cfg = json.loads((Path(r["run_dir"]) / "finetune" / "config.json").read_text())["config"]
+        assert readout_cfg["votes"] == 0 and readout_cfg["epochs"] == 1  # the paper's ablations do not vote
+        encoder = "scratch" if r["variant"] == "scratch" else str(Path(r["run_dir"]) / "encoder.pth")
+        assert readout_cfg["init"] == encoder
+    markdown = (out / "table.md").read_text()
+    local = next(r for r in rows if r["variant"] == "local")["finetune_oa"]
+    assert f"| Direct Local Alignment | local | 91.65 | {local:.4g} ± 0 | 1 |" in markdown
+    assert "| Reconstruction + Distillation | recon+distill | 92.42 |" in markdown
+
+
+def test_a_readout_that_fails_mid_run_marks_its_row_and_resume_retries_only_the_readout(store, tmp_path):
+    from pkd.train.downstream.modelnet import sample_shapes
+
+    data = modelnet_copy(tmp_path)
+    present = present_shapes(data, "train")
+    bad = shape_file(data, next(s for s in present if s not in sample_shapes(present, 4)))  # not checked up front
+    good = bad.resolve()
+    bad.unlink()
+    bad.write_text("not,a,point\n")
+    args = [
+        "ablate", store, *TINY_CLI, "--max-steps", 1, "--name", "f", "--variants", "distill", "--eval", "probe",
+        "--eval-data", data, "--allow-missing", "--eval-cache-dir", tmp_path / "cache",
+    ]  # fmt: skip
+    failed = pkd_train(*args, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr and "1 of 1 rows failed" in failed.stderr and str(bad) in failed.stderr
+    out = tmp_path / "runs" / "ablate-f"
+    (row,) = json.loads((out / "table.json").read_text())["rows"]
+    assert row["status"] == "failed" and row["error"].startswith("probe readout failed") and str(bad) in row["error"]
+    assert row["steps"] == 1 and row["probe_oa"] is None
+    assert "| failed |" in (out / "table.md").read_text() and str(bad) in (out / "table.md").read_text()
+    trained = (out / "distill-seed0" / LAST).stat().st_mtime_ns
+
+    bad.unlink()
+    bad.symlink_to(good)
+    resumed = pkd_train(*args, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (row,) = json.loads((out / "table.json").read_text())["rows"]
+    assert row["status"] == "done" and row["error"] is None and 0 <= row["probe_oa"] <= 100 and row["steps"] == 1
+    assert (out / "distill-seed0" / LAST).stat().st_mtime_ns == trained  # the finished encoder was not retrained
+    assert len(records(out / "distill-seed0", "step")) == 1
