@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pkd.common.errors import ConfigError
-from pkd.train.ablate import PAPER_VARIANTS, Readout, run_ablation
+from pkd.train.ablate import Readout, run_ablation
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.config import TrainConfig
 from pkd.train.export import export_encoder
@@ -357,6 +357,8 @@ def test_ablate_refuses_bad_input_with_exit_2_before_any_pretraining(
 
 
 def test_ablate_paper_runs_every_row_of_tables_5_and_6_with_the_fine_tune_readout(store, tmp_path):
+    from pkd.train.ablate import PAPER_VARIANTS
+
     # the command: --paper is the fine-tune readout (it asks for its data) and takes no other --variants or --eval
     refused = pkd_train("ablate", store, "--paper", *TINY_CLI, cwd=tmp_path)
     assert refused.returncode == 2 and "--eval finetune reads ModelNet40" in refused.stderr
