@@ -14,5 +14,5 @@ pkd-prep scannet --root demo/scannet --out demo/pairs.zarr --teacher random --sh
 pkd-prep verify demo/pairs.zarr
 pkd-prep info demo/pairs.zarr
 pkd-prep show demo/pairs.zarr --index 2 --out demo/sample.png
-pkd-train distill demo/pairs.zarr --run-dir demo/runs/distill --max-steps 10 --batch-size 4
+pkd-train distill demo/pairs.zarr --run-dir demo/runs/distill --max-steps 10 --batch-size 4 --monitor-recon
 pkd-train export demo/runs/distill --out demo/encoder.pth

@@ -8,6 +8,7 @@ import torch
 
 from pkd.preprocess.prep import RunOptions, run_prep
 from pkd.preprocess.teacher import TeacherConfig
+from pkd.train.variants import VARIANTS
 
 from _cli import DEMO_TRAIN, flags, run_command
 from conftest import demo_prep_config
@@ -29,7 +30,7 @@ def test_prep_then_every_variant_then_export(demo_root, tmp_path):
         TeacherConfig(kind="random", patch_tokens=True),
         RunOptions(teacher_batch=2, progress=False),
     )
-    variants = "distill,no-concept,clip-target,local,recon,recon+distill"
+    variants = ",".join(VARIANTS)
     pkd_train(
         "ablate",
         str(store),

@@ -31,9 +31,24 @@ def config(store, **kw) -> TrainConfig:
     )
 
 
+def v2_config(config: dict) -> dict:
+    """A config in the layout of version 2: ``recon_weight`` beside the model, no ``local_pairing``."""
+    model = {k: v for k, v in config["model"].items() if k not in ("recon_weight", "local_pairing")}
+    return {**config, "recon_weight": config["model"]["recon_weight"], "model": model}
+
+
+def as_v2(run):
+    """Rewrite a run's config.json and last.pt in the layout version 2 wrote."""
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "version": 2, "config": v2_config(record["config"])}))
+    ckpt = load_checkpoint(run / LAST)
+    atomic_save({**ckpt, "version": 2, "config": v2_config(ckpt["config"])}, run / LAST)
+
+
 def as_old_main(run):
-    """Rewrite a run's config.json and last.pt in the layout today's main wrote: no format or version, no
+    """Rewrite a run's config.json and last.pt in the layout an unversioned main wrote: no format or version, no
     ``streams`` (runs before it), ``num_workers`` and no ``rng_ranks`` in the checkpoint."""
+    as_v2(run)
     record = json.loads((run / "config.json").read_text())
     del record["format"], record["version"], record["config"]["streams"]
     record["config"]["num_workers"] = record["config"].pop("loader_workers")
@@ -44,16 +59,17 @@ def as_old_main(run):
     atomic_save(ckpt, run / LAST)
 
 
-def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path):
+@pytest.mark.parametrize("layout", [as_old_main, as_v2], ids=["unversioned", "v2"])
+def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path, layout):
     whole = train(config(store, max_steps=2), tmp_path / "whole", progress=False)
     train(config(store, max_steps=2, stop_after=1), tmp_path / "old", progress=False)
-    as_old_main(tmp_path / "old")
+    layout(tmp_path / "old")
     saved = recorded_config(tmp_path / "old")
     assert saved.streams == 1 and saved.loader_workers == 0
     resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "old", resume=True, progress=False)
     assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
     a, b = load_checkpoint(tmp_path / "whole" / LAST), load_checkpoint(tmp_path / "old" / LAST)
-    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 2
+    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (
         "MAE_encoder.norm.weight"
@@ -65,23 +81,23 @@ def test_unknown_keys_and_newer_versions_are_refused_naming_the_file(store, tmp_
     run = tmp_path / "run"
     train(config(store, max_steps=1), run, progress=False)
     record = json.loads((run / "config.json").read_text())
-    assert (record["format"], record["version"]) == ("pkd-distill-run", 2)
+    assert (record["format"], record["version"]) == ("pkd-distill-run", 3)
     (run / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "typo_lr": 1}}))
     with pytest.raises(ConfigError, match=r"config\.json does not match TrainConfig: unknown fields \['typo_lr'\]"):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "extra": 1}))
     with pytest.raises(
-        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 2 record \(unknown keys"
+        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 3 record \(unknown keys"
     ):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "version": 9}))
     with pytest.raises(
-        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-2"
+        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-3"
     ):
         recorded_config(run)
     ckpt = load_checkpoint(run / LAST)
-    atomic_save({**ckpt, "version": 3}, run / LAST)
-    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 3"):
+    atomic_save({**ckpt, "version": 4}, run / LAST)
+    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 4"):
         train(config(store, max_steps=2), run, resume=True, progress=False)
     with pytest.raises(ConfigError, match="is a 'pkd-distill-run' record, not 'pkd-finetune-run'"):
         read_record(run / "config.json", runs.FINETUNE_RUN)

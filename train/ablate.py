@@ -22,12 +22,12 @@ from pkd.common.errors import ConfigError, PkdError
 from pkd.common.logs import progress_bar
 from pkd.train import table
 from pkd.train.checkpoint import LAST
-from pkd.train.config import TrainConfig, upgrade_config_v1
+from pkd.train.config import TrainConfig, upgrade_config
 from pkd.train.distributed import launched
 from pkd.train.export import export_encoder
-from pkd.train.model import variant_spec
 from pkd.train.options import option_values, run_option_names
 from pkd.train.trainer import train
+from pkd.train.variants import variant_spec
 
 READOUTS = ("probe", "finetune", "none")
 SCRATCH = "scratch"
@@ -134,7 +134,7 @@ def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> d
         table.write(out_dir, base.to_dict(), [])
         return {}
     recorded = json.loads(path.read_text())
-    saved = option_values(TrainConfig.from_dict(upgrade_config_v1(recorded["config"]), str(path)))
+    saved = option_values(TrainConfig.from_dict(upgrade_config(recorded["config"]), str(path)))
     mine = option_values(base)
     differ = [k for k in mine if k not in run_option_names() and saved.get(k) != mine[k]]
     if differ or recorded["config"]["store"] != base.store:

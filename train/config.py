@@ -41,7 +41,6 @@ class TrainConfig:
     loader_workers: int = option(0, "DataLoader worker processes (each reads whole shards)", run=True)
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
-    recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
     max_steps: int | None = option(
         None, "make the whole schedule this many optimizer steps (warm-up and cosine scaled to fit)"
     )
@@ -85,6 +84,7 @@ class TrainConfig:
 
     @property
     def variant(self) -> str:
+        """The variant trained (the model's objective)."""
         return self.model.variant
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,17 +98,42 @@ class TrainConfig:
 
 
 def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
-    """The declared upgrade of a version-1 config (run records before versioning, ablation tables).
+    """The declared upgrade of a version-1 config (run records before versioning) to version 2.
 
     ``num_workers`` was renamed ``loader_workers``; runs before ``streams`` read one stream; fields added
-    since then take their defaults (the sections' too). Applied to a current config it changes nothing.
+    since then, up to version 2, take their defaults (the sections' too). Applied to a version-2 config it
+    changes nothing.
     """
     d = {"loader_workers" if k == "num_workers" else k: v for k, v in d.items()}
     d.setdefault("streams", 1)
-    current = TrainConfig(store=d.get("store", "")).to_dict()
+    current = _as_v2(TrainConfig(store=d.get("store", "")).to_dict())
     return {
         **current,
         **d,
         "model": {**current["model"], **d.get("model", {})},
         "augment": {**current["augment"], **d.get("augment", {})},
     }
+
+
+def _as_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """A current config laid out as version 2 had it (``upgrade_config_v2``'s inverse)."""
+    model = {k: v for k, v in d["model"].items() if k not in V3_MODEL_FIELDS}
+    return {**d, "recon_weight": d["model"]["recon_weight"], "model": model}
+
+
+V3_MODEL_FIELDS = ("recon_weight", "local_pairing")
+
+
+def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 → 3: the objective is one config (``pkd.train.variants.ObjectiveConfig``, inside ``model``).
+
+    ``recon_weight`` moves from the run into ``model``; runs before ``local_pairing`` paired each 3D centre with
+    the teacher patch its pixel falls in (``centre``). Applied to a version-3 config it changes nothing.
+    """
+    run = {k: v for k, v in d.items() if k != "recon_weight"}
+    return {**run, "model": {"local_pairing": "centre", "recon_weight": d.get("recon_weight", 1.0), **d["model"]}}
+
+
+def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A config of any version (as an ablation table records it, unversioned) upgraded to the current one."""
+    return upgrade_config_v2(upgrade_config_v1(d))

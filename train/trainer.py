@@ -43,9 +43,10 @@ from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
 from pkd.train.heldout import HeldOut, has_heldout
-from pkd.train.losses import CropBox, LossSettings, compute_loss
+from pkd.train.loss_terms import CropBox
+from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
-from pkd.train.model import Student, variant_spec
+from pkd.train.model import Student
 from pkd.train.runs import (
     DISTILL_CHECKPOINT,
     DISTILL_RUN,
@@ -85,9 +86,9 @@ class Setup:
 def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[StoreLoader, LossSettings, HeldOut | None]:
     """The loader, loss settings and held-out data of a run; StoreError/ConfigError if the store cannot serve
     the variant."""
-    spec = variant_spec(cfg.variant)
+    spec = cfg.model.spec
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
-    crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.head == "token" else None
+    crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.needs_crop else None
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
     loader = StoreLoader(
         LoaderConfig(
@@ -105,7 +106,7 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
         cfg.loader_workers,
         stats,
     )
-    settings = LossSettings.of(cfg.model, cfg.recon_weight, crop)
+    settings = LossSettings.of(cfg.model, crop)
     heldout = None
     if has_heldout(cfg):
         heldout = HeldOut(cfg, spec.arrays, stats, settings, max(1, cfg.batch_size // rank_info.world_size))
