@@ -369,6 +369,44 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
     )
 
 
+def as_v2_record(run: Path) -> None:
+    """Rewrite a run's config.json and last.pt as pkd wrote them before --head and --optimizer (version 2)."""
+    record = json.loads((run / "config.json").read_text())
+    del record["config"]["head"], record["config"]["optimizer"]
+    (run / "config.json").write_text(json.dumps({**record, "version": 2}))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["config"]["head"], ckpt["config"]["optimizer"]
+    torch.save({**ckpt, "version": 2}, run / "last.pt")
+
+
+def test_a_run_recorded_before_the_concat_head_resumes_and_tests_with_its_own_head(tree, tmp_path):
+    runner = CliRunner()
+    args = ["--data", str(tree), "--splits", str(tree / "splits"), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    args += flags(epochs=2, repeats=2, batch_size=2, init="scratch")
+    old = flags(head="interp", optimizer="adamw")  # what every run before v3 trained with
+    straight = runner.invoke(app, ["finetune", "scannet-seg", *args, *old, "--run-dir", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "old"
+    result = runner.invoke(app, ["finetune", "scannet-seg", *args, *old, "--max-steps", "1", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    as_v2_record(run)
+    result = runner.invoke(app, ["finetune", "scannet-seg", *args, "--run-dir", str(run), "--resume"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 and (results["config"]["head"], results["config"]["optimizer"]) == ("interp", "adamw")
+    torch.testing.assert_close(
+        torch.load(run / "last.pt", weights_only=True)["model"],
+        torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"],
+        rtol=0,
+        atol=0,
+    )
+    assert json.loads((run / "config.json").read_text())["version"] == 2  # a resume leaves config.json as it was
+    result = runner.invoke(app, ["test", "scannet-seg", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rescored = json.loads((run / "test" / "results.json").read_text())
+    assert rescored["config"]["head"] == "interp" and rescored["test"]["miou"] == pytest.approx(results["test"]["miou"])
+
+
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"
