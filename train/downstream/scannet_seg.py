@@ -26,7 +26,7 @@ Model (``SceneSegmenter``): the 12-layer encoder on 256 patches of 32 points; th
 blocks (``fetch_layers``, as Point-MAE's segmentation head) are concatenated per patch (3·C). ``head``
 ``concat`` (the default, appendix A.2: "select three nearest neighbour center points for each point and
 concatenate their features"): each point takes the features of its 3 nearest patch centres side by side,
-nearest first (9·C); ``interp`` (pkd before v3 records): their inverse-squared-distance average (PointNet++'s
+nearest first (9·C); ``interp`` (runs recorded before v3): their inverse-squared-distance average (PointNet++'s
 feature propagation, as Point-MAE; 3·C). Either is concatenated with the point's xyz and colour (the paper
 is silent on skip features; PointNet++'s propagation keeps them), then two 1-D conv blocks (512, 256;
 BatchNorm, ReLU; DGCNN's widths) and dropout 0.5 with a 1-D conv to the 20 classes. DGCNN's semantic
@@ -34,8 +34,8 @@ segmentation head also tiles a global max-pooled feature to every point; the pap
 without one (and names the two global features where it uses them, for part segmentation), so there is none.
 
 Optimizer (``optimizer``): ``adam`` (appendix A.2's Adam, lr 1e-3, weight decay 0.01 as L2 on every
-parameter, as Point-MAE's ``tools/builder.py`` builds Adam) or ``adamw`` (pkd's shared AdamW, no decay on
-biases, norms and tokens; pkd before v3 records).
+parameter, as the Adam option of Point-MAE's ``segmentation/main.py``, lines 129–136) or ``adamw`` (pkd's
+shared AdamW, no decay on biases, norms and tokens; what runs recorded before finetune records v3 used).
 """
 
 from __future__ import annotations
