@@ -124,5 +124,23 @@ def test_an_old_finetune_checkpoint_keeps_its_state_under_position():
     old = {"model": {}, "rng": {}, "state": {"step": 3}, "init_report": {}, "config": {}, "code": {}}
     new = runs.FINETUNE_CHECKPOINT.upgrade(old, "last.pt")
     assert new["position"] == {"step": 3} and "state" not in new
-    with pytest.raises(ConfigError, match=r"last\.pt is not a valid pkd-finetune-checkpoint version 2 record"):
+    version = runs.FINETUNE_CHECKPOINT.version
+    with pytest.raises(ConfigError, match=rf"last\.pt is not a valid pkd-finetune-checkpoint version {version} record"):
         runs.FINETUNE_CHECKPOINT.upgrade({**old, "stray": 1}, "last.pt")
+
+
+def test_finetune_records_before_v3_read_as_the_loop_they_trained_with():
+    """v2 config.json / last.pt of ScanNet segmentation read as the interpolating head and AdamW, of ShapeNetPart
+    as one optimizer step per batch; values a v3 record holds are kept; other benchmarks gain nothing."""
+    assert runs.FINETUNE_RUN.version == runs.FINETUNE_CHECKPOINT.version == 3
+    seg = {"task": "scannet-seg", "lr": 1e-3}
+    record = {"format": "pkd-finetune-run", "version": 2, "config": seg, "init": {}, "data": {}, "code": {}}
+    assert runs.FINETUNE_RUN.upgrade(record, "config.json")["config"] == {**seg, "head": "interp", "optimizer": "adamw"}
+    ckpt = {"model": {}, "rng": {}, "position": {}, "init_report": {}, "code": {}, "version": 2}
+    part = runs.FINETUNE_CHECKPOINT.upgrade({**ckpt, "config": {"task": "shapenetpart"}}, "last.pt")
+    assert part["config"] == {"task": "shapenetpart", "double_step": False}
+    assert runs.FINETUNE_CHECKPOINT.upgrade({**ckpt, "config": {"task": "modelnet40"}}, "last.pt")["config"] == {
+        "task": "modelnet40"
+    }
+    new = {**record, "version": 3, "config": {**seg, "head": "concat", "optimizer": "adam"}}
+    assert runs.FINETUNE_RUN.upgrade(new, "config.json")["config"] == new["config"]

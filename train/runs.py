@@ -93,6 +93,31 @@ def _finetune_checkpoint_v1(record: Record) -> Record:
     return body
 
 
+# What the fields added in record version 3 were before: the behaviour of runs recorded earlier.
+BEFORE_V3: dict[str, dict[str, Any]] = {
+    "scannet-seg": {"head": "interp", "optimizer": "adamw"},
+    "shapenetpart": {"double_step": False},
+}
+
+
+def upgrade_finetune_config_v2(config: dict[str, Any]) -> dict[str, Any]:
+    """v2 → v3: a recorded config gains the fields its benchmark added since, as the run trained (ScanNet
+    segmentation: the interpolating head and AdamW; ShapeNetPart: one step per batch)."""
+    return {**BEFORE_V3.get(config.get("task", ""), {}), **config}
+
+
+@FINETUNE_RUN.step
+def _finetune_run_v2(record: Record) -> Record:
+    """v2 → v3: the config's own upgrade (``upgrade_finetune_config_v2``)."""
+    return {**record, "config": upgrade_finetune_config_v2(record["config"])}
+
+
+@FINETUNE_CHECKPOINT.step
+def _finetune_checkpoint_v2(record: Record) -> Record:
+    """v2 → v3: the config's own upgrade (``upgrade_finetune_config_v2``)."""
+    return {**record, "config": upgrade_finetune_config_v2(record["config"])}
+
+
 @dataclass(frozen=True, kw_only=True)
 class State:
     """Where a run stands: optimizer steps done, current epoch, micro-batches consumed in that epoch.

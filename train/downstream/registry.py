@@ -58,7 +58,9 @@ class Benchmark:
     ``finetune_command`` the generated ``finetune NAME`` where a protocol needs other arguments (Point-MAE's
     voting passes, few-shot folds). ``run_name(cfg)`` names the default run folder ``runs/<name>-<init>``.
     ``items`` is what the test split counts (shapes, scenes); ``per_class`` the key of ``report``'s per-class
-    numbers that ``compare`` renders side by side (None: none).
+    numbers that ``compare`` renders side by side (None: none). ``best_of``: evaluation metrics whose best over
+    all epochs results.json reports, each on its own (``best.over_epochs``; Point-MAE's ShapeNetPart: instance
+    and class mIoU).
     """
 
     name: str
@@ -74,6 +76,7 @@ class Benchmark:
     run_name: Callable[[Any], str] | None = None
     items: str = "shapes"
     per_class: str | None = None
+    best_of: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         fields = {f.name for f in dataclasses.fields(self.config)}
