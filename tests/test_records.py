@@ -53,7 +53,7 @@ def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_
     resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "old", resume=True, progress=False)
     assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
     a, b = load_checkpoint(tmp_path / "whole" / LAST), load_checkpoint(tmp_path / "old" / LAST)
-    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 2
+    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (
         "MAE_encoder.norm.weight"
@@ -65,23 +65,23 @@ def test_unknown_keys_and_newer_versions_are_refused_naming_the_file(store, tmp_
     run = tmp_path / "run"
     train(config(store, max_steps=1), run, progress=False)
     record = json.loads((run / "config.json").read_text())
-    assert (record["format"], record["version"]) == ("pkd-distill-run", 2)
+    assert (record["format"], record["version"]) == ("pkd-distill-run", 3)
     (run / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "typo_lr": 1}}))
     with pytest.raises(ConfigError, match=r"config\.json does not match TrainConfig: unknown fields \['typo_lr'\]"):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "extra": 1}))
     with pytest.raises(
-        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 2 record \(unknown keys"
+        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 3 record \(unknown keys"
     ):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "version": 9}))
     with pytest.raises(
-        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-2"
+        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-3"
     ):
         recorded_config(run)
     ckpt = load_checkpoint(run / LAST)
-    atomic_save({**ckpt, "version": 3}, run / LAST)
-    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 3"):
+    atomic_save({**ckpt, "version": 4}, run / LAST)
+    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 4"):
         train(config(store, max_steps=2), run, resume=True, progress=False)
     with pytest.raises(ConfigError, match="is a 'pkd-distill-run' record, not 'pkd-finetune-run'"):
         read_record(run / "config.json", runs.FINETUNE_RUN)

@@ -17,6 +17,7 @@ from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+SUBSAMPLES = ("fps", "random")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class TrainConfig:
     model: StudentConfig = field(default_factory=StudentConfig)
     epochs: int = option(250, "epochs of the schedule (without --max-steps)")
     warmup_epochs: int = option(10, "linear warm-up epochs (with --max-steps: the same fraction of its steps)")
-    batch_size: int = option(32, "global batch (split over torchrun processes)")
+    batch_size: int = option(
+        128, "global batch (split over torchrun processes; the paper gives none: Point-MAE's total_bs)"
+    )
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-6, "learning rate at the end of the cosine")
@@ -40,6 +43,11 @@ class TrainConfig:
     )
     loader_workers: int = option(0, "DataLoader worker processes (each reads whole shards)", run=True)
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
+    subsample: str = option(
+        "fps",
+        "how --num-points below the stored count are picked: fps (farthest points from index 0, as the prep "
+        "samples; deterministic) or random (a fresh seeded draw per epoch)",
+    )
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
     recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
     max_steps: int | None = option(
@@ -80,6 +88,8 @@ class TrainConfig:
             raise ConfigError("warmup_epochs, loader_workers and weight_decay must be ≥ 0 and lr > 0.")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr {self.min_lr} must lie between 0 and lr {self.lr}.")
+        if self.subsample not in SUBSAMPLES:
+            raise ConfigError(f"--subsample {self.subsample!r}: choose fps or random.")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto.")
 
@@ -100,10 +110,11 @@ class TrainConfig:
 def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
     """The declared upgrade of a version-1 config (run records before versioning, ablation tables).
 
-    ``num_workers`` was renamed ``loader_workers``; runs before ``streams`` read one stream; fields added
-    since then take their defaults (the sections' too). Applied to a current config it changes nothing.
+    ``num_workers`` was renamed ``loader_workers``; runs before ``streams`` read one stream; runs before
+    ``subsample`` drew their points at random (``upgrade_config_v2``); other fields added since then take
+    their defaults (the sections' too). Applied to a current config it changes nothing.
     """
-    d = {"loader_workers" if k == "num_workers" else k: v for k, v in d.items()}
+    d = upgrade_config_v2({"loader_workers" if k == "num_workers" else k: v for k, v in d.items()})
     d.setdefault("streams", 1)
     current = TrainConfig(store=d.get("store", "")).to_dict()
     return {
@@ -112,3 +123,9 @@ def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
         "model": {**current["model"], **d.get("model", {})},
         "augment": {**current["augment"], **d.get("augment", {})},
     }
+
+
+def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """The declared upgrade of a version-2 config: runs before ``subsample`` drew ``--num-points`` below the
+    stored count at random, so they read ``subsample: random``. Applied to a current config it changes nothing."""
+    return {"subsample": "random", **d}

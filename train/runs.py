@@ -32,7 +32,7 @@ from pkd.common.config import config_diff, from_plain, to_plain
 from pkd.common.errors import ConfigError, TrainingError
 from pkd.train import distributed
 from pkd.train.checkpoint import LAST, atomic_save, last_good, load_checkpoint, set_rng_state
-from pkd.train.config import upgrade_config_v1
+from pkd.train.config import upgrade_config_v1, upgrade_config_v2
 from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
 from pkd.train.records import Record, RecordKind, read_record, write_record
@@ -65,6 +65,13 @@ def _distill_run_v1(record: Record) -> Record:
 def _distill_checkpoint_v1(record: Record) -> Record:
     """v1 → v2: the config's own upgrade; single-process checkpoints of early v1 had no ``rng_ranks``."""
     return {"rng_ranks": [], **record, "config": upgrade_config_v1(record["config"])}
+
+
+@DISTILL_RUN.step
+@DISTILL_CHECKPOINT.step
+def _distill_v2(record: Record) -> Record:
+    """v2 → v3: runs before ``subsample`` drew their points at random (``pkd.train.config.upgrade_config_v2``)."""
+    return {**record, "config": upgrade_config_v2(record["config"])}
 
 
 @FINETUNE_RUN.step
