@@ -267,8 +267,8 @@ def _micro_batch(
     last_micro = (pos.batch + 1) % cfg.grad_accum == 0
     monitored: dict[str, float] = {}
     if setup.monitor is not None:
+        probe = setup.monitor.generators(micro, setup.loader.cfg.own_streams)
         with setup.autocast():
-            probe = setup.monitor.generators(micro, setup.loader.cfg.own_streams)
             monitored["monitor_recon"] = setup.monitor.loss(setup.model, batch["points"], probe)
     with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last_micro else nullcontext():
         with setup.autocast():
