@@ -32,9 +32,11 @@ def config(store, **kw) -> TrainConfig:
 
 
 def v2_config(config: dict) -> dict:
-    """A config in the layout of version 2: ``recon_weight`` beside the model, no ``local_pairing``."""
+    """A config in the layout of version 2: ``recon_weight`` beside the model, no ``local_pairing``, no
+    ``subsample``."""
     model = {k: v for k, v in config["model"].items() if k not in ("recon_weight", "local_pairing")}
-    return {**config, "recon_weight": config["model"]["recon_weight"], "model": model}
+    run = {k: v for k, v in config.items() if k != "subsample"}
+    return {**run, "recon_weight": config["model"]["recon_weight"], "model": model}
 
 
 def as_v2(run):
@@ -61,8 +63,9 @@ def as_old_main(run):
 
 @pytest.mark.parametrize("layout", [as_old_main, as_v2], ids=["unversioned", "v2"])
 def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path, layout):
-    whole = train(config(store, max_steps=2), tmp_path / "whole", progress=False)
-    train(config(store, max_steps=2, stop_after=1), tmp_path / "old", progress=False)
+    # runs of those layouts drew their points at random (``subsample`` came later)
+    whole = train(config(store, max_steps=2, subsample="random"), tmp_path / "whole", progress=False)
+    train(config(store, max_steps=2, stop_after=1, subsample="random"), tmp_path / "old", progress=False)
     layout(tmp_path / "old")
     saved = recorded_config(tmp_path / "old")
     assert saved.streams == 1 and saved.loader_workers == 0
@@ -75,6 +78,22 @@ def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_
         "MAE_encoder.norm.weight"
         in torch.load(export_encoder(tmp_path / "old", tmp_path / "enc.pth"), weights_only=True)["base_model"]
     )
+
+
+def test_a_version_2_run_reads_as_random_subsampling_and_resumes_bit_identically(store, tmp_path):
+    whole = train(config(store, max_steps=2, subsample="random"), tmp_path / "whole", progress=False)
+    train(config(store, max_steps=2, stop_after=1, subsample="random"), tmp_path / "v2", progress=False)
+    record = json.loads((tmp_path / "v2" / "config.json").read_text())
+    del record["config"]["subsample"]
+    (tmp_path / "v2" / "config.json").write_text(json.dumps({**record, "version": 2}))
+    ckpt = load_checkpoint(tmp_path / "v2" / LAST)
+    del ckpt["config"]["subsample"]
+    atomic_save({**ckpt, "version": 2}, tmp_path / "v2" / LAST)
+    saved = recorded_config(tmp_path / "v2")
+    assert saved.subsample == "random" and TrainConfig(store="s").subsample == "fps"
+    resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "v2", resume=True, progress=False)
+    assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
+    assert load_checkpoint(tmp_path / "v2" / LAST)["config"]["subsample"] == "random"
 
 
 def test_unknown_keys_and_newer_versions_are_refused_naming_the_file(store, tmp_path):

@@ -87,6 +87,37 @@ def test_loader_subsamples_points_deterministically(store):
     assert a["points"].shape == (4, 64, 3) and torch.equal(a["points"], b["points"])
 
 
+def test_fps_subsampling_keeps_the_farthest_point_subset_in_every_epoch(store):
+    from pkd.common.geometry import farthest_points
+    from pkd.train.data import subsample_points
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(3, 160, 3)).astype(np.float32)
+    arrays = {"points": points, "colors": np.arange(3 * 160 * 3).reshape(3, 160, 3), "prefix": np.ones((3, 10))}
+    a = subsample_points(arrays, 40, np.random.default_rng(1), "fps")
+    b = subsample_points(arrays, 40, np.random.default_rng(2), "fps")
+    for i in range(3):
+        keep = np.sort(farthest_points(points[i], 40))
+        np.testing.assert_array_equal(a["points"][i], points[i][keep])
+        np.testing.assert_array_equal(a["colors"][i], arrays["colors"][i][keep])
+        dist = np.linalg.norm(points[i][:, None] - a["points"][i][None], axis=-1).min(1)
+        drawn = subsample_points(arrays, 40, np.random.default_rng(i), "random")["points"][i]
+        assert dist.max() < np.linalg.norm(points[i][:, None] - drawn[None], axis=-1).min(1).max()  # even cover
+    assert all(np.array_equal(a[k], b[k]) for k in a) and a["prefix"] is arrays["prefix"]
+    by_frame = [
+        {
+            int(f): p
+            for batch in loader(store, num_points=64, subsample=s).epoch(e)
+            for f, p in zip(batch["frame"], batch["points"])
+        }
+        for s in ("fps", "random")
+        for e in (0, 1)
+    ]
+    both = sorted(set(by_frame[0]) & set(by_frame[1]))
+    assert len(both) >= 15 and all(torch.equal(by_frame[0][f], by_frame[1][f]) for f in both)  # fps: every epoch alike
+    assert not any(torch.equal(by_frame[2][f], by_frame[3][f]) for f in both)  # random: a fresh draw each epoch
+
+
 def test_target_stats_recorded_or_computed(tmp_path, store):
     from pkd.common.store import open_split
 

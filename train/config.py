@@ -17,6 +17,7 @@ from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+SUBSAMPLES = ("fps", "random")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class TrainConfig:
     model: StudentConfig = field(default_factory=StudentConfig)
     epochs: int = option(250, "epochs of the schedule (without --max-steps)")
     warmup_epochs: int = option(10, "linear warm-up epochs (with --max-steps: the same fraction of its steps)")
-    batch_size: int = option(32, "global batch (split over torchrun processes)")
+    batch_size: int = option(
+        128, "global batch (split over torchrun processes; the paper gives none: Point-MAE's total_bs)"
+    )
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-6, "learning rate at the end of the cosine")
@@ -40,6 +43,11 @@ class TrainConfig:
     )
     loader_workers: int = option(0, "DataLoader worker processes (each reads whole shards)", run=True)
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
+    subsample: str = option(
+        "fps",
+        "how --num-points below the stored count are picked: fps (farthest points from index 0, as the prep "
+        "samples; deterministic) or random (a fresh seeded draw per epoch)",
+    )
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
     max_steps: int | None = option(
         None, "make the whole schedule this many optimizer steps (warm-up and cosine scaled to fit)"
@@ -79,6 +87,8 @@ class TrainConfig:
             raise ConfigError("warmup_epochs, loader_workers and weight_decay must be ≥ 0 and lr > 0.")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr {self.min_lr} must lie between 0 and lr {self.lr}.")
+        if self.subsample not in SUBSAMPLES:
+            raise ConfigError(f"--subsample {self.subsample!r}: choose fps or random.")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto.")
 
@@ -115,23 +125,26 @@ def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _as_v2(d: dict[str, Any]) -> dict[str, Any]:
-    """A current config laid out as version 2 had it (``upgrade_config_v2``'s inverse)."""
-    model = {k: v for k, v in d["model"].items() if k not in V3_MODEL_FIELDS}
-    return {**d, "recon_weight": d["model"]["recon_weight"], "model": model}
-
-
+V3_FIELDS = ("subsample",)
 V3_MODEL_FIELDS = ("recon_weight", "local_pairing")
 
 
-def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
-    """Version 2 → 3: the objective is one config (``pkd.train.variants.ObjectiveConfig``, inside ``model``).
+def _as_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """A current config laid out as version 2 had it (``upgrade_config_v2``'s inverse)."""
+    run = {k: v for k, v in d.items() if k not in V3_FIELDS}
+    model = {k: v for k, v in d["model"].items() if k not in V3_MODEL_FIELDS}
+    return {**run, "recon_weight": d["model"]["recon_weight"], "model": model}
 
-    ``recon_weight`` moves from the run into ``model``; runs before ``local_pairing`` paired each 3D centre with
-    the teacher patch its pixel falls in (``centre``). Applied to a version-3 config it changes nothing.
+
+def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 → 3. The objective is one config (``pkd.train.variants.ObjectiveConfig``, inside ``model``):
+    ``recon_weight`` moves from the run into ``model``, and runs before ``local_pairing`` paired each 3D centre
+    with the teacher patch its pixel falls in (``centre``). Runs before ``subsample`` drew ``--num-points``
+    below the stored count at random (``random``). Applied to a version-3 config it changes nothing.
     """
     run = {k: v for k, v in d.items() if k != "recon_weight"}
-    return {**run, "model": {"local_pairing": "centre", "recon_weight": d.get("recon_weight", 1.0), **d["model"]}}
+    model = {"local_pairing": "centre", "recon_weight": d.get("recon_weight", 1.0), **d["model"]}
+    return {"subsample": "random", **run, "model": model}
 
 
 def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:

@@ -68,14 +68,10 @@ def _distill_checkpoint_v1(record: Record) -> Record:
 
 
 @DISTILL_RUN.step
-def _distill_run_v2(record: Record) -> Record:
-    """v2 → v3: the objective is one config (``pkd.train.config.upgrade_config_v2``)."""
-    return {**record, "config": upgrade_config_v2(record["config"])}
-
-
 @DISTILL_CHECKPOINT.step
-def _distill_checkpoint_v2(record: Record) -> Record:
-    """v2 → v3: the objective is one config (``pkd.train.config.upgrade_config_v2``)."""
+def _distill_v2(record: Record) -> Record:
+    """v2 → v3: one objective config inside ``model``; older runs read as the pairing and subsampling they
+    trained with (``pkd.train.config.upgrade_config_v2``)."""
     return {**record, "config": upgrade_config_v2(record["config"])}
 
 
