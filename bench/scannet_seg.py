@@ -4,7 +4,8 @@ Data: the demo room's labelled mesh at ``--spacing`` (0.03 m gives ~140k vertice
 of a typical ScanNet ``_vh_clean_2.ply``), written to a temporary ScanNet tree.
 
   step   one fine-tuning step of the full model (384-d, 12 blocks, 6 heads; 8192 points, 256 groups of 32):
-         column sampling + augmentation + forward + backward + AdamW, through ``ScanNetSegTask.loss``
+         column sampling + augmentation + forward + backward + the config's optimizer (Adam by default), through
+         ``ScanNetSegTask.loss``; ``--head concat|interp`` picks the head (default the paper's concat)
   read   one scene's vertices/colours/labels read back from the Zarr cache, against parsing its two PLYs
          with pkd's reader (plyfile told that faces are triangles, so it memory-maps them: the cache builder's
          path) and with plyfile's generic parse (face lists parsed one by one, what most ScanNet loaders do);
@@ -31,7 +32,6 @@ from pkd.preprocess.demo import BOXES, ROOM, SPHERE
 from pkd.preprocess.demo_mesh import write_demo_mesh, write_demo_splits
 from pkd.train.downstream.config import FinetuneConfig
 from pkd.train.downstream.scannet_seg import ScanNetSegTask
-from pkd.train.runs import param_groups
 
 from _report import write_report
 
@@ -75,10 +75,11 @@ def bench_step(root: Path, cache_dir: Path, args: argparse.Namespace) -> dict:
         cache_dir=str(cache_dir),
         batch_size=args.batch,
         device=args.device,
+        head=args.head,
     )
     task = ScanNetSegTask(cfg)
     model = task.model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = cfg.build_optimizer(model)
     batch = np.zeros(args.batch, dtype=np.int64)  # the one scene, args.batch random columns of it
     generator = torch.Generator().manual_seed(0)
 
@@ -98,6 +99,7 @@ def bench_step(root: Path, cache_dir: Path, args: argparse.Namespace) -> dict:
         "points": cfg.num_points,
         "groups": cfg.num_group,
         "batch": args.batch,
+        "head": args.head,
         "s_per_step": seconds,
         "samples_per_s": args.batch / seconds,
     }
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
     parser.add_argument("--repeats", type=int, default=5, help="timed reads of each kind")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--head", default="concat", help="concat (the paper's) or interp")
     parser.add_argument("--cases", default="read,step", help="comma-separated: read, step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -94,6 +94,13 @@ def at_least(lowest: int, **values: int | None) -> None:
             raise ConfigError(f"{flag(name)} must be at least {lowest}, got {value}.")
 
 
+def choice(allowed: tuple[str, ...], **values: str) -> None:
+    """ConfigError naming the option (``--name``) of the first value not in ``allowed``, and the choices."""
+    for name, value in values.items():
+        if value not in allowed:
+            raise ConfigError(f"{flag(name)} must be one of {', '.join(allowed)}, got {value!r}.")
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages whose behaviour a store or run depends on."""
     found = {}

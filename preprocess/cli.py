@@ -118,11 +118,20 @@ def demo_scene(
     frames: Annotated[int, typer.Option(help="Frames in the sequence.")] = 250,
     layout: Annotated[str, typer.Option(help="both | sens | exported.")] = "both",
     seed: Annotated[int, typer.Option(help="Seed of the synthetic room.")] = 0,
+    val_scene: Annotated[
+        bool, typer.Option(help="Also write a second capture under a val-list name (the store's held-out split).")
+    ] = True,
 ) -> None:
-    """Write a small synthetic scene in real ScanNet format (a .sens file and/or exported frames)."""
-    from pkd.preprocess.demo import write_demo_scene
+    """Write a small synthetic scene in real ScanNet format (a .sens file and/or exported frames) and, by default,
+    a second capture of it under a val-list name, so a prep of OUT has a held-out split."""
+    from pkd.preprocess.demo import write_demo_scene, write_demo_scenes
 
-    typer.echo(f"wrote {write_demo_scene(out, num_frames=frames, layout=layout, seed=seed)}")
+    if val_scene:
+        scenes = write_demo_scenes(out, num_frames=frames, layout=layout, seed=seed)
+    else:
+        scenes = [write_demo_scene(out, num_frames=frames, layout=layout, seed=seed)]
+    for scene in scenes:
+        typer.echo(f"wrote {scene}")
 
 
 @app.command("scannet-seg")

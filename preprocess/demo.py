@@ -5,6 +5,8 @@ in numpy along a smooth camera loop. World frame is z-up like ScanNet; cameras f
 y down, z forward). Color and depth are rendered separately through their own intrinsics, both
 640x480, from the same camera centre (depth-to-color is the identity, as in ScanNet). One frame (see
 ``lost_tracking_frame``) carries ScanNet's lost-tracking pose, all -inf, so the skip path is exercised.
+``write_demo_scenes`` adds a second capture of the room (``VAL_SCENE``, another seed: colours, texture and
+camera path) under a name in the official val list, so a prep of the tree has a held-out split.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BOXES = (  # table, bed, cabinet: (min corner, max corner)
 SPHERE = (np.array([3.0, 2.5, 1.0]), 0.25)
 SPHERE_ID = 6 + len(BOXES)  # surface ids: 0-5 room faces (2 * axis + side), then boxes, then the sphere
 LIGHT = np.array([0.3, 0.5, 0.81])
+SCENE = "scene9000_00"  # in no official list: prep puts it in train
+VAL_SCENE = "scene0011_00"  # the first scene of the official val list (data_manifests/scannetv2_val.txt)
 
 
 def demo_camera() -> Camera:
@@ -55,13 +59,26 @@ def lost_tracking_frame(num_frames: int) -> int | None:
     return frame if frame > 0 else None
 
 
+def write_demo_scenes(out: str | Path, num_frames: int = 250, layout: str = "both", seed: int = 0) -> list[Path]:
+    """The demo scene (``write_demo_scene``, exactly as alone) and its held-out capture ``VAL_SCENE`` (seed
+    ``seed + 1``, no split lists of its own: ``out/splits/`` keep naming the first scene, as the segmentation
+    and detection demos read them); returns both scene folders."""
+    first = write_demo_scene(out, num_frames, layout, seed)
+    return [first, write_demo_scene(out, num_frames, layout, seed + 1, VAL_SCENE, splits=False)]
+
+
 def write_demo_scene(
-    out: str | Path, num_frames: int = 250, layout: str = "both", seed: int = 0, name: str = "scene9000_00"
+    out: str | Path,
+    num_frames: int = 250,
+    layout: str = "both",
+    seed: int = 0,
+    name: str = SCENE,
+    splits: bool = True,
 ) -> Path:
     """Write the synthetic scene under ``out/scans/<name>/`` as a .sens and/or the exported layout, plus its
     labelled mesh (``<name>_vh_clean_2[.labels].ply``), instance annotations (segs.json, aggregation.json,
-    ``<name>.txt`` with axisAlignment) and ``out/splits/`` lists naming it; returns the scene folder.
-    Deterministic given ``seed``."""
+    ``<name>.txt`` with axisAlignment) and (``splits``) ``out/splits/`` lists naming it; returns the scene
+    folder. Deterministic given ``seed``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if num_frames < 1:
@@ -95,7 +112,8 @@ def write_demo_scene(
         for _ in frames():
             pass
     write_demo_mesh(scene, ROOM, BOXES, SPHERE, seed, meta=_scan_meta(camera, num_frames))
-    write_demo_splits(Path(out), name)
+    if splits:
+        write_demo_splits(Path(out), name)
     return scene
 
 

@@ -121,6 +121,32 @@ def test_held_out_loss_every_epoch_and_every_n_steps_resumes_identically(store, 
     assert no_val["val_loss"] is None and not records(tmp_path / "none", "val")
 
 
+def test_monitor_recon_logs_training_batches_and_a_step_0_record_and_changes_nothing(store, tmp_path):
+    cfg = config(store, "distill", max_steps=4, monitor_recon=True, val_split="test")  # no such split
+    train(cfg, tmp_path / "train-only", progress=False)
+    steps, epochs = records(tmp_path / "train-only", "step"), records(tmp_path / "train-only", "epoch")
+    [untrained] = records(tmp_path / "train-only", "monitor")
+    assert (untrained["epoch"], untrained["step"], untrained["samples"]) == (
+        0,
+        0,
+        4,
+    ) and "val_monitor_recon" not in untrained
+    assert all(r["monitor_recon"] > 0 for r in steps) and len({r["monitor_recon"] for r in steps}) == len(steps)
+    assert untrained["monitor_recon"] == steps[0]["monitor_recon"]  # measured before the first update
+    assert epochs[0]["monitor_recon"] == pytest.approx(np.mean([r["monitor_recon"] for r in steps if r["epoch"] == 0]))
+    # the probe changes nothing the run computes
+    train(dataclasses.replace(cfg, monitor_recon=False), tmp_path / "plain", progress=False)
+    assert [r["loss"] for r in records(tmp_path / "plain", "step")] == [r["loss"] for r in steps]
+    assert not records(tmp_path / "plain", "monitor")
+    # with a held-out split the step-0 record holds its value too, and a resume keeps the record
+    held = dataclasses.replace(cfg, val_split="val", val_max_samples=5)
+    train(dataclasses.replace(held, stop_after=2), tmp_path / "held", progress=False)
+    train(held, tmp_path / "held", resume=True, progress=False)
+    [untrained] = records(tmp_path / "held", "monitor")
+    assert untrained["val_monitor_recon"] > 0 and untrained["val_samples"] == 5
+    assert [r["monitor_recon"] for r in records(tmp_path / "held", "step")] == [r["monitor_recon"] for r in steps]
+
+
 def test_no_keep_optimizer_shrinks_the_final_checkpoint_and_export_still_works(store, tmp_path):
     train(config(store, max_steps=2), tmp_path / "kept", progress=False)
     train(config(store, max_steps=2, keep_optimizer=False), tmp_path / "lean", progress=False)

@@ -23,9 +23,10 @@ from pkd.common.errors import ConfigError, DataError, WeightsError
 from pkd.train.downstream import metrics
 from pkd.train.downstream.cli import compare_runs, finetune_app, probe_app
 from pkd.train.downstream.cli import test_app as eval_app
+from pkd.train.downstream.engine import best_over_epochs
 from pkd.train.downstream.modelnet import load_modelnet40
 from pkd.train.downstream.models import FeaturePropagation, PartSegmenter, PointClassifier, fetch_layers, init_encoder
-from pkd.train.downstream.registry import UNION_FIELDS, config_from_record
+from pkd.train.downstream.registry import UNION_FIELDS, benchmark, config_from_record
 from pkd.train.downstream.run import FinetuneConfig, run_finetune
 from pkd.train.downstream.shapenetpart import CATEGORIES, load_shapenetpart
 from pkd.train.encoder import EncoderConfig, PointEncoder
@@ -229,6 +230,77 @@ def cli_app() -> typer.Typer:
 TINY_CLI = flags(dim=48, depth=4, heads=4, num_group=16, device="cpu", allow_missing=True)
 
 
+def grad_norms_at_each_step(monkeypatch) -> list[float]:
+    """Every AdamW.step call from now on appends the gradient norm it steps with."""
+    norms: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    return norms
+
+
+def test_shapenetpart_steps_twice_per_batch_first_unclipped_as_point_mae(shapenetpart, tmp_path, monkeypatch):
+    data, meta = shapenetpart
+    norms = grad_norms_at_each_step(monkeypatch)
+    cfg = FinetuneConfig.for_task(
+        "shapenetpart",
+        data,
+        splits=str(meta),
+        allow_missing=True,
+        num_points=256,
+        epochs=2,
+        batch_size=2,
+        grad_clip=1e-3,
+        **TINY,
+    )
+    assert cfg.double_step and cfg.unclipped_step()
+    results = run_finetune(cfg, tmp_path / "two", progress=False)
+    assert results["steps"] == 4 and len(norms) == 8  # 5 train shapes in batches of 2, two epochs
+    for unclipped, clipped in zip(norms[::2], norms[1::2]):
+        assert unclipped > 1e-3 and clipped == pytest.approx(1e-3, rel=1e-3)  # the same gradients, clipped
+
+    history = results["history"]
+    assert len(history) == 2
+    for metric in ("instance_miou", "class_miou"):
+        top = max(history, key=lambda h: h[metric])
+        assert results["best"]["over_epochs"][metric] == {"value": top[metric], "epoch": top["epoch"]}
+    assert results["best"]["score"] == results["best"]["over_epochs"]["instance_miou"]["value"]
+
+    norms.clear()
+    result = CliRunner().invoke(
+        finetune_app,
+        [
+            "shapenetpart",
+            *flags(data=data, splits=meta, init="scratch", run_dir=tmp_path / "one"),
+            *flags(num_points=256, batch_size=2, max_steps=1, grad_clip=1e-3, no_double_step=True),
+            *TINY_CLI,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(norms) == 1 and norms[0] == pytest.approx(1e-3, rel=1e-3)  # one step, clipped
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["config"]["double_step"] is False
+
+
+def test_best_instance_and_class_miou_are_each_their_own_best_epoch():
+    history = [
+        {"epoch": 0, "instance_miou": 80.0, "class_miou": 70.0},
+        {"epoch": 1, "instance_miou": 82.0, "class_miou": 69.0},
+        {"epoch": 2, "instance_miou": 81.0, "class_miou": 75.0},
+        {"epoch": 3, "instance_miou": 82.0, "class_miou": 71.0},
+    ]
+    assert best_over_epochs(history, ("instance_miou", "class_miou")) == {
+        "instance_miou": {"value": 82.0, "epoch": 1},
+        "class_miou": {"value": 75.0, "epoch": 2},
+    }
+    assert benchmark("shapenetpart").best_of == ("instance_miou", "class_miou")
+    assert benchmark("modelnet40").best_of == ()
+
+
 def test_every_command_runs_end_to_end(modelnet, shapenetpart, tmp_path):
     data, splits = modelnet
     source = PointEncoder(48, 4, 4)
@@ -421,17 +493,21 @@ OLD_FINETUNE_FIELDS = {  # FinetuneConfig's recorded layout before EncoderConfig
 }
 
 
+ADDED_SHAPENETPART_FIELDS = {"double_step"}  # since the union config (record version 3)
+
+
 def test_recorded_finetune_configs_keep_their_flat_layout():
     cfg = FinetuneConfig.for_task("shapenetpart", "x", dim=48, heads=4)
     recorded = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    assert set(recorded) == OLD_FINETUNE_FIELDS - UNION_FIELDS | {"splits", "allow_missing"}
+    assert set(recorded) == OLD_FINETUNE_FIELDS - UNION_FIELDS | {"splits", "allow_missing"} | ADDED_SHAPENETPART_FIELDS
     assert config_from_record(recorded) == cfg
 
 
 def test_records_of_the_union_config_load_as_their_benchmarks_config():
     cfg = FinetuneConfig.for_task("shapenetpart", "x", dim=48, heads=4)
     union = {"pool_points": 8192, "votes": 0, "variant": None, "way": 0, "shot": 0, "fold": 0, "folds": None}
-    old = {**dataclasses.asdict(cfg), **union, "trust_pickle": False, "cache_dir": None, "crop_size": 3.0, "repeats": 1}
+    recorded = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ADDED_SHAPENETPART_FIELDS}
+    old = {**recorded, **union, "trust_pickle": False, "cache_dir": None, "crop_size": 3.0, "repeats": 1}
     assert set(old) == OLD_FINETUNE_FIELDS
     assert config_from_record(old) == cfg
     with pytest.raises(ConfigError, match="unknown keys colour_jitter"):

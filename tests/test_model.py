@@ -14,6 +14,7 @@ from pkd.train.encoder import EncoderConfig, PointEncoder, tokenizer
 from pkd.train.export import encoder_state, load_pointmae_checkpoint
 from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import Group, farthest_point_sample, knn
+from pkd.train.variants import VARIANTS
 
 from _cli import TINY_STUDENT as TINY
 
@@ -45,7 +46,7 @@ def test_full_size_encoder_has_pointmae_keys_and_shapes():
     assert state["blocks.blocks.11.mlp.fc1.weight"].shape == (1536, 384)
 
 
-@pytest.mark.parametrize("variant", ["distill", "no-concept", "clip-target", "local", "recon", "recon+distill"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_student_prefixes_and_output_shapes(variant):
     student = Student(StudentConfig(**TINY, variant=variant))
     prefixes = {k.split(".")[0] for k in student.state_dict()}
@@ -209,8 +210,10 @@ def test_every_model_builds_the_same_encoder_from_one_encoder_config():
 
 
 def test_recorded_flat_student_config_still_loads():
-    """Configs written before EncoderConfig (flat fields, the old order) rebuild the same StudentConfig."""
-    from pkd.train.config import TrainConfig
+    """Configs written before EncoderConfig (flat fields, the old order) rebuild the same StudentConfig; version 3
+    adds the objective's weight and local pairing to the model section, read as they were (recon weight 1,
+    centre pairing)."""
+    from pkd.train.config import TrainConfig, upgrade_config
 
     recorded = {
         "num_points": 128,
@@ -228,6 +231,6 @@ def test_recorded_flat_student_config_still_loads():
         "mask_ratio": 0.6,
         "variant": "distill",
     }
-    cfg = TrainConfig.from_dict({**TrainConfig(store="s").to_dict(), "model": recorded})
-    assert cfg.model == StudentConfig(**TINY)
-    assert dataclasses.asdict(cfg.model) == recorded
+    cfg = TrainConfig.from_dict(upgrade_config({"store": "s", "recon_weight": 1.0, "model": recorded}))
+    assert cfg.model == StudentConfig(**TINY, local_pairing="centre")
+    assert dataclasses.asdict(cfg.model) == {**recorded, "recon_weight": 1.0, "local_pairing": "centre"}

@@ -31,9 +31,26 @@ def config(store, **kw) -> TrainConfig:
     )
 
 
+def v2_config(config: dict) -> dict:
+    """A config in the layout of version 2: ``recon_weight`` beside the model, no ``local_pairing``, no
+    ``subsample``."""
+    model = {k: v for k, v in config["model"].items() if k not in ("recon_weight", "local_pairing")}
+    run = {k: v for k, v in config.items() if k != "subsample"}
+    return {**run, "recon_weight": config["model"]["recon_weight"], "model": model}
+
+
+def as_v2(run):
+    """Rewrite a run's config.json and last.pt in the layout version 2 wrote."""
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "version": 2, "config": v2_config(record["config"])}))
+    ckpt = load_checkpoint(run / LAST)
+    atomic_save({**ckpt, "version": 2, "config": v2_config(ckpt["config"])}, run / LAST)
+
+
 def as_old_main(run):
-    """Rewrite a run's config.json and last.pt in the layout today's main wrote: no format or version, no
+    """Rewrite a run's config.json and last.pt in the layout an unversioned main wrote: no format or version, no
     ``streams`` (runs before it), ``num_workers`` and no ``rng_ranks`` in the checkpoint."""
+    as_v2(run)
     record = json.loads((run / "config.json").read_text())
     del record["format"], record["version"], record["config"]["streams"]
     record["config"]["num_workers"] = record["config"].pop("loader_workers")
@@ -44,16 +61,18 @@ def as_old_main(run):
     atomic_save(ckpt, run / LAST)
 
 
-def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path):
-    whole = train(config(store, max_steps=2), tmp_path / "whole", progress=False)
-    train(config(store, max_steps=2, stop_after=1), tmp_path / "old", progress=False)
-    as_old_main(tmp_path / "old")
+@pytest.mark.parametrize("layout", [as_old_main, as_v2], ids=["unversioned", "v2"])
+def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path, layout):
+    # runs of those layouts drew their points at random (``subsample`` came later)
+    whole = train(config(store, max_steps=2, subsample="random"), tmp_path / "whole", progress=False)
+    train(config(store, max_steps=2, stop_after=1, subsample="random"), tmp_path / "old", progress=False)
+    layout(tmp_path / "old")
     saved = recorded_config(tmp_path / "old")
     assert saved.streams == 1 and saved.loader_workers == 0
     resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "old", resume=True, progress=False)
     assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
     a, b = load_checkpoint(tmp_path / "whole" / LAST), load_checkpoint(tmp_path / "old" / LAST)
-    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 2
+    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (
         "MAE_encoder.norm.weight"
@@ -61,27 +80,43 @@ def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_
     )
 
 
+def test_a_version_2_run_reads_as_random_subsampling_and_resumes_bit_identically(store, tmp_path):
+    whole = train(config(store, max_steps=2, subsample="random"), tmp_path / "whole", progress=False)
+    train(config(store, max_steps=2, stop_after=1, subsample="random"), tmp_path / "v2", progress=False)
+    record = json.loads((tmp_path / "v2" / "config.json").read_text())
+    del record["config"]["subsample"]
+    (tmp_path / "v2" / "config.json").write_text(json.dumps({**record, "version": 2}))
+    ckpt = load_checkpoint(tmp_path / "v2" / LAST)
+    del ckpt["config"]["subsample"]
+    atomic_save({**ckpt, "version": 2}, tmp_path / "v2" / LAST)
+    saved = recorded_config(tmp_path / "v2")
+    assert saved.subsample == "random" and TrainConfig(store="s").subsample == "fps"
+    resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "v2", resume=True, progress=False)
+    assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
+    assert load_checkpoint(tmp_path / "v2" / LAST)["config"]["subsample"] == "random"
+
+
 def test_unknown_keys_and_newer_versions_are_refused_naming_the_file(store, tmp_path):
     run = tmp_path / "run"
     train(config(store, max_steps=1), run, progress=False)
     record = json.loads((run / "config.json").read_text())
-    assert (record["format"], record["version"]) == ("pkd-distill-run", 2)
+    assert (record["format"], record["version"]) == ("pkd-distill-run", 3)
     (run / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "typo_lr": 1}}))
     with pytest.raises(ConfigError, match=r"config\.json does not match TrainConfig: unknown fields \['typo_lr'\]"):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "extra": 1}))
     with pytest.raises(
-        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 2 record \(unknown keys"
+        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 3 record \(unknown keys"
     ):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "version": 9}))
     with pytest.raises(
-        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-2"
+        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-3"
     ):
         recorded_config(run)
     ckpt = load_checkpoint(run / LAST)
-    atomic_save({**ckpt, "version": 3}, run / LAST)
-    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 3"):
+    atomic_save({**ckpt, "version": 4}, run / LAST)
+    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 4"):
         train(config(store, max_steps=2), run, resume=True, progress=False)
     with pytest.raises(ConfigError, match="is a 'pkd-distill-run' record, not 'pkd-finetune-run'"):
         read_record(run / "config.json", runs.FINETUNE_RUN)
@@ -108,5 +143,23 @@ def test_an_old_finetune_checkpoint_keeps_its_state_under_position():
     old = {"model": {}, "rng": {}, "state": {"step": 3}, "init_report": {}, "config": {}, "code": {}}
     new = runs.FINETUNE_CHECKPOINT.upgrade(old, "last.pt")
     assert new["position"] == {"step": 3} and "state" not in new
-    with pytest.raises(ConfigError, match=r"last\.pt is not a valid pkd-finetune-checkpoint version 2 record"):
+    version = runs.FINETUNE_CHECKPOINT.version
+    with pytest.raises(ConfigError, match=rf"last\.pt is not a valid pkd-finetune-checkpoint version {version} record"):
         runs.FINETUNE_CHECKPOINT.upgrade({**old, "stray": 1}, "last.pt")
+
+
+def test_finetune_records_before_v3_read_as_the_loop_they_trained_with():
+    """v2 config.json / last.pt of ScanNet segmentation read as the interpolating head and AdamW, of ShapeNetPart
+    as one optimizer step per batch; values a v3 record holds are kept; other benchmarks gain nothing."""
+    assert runs.FINETUNE_RUN.version == runs.FINETUNE_CHECKPOINT.version == 3
+    seg = {"task": "scannet-seg", "lr": 1e-3}
+    record = {"format": "pkd-finetune-run", "version": 2, "config": seg, "init": {}, "data": {}, "code": {}}
+    assert runs.FINETUNE_RUN.upgrade(record, "config.json")["config"] == {**seg, "head": "interp", "optimizer": "adamw"}
+    ckpt = {"model": {}, "rng": {}, "position": {}, "init_report": {}, "code": {}, "version": 2}
+    part = runs.FINETUNE_CHECKPOINT.upgrade({**ckpt, "config": {"task": "shapenetpart"}}, "last.pt")
+    assert part["config"] == {"task": "shapenetpart", "double_step": False}
+    assert runs.FINETUNE_CHECKPOINT.upgrade({**ckpt, "config": {"task": "modelnet40"}}, "last.pt")["config"] == {
+        "task": "modelnet40"
+    }
+    new = {**record, "version": 3, "config": {**seg, "head": "concat", "optimizer": "adam"}}
+    assert runs.FINETUNE_RUN.upgrade(new, "config.json")["config"] == new["config"]

@@ -23,8 +23,11 @@ from pkd.preprocess.demo import BOXES, ROOM, SPHERE
 from pkd.preprocess.demo_mesh import write_demo_mesh, write_demo_splits
 from pkd.train.cli import app
 from pkd.train.downstream import metrics
+from pkd.train.downstream.config import FinetuneConfig
+from pkd.train.downstream.models import FeaturePropagation, concat_features, interpolate_features
 from pkd.train.downstream.plots import class_iou_figure
-from pkd.train.downstream.scannet_seg import coverage_passes
+from pkd.train.downstream.scannet_seg import SceneSegmenter, coverage_passes
+from pkd.train.encoder import EncoderConfig
 
 from _cli import flags, run_command, run_script
 
@@ -228,6 +231,48 @@ def test_iou_chart_title_is_not_clipped(tmp_path):
     assert box.x0 <= title.x0 and title.x1 <= box.x1 and title.y1 <= box.y1
 
 
+# ---- head and optimizer (appendix A.2) ---------------------------------------------------------------------
+
+
+def test_concat_head_puts_the_three_nearest_centres_features_side_by_side_nearest_first():
+    centres = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [3, 0, 0], [10, 0, 0]]])
+    features = torch.tensor([[[1.0, 2], [3, 4], [5, 6], [7, 8]]])  # C = 2 per centre
+    points = torch.tensor([[[0.9, 0, 0], [2.9, 0, 0], [9.0, 0, 0]]])
+    out = concat_features(points, centres, features)
+    assert out.shape == (1, 3, 6)  # 3·C
+    expected = [[3, 4, 1, 2, 5, 6], [5, 6, 3, 4, 1, 2], [7, 8, 5, 6, 3, 4]]  # nearest, second, third
+    torch.testing.assert_close(out, torch.tensor([expected], dtype=torch.float32), rtol=0, atol=0)
+    skip = torch.full((1, 2, 3), -1.0)
+    propagated = FeaturePropagation(8, [], gather="concat")(points, centres, skip, features)
+    torch.testing.assert_close(propagated, torch.cat([skip, out.transpose(1, 2)], dim=1), rtol=0, atol=0)
+
+
+def test_scene_segmenter_concatenates_by_default_and_keeps_the_interpolating_head():
+    sizes = EncoderConfig(num_group=8, group_size=8, dim=16, depth=3, heads=2)
+    concat, interp = SceneSegmenter(20, sizes), SceneSegmenter(20, sizes, "interp")
+    assert concat.propagation.mlp[0].in_channels == 3 * 3 * 16 + 6  # 3 neighbours × 3 blocks × C, xyz, rgb
+    assert interp.propagation.mlp[0].in_channels == 3 * 16 + 6
+    assert concat.propagation.gather is concat_features and interp.propagation.gather is interpolate_features
+    points, colors = torch.rand(2, 64, 3), torch.rand(2, 64, 3)
+    assert concat.eval()(points, colors).shape == interp.eval()(points, colors).shape == (2, 64, 20)
+    cfg = FinetuneConfig.for_task("scannet-seg", "x")
+    assert (cfg.head, cfg.optimizer, cfg.epochs) == ("concat", "adam", 200)
+    with pytest.raises(ConfigError, match="--head must be one of interp, concat, got 'mean'"):
+        FinetuneConfig.for_task("scannet-seg", "x", head="mean")
+
+
+def test_scannet_seg_default_optimizer_is_the_papers_adam():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    adam = FinetuneConfig.for_task("scannet-seg", "x").build_optimizer(model)
+    assert type(adam) is torch.optim.Adam and len(adam.param_groups) == 1  # L2 decay on every parameter
+    group = adam.param_groups[0]
+    assert (group["lr"], group["weight_decay"], len(group["params"])) == (1e-3, 1e-2, 4)
+    assert not group.get("decoupled_weight_decay", False)
+    adamw = FinetuneConfig.for_task("scannet-seg", "x", optimizer="adamw").build_optimizer(model)
+    assert type(adamw) is torch.optim.AdamW and sorted(g["weight_decay"] for g in adamw.param_groups) == [0.0, 1e-2]
+    assert type(FinetuneConfig.for_task("shapenetpart", "x").build_optimizer(model)) is torch.optim.AdamW
+
+
 # ---- end to end -------------------------------------------------------------------------------------------
 
 
@@ -322,6 +367,44 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
     torch.testing.assert_close(
         torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"], straight, rtol=0, atol=0
     )
+
+
+def as_v2_record(run: Path) -> None:
+    """Rewrite a run's config.json and last.pt as pkd wrote them before --head and --optimizer (version 2)."""
+    record = json.loads((run / "config.json").read_text())
+    del record["config"]["head"], record["config"]["optimizer"]
+    (run / "config.json").write_text(json.dumps({**record, "version": 2}))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["config"]["head"], ckpt["config"]["optimizer"]
+    torch.save({**ckpt, "version": 2}, run / "last.pt")
+
+
+def test_a_run_recorded_before_the_concat_head_resumes_and_tests_with_its_own_head(tree, tmp_path):
+    runner = CliRunner()
+    args = ["--data", str(tree), "--splits", str(tree / "splits"), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    args += flags(epochs=2, repeats=2, batch_size=2, init="scratch")
+    old = flags(head="interp", optimizer="adamw")  # what every run before v3 trained with
+    straight = runner.invoke(app, ["finetune", "scannet-seg", *args, *old, "--run-dir", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "old"
+    result = runner.invoke(app, ["finetune", "scannet-seg", *args, *old, "--max-steps", "1", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    as_v2_record(run)
+    result = runner.invoke(app, ["finetune", "scannet-seg", *args, "--run-dir", str(run), "--resume"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 2 and (results["config"]["head"], results["config"]["optimizer"]) == ("interp", "adamw")
+    torch.testing.assert_close(
+        torch.load(run / "last.pt", weights_only=True)["model"],
+        torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"],
+        rtol=0,
+        atol=0,
+    )
+    assert json.loads((run / "config.json").read_text())["version"] == 2  # a resume leaves config.json as it was
+    result = runner.invoke(app, ["test", "scannet-seg", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rescored = json.loads((run / "test" / "results.json").read_text())
+    assert rescored["config"]["head"] == "interp" and rescored["test"]["miou"] == pytest.approx(results["test"]["miou"])
 
 
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):

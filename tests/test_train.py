@@ -16,14 +16,14 @@ from pkd.common.errors import ConfigError, StoreError, TrainingError
 from pkd.common.store import teacher_crop, write_shard
 from pkd.train.checkpoint import LAST, load_checkpoint
 from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, target_stats
-from pkd.train.losses import CropBox, LossSettings, compute_loss, patch_cells
+from pkd.train.loss_terms import CropBox, local_alignment, patch_cells
+from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import Student, StudentConfig
 from pkd.train.trainer import TrainConfig, train
+from pkd.train.variants import VARIANTS
 
 from _cli import TINY_STUDENT as TINY
 from store_factory import make_store
-
-VARIANTS = ["distill", "no-concept", "clip-target", "local", "recon", "recon+distill"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,37 @@ def test_loader_subsamples_points_deterministically(store):
     assert a["points"].shape == (4, 64, 3) and torch.equal(a["points"], b["points"])
 
 
+def test_fps_subsampling_keeps_the_farthest_point_subset_in_every_epoch(store):
+    from pkd.common.geometry import farthest_points
+    from pkd.train.data import subsample_points
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(3, 160, 3)).astype(np.float32)
+    arrays = {"points": points, "colors": np.arange(3 * 160 * 3).reshape(3, 160, 3), "prefix": np.ones((3, 10))}
+    a = subsample_points(arrays, 40, np.random.default_rng(1), "fps")
+    b = subsample_points(arrays, 40, np.random.default_rng(2), "fps")
+    for i in range(3):
+        keep = np.sort(farthest_points(points[i], 40))
+        np.testing.assert_array_equal(a["points"][i], points[i][keep])
+        np.testing.assert_array_equal(a["colors"][i], arrays["colors"][i][keep])
+        dist = np.linalg.norm(points[i][:, None] - a["points"][i][None], axis=-1).min(1)
+        drawn = subsample_points(arrays, 40, np.random.default_rng(i), "random")["points"][i]
+        assert dist.max() < np.linalg.norm(points[i][:, None] - drawn[None], axis=-1).min(1).max()  # even cover
+    assert all(np.array_equal(a[k], b[k]) for k in a) and a["prefix"] is arrays["prefix"]
+    by_frame = [
+        {
+            int(f): p
+            for batch in loader(store, num_points=64, subsample=s).epoch(e)
+            for f, p in zip(batch["frame"], batch["points"])
+        }
+        for s in ("fps", "random")
+        for e in (0, 1)
+    ]
+    both = sorted(set(by_frame[0]) & set(by_frame[1]))
+    assert len(both) >= 15 and all(torch.equal(by_frame[0][f], by_frame[1][f]) for f in both)  # fps: every epoch alike
+    assert not any(torch.equal(by_frame[2][f], by_frame[3][f]) for f in both)  # random: a fresh draw each epoch
+
+
 def test_target_stats_recorded_or_computed(tmp_path, store):
     from pkd.common.store import open_split
 
@@ -112,6 +143,27 @@ def test_patch_cells_follow_the_teacher_crop(tmp_path):
     cells, inside = patch_cells(torch.tensor([[0, 80], [479, 559], [10, 78], [240, 320]]), crop)
     assert cells[:2].tolist() == [0, 48] and cells[3] == 3 * 7 + 3
     assert inside.tolist() == [True, True, False, True]
+
+
+def test_local_alignment_pairs_each_teacher_patch_with_the_nearest_projected_centre():
+    """Paper §4.3.1: each 2D patch meets the 3D patch whose centre projects nearest; ``centre`` is the reverse."""
+    crop = CropBox(0, 0, 70, 70)  # 7×7 patches of 10 px: patch (row r, col c) is centred at (10c + 4.5, 10r + 4.5)
+    tokens = torch.eye(49).unsqueeze(0)  # teacher patch p's token is the unit vector e_p
+    pixels = torch.tensor([[[4, 4], [64, 64], [30, 30]]])  # centres in patches 0, 48 and 24
+    in_view = torch.tensor([[True, True, False]])  # the third centre lies outside the crop's view
+    pred = torch.stack([tokens[0, 0], tokens[0, 48], tokens[0, 24]]).unsqueeze(0)  # each centre predicts its patch
+    # centre → patch: both visible centres predict their own patch exactly
+    assert float(local_alignment(pred, tokens, pixels, in_view, crop, "centre")) == pytest.approx(0.0)
+    # patch → centre: patch p meets centre 0 when p's centre is nearer to (4, 4) than to (64, 64), else centre 1;
+    # the pair is exact only for patches 0 and 48, every other pair is orthogonal (1 − cos = 1)
+    assert float(local_alignment(pred, tokens, pixels, in_view, crop, "patch")) == pytest.approx(47 / 49)
+    nearer_first = [p for p in range(49) if (p % 7 + p // 7) < 6]  # patches nearer to centre 0 than centre 1
+    target = torch.zeros(1, 49, 49)
+    target[0, nearer_first, 0] = 1.0
+    target[0, [p for p in range(49) if p not in nearer_first], 48] = 1.0
+    assert float(local_alignment(pred, target, pixels, in_view, crop, "patch")) == pytest.approx(0.0, abs=1e-6)
+    # a batch item without a visible centre adds nothing
+    assert float(local_alignment(pred, tokens, pixels, torch.zeros(1, 3, dtype=torch.bool), crop)) == 0.0
 
 
 def test_one_optimisation_step_lowers_the_loss(store):
@@ -316,6 +368,7 @@ def test_training_never_imports_the_teacher(store, tmp_path):
         import pkd.train, pkd.train.cli, pkd.train.trainer, pkd.train.export, pkd.train.ablate, pkd.train.data
         from pkd.train.model import StudentConfig
         from pkd.train.trainer import TrainConfig, train
+from pkd.train.variants import VARIANTS
         cfg = TrainConfig(store={str(store)!r}, model=StudentConfig(**{TINY!r}), batch_size=4, max_steps=1)
         assert train(cfg, {str(tmp_path / "run")!r}, progress=False)["steps"] == 1
         bad = [m for m in sys.modules if m.split(".")[0] in ("open_clip", "transformers")

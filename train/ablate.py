@@ -31,13 +31,13 @@ from pkd.common.logs import progress_bar
 from pkd.common.store import open_split, open_store, splits_of, teacher_crop
 from pkd.train import table
 from pkd.train.checkpoint import LAST
-from pkd.train.config import TrainConfig, upgrade_config_v1
+from pkd.train.config import TrainConfig, upgrade_config
 from pkd.train.distributed import launched
 from pkd.train.encoder import PointEncoder
 from pkd.train.export import export_encoder, load_pointmae_checkpoint
-from pkd.train.model import variant_spec
 from pkd.train.options import option_values, run_option_names
 from pkd.train.trainer import train
+from pkd.train.variants import variant_spec
 
 READOUTS = ("probe", "finetune", "none")
 READOUT_TASK = "modelnet40"  # the registered benchmark whose fine-tuning is the ``finetune`` readout
@@ -233,7 +233,7 @@ def _check_store(base: TrainConfig, variants: list[str], require_val: bool) -> N
         try:
             for split in (base.split, *([base.val_split] if base.val_split in held else [])):
                 open_split(base.store, split, require=spec.arrays)
-            if spec.head == "token":
+            if spec.needs_crop:
                 teacher_crop(base.store, base.split)
         except StoreError as exc:
             raise StoreError(
@@ -258,7 +258,7 @@ def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> d
         table.write(out_dir, base.to_dict(), [])
         return {}
     recorded = json.loads(path.read_text())
-    saved = option_values(TrainConfig.from_dict(upgrade_config_v1(recorded["config"]), str(path)))
+    saved = option_values(TrainConfig.from_dict(upgrade_config(recorded["config"]), str(path)))
     mine = option_values(base)
     differ = [k for k in mine if k not in run_option_names() and saved.get(k) != mine[k]]
     if differ or recorded["config"]["store"] != base.store:

@@ -120,7 +120,7 @@ def ablate(
     from pkd.common.errors import ConfigError
     from pkd.common.store import store_path
     from pkd.train.ablate import PAPER_VARIANTS, Readout, run_ablation
-    from pkd.train.config import TrainConfig, upgrade_config_v1
+    from pkd.train.config import TrainConfig, upgrade_config
     from pkd.train.options import build_config, given_options, resume_config
     from pkd.train.table import TABLE_JSON, markdown
 
@@ -132,7 +132,7 @@ def ablate(
     base = build_config(str(store), options)
     if resume and (out / TABLE_JSON).is_file():
         recorded = json.loads((out / TABLE_JSON).read_text())["config"]  # tables are version-1 records
-        saved = TrainConfig.from_dict(upgrade_config_v1(recorded), str(out / TABLE_JSON))
+        saved = TrainConfig.from_dict(upgrade_config(recorded), str(out / TABLE_JSON))
         base = resume_config(saved, store_path(store), given_options(ctx, options), str(out))
     rows = run_ablation(
         base,

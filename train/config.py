@@ -17,6 +17,7 @@ from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+SUBSAMPLES = ("fps", "random")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class TrainConfig:
     model: StudentConfig = field(default_factory=StudentConfig)
     epochs: int = option(250, "epochs of the schedule (without --max-steps)")
     warmup_epochs: int = option(10, "linear warm-up epochs (with --max-steps: the same fraction of its steps)")
-    batch_size: int = option(32, "global batch (split over torchrun processes)")
+    batch_size: int = option(
+        128, "global batch (split over torchrun processes; the paper gives none: Point-MAE's total_bs)"
+    )
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-6, "learning rate at the end of the cosine")
@@ -40,8 +43,12 @@ class TrainConfig:
     )
     loader_workers: int = option(0, "DataLoader worker processes (each reads whole shards)", run=True)
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
+    subsample: str = option(
+        "fps",
+        "how --num-points below the stored count are picked: fps (farthest points from index 0, as the prep "
+        "samples; deterministic) or random (a fresh seeded draw per epoch)",
+    )
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
-    recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
     max_steps: int | None = option(
         None, "make the whole schedule this many optimizer steps (warm-up and cosine scaled to fit)"
     )
@@ -80,11 +87,14 @@ class TrainConfig:
             raise ConfigError("warmup_epochs, loader_workers and weight_decay must be ≥ 0 and lr > 0.")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"min_lr {self.min_lr} must lie between 0 and lr {self.lr}.")
+        if self.subsample not in SUBSAMPLES:
+            raise ConfigError(f"--subsample {self.subsample!r}: choose fps or random.")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto.")
 
     @property
     def variant(self) -> str:
+        """The variant trained (the model's objective)."""
         return self.model.variant
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,17 +108,45 @@ class TrainConfig:
 
 
 def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
-    """The declared upgrade of a version-1 config (run records before versioning, ablation tables).
+    """The declared upgrade of a version-1 config (run records before versioning) to version 2.
 
     ``num_workers`` was renamed ``loader_workers``; runs before ``streams`` read one stream; fields added
-    since then take their defaults (the sections' too). Applied to a current config it changes nothing.
+    since then, up to version 2, take their defaults (the sections' too). Applied to a version-2 config it
+    changes nothing.
     """
     d = {"loader_workers" if k == "num_workers" else k: v for k, v in d.items()}
     d.setdefault("streams", 1)
-    current = TrainConfig(store=d.get("store", "")).to_dict()
+    current = _as_v2(TrainConfig(store=d.get("store", "")).to_dict())
     return {
         **current,
         **d,
         "model": {**current["model"], **d.get("model", {})},
         "augment": {**current["augment"], **d.get("augment", {})},
     }
+
+
+V3_FIELDS = ("subsample",)
+V3_MODEL_FIELDS = ("recon_weight", "local_pairing")
+
+
+def _as_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """A current config laid out as version 2 had it (``upgrade_config_v2``'s inverse)."""
+    run = {k: v for k, v in d.items() if k not in V3_FIELDS}
+    model = {k: v for k, v in d["model"].items() if k not in V3_MODEL_FIELDS}
+    return {**run, "recon_weight": d["model"]["recon_weight"], "model": model}
+
+
+def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 → 3. The objective is one config (``pkd.train.variants.ObjectiveConfig``, inside ``model``):
+    ``recon_weight`` moves from the run into ``model``, and runs before ``local_pairing`` paired each 3D centre
+    with the teacher patch its pixel falls in (``centre``). Runs before ``subsample`` drew ``--num-points``
+    below the stored count at random (``random``). Applied to a version-3 config it changes nothing.
+    """
+    run = {k: v for k, v in d.items() if k != "recon_weight"}
+    model = {"local_pairing": "centre", "recon_weight": d.get("recon_weight", 1.0), **d["model"]}
+    return {"subsample": "random", **run, "model": model}
+
+
+def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A config of any version (as an ablation table records it, unversioned) upgraded to the current one."""
+    return upgrade_config_v2(upgrade_config_v1(d))

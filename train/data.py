@@ -27,6 +27,7 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pkd.common.errors import ConfigError, StoreError
+from pkd.common.geometry import farthest_points
 from pkd.common.store import iter_shards, open_split, read_shard, read_stats
 
 POINT_ARRAYS = ("points", "colors", "pixels", "in_view")
@@ -59,7 +60,8 @@ class LoaderConfig:
     """Everything that decides which samples form which batch (picklable, so workers can rebuild windows).
 
     ``streams`` None means one stream per rank (``world_size``); it must be a multiple of ``world_size``
-    and divide ``batch_size``.
+    and divide ``batch_size``. ``subsample`` is how ``num_points`` below the stored count are picked
+    (``subsample_points``).
     """
 
     store: str
@@ -72,6 +74,7 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     streams: int | None = None
+    subsample: str = "random"
 
     @property
     def num_streams(self) -> int:
@@ -159,16 +162,26 @@ class _WindowDataset(IterableDataset):
         for name in self.cfg.arrays:
             values = np.concatenate([read_shard(group, name, a, b)[v] for (a, b), v in zip(ranges, valid)])[perm]
             out[name] = normalize(values, self.stats.get(name))
-        return subsample_points(out, self.cfg.num_points, rng)
+        return subsample_points(out, self.cfg.num_points, rng, self.cfg.subsample)
 
 
-def subsample_points(arrays: dict[str, np.ndarray], num_points: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Keep ``num_points`` random points (in stored order) of every sample, in every per-point array."""
+def subsample_points(
+    arrays: dict[str, np.ndarray], num_points: int, rng: np.random.Generator, method: str = "random"
+) -> dict[str, np.ndarray]:
+    """Keep ``num_points`` points (in stored order) of every sample, in every per-point array.
+
+    ``random`` draws them from ``rng`` (a fresh subset each epoch); ``fps`` takes the farthest-point subset
+    with the prep's own sampler (``pkd.common.geometry.farthest_points``: fpsample's QuickFPS, deterministic),
+    the same for every epoch and seed and ``rng`` unused.
+    """
     count, stored = arrays["points"].shape[:2]
     if num_points >= stored:
         return arrays
-    keep = np.argpartition(rng.random((count, stored)), num_points - 1, axis=1)
-    keep = np.sort(keep[:, :num_points], axis=1)
+    if method == "fps":
+        keep = np.stack([np.sort(farthest_points(points, num_points)) for points in arrays["points"]])
+    else:
+        keep = np.argpartition(rng.random((count, stored)), num_points - 1, axis=1)
+        keep = np.sort(keep[:, :num_points], axis=1)
     return {
         name: np.take_along_axis(values, keep.reshape(*keep.shape, *(1,) * (values.ndim - 2)), axis=1)
         if name in POINT_ARRAYS

@@ -4,7 +4,7 @@ Every evaluation sees the same samples (the first ``val_max_samples`` valid ones
 the same reconstruction masks and no augmentation beyond unit-sphere normalisation, with the model in eval
 mode (no drop-path, BatchNorm running statistics) and no global RNG touched, so the curve moves only with
 the weights and a resumed run logs what an uninterrupted one logs. ``--monitor-recon`` adds the Chamfer
-loss of a frozen, randomly initialised decoder on masked patches (paper Table 7).
+loss of a frozen, randomly initialised decoder on masked patches (paper Table 7, ``pkd.train.monitor``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pkd.common.store import iter_shards, open_split, open_store, read_shard, sp
 from pkd.train.augment import normalize_unit_sphere
 from pkd.train.config import TrainConfig
 from pkd.train.data import normalize, subsample_points, to_tensor
-from pkd.train.losses import LossSettings, compute_loss, monitor_recon_loss
-from pkd.train.model import MaskedDecoder, Student
+from pkd.train.losses import LossSettings, compute_loss
+from pkd.train.model import Student
+from pkd.train.monitor import ReconMonitor
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class HeldOut:
         self.cfg, self.arrays, self.stats, self.settings = cfg, arrays, dict(stats), settings
         self.batch_size = batch_size
         self.group = open_split(cfg.store, cfg.val_split, require=arrays)
-        self.monitor = _frozen_decoder(cfg) if cfg.monitor_recon else None
+        self.monitor = ReconMonitor(cfg, settings) if cfg.monitor_recon else None
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The held-out samples in store order, in batches of ``batch_size`` (the last one may be smaller)."""
@@ -65,7 +66,8 @@ class HeldOut:
                 name: normalize(read_shard(self.group, name, start, stop)[valid][:left], self.stats.get(name))
                 for name in self.arrays
             }
-            arrays = subsample_points(arrays, self.cfg.model.num_points, np.random.default_rng([self.cfg.seed, shard]))
+            rng = np.random.default_rng([self.cfg.seed, shard])
+            arrays = subsample_points(arrays, self.cfg.model.num_points, rng, self.cfg.subsample)
             left -= len(arrays["points"])
             buffer = {k: np.concatenate([buffer[k], v]) if buffer else v for k, v in arrays.items()}
             while len(buffer["points"]) >= self.batch_size:
@@ -92,20 +94,8 @@ class HeldOut:
                 loss, parts = compute_loss(model, batch, self.settings, generator)
                 values = {"loss": float(loss), **parts}
                 if self.monitor is not None:
-                    mask = self.settings.mask(size, generator).to(device)
-                    values["monitor_recon"] = float(
-                        monitor_recon_loss(model, self.monitor.to(device), batch["points"], mask)
-                    )
+                    values["monitor_recon"] = self.monitor.loss(model, batch["points"], generator)
             totals = {k: totals.get(k, 0.0) + v * size for k, v in values.items()}
             count += size
         model.train(was_training)
         return {**{k: v / count for k, v in totals.items()}, "samples": count} if count else {}
-
-
-def _frozen_decoder(cfg: TrainConfig) -> MaskedDecoder:
-    """A reconstruction decoder initialised from ``cfg.seed`` alone (the global RNG is left as it was), frozen."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        m = cfg.model
-        decoder = MaskedDecoder(m.dim, m.decoder_depth, m.heads, m.group_size, drop_path=0.0).eval()
-    return decoder.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON record per step, epoch and held-out evaluation) and ``curves.png``."""
+"""Run metrics: ``metrics.jsonl`` (one JSON record per step, epoch, held-out evaluation and, with
+``--monitor-recon``, the step-0 ``monitor`` record) and ``curves.png``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pkd.common.errors import ConfigError
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
+STEP_FIELDS = ("kind", "step", "epoch", "loss", "lr", "samples_per_s")  # a step record's fields besides loss parts
 
 
 class MetricsLog:
@@ -51,14 +53,16 @@ class MetricsLog:
         self._append({"kind": "step", **values})
 
     def epoch(self, epoch: int, step: int) -> None:
-        """An epoch summary: mean loss and samples/s over the epoch's steps."""
+        """An epoch summary: mean loss, loss parts (``monitor_recon`` included) and samples/s over the epoch's steps."""
         steps = [r for r in self.records if r["kind"] == "step" and r["epoch"] == epoch]
+        parts = [k for k in (steps[-1] if steps else {}) if k not in STEP_FIELDS and all(k in r for r in steps)]
         self._append(
             {
                 "kind": "epoch",
                 "epoch": epoch,
                 "step": step,
                 "loss": _mean(steps, "loss"),
+                **{k: _mean(steps, k) for k in parts},
                 "samples_per_s": _mean(steps, "samples_per_s"),
             }
         )
@@ -66,6 +70,10 @@ class MetricsLog:
     def has(self, kind: str, step: int) -> bool:
         """Whether a record of ``kind`` was logged at ``step`` (e.g. by the run before a resume)."""
         return any(r["kind"] == kind and r["step"] == step for r in self.records)
+
+    def monitor(self, **values: Any) -> None:
+        """The ``--monitor-recon`` record before any update (epoch 0, step 0: the paper's "No training" row)."""
+        self._append({"kind": "monitor", **values})
 
     def val(self, **values: Any) -> None:
         """A held-out evaluation (epoch, step, loss, its parts, samples)."""

@@ -1,14 +1,7 @@
-"""The student: tokenizer, Point-MAE encoder, and the variant's head (concepts, pooling, per-token, decoder).
+"""The student: tokenizer, Point-MAE encoder, and its variant's head (``pkd.train.heads``) and/or decoder.
 
-State-dict prefixes: ``MAE_encoder.*`` (exported, Point-MAE names), ``concept.*`` and ``head.*`` (distillation),
-``MAE_decoder.*`` (masked reconstruction; never exported).
-
-Concept head (paper §3.4, appendix A.1: the concepts are "sent into an MLP"): ``head="flat"`` (default)
-flattens the 32 concept tokens in query order (32·C) and a 2-layer MLP (32·C → head_hidden → 10·768) maps
-them to the prefix, so every concept keeps its identity (its own input weights) and the queries can
-specialise. ``head="pooled"`` mean- and max-pools the concepts first (2·C), which makes the queries
-interchangeable; it is kept to measure that difference. ``no-concept`` always pools the point tokens
-(their order is an FPS artefact, so flattening them would mean nothing).
+State-dict prefixes: ``MAE_encoder.*`` (exported, Point-MAE names), ``concept.*`` and ``head.*`` (the variant's
+head), ``MAE_decoder.*`` (masked reconstruction; never exported).
 """
 
 from __future__ import annotations
@@ -22,59 +15,22 @@ from torch import nn
 
 from pkd.common.config import option
 from pkd.common.errors import ConfigError
-from pkd.common.store import CLIP_DIM, PREFIX_SHAPE
-from pkd.train.concept import ConceptModule
 from pkd.train.encoder import (
     EncoderConfig,
-    Mlp,
     PointEncoder,
     TransformerEncoder,
     init_weights,
     positional_embedding,
     tokenizer,
 )
-
-
-@dataclass(frozen=True)
-class Variant:
-    """What a training variant reads from the store and how its student predicts."""
-
-    target: str | None  # store array the head regresses, None for pure reconstruction
-    head: str | None  # "concept" | "pool" | "token" | None
-    recon: bool  # Point-MAE masked reconstruction loss
-    objective: str  # what its loss measures (losses of different objectives are not comparable)
-    extra_arrays: tuple[str, ...] = ()
-
-    @property
-    def arrays(self) -> tuple[str, ...]:
-        """Store arrays a loader must read for this variant."""
-        return ("points",) + ((self.target,) if self.target else ()) + self.extra_arrays
-
-
-VARIANTS: dict[str, Variant] = {
-    "distill": Variant("prefix", "concept", False, "prefix MSE"),
-    "no-concept": Variant("prefix", "pool", False, "prefix MSE"),
-    "clip-target": Variant("clip_embed", "concept", False, "CLIP-embedding MSE"),
-    "local": Variant("patch_tokens", "token", False, "patch-token cosine", ("pixels", "in_view")),
-    "recon": Variant(None, None, True, "Chamfer-L2"),
-    "recon+distill": Variant("prefix", "concept", True, "prefix MSE + w·Chamfer-L2"),
-}
-HEADS = ("flat", "pooled")
-
-TARGET_SHAPES = {"prefix": PREFIX_SHAPE, "clip_embed": (CLIP_DIM,), "patch_tokens": (CLIP_DIM,)}
-
-
-def variant_spec(name: str) -> Variant:
-    """The Variant called ``name``; ConfigError naming the choices for an unknown one."""
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}.")
-    return VARIANTS[name]
+from pkd.train.heads import CONCEPT_READOUTS
+from pkd.train.variants import ObjectiveConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class StudentConfig(EncoderConfig):
-    """Architecture of a student: the encoder (``EncoderConfig``'s fields) and the distillation/reconstruction
-    heads; defaults are the paper's."""
+class StudentConfig(EncoderConfig, ObjectiveConfig):
+    """A student: its encoder (``EncoderConfig``'s fields), heads and decoder, and what it is trained to do
+    (``ObjectiveConfig``'s fields); defaults are the paper's."""
 
     num_points: int = option(4096, "points per cloud fed to the student (subsampled)")
     num_concepts: int = option(32, "concept queries")
@@ -82,14 +38,12 @@ class StudentConfig(EncoderConfig):
     head: str = option("flat", "flat: the MLP reads all concept tokens (paper); pooled: mean+max pooled concepts")
     head_hidden: int = option(1024, "hidden width of the 2-layer prediction MLP")
     decoder_depth: int = option(3, "transformer blocks of the reconstruction decoder (paper: 3)")
-    mask_ratio: float = option(0.6, "fraction of patches masked for reconstruction")
-    variant: str = option("distill", "distill | no-concept | clip-target | local | recon | recon+distill")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        variant_spec(self.variant)
-        if self.head not in HEADS:
-            raise ConfigError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}.")
+        EncoderConfig.__post_init__(self)
+        ObjectiveConfig.__post_init__(self)
+        if self.head not in CONCEPT_READOUTS:
+            raise ConfigError(f"unknown head {self.head!r}; choose one of {', '.join(CONCEPT_READOUTS)}.")
         small = [
             f"{k} {getattr(self, k)}"
             for k in ("num_points", "num_concepts", "head_hidden", "decoder_depth")
@@ -148,16 +102,13 @@ class Student(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.spec = variant_spec(cfg.variant)
+        self.spec = cfg.spec
         self.group_divider = tokenizer(cfg)
         self.MAE_encoder = PointEncoder.from_config(cfg)
-        self.target_shape = TARGET_SHAPES[self.spec.target] if self.spec.target else ()
-        out_dim = math.prod(self.target_shape)
-        if self.spec.head == "concept":
-            self.concept = ConceptModule(cfg.dim, cfg.num_concepts, cfg.heads, cfg.concept_mlp_ratio)
+        self.target_shape = self.spec.target_shape
         if self.spec.head is not None:
-            self.head = Mlp(self._head_inputs(), cfg.head_hidden, out_dim)
-            self.head.apply(init_weights)
+            for name, module in self.spec.head.build(cfg, math.prod(self.target_shape)).items():
+                self.add_module(name, module)
         if self.spec.recon:
             self.MAE_decoder = MaskedDecoder(cfg.dim, cfg.decoder_depth, cfg.heads, cfg.group_size, cfg.drop_path)
 
@@ -167,7 +118,7 @@ class Student(nn.Module):
         out = StudentOutput(centre_idx=centre_idx)
         if self.spec.head is not None:
             tokens, layers = self.MAE_encoder(patches, centres)
-            out.pred = self._predict(tokens, layers)
+            out.pred = self.spec.head.predict(self, tokens, layers)
         if self.spec.recon:
             if mask is None:
                 raise ValueError("a reconstruction variant needs a patch mask")
@@ -181,28 +132,6 @@ class Student(nn.Module):
         visible, _ = self.MAE_encoder(patches, centres, mask)
         pred = decoder(visible, centres, mask)
         return pred, patches[mask].reshape(pred.shape)
-
-    def _head_inputs(self) -> int:
-        if self.spec.head == "token":
-            return self.cfg.dim
-        if self.spec.head == "concept" and self.cfg.head == "flat":
-            return self.cfg.num_concepts * self.cfg.dim
-        return 2 * self.cfg.dim
-
-    def _predict(self, tokens: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
-        if self.spec.head == "token":
-            return self.head(tokens)
-        if self.spec.head == "concept":
-            concepts = self.concept(layers)
-            features = concepts.flatten(1) if self.cfg.head == "flat" else _mean_max(concepts)
-        else:
-            features = _mean_max(tokens)
-        return self.head(features).reshape(tokens.shape[0], *self.target_shape)
-
-
-def _mean_max(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) → (B, 2·C): mean and max over the tokens (order-invariant)."""
-    return torch.cat([tokens.mean(1), tokens.max(1).values], dim=-1)
 
 
 def random_mask(

@@ -32,7 +32,7 @@ from pkd.common.config import config_diff, from_plain, to_plain
 from pkd.common.errors import ConfigError, TrainingError
 from pkd.train import distributed
 from pkd.train.checkpoint import LAST, atomic_save, last_good, load_checkpoint, set_rng_state
-from pkd.train.config import upgrade_config_v1
+from pkd.train.config import upgrade_config_v1, upgrade_config_v2
 from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
 from pkd.train.records import Record, RecordKind, read_record, write_record
@@ -67,6 +67,14 @@ def _distill_checkpoint_v1(record: Record) -> Record:
     return {"rng_ranks": [], **record, "config": upgrade_config_v1(record["config"])}
 
 
+@DISTILL_RUN.step
+@DISTILL_CHECKPOINT.step
+def _distill_v2(record: Record) -> Record:
+    """v2 → v3: one objective config inside ``model``; older runs read as the pairing and subsampling they
+    trained with (``pkd.train.config.upgrade_config_v2``)."""
+    return {**record, "config": upgrade_config_v2(record["config"])}
+
+
 @FINETUNE_RUN.step
 def _finetune_run_v1(record: Record) -> Record:
     """v1 → v2: the format and version only."""
@@ -79,6 +87,31 @@ def _finetune_checkpoint_v1(record: Record) -> Record:
     body = dict(record)
     body["position"] = body.pop("state")
     return body
+
+
+# What the fields added in record version 3 were before: the behaviour of runs recorded earlier.
+BEFORE_V3: dict[str, dict[str, Any]] = {
+    "scannet-seg": {"head": "interp", "optimizer": "adamw"},
+    "shapenetpart": {"double_step": False},
+}
+
+
+def upgrade_finetune_config_v2(config: dict[str, Any]) -> dict[str, Any]:
+    """v2 → v3: a recorded config gains the fields its benchmark added since, as the run trained (ScanNet
+    segmentation: the interpolating head and AdamW; ShapeNetPart: one step per batch)."""
+    return {**BEFORE_V3.get(config.get("task", ""), {}), **config}
+
+
+@FINETUNE_RUN.step
+def _finetune_run_v2(record: Record) -> Record:
+    """v2 → v3: the config's own upgrade (``upgrade_finetune_config_v2``)."""
+    return {**record, "config": upgrade_finetune_config_v2(record["config"])}
+
+
+@FINETUNE_CHECKPOINT.step
+def _finetune_checkpoint_v2(record: Record) -> Record:
+    """v2 → v3: the config's own upgrade (``upgrade_finetune_config_v2``)."""
+    return {**record, "config": upgrade_finetune_config_v2(record["config"])}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,9 +43,11 @@ from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
 from pkd.train.export import load_pointmae_checkpoint
 from pkd.train.heldout import HeldOut, has_heldout
-from pkd.train.losses import CropBox, LossSettings, compute_loss
+from pkd.train.loss_terms import CropBox
+from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.metrics import TENSORBOARD, MetricsLog, TensorBoardSink
-from pkd.train.model import Student, variant_spec
+from pkd.train.model import Student
+from pkd.train.monitor import ReconMonitor
 from pkd.train.runs import (
     DISTILL_CHECKPOINT,
     DISTILL_RUN,
@@ -71,6 +73,7 @@ class Setup:
     loader: StoreLoader
     settings: LossSettings
     heldout: HeldOut | None
+    monitor: ReconMonitor | None
     sched: Schedule
     epoch_batches: int
     device: torch.device
@@ -85,9 +88,9 @@ class Setup:
 def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[StoreLoader, LossSettings, HeldOut | None]:
     """The loader, loss settings and held-out data of a run; StoreError/ConfigError if the store cannot serve
     the variant."""
-    spec = variant_spec(cfg.variant)
+    spec = cfg.model.spec
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
-    crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.head == "token" else None
+    crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.needs_crop else None
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
     loader = StoreLoader(
         LoaderConfig(
@@ -101,11 +104,12 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
             rank_info.rank,
             rank_info.world_size,
             cfg.streams or rank_info.world_size,
+            cfg.subsample,
         ),
         cfg.loader_workers,
         stats,
     )
-    settings = LossSettings.of(cfg.model, cfg.recon_weight, crop)
+    settings = LossSettings.of(cfg.model, crop)
     heldout = None
     if has_heldout(cfg):
         heldout = HeldOut(cfg, spec.arrays, stats, settings, max(1, cfg.batch_size // rank_info.world_size))
@@ -216,6 +220,7 @@ def _setup(cfg: TrainConfig, run: Run) -> tuple[Setup, dict[str, Any] | None]:
         loader=loader,
         settings=settings,
         heldout=heldout,
+        monitor=ReconMonitor(cfg, settings) if cfg.monitor_recon else None,
         sched=sched,
         epoch_batches=steps_per_epoch * cfg.grad_accum,
         device=device,
@@ -246,8 +251,9 @@ def _micro_batch(
 ) -> tuple[float, dict[str, float]]:
     """Forward and backward of the micro-batch at ``pos``; returns its loss and loss parts, averaged over ranks.
 
-    Gradients are synchronised on the last micro-batch of an optimizer step only; a NaN/inf loss stops the
-    run (``runs.check_finite``).
+    With ``--monitor-recon`` the parts hold ``monitor_recon``, measured on the augmented batch before the
+    forward (``pkd.train.monitor``). Gradients are synchronised on the last micro-batch of an optimizer step
+    only; a NaN/inf loss stops the run (``runs.check_finite``).
     """
     cfg = setup.cfg
     micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
@@ -260,11 +266,17 @@ def _micro_batch(
         ]
     )
     last_micro = (pos.batch + 1) % cfg.grad_accum == 0
+    monitored: dict[str, float] = {}
+    if setup.monitor is not None:
+        probe = setup.monitor.generators(micro, setup.loader.cfg.own_streams)
+        with setup.autocast():
+            monitored["monitor_recon"] = setup.monitor.loss(setup.model, batch["points"], probe)
     with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last_micro else nullcontext():
         with setup.autocast():
             loss, parts = compute_loss(
                 ddp, batch, setup.settings, generators[0] if len(generators) == 1 else generators
             )
+        parts = {**parts, **monitored}
         means = distributed.all_reduce_mean(torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64))
         runs.check_finite(means[0], pos.step + 1, run_dir, NAN_FIX, f" (epoch {pos.epoch})")
         (loss / cfg.grad_accum).backward()
@@ -308,6 +320,8 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
             pos = dataclasses.replace(pos, batch=pos.batch + 1)
             if pos.batch % cfg.grad_accum:
                 continue
+            if pos.step == 0 and setup.monitor is not None:
+                _log_untrained(setup, log_, main, step_parts["monitor_recon"], samples_per_step)
             lr = _optimizer_step(setup, pos.step)
             pos = dataclasses.replace(pos, step=pos.step + 1)
             rate = samples_per_step / (time.perf_counter() - tic)
@@ -333,6 +347,19 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
             log_.plot(f"{run_dir.name} ({cfg.variant})")
     bar.close()
     return _finish(setup, run, ddp, log_, evaluate, pos, saved_at)
+
+
+def _log_untrained(setup: Setup, log_: MetricsLog, main: bool, monitor_recon: float, samples: int) -> None:
+    """The step-0 ``monitor`` record, before the first update (the paper's Table 7 "No training" row): the
+    frozen decoder's Chamfer on the first training batch and, with a held-out split, on that split."""
+    values: dict[str, float] = {"monitor_recon": monitor_recon, "samples": samples}
+    if setup.heldout is not None and main:
+        held = setup.heldout.evaluate(setup.model, setup.device, setup.autocast)
+        if held:
+            values.update(val_monitor_recon=held["monitor_recon"], val_samples=held["samples"])
+    if main:
+        log_.monitor(epoch=0, step=0, **values)
+    distributed.barrier()
 
 
 def _evaluator(setup: Setup, log_: MetricsLog, main: bool) -> Callable[[State], None]:

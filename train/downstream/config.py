@@ -5,6 +5,11 @@ The encoder's sizes are ``EncoderConfig``'s fields (the config extends it), so `
 keep them flat, as they always did. A field's help is its CLI help (the commands are generated from the
 registry, ``pkd.train.downstream.registry``). Mixins declare the data fields several benchmarks share
 (``ShapeData``: split lists and ``--allow-missing``; ``ModelNetData``: ModelNet40's FPS pools).
+
+How the loop optimizes is the config's too: ``build_optimizer`` (AdamW, unless a benchmark's protocol says
+otherwise) and ``unclipped_step`` (Point-MAE's ShapeNetPart loop steps once before clipping). Fields added
+after a run was recorded read, in its config.json and last.pt, as the behaviour that run had
+(``pkd.train.runs.upgrade_finetune_config_v2``, the v2 → v3 step of both finetune record kinds).
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from pkd.common.config import at_least, option
 from pkd.common.errors import ConfigError
 from pkd.train.encoder import EncoderConfig
-from pkd.train.runs import CONFIG, read_config, resume_values, run_fields
+from pkd.train.runs import CONFIG, param_groups, read_config, resume_values, run_fields
 
 
 def redefault(base: type, name: str, value: Any) -> Any:
@@ -40,7 +48,7 @@ class FinetuneConfig(EncoderConfig):
     batch_size: int = option(32, "global batch size")
     lr: float = option(5e-4, "peak learning rate")
     min_lr: float = option(1e-6, "learning rate at the start of warm-up and the end of the cosine")
-    weight_decay: float = option(0.05, "AdamW weight decay")
+    weight_decay: float = option(0.05, "weight decay (AdamW: decoupled; Adam: L2)")
     grad_clip: float = option(10.0, "gradient norm clip")
     seed: int = option(0, "training seed (few-shot: also draws generated folds)")
     device: str = option("cpu", "cpu, cuda or auto", run=True)
@@ -54,6 +62,14 @@ class FinetuneConfig(EncoderConfig):
             raise ConfigError(f"batch_size must be at least 2 (the heads use BatchNorm), got {self.batch_size}.")
         if self.num_group > self.num_points:
             raise ConfigError(f"num_points {self.num_points} is too small for {self.num_group} groups.")
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW without weight decay on biases, norms and tokens (Point-MAE's ``add_weight_decay``)."""
+        return torch.optim.AdamW(param_groups(model, self.weight_decay), lr=self.lr)
+
+    def unclipped_step(self) -> bool:
+        """Whether each batch steps the optimizer once before clipping the gradients (and once after)."""
+        return False
 
     @classmethod
     def for_task(cls, task: str, data: str | Path, **overrides: Any) -> FinetuneConfig:

@@ -2,12 +2,15 @@
 
 A ``Task`` owns its data and model and knows how to compute a training loss, a per-epoch score and the
 final test report; ``finetune`` does the rest, top to bottom: prepare the run directory, initialise the
-encoder from ``--init``, AdamW with Point-MAE's per-epoch schedule (linear warm-up from ``min_lr``, then
-cosine, as timm's ``CosineLRScheduler``), gradient clipping, an evaluation after every epoch with the best
+encoder from ``--init``, the config's optimizer (AdamW unless the protocol says otherwise) with Point-MAE's
+per-epoch schedule (linear warm-up from ``min_lr``, then cosine, as timm's ``CosineLRScheduler``), gradient
+clipping (after a first, unclipped step where the config's ``unclipped_step`` says so, as Point-MAE's
+ShapeNetPart loop), an evaluation after every epoch with the best
 weights kept in ``best.pt`` (and, for tasks that vote, the best voting epoch's in ``best_vote.pt``), an
 atomic ``last.pt`` (``--resume`` continues bit-identically; folder, records, state and resume rule are
 ``pkd.train.runs.Run``'s), ``curves.png`` (loss and test score per
-epoch), and finally the test report of the best weights in ``results.json`` (schema: ``results``).
+epoch), and finally the test report of the best weights in ``results.json`` (schema: ``results``), with the
+best over all epochs of each of the benchmark's ``best_of`` metrics.
 
 Model selection follows Point-MAE: the best epoch is chosen on the test split (the benchmarks have no
 validation split; ScanNet's is val, the split it reports); ``results.json`` says so.
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from torch import nn
 
 from pkd.common.errors import ConfigError
@@ -44,7 +46,6 @@ from pkd.train.runs import (
     check_finite,
     code_version,
     open_run,
-    param_groups,
     resolve_device,
     run_fields,
     seed_everything,
@@ -103,7 +104,7 @@ def _finetune(build_task: Callable[[Any], Task], cfg: FinetuneConfig, run: Run, 
     run.check()
     run.prepare()
     distributed.barrier()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = cfg.build_optimizer(model)
     state, ckpt = FinetuneState(), run.last()
     if ckpt is not None:
         state = run.restore(ckpt, FinetuneState, dataclasses.asdict(cfg), run_fields(type(cfg)), model, optimizer)
@@ -138,6 +139,8 @@ def _finetune(build_task: Callable[[Any], Task], cfg: FinetuneConfig, run: Run, 
             check_finite(loss, state.step + 1, run_dir, "Lower --lr or check the data.")
             optimizer.zero_grad(set_to_none=True)
             local_loss.backward()
+            if cfg.unclipped_step():
+                optimizer.step()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             state = dataclasses.replace(state, step=state.step + 1, batch=state.batch + 1)
@@ -162,9 +165,12 @@ def _finetune(build_task: Callable[[Any], Task], cfg: FinetuneConfig, run: Run, 
     distributed.barrier()
     if (run_dir / BEST).is_file():
         model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
-    best = {"epoch": state.best_epoch, "score": state.best_score}
+    best: dict[str, Any] = {"epoch": state.best_epoch, "score": state.best_score}
     if state.best_vote_epoch >= 0:
         best.update(vote_epoch=state.best_vote_epoch, vote_score=state.best_vote_score)
+    registered = benchmarks().get(cfg.task)
+    if registered and registered.best_of:
+        best["over_epochs"] = best_over_epochs(list(state.history), registered.best_of)
     results = {
         "task": cfg.task,
         "init": init_report,
@@ -205,6 +211,13 @@ def task_records(task: Task, results: dict[str, Any], run_dir: Path) -> list[dic
         protocol=task.protocol,
         run_dir=run_dir,
     )
+
+
+def best_over_epochs(history: list[dict[str, float]], metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Each of ``metrics``' best value over the evaluations in ``history``, and the first epoch that reached it
+    (as Point-MAE tracks its best instance and class mIoU, each on its own)."""
+    tops = {metric: max(history, key=lambda h: h[metric]) for metric in metrics} if history else {}
+    return {metric: {"value": top[metric], "epoch": top["epoch"]} for metric, top in tops.items()}
 
 
 def describe_data(results: dict[str, Any]) -> str:

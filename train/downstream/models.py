@@ -88,11 +88,38 @@ def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv1d(cin, cout, 1), nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
 
 
-class FeaturePropagation(nn.Module):
-    """PointNet++ feature propagation: 3-NN inverse-distance interpolation, concat skip features, point MLP."""
+def nearest_centres(xyz: torch.Tensor, centres: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances and indices (B, N, k) of each point's ``k`` nearest centres, nearest first."""
+    dist, idx = (torch.cdist(xyz, centres) ** 2).topk(k, dim=-1, largest=False, sorted=True)
+    return dist, idx
 
-    def __init__(self, in_channels: int, widths: list[int]) -> None:
+
+def interpolate_features(xyz: torch.Tensor, centres: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """PointNet++'s 3-NN interpolation: (B, S, F) centre features → (B, N, F), weights 1/d² normalised."""
+    dist, idx = nearest_centres(xyz, centres)
+    weight = 1.0 / (dist + 1e-8)
+    weight = weight / weight.sum(dim=-1, keepdim=True)
+    return (gather_points(features, idx) * weight.unsqueeze(-1)).sum(dim=2)
+
+
+def concat_features(xyz: torch.Tensor, centres: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The paper's appendix A.2: the features of each point's 3 nearest centres side by side, nearest first,
+    (B, S, F) → (B, N, 3·F)."""
+    _, idx = nearest_centres(xyz, centres)
+    return gather_points(features, idx).flatten(2)
+
+
+# How a point gathers its nearest centres' features, and how many feature widths that gives it.
+GATHER = {"interp": (interpolate_features, 1), "concat": (concat_features, 3)}
+
+
+class FeaturePropagation(nn.Module):
+    """Centre features to every point (``gather``: ``interp``, PointNet++'s feature propagation, or ``concat``),
+    concatenated with skip features, then a point MLP. ``in_channels``: the MLP's input (skip + gathered)."""
+
+    def __init__(self, in_channels: int, widths: list[int], gather: str = "interp") -> None:
         super().__init__()
+        self.gather = GATHER[gather][0]
         layers: list[nn.Module] = []
         for width in widths:
             layers += conv_bn_relu(in_channels, width)
@@ -103,12 +130,8 @@ class FeaturePropagation(nn.Module):
         self, xyz: torch.Tensor, centres: torch.Tensor, skip: torch.Tensor, features: torch.Tensor
     ) -> torch.Tensor:
         """xyz (B, N, 3), centres (B, S, 3), skip (B, D, N), features (B, S, F) → (B, widths[-1], N)."""
-        dist = torch.cdist(xyz, centres) ** 2
-        dist, idx = dist.topk(3, dim=-1, largest=False)
-        weight = 1.0 / (dist + 1e-8)
-        weight = weight / weight.sum(dim=-1, keepdim=True)
-        interpolated = (gather_points(features, idx) * weight.unsqueeze(-1)).sum(dim=2)
-        return self.mlp(torch.cat([skip, interpolated.transpose(1, 2)], dim=1))
+        gathered = self.gather(xyz, centres, features)
+        return self.mlp(torch.cat([skip, gathered.transpose(1, 2)], dim=1))
 
 
 class PartSegmenter(nn.Module):

@@ -58,9 +58,11 @@ class Benchmark:
     ``finetune_command`` the generated ``finetune NAME`` where a protocol needs other arguments (Point-MAE's
     voting passes, few-shot folds). ``run_name(cfg)`` names the default run folder ``runs/<name>-<init>``.
     ``items`` is what the test split counts (shapes, scenes); ``per_class`` the key of ``report``'s per-class
-    numbers that ``compare`` renders side by side (None: none). ``check(cfg)`` finds in seconds what ``build``
-    would refuse of the data (folder, split lists, a sample of files), raising the same pkd error: a caller
-    that does long work before fine-tuning (``ablate`` pre-trains first) runs it up front (None: no check).
+    numbers that ``compare`` renders side by side (None: none). ``best_of``: evaluation metrics whose best over
+    all epochs results.json reports, each on its own (``best.over_epochs``; Point-MAE's ShapeNetPart: instance
+    and class mIoU). ``check(cfg)`` finds in seconds what ``build`` would refuse of the data (folder, split
+    lists, a sample of files), raising the same pkd error: a caller that does long work before fine-tuning
+    (``ablate`` pre-trains first) runs it up front (None: no check).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Benchmark:
     run_name: Callable[[Any], str] | None = None
     items: str = "shapes"
     per_class: str | None = None
+    best_of: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ from pkd.train.downstream.probe import ProbeConfig, probe_modelnet40
 from pkd.train.downstream.registry import Benchmark, benchmark, config_from_record
 from pkd.train.downstream.results import write_results
 from pkd.train.downstream.votetest import test_modelnet40
-from pkd.train.runs import code_version, resolve_device
+from pkd.train.records import read_record
+from pkd.train.runs import CONFIG, FINETUNE_RUN, code_version, resolve_device
 
 __all__ = [
     "FinetuneConfig",
@@ -53,7 +53,7 @@ def run_test(
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} holds no config.json; pass a run directory written by `pkd-train finetune`.")
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = read_record(run_dir / CONFIG, FINETUNE_RUN)  # upgraded: fields added since read as the run trained
     cfg = config_from_record(saved["config"], **changes)
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     weights = run_dir / BEST if (run_dir / BEST).is_file() else run_dir / LAST

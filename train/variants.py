@@ -1,0 +1,103 @@
+"""The training variants (paper Tables 5 and 6) and the one objective config that chooses and weights them.
+
+A ``Variant`` is composed of what it reads from the store, the head its student predicts with
+(``pkd.train.heads``) and the loss terms it sums (``pkd.train.loss_terms``); nothing dispatches on its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pkd.common.config import option
+from pkd.common.errors import ConfigError
+from pkd.common.store import CLIP_DIM, PREFIX_SHAPE
+from pkd.train.heads import ConceptHead, Head, PooledHead, TokenHead
+from pkd.train.loss_terms import LOCAL_PAIRINGS, LocalAlignment, LossTerm, MaskedChamfer, TargetMSE
+
+TARGET_SHAPES = {"prefix": PREFIX_SHAPE, "clip_embed": (CLIP_DIM,), "patch_tokens": (CLIP_DIM,)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a training variant reads from the store, how its student predicts and what its loss sums."""
+
+    target: str | None  # store array the head regresses, None for pure reconstruction
+    head: Head | None
+    losses: tuple[LossTerm, ...]
+    objective: str  # what its loss measures (losses of different objectives are not comparable)
+    extra_arrays: tuple[str, ...] = ()
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """Store arrays a loader must read for this variant."""
+        return ("points",) + ((self.target,) if self.target else ()) + self.extra_arrays
+
+    @property
+    def recon(self) -> bool:
+        """Whether it reconstructs masked patches (its student builds ``MAE_decoder``)."""
+        return any(term.masked for term in self.losses)
+
+    @property
+    def needs_crop(self) -> bool:
+        """Whether its loss needs the teacher's crop of the pixels (``pkd.common.store.teacher_crop``)."""
+        return any(term.needs_crop for term in self.losses)
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one prediction of its head (per sample, or per token for the token head); () without one."""
+        return TARGET_SHAPES[self.target] if self.target else ()
+
+
+VARIANTS: dict[str, Variant] = {
+    "distill": Variant("prefix", ConceptHead(), (TargetMSE("prefix"),), "prefix MSE"),
+    "no-concept": Variant("prefix", PooledHead(), (TargetMSE("prefix"),), "prefix MSE"),
+    "clip-target": Variant("clip_embed", ConceptHead(), (TargetMSE("clip_embed"),), "CLIP-embedding MSE"),
+    "local": Variant("patch_tokens", TokenHead(), (LocalAlignment(),), "patch-token cosine", ("pixels", "in_view")),
+    "recon": Variant(None, None, (MaskedChamfer(),), "Chamfer-L2"),
+    "recon+distill": Variant(
+        "prefix", ConceptHead(), (TargetMSE("prefix"), MaskedChamfer()), "prefix MSE + w·Chamfer-L2"
+    ),
+}
+
+
+def variant_spec(name: str) -> Variant:
+    """The Variant called ``name``; ConfigError naming the choices for an unknown one."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}.")
+    return VARIANTS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """What a student is trained to do: the variant, its reconstruction mask and its loss settings.
+
+    A base class of ``StudentConfig`` (as ``EncoderConfig`` is), so run records keep one flat ``model`` section.
+    """
+
+    variant: str = option("distill", "distill | no-concept | clip-target | local | recon | recon+distill")
+    mask_ratio: float = option(0.6, "fraction of patches masked for reconstruction")
+    recon_weight: float = option(1.0, "weight of the reconstruction loss in recon+distill")
+    local_pairing: str = option(
+        "patch",
+        "local: patch pairs each 2D teacher patch with the nearest projected 3D centre (paper); "
+        "centre pairs each 3D centre with the patch its pixel falls in",
+    )
+
+    def __post_init__(self) -> None:
+        variant_spec(self.variant)
+        if self.local_pairing not in LOCAL_PAIRINGS:
+            raise ConfigError(
+                f"unknown local pairing {self.local_pairing!r}; choose one of {', '.join(LOCAL_PAIRINGS)}."
+            )
+        if self.recon_weight < 0:
+            raise ConfigError(f"--recon-weight {self.recon_weight} must be at least 0.")
+
+    @property
+    def spec(self) -> Variant:
+        """The Variant this config trains."""
+        return variant_spec(self.variant)
+
+    def weight(self, term: LossTerm) -> float:
+        """The weight of ``term`` in the total loss: ``recon_weight`` for the reconstruction term of a variant that
+        also regresses a target, else 1."""
+        return self.recon_weight if term.masked and len(self.spec.losses) > 1 else 1.0
