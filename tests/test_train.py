@@ -368,7 +368,6 @@ def test_training_never_imports_the_teacher(store, tmp_path):
         import pkd.train, pkd.train.cli, pkd.train.trainer, pkd.train.export, pkd.train.ablate, pkd.train.data
         from pkd.train.model import StudentConfig
         from pkd.train.trainer import TrainConfig, train
-from pkd.train.variants import VARIANTS
         cfg = TrainConfig(store={str(store)!r}, model=StudentConfig(**{TINY!r}), batch_size=4, max_steps=1)
         assert train(cfg, {str(tmp_path / "run")!r}, progress=False)["steps"] == 1
         bad = [m for m in sys.modules if m.split(".")[0] in ("open_clip", "transformers")
