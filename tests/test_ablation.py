@@ -443,3 +443,19 @@ def test_a_readout_that_fails_mid_run_marks_its_row_and_resume_retries_only_the_
     assert row["status"] == "done" and row["error"] is None and 0 <= row["probe_oa"] <= 100 and row["steps"] == 1
     assert (out / "distill-seed0" / LAST).stat().st_mtime_ns == trained  # the finished encoder was not retrained
     assert len(records(out / "distill-seed0", "step")) == 1
+
+
+def test_rows_of_tables_written_before_row_status_read_with_one():
+    from pkd.train import table
+
+    old_columns = [c for c in table.COLUMNS if c != "status"]
+    done = {**dict.fromkeys(old_columns), "variant": "distill", "seed": 0, "wall_s": 1.0, "run_dir": "r", "steps": 2}
+    failed = {**done, "variant": "local", "steps": None, "error": "runs/x/train has no array 'patch_tokens'"}
+    rows = [table.upgrade_row(r) for r in (done, failed)]
+    assert [(r["status"], r["error"]) for r in rows] == [(None, None), ("failed", failed["error"])]
+    assert all(set(table.COLUMNS) <= set(r) for r in rows)
+    lines = table.markdown(rows).splitlines()
+    assert (
+        lines[3].startswith("| local | 0 |") and "| failed | r | runs/x/train has no array 'patch_tokens' |" in lines[3]
+    )
+    assert not table.paper_tables(rows)  # no fine-tune readout: no paper tables
