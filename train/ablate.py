@@ -116,6 +116,7 @@ class Readout:
 
 
 def cell_name(variant: str, seed: int) -> str:
+    """The folder of one row under the ablation folder."""
     return f"{variant}-seed{seed}"
 
 
@@ -163,6 +164,7 @@ def run_ablation(
 
 
 def _check_cells(variants: list[str], seeds: list[int], readout: Readout) -> None:
+    """Known variants (or ``scratch``, which needs a readout), seeds and variants without repeats."""
     for name in variants:
         if name != SCRATCH:
             variant_spec(name)
