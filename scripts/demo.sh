@@ -2,8 +2,8 @@
 # Install pkd into .venv and run the main job end to end on a synthetic ScanNet-format scene:
 # write the scene (.sens + exported frames) and a second capture of it under a val-list name, prep both
 # into a pair store (train and val splits) with the seeded random teacher, verify the store, distil a
-# student for a few steps (held-out loss and the Table 7 probe every epoch in demo/runs/distill/metrics.jsonl
-# and curves.png) and export its encoder in Point-MAE's format.
+# student for a few steps (its held-out loss every epoch in demo/runs/distill/metrics.jsonl and curves.png)
+# and export its encoder in Point-MAE's format.
 # Everything lands in ./demo (replaced on every run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -231,6 +231,16 @@ def test_torchrun_two_processes_match_one_process(store, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"]) and len(ckpt["rng_ranks"]) == 2
 
 
+def test_the_reconstruction_probe_does_not_depend_on_the_world_size(store, tmp_path):
+    torchrun(store, tmp_path / "ddp", "--monitor-recon", "--max-steps", 3)
+    train(config(store, monitor_recon=True, max_steps=3), tmp_path / "one", progress=False)
+    probe = [[r["monitor_recon"] for r in records(tmp_path / run) if "monitor_recon" in r] for run in ("ddp", "one")]
+    assert [r["kind"] for r in records(tmp_path / "ddp")][0] == "monitor" and len(probe[0]) == 4  # step 0, steps 1-3
+    np.testing.assert_allclose(probe[0][:2], probe[1][:2], rtol=1e-6)  # before any update: same batches and masks
+    np.testing.assert_allclose(probe[0], probe[1], rtol=1e-2)  # after: the weights agree up to float rounding
+    np.testing.assert_allclose(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-4)
+
+
 def test_resume_across_world_sizes(store, tmp_path):
     straight = tmp_path / "straight"
     train(config(store, "recon", max_steps=6), straight, progress=False)

@@ -45,8 +45,8 @@ class TrainConfig:
     shuffle_shards: int = option(4, "shuffle samples within windows of this many shards")
     subsample: str = option(
         "fps",
-        "how --num-points below the stored count are picked: fps (farthest points from index 0, as the prep "
-        "samples; deterministic) or random (a fresh seeded draw per epoch)",
+        "how --num-points below the stored count are picked: fps (the prep's farthest-point sampler; the same "
+        "subset every epoch) or random (a fresh seeded draw per epoch)",
     )
     normalize_targets: bool = option(False, "standardise targets with the store's stats")
     max_steps: int | None = option(
