@@ -32,6 +32,7 @@ from typing import Literal, cast
 import numpy as np
 import zarr
 
+from pkd.common import durable
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
 from pkd.common.scannet_annotations import (
@@ -166,6 +167,7 @@ def _write_scene(root: zarr.Group, name: str, scene: DetectionScene, attrs: DetS
     group = root.create_group(name, overwrite=True)
     write_arrays(group, {array: getattr(scene, array) for array in ARRAYS})
     group.attrs.put(attrs.to_dict())
+    durable.committed(f"det cache {name}")
 
 
 def _log_changed(scene: str) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import zarr
 
+from pkd.common import durable
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
 from pkd.common.scannet_mesh import (
@@ -160,6 +161,7 @@ def _write_scene(root: zarr.Group, name: str, folder: Path) -> None:
     group = root.create_group(name, overwrite=True)
     write_arrays(group, {"xyz": mesh.xyz, "rgb": mesh.rgb, "label": mesh.label})
     group.attrs.put(SegSceneAttrs(folder=str(folder), vertices=len(mesh.xyz), sources=sources).to_dict())
+    durable.committed(f"seg cache {name}")
 
 
 def _for_root(path: Path, root: zarr.Group, data: Path) -> zarr.Group:

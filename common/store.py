@@ -66,7 +66,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from pkd.common import geometry
+from pkd.common import durable, geometry
 from pkd.common.config import from_plain, to_plain
 from pkd.common.errors import ConfigError, StoreError
 
@@ -298,6 +298,7 @@ def read_attrs(root: zarr.Group, path: str | Path) -> StoreAttrs:
 def write_root_attrs(root: zarr.Group, attrs: RootAttrs) -> None:
     """Replace the root attrs (validated by construction)."""
     root.attrs.put(attrs.to_dict())
+    durable.committed(f"root attrs {attrs.status}")
 
 
 def write_split_attrs(group: zarr.Group, attrs: SplitAttrs) -> None:
@@ -305,6 +306,7 @@ def write_split_attrs(group: zarr.Group, attrs: SplitAttrs) -> None:
     if array_of(group, "done_geometry").shape != (attrs.num_shards,):
         raise ValueError(f"split attrs for {attrs.num_samples} samples do not fit {group.path}")
     group.attrs.put(attrs.to_dict())
+    durable.committed(f"{group.path} attrs")
 
 
 def split_attrs(group: zarr.Group) -> SplitAttrs:
@@ -455,6 +457,7 @@ def write_shard(
     if skipped is not None:
         array_of(group, "skipped_counts")[shard] = np.array([skipped.get(r, 0) for r in attrs.skip_reasons], "int32")
     array_of(group, f"done_{stage}")[shard] = 1
+    durable.committed(f"{group.path} shard {shard} done_{stage}")
 
 
 def done_shards(group: zarr.Group, stage: str) -> np.ndarray:
@@ -595,6 +598,7 @@ def write_stats(group: zarr.Group, name: str, mean: np.ndarray, std: np.ndarray)
     stats = group.require_group("stats")
     for kind, values in (("mean", mean), ("std", std)):
         stats.create_array(f"{name}_{kind}", data=np.asarray(values, dtype="float32"), overwrite=True)
+    durable.committed(f"{group.path} stats {name}")
 
 
 def read_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray] | None:

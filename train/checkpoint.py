@@ -16,7 +16,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from pkd.common import signals
+from pkd.common import durable, signals
 from pkd.common.errors import OutputError, TrainingError
 
 LAST = "last.pt"
@@ -37,6 +37,7 @@ def atomic_save(obj: Any, path: Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        durable.committed(path.name)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if not isinstance(exc, (OSError, RuntimeError)):

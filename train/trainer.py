@@ -324,7 +324,8 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
             if pos.step >= sched.stop or epoch_done:
                 break
         if pos.batch >= setup.epoch_batches:
-            log_.epoch(epoch=pos.epoch, step=pos.step)
+            if not log_.has("epoch", pos.step):  # a run killed after this record but before the next save
+                log_.epoch(epoch=pos.epoch, step=pos.step)
             evaluate(pos)
             pos = State(step=pos.step, epoch=pos.epoch + 1, batch=0)
             if pos.step < sched.total:
