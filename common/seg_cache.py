@@ -187,9 +187,8 @@ def build_cache(
     data, path = Path(data), Path(path)
     if not data.is_dir():
         raise DataError(f"{data} is not a directory; pass --data/--root pointing at the ScanNet tree (with scans/).")
-    root = _for_root(path, open_cache(path, mode="a", data=data), data)
-    todo, missing, kept = [], [], 0
-    for scene in dict.fromkeys(scenes):
+    present, missing = [], []
+    for scene in dict.fromkeys(scenes):  # every scene checked before the cache is created or changed
         folder = find_scan_folder(data, scene)
         files = scene_files(folder) if folder else None
         if folder is None or files is None or not all(f.is_file() for f in files):
@@ -201,6 +200,10 @@ def build_cache(
                 )
             missing.append(scene)
             continue
+        present.append((scene, folder, files))
+    root = _for_root(path, open_cache(path, mode="a", data=data), data)
+    todo, kept = [], 0
+    for scene, folder, files in present:
         attrs = _scene_attrs(root, scene)
         if attrs is not None and attrs.folder == str(folder) and attrs.sources == fingerprint(files):
             kept += 1

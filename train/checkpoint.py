@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -65,10 +66,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}; train first or pass the right run directory.")
     try:
-        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        payload: dict[str, Any] = _interned(torch.load(path, map_location="cpu", weights_only=True))
         return payload
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise TrainingError(f"cannot read checkpoint {path} ({exc}); it is damaged or not a pkd checkpoint.") from exc
+
+
+def _interned(value: Any) -> Any:
+    """``value`` with its strings interned, as the ones a fresh run saves are: pickle memoises strings by identity,
+    so a resumed run's checkpoint is then byte-identical to an uninterrupted run's, not just equal."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k): _interned(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_interned(v) for v in value)
+    return value
 
 
 def rng_state() -> dict[str, Any]:
