@@ -56,6 +56,7 @@ newer version is refused with the pkd version that wrote it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,9 +503,25 @@ def _open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
             "(a synthetic scene to try it on: `pkd-prep demo-scene --out DIR`)."
         )
     try:
-        return zarr.open_group(str(path), mode=mode)
+        root = zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
         raise StoreError(f"{path} is not a Zarr v3 group ({exc}); pass a store written by pkd-prep.") from exc
+    if not is_remote(path):
+        _check_metadata(Path(path))
+    return root
+
+
+def _check_metadata(path: Path) -> None:
+    """StoreError naming the first metadata file (group or array ``zarr.json``: attrs, shapes, codecs) under
+    ``path`` that is not valid JSON: zarr would fail on it later with an error that names no file."""
+    for meta in sorted(path.rglob("zarr.json")):
+        try:
+            json.loads(meta.read_bytes())
+        except ValueError as exc:
+            raise StoreError(
+                f"{meta} is damaged ({exc}): the store's metadata cannot be read. Rebuild the store (rerun "
+                "the prep with --overwrite) or restore it from a copy."
+            ) from exc
 
 
 def open_store(path: str | Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:

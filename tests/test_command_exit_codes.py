@@ -213,7 +213,7 @@ def test_ctrl_c_during_finetuning_exits_130_and_resumes(tmp_path):
 
     tree = demo_tree(tmp_path / "tree")
     args = [TRAIN, "finetune", "scannet-seg", "--data", tree, "--splits", tree / "splits", "--init", "scratch"]
-    args += flags(epochs=1000, repeats=1, batch_size=2, num_points=256, num_group=16, group_size=8, dim=32, depth=3)
+    args += flags(epochs=1000, repeats=2, batch_size=2, num_points=256, num_group=16, group_size=8, dim=32, depth=3)
     args += ["--heads", 2, "--device", "cpu", "--cache-dir", tmp_path / "cache", "--run-dir", tmp_path / "run"]
     proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(tmp_path / "run" / "last.pt", proc)
