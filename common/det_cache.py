@@ -32,6 +32,7 @@ from typing import Literal, cast
 import numpy as np
 import zarr
 
+from pkd.common import durable
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
 from pkd.common.scannet_annotations import (
@@ -166,6 +167,7 @@ def _write_scene(root: zarr.Group, name: str, scene: DetectionScene, attrs: DetS
     group = root.create_group(name, overwrite=True)
     write_arrays(group, {array: getattr(scene, array) for array in ARRAYS})
     group.attrs.put(attrs.to_dict())
+    durable.committed(f"det cache {name}")
 
 
 def _log_changed(scene: str) -> None:
@@ -182,9 +184,8 @@ def build_det_cache(
     if not data.is_dir():
         raise DataError(f"{data} is not a directory; pass --data/--root pointing at the ScanNet tree (with scans/).")
     path = det_cache_path(data, cache_dir)
-    root = open_det_cache(path, "a", data)
-    todo, missing, reused, rebuilt = [], [], 0, 0
-    for scene in dict.fromkeys(scenes):
+    present, missing = [], []
+    for scene in dict.fromkeys(scenes):  # every scene checked before the cache is created or changed
         folder = find_scan_folder(data, scene)
         files = annotation_files(folder) if folder else ()
         if folder is None or not all(f.is_file() for f in files):
@@ -194,6 +195,10 @@ def build_det_cache(
                 require_annotation_files(folder)
             missing.append(scene)
             continue
+        present.append((scene, folder, files))
+    root = open_det_cache(path, "a", data)
+    todo, reused, rebuilt = [], 0, 0
+    for scene, folder, files in present:
         attrs = _scene_attrs(root, scene)
         if attrs is not None and attrs.folder == str(folder) and attrs.sources == fingerprint(files):
             reused += 1

@@ -25,6 +25,7 @@ def lock_path(target: str | Path) -> Path:
 def exclusive(target: str | Path, holder: str, error: type[PkdError] = ConfigError) -> Iterator[None]:
     """Hold the lock of ``target`` (a local path) or raise ``error`` naming the pid of ``holder`` holding it."""
     path = lock_path(target)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # removed again if left empty
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 (held, locked, for the whole with-block of the caller)
@@ -50,3 +51,8 @@ def exclusive(target: str | Path, holder: str, error: type[PkdError] = ConfigErr
             yield
         finally:
             path.unlink(missing_ok=True)
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: the command wrote its output there
+                    break

@@ -30,6 +30,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import zarr
 
+from pkd.common import durable
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
 from pkd.common.scannet_mesh import (
@@ -160,6 +161,7 @@ def _write_scene(root: zarr.Group, name: str, folder: Path) -> None:
     group = root.create_group(name, overwrite=True)
     write_arrays(group, {"xyz": mesh.xyz, "rgb": mesh.rgb, "label": mesh.label})
     group.attrs.put(SegSceneAttrs(folder=str(folder), vertices=len(mesh.xyz), sources=sources).to_dict())
+    durable.committed(f"seg cache {name}")
 
 
 def _for_root(path: Path, root: zarr.Group, data: Path) -> zarr.Group:
@@ -185,9 +187,8 @@ def build_cache(
     data, path = Path(data), Path(path)
     if not data.is_dir():
         raise DataError(f"{data} is not a directory; pass --data/--root pointing at the ScanNet tree (with scans/).")
-    root = _for_root(path, open_cache(path, mode="a", data=data), data)
-    todo, missing, kept = [], [], 0
-    for scene in dict.fromkeys(scenes):
+    present, missing = [], []
+    for scene in dict.fromkeys(scenes):  # every scene checked before the cache is created or changed
         folder = find_scan_folder(data, scene)
         files = scene_files(folder) if folder else None
         if folder is None or files is None or not all(f.is_file() for f in files):
@@ -199,6 +200,10 @@ def build_cache(
                 )
             missing.append(scene)
             continue
+        present.append((scene, folder, files))
+    root = _for_root(path, open_cache(path, mode="a", data=data), data)
+    todo, kept = [], 0
+    for scene, folder, files in present:
         attrs = _scene_attrs(root, scene)
         if attrs is not None and attrs.folder == str(folder) and attrs.sources == fingerprint(files):
             kept += 1

@@ -56,6 +56,7 @@ newer version is refused with the pkd version that wrote it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from pkd.common import geometry
+from pkd.common import durable, geometry
 from pkd.common.config import from_plain, to_plain
 from pkd.common.errors import ConfigError, StoreError
 
@@ -298,6 +299,7 @@ def read_attrs(root: zarr.Group, path: str | Path) -> StoreAttrs:
 def write_root_attrs(root: zarr.Group, attrs: RootAttrs) -> None:
     """Replace the root attrs (validated by construction)."""
     root.attrs.put(attrs.to_dict())
+    durable.committed(f"root attrs {attrs.status}")
 
 
 def write_split_attrs(group: zarr.Group, attrs: SplitAttrs) -> None:
@@ -305,6 +307,7 @@ def write_split_attrs(group: zarr.Group, attrs: SplitAttrs) -> None:
     if array_of(group, "done_geometry").shape != (attrs.num_shards,):
         raise ValueError(f"split attrs for {attrs.num_samples} samples do not fit {group.path}")
     group.attrs.put(attrs.to_dict())
+    durable.committed(f"{group.path} attrs")
 
 
 def split_attrs(group: zarr.Group) -> SplitAttrs:
@@ -455,6 +458,7 @@ def write_shard(
     if skipped is not None:
         array_of(group, "skipped_counts")[shard] = np.array([skipped.get(r, 0) for r in attrs.skip_reasons], "int32")
     array_of(group, f"done_{stage}")[shard] = 1
+    durable.committed(f"{group.path} shard {shard} done_{stage}")
 
 
 def done_shards(group: zarr.Group, stage: str) -> np.ndarray:
@@ -499,9 +503,25 @@ def _open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
             "(a synthetic scene to try it on: `pkd-prep demo-scene --out DIR`)."
         )
     try:
-        return zarr.open_group(str(path), mode=mode)
+        root = zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
         raise StoreError(f"{path} is not a Zarr v3 group ({exc}); pass a store written by pkd-prep.") from exc
+    if not is_remote(path):
+        _check_metadata(Path(path))
+    return root
+
+
+def _check_metadata(path: Path) -> None:
+    """StoreError naming the first metadata file (group or array ``zarr.json``: attrs, shapes, codecs) under
+    ``path`` that is not valid JSON: zarr would fail on it later with an error that names no file."""
+    for meta in sorted(path.rglob("zarr.json")):
+        try:
+            json.loads(meta.read_bytes())
+        except ValueError as exc:
+            raise StoreError(
+                f"{meta} is damaged ({exc}): the store's metadata cannot be read. Rebuild the store (rerun "
+                "the prep with --overwrite) or restore it from a copy."
+            ) from exc
 
 
 def open_store(path: str | Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
@@ -595,6 +615,7 @@ def write_stats(group: zarr.Group, name: str, mean: np.ndarray, std: np.ndarray)
     stats = group.require_group("stats")
     for kind, values in (("mean", mean), ("std", std)):
         stats.create_array(f"{name}_{kind}", data=np.asarray(values, dtype="float32"), overwrite=True)
+    durable.committed(f"{group.path} stats {name}")
 
 
 def read_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray] | None:

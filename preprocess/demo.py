@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pkd.common.errors import ConfigError
 from pkd.preprocess.demo_mesh import write_demo_mesh, write_demo_splits
 from pkd.preprocess.frames import Camera
 from pkd.preprocess.sens import write_sens
@@ -80,9 +81,9 @@ def write_demo_scene(
     ``<name>.txt`` with axisAlignment) and (``splits``) ``out/splits/`` lists naming it; returns the scene
     folder. Deterministic given ``seed``."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ConfigError(f"--layout {layout!r} is not a demo layout; choose one of {', '.join(LAYOUTS)}.")
     if num_frames < 1:
-        raise ValueError("num_frames must be positive")
+        raise ConfigError(f"--frames must be at least 1, got {num_frames}.")
     scene = Path(out) / "scans" / name
     for part in ("color", "depth", "pose", "intrinsic"):
         shutil.rmtree(scene / part, ignore_errors=True)

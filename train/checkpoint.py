@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from pkd.common import signals
+from pkd.common import durable, signals
 from pkd.common.errors import OutputError, TrainingError
 
 LAST = "last.pt"
@@ -37,6 +39,7 @@ def atomic_save(obj: Any, path: Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        durable.committed(path.name)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if not isinstance(exc, (OSError, RuntimeError)):
@@ -63,11 +66,44 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no checkpoint at {path}; train first or pass the right run directory.")
+    _check_crc(path)
     try:
-        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        payload: dict[str, Any] = _interned(torch.load(path, map_location="cpu", weights_only=True))
         return payload
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise TrainingError(f"cannot read checkpoint {path} ({exc}); it is damaged or not a pkd checkpoint.") from exc
+
+
+def _check_crc(path: Path) -> None:
+    """TrainingError naming ``path`` when a record of the checkpoint fails its CRC-32: torch.load does not check
+    them, so a flipped byte in a tensor would otherwise load as a wrong weight."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise TrainingError(f"cannot read checkpoint {path} ({exc}); it is damaged or not a pkd checkpoint.") from exc
+    if bad is not None:
+        raise TrainingError(
+            f"checkpoint {path} is damaged: its record {bad} fails its CRC-32 check. Restore it from a copy or "
+            "train again; it is never used as it is."
+        )
+
+
+def _interned(value: Any, tuples: dict[tuple[Any, ...], tuple[Any, ...]] | None = None) -> Any:
+    """``value`` with its strings interned and equal tuples of plain values shared, as in the objects a fresh run
+    saves (every optimizer group holds the one ``betas`` tuple): pickle memoises by identity, so a resumed run's
+    checkpoint is then byte-identical to an uninterrupted run's, not just equal."""
+    tuples = {} if tuples is None else tuples
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k, tuples): _interned(v, tuples) for k, v in value.items()}
+    if type(value) is list:
+        return [_interned(v, tuples) for v in value]
+    if type(value) is tuple:
+        items = tuple(_interned(v, tuples) for v in value)
+        return tuples.setdefault(items, items) if all(isinstance(v, (int, float, str)) for v in items) else items
+    return value
 
 
 def rng_state() -> dict[str, Any]:

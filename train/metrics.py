@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pkd.common import durable
 from pkd.common.errors import ConfigError
 
 METRICS = "metrics.jsonl"
@@ -38,7 +39,7 @@ class MetricsLog:
         if self.path.exists():
             lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.records = [r for r in lines if r["step"] <= keep_until_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        durable.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -46,6 +47,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        durable.committed(f"{METRICS} {record['kind']} step {record['step']}")
         for sink in self.sinks:
             sink(record)
 

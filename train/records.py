@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pkd.common import durable
 from pkd.common.errors import ConfigError
 
 Record = dict[str, Any]
@@ -89,7 +90,7 @@ def read_record(path: Path, kind: RecordKind) -> Record:
 
 def write_record(path: Path, kind: RecordKind, record: Mapping[str, Any]) -> None:
     """Write ``record`` as JSON at ``path``, stamped with ``kind``'s format and version."""
-    Path(path).write_text(json.dumps(kind.stamp(record), indent=2, default=str) + "\n")
+    durable.write_atomic(Path(path), json.dumps(kind.stamp(record), indent=2, default=str) + "\n")
 
 
 def known_fields(fields: Iterable[str], values: Mapping[str, Any], where: str) -> None:

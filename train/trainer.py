@@ -207,13 +207,12 @@ def _setup(cfg: TrainConfig, run: Run) -> tuple[Setup, dict[str, Any] | None]:
             f"{run.dir / LAST} was saved without its optimizer state (--no-keep-optimizer) and cannot "
             "be trained further; export it, or start a new run."
         )
-    run.prepare()
-
     runs.seed_everything(cfg.seed)
     device = distributed.local_device(cfg.device, run.rank_info)
     model = Student(cfg.model).to(device)
     if cfg.init and not run.resume:
-        load_pointmae_checkpoint(cfg.init, model)
+        load_pointmae_checkpoint(cfg.init, model)  # a bad --init is refused before the run folder is made
+    run.prepare()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     return Setup(
         cfg=cfg,
@@ -338,7 +337,8 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
             if pos.step >= sched.stop or epoch_done:
                 break
         if pos.batch >= setup.epoch_batches:
-            log_.epoch(epoch=pos.epoch, step=pos.step)
+            if not log_.has("epoch", pos.step):  # a run killed after this record but before the next save
+                log_.epoch(epoch=pos.epoch, step=pos.step)
             evaluate(pos)
             pos = State(step=pos.step, epoch=pos.epoch + 1, batch=0)
             if pos.step < sched.total:

@@ -158,9 +158,9 @@ def _finetune(build_task: Callable[[Any], Task], cfg: FinetuneConfig, run: Run, 
         if state.batch == batches_per_epoch:
             log.epoch(epoch=state.epoch, step=state.step)
             state = dataclasses.replace(state, epoch=state.epoch + 1, batch=0)
-        if main:
-            run.save(model, optimizer, dataclasses.asdict(cfg), state, rng_state(), init_report=init_report)
+        if main:  # curves first: a run killed between the two redraws them when it redoes the epoch
             plot_curves(log.records, list(state.history), run_dir / CURVES, f"{run_dir.name}: {cfg.task} fine-tuning")
+            run.save(model, optimizer, dataclasses.asdict(cfg), state, rng_state(), init_report=init_report)
     bar.close()
     distributed.barrier()
     if (run_dir / BEST).is_file():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pkd.common import durable
 from pkd.common.errors import DataError
 from pkd.common.geometry import farthest_points
 from pkd.common.logs import progress_bar
@@ -228,6 +229,7 @@ def _pooled_shapes(data: Path, shapes: list[str], num_points: int, cache: Path |
         try:
             np.savez(tmp, points=points, stamps=stamps)
             tmp.replace(cache)
+            durable.committed(cache.name)
         finally:
             tmp.unlink(missing_ok=True)
     return points

@@ -30,6 +30,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pkd.common import durable
+
 SCHEMA = "pkd-results/1"
 RESULT_FILES = ("results.json", "test_votes.json")
 UNIT = "%"
@@ -91,9 +93,7 @@ def make_records(
 def write_results(path: Path, payload: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """Write ``payload`` with the schema tag and ``records`` to ``path`` atomically; returns what was written."""
     out = {"schema": SCHEMA, "records": records, **payload}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(path)
+    durable.write_atomic(path, json.dumps(out, indent=2) + "\n")
     return out
 
 
