@@ -27,7 +27,16 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pkd.common.errors import ConfigError, StoreError
-from pkd.common.store import array_of, iter_shards, open_split, read_rows, read_shard, read_stats
+from pkd.common.store import (
+    array_of,
+    iter_shards,
+    open_split,
+    open_store,
+    read_rows,
+    read_shard,
+    read_stats,
+    split_group,
+)
 
 POINT_ARRAYS = ("points", "colors", "pixels", "in_view")
 MIN_STD = 1e-6
@@ -140,8 +149,8 @@ class _WindowDataset(IterableDataset):
         self._arrays = arrays
 
     def arrays(self) -> dict[str, zarr.Array]:
-        if self._arrays is None:
-            group = open_split(self.cfg.store, self.cfg.split)
+        if self._arrays is None:  # in a worker: the loader already checked the split (open_split)
+            group = split_group(open_store(self.cfg.store), self.cfg.split)
             self._arrays = {name: array_of(group, name) for name in self.cfg.arrays}
         return self._arrays
 
@@ -200,7 +209,10 @@ def normalize(values: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -
     return out
 
 
-def to_tensor(values: np.ndarray) -> torch.Tensor:
+def to_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch array as the model's tensor (uint16 to int32, float16/64 to float32); a worker's window
+    arrives as tensors, which numpy views without a copy."""
+    values = np.asarray(values)
     if values.dtype == np.uint16:
         values = values.astype(np.int32)
     elif values.dtype in (np.float16, np.float64):
@@ -292,5 +304,9 @@ class StoreLoader:
                     if queue[0][1] == len(window["points"]):
                         queue.popleft()
                 have[s] -= size
-            yield {k: to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+            # a batch from one window is a slice of it, handed on without a copy
+            yield {
+                k: to_tensor(parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]))
+                for k in parts[0]
+            }
             count -= 1
