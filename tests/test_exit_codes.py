@@ -381,7 +381,9 @@ def test_interrupted_before_the_first_checkpoint_points_to_overwrite(demo_store,
 # ---- prep: signals --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)]
+)  # SIGTERM takes the same path as SIGINT (130 vs 143 is also tested on training): --slow
 def test_signal_at_a_random_moment_of_prep_then_rerun_equals_the_clean_store(
     demo_root, clean_arrays, tmp_path, sig, code
 ):
