@@ -324,6 +324,7 @@ def test_finetune_resumes_bit_identically(tree, tmp_path):
     )
 
 
+@pytest.mark.slow  # torchrun itself: test_distributed
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"
