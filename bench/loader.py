@@ -1,8 +1,8 @@
 """Benchmark ``StoreLoader`` against the decompression limit of the same shards, in one process, on one core.
 
 Cases, interleaved over ``--rounds`` rounds on a synthetic store on disk (points + prefix, as ``distill``):
-  decode-only   Blosc-decode every valid inner chunk of the epoch's shards from bytes already in memory
-                (the shards' index parsed beforehand): no store reads, checksums, shuffling or batching
+  decode-only   read each shard file (page cache) and Blosc-decode every valid inner chunk into place
+                (the shards' index parsed beforehand): no zarr, checksums, shuffling or batching
   loader wN     one epoch of the real ``StoreLoader`` (train/data.py) with N worker processes
 
 The process (and so its loader workers) is pinned to ``--cores`` cores (default 1): the ratio
@@ -33,31 +33,32 @@ from _report import write_report
 ARRAYS = ("points", "prefix")
 
 
-def shard_chunks(store: Path) -> list[tuple[np.ndarray, list[bytes]]]:
-    """(output buffer, compressed inner chunks of its valid samples) per (array, shard) of the split."""
+def shard_chunks(store: Path) -> list[tuple[Path, np.ndarray, np.ndarray]]:
+    """(shard file, (offset, size) of each valid sample's compressed chunk, output buffer) per array and shard."""
     group = open_split(store, "train")
     valid = np.asarray(array_of(group, "valid")[:]).astype(bool)
     work = []
     for name in ARRAYS:
         array = array_of(group, name)
+        size = int(array.shards[0])
         for shard, start, stop in iter_shards(group):
-            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
-            data = (store / array.path / key).read_bytes()
-            size = int(array.shards[0])
+            path = store / array.path / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+            data = path.read_bytes()
             index = np.frombuffer(data, "<u8", count=2 * size, offset=len(data) - 16 * size - 4).reshape(size, 2)
             rows = np.flatnonzero(valid[start:stop])
-            chunks = [data[int(index[r, 0]) : int(index[r, 0] + index[r, 1]) - 4] for r in rows]
-            work.append((np.empty((len(rows), *array.shape[1:]), array.dtype), chunks))
+            chunks = index[rows] - np.array([0, 4], dtype="<u8")  # less each chunk's CRC32C
+            work.append((path, chunks.astype(np.int64), np.empty((len(rows), *array.shape[1:]), array.dtype)))
     return work
 
 
-def decode_only(work: list[tuple[np.ndarray, list[bytes]]]) -> float:
-    """Samples per second of decoding every chunk into its place."""
+def decode_only(work: list[tuple[Path, np.ndarray, np.ndarray]]) -> float:
+    """Samples per second of reading each shard file and Blosc-decoding its valid chunks into place."""
     tic = time.perf_counter()
-    for out, chunks in work:
-        for i, chunk in enumerate(chunks):
-            blosc.decompress(chunk, out[i : i + 1].reshape(-1).view(np.uint8))
-    samples = sum(len(chunks) for _, chunks in work) / len(ARRAYS)
+    for path, chunks, out in work:
+        data = np.frombuffer(path.read_bytes(), np.uint8)
+        for i, (offset, size) in enumerate(chunks.tolist()):
+            blosc.decompress(data[offset : offset + size], out[i : i + 1].reshape(-1).view(np.uint8))
+    samples = sum(len(chunks) for _, chunks, _ in work) / len(ARRAYS)
     return samples / (time.perf_counter() - tic)
 
 
