@@ -22,6 +22,7 @@ BENCHMARKS = {
     "train_step": ["--points", "4096", "--batch", "8", "--steps", "3", "--rounds", "3"],
     "scale": [],
     "loader": ["--samples", "1024", "--rounds", "5"],
+    "distill": ["--points", "1024", "--batch", "8", "--steps", "12"],
 }
 
 
@@ -96,6 +97,19 @@ def _rows(name: str, data: dict) -> list[tuple[str, str, str, float, str]]:
                         f"decode-only {limit:.0f} samples/s",
                         r["ratio"],
                         ">= 0.5",
+                    )
+                )
+    elif name == "distill":
+        step = next(r for r in data["rows"] if r["case"] == "step-only")
+        for r in data["rows"]:
+            if r["case"] != "step-only":
+                rows.append(
+                    (
+                        f"{r['case']} ({data['device']}, {data['points']} pts, batch {data['batch']})",
+                        f"{r['samples/s']:.2f} samples/s",
+                        f"step-only {step['samples/s']:.2f} samples/s",
+                        r["ratio"],
+                        ">= 0.9",
                     )
                 )
     elif name == "scale":
