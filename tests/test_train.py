@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
 from pkd.common.store import array_of, open_split, read_rows, read_shard, teacher_crop, write_shard
@@ -102,6 +103,15 @@ def test_read_rows_decodes_what_zarr_reads_into_the_given_places(store):
             expected = np.zeros_like(out)
             expected[dest] = read_shard(group, name, start, stop)[rows]
             assert np.array_equal(out, expected), (name, start)
+
+
+def test_read_rows_reads_other_layouts_through_zarr(tmp_path):
+    values = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    array = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(8, 3), chunks=(2, 3), dtype="float32")
+    array[:] = values
+    out = np.zeros((3, 3), np.float32)
+    read_rows(array, 4, 8, np.array([3, 0]), out, np.array([0, 2]))
+    assert np.array_equal(out, np.stack([values[7], np.zeros(3), values[4]]))
 
 
 def test_read_rows_refuses_a_corrupt_shard_index(store, tmp_path):
