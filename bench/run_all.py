@@ -21,6 +21,8 @@ BENCHMARKS = {
     "teacher": ["--batch", "32", "--images", "128"],
     "train_step": ["--points", "4096", "--batch", "8", "--steps", "3", "--rounds", "3"],
     "scale": [],
+    "loader": ["--samples", "1024", "--rounds", "5"],
+    "distill": ["--points", "1024", "--batch", "8", "--steps", "12"],
 }
 
 
@@ -83,6 +85,33 @@ def _rows(name: str, data: dict) -> list[tuple[str, str, str, float, str]]:
                     ">= 0.95",
                 )
             )
+    elif name == "loader":
+        cases = {r["case"]: r for r in data["rows"]}
+        limit = cases["decode-only"]["samples/s"]
+        for case, r in cases.items():
+            if case.startswith("loader"):
+                rows.append(
+                    (
+                        f"store loader, {case[len('loader ') :]} ({data['cores']} core, {data['points']} pts)",
+                        f"{r['samples/s']:.0f} samples/s",
+                        f"decode-only {limit:.0f} samples/s",
+                        r["ratio"],
+                        ">= 0.5",
+                    )
+                )
+    elif name == "distill":
+        step = next(r for r in data["rows"] if r["case"] == "step-only")
+        for r in data["rows"]:
+            if r["case"] != "step-only":
+                rows.append(
+                    (
+                        f"{r['case']} ({data['device']}, {data['points']} pts, batch {data['batch']})",
+                        f"{r['samples/s']:.2f} samples/s",
+                        f"step-only {step['samples/s']:.2f} samples/s",
+                        r["ratio"],
+                        ">= 0.9",
+                    )
+                )
     elif name == "scale":
         for r in data["rows"]:
             if r["efficiency"] is None or r["workers"] < 2:

@@ -21,7 +21,6 @@ Both models use pkd's pure-torch FPS/kNN tokenizer (Point-MAE's is CUDA-only). P
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -30,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _store import store_factory
 from torch import nn
 
 from pkd.train.augment import AugmentConfig, augment
@@ -184,18 +183,6 @@ def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[
     ]
 
 
-def _store_factory() -> types.ModuleType:
-    """tests/store_factory.py, loaded from its path: the benchmarks reuse the tests' synthetic store without
-    putting tests/ on sys.path (which would shadow any module there named like a library one) or shipping
-    test support code in the package."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "store_factory.py"
-    spec = importlib.util.spec_from_file_location("store_factory", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_case(case: str, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps after one warm-up step; returns samples/s, s/step and peak memory."""
     device = torch.device(args.device)
@@ -215,7 +202,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     if case == "student-store":
         from pkd.train.data import LoaderConfig, StoreLoader
 
-        make_store = _store_factory().make_store
+        make_store = store_factory().make_store
         store = make_store(
             Path(args.tmp) / "bench.zarr",
             n=args.batch * (args.steps + 1),

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Install pkd into .venv, lint and type-check (scripts/lint.sh), then run the whole test suite.
-# A lint or type finding, or collecting no tests, is a failure.
+# Install pkd into .venv, lint and type-check (scripts/lint.sh), then run the test suite.
+#   bash scripts/test.sh           the default tier: every test not marked ``slow`` (the engineer's loop)
+#   bash scripts/test.sh --slow    the whole suite, slow tests included (what CI runs: .ci/run)
+# Further arguments go to pytest. A lint or type finding, or collecting no tests, is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 bash scripts/lint.sh || { echo "error: lint or type check failed (scripts/lint.sh)" >&2; exit 1; }
 export HF_HUB_OFFLINE=1
-.venv/bin/python -m pytest --durations=15 "$@"  # the slowest tests, to keep the CI run well under 30 minutes
+tier=(-m "not slow")
+if [ "${1:-}" = "--slow" ]; then
+    tier=()
+    shift
+fi
+.venv/bin/python -m pytest --durations=15 "${tier[@]}" "$@"  # the slowest tests, to keep the CI run well under 30 minutes
 status=$?
 if [ "$status" -eq 5 ]; then
     echo "error: pytest collected no tests" >&2

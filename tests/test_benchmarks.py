@@ -97,10 +97,10 @@ def write_scanobjectnn(root: Path, sub: str, suffix: str, n_train: int = 12, n_t
     "variant,sub,suffix",
     [
         ("obj_bg", "main_split", ""),
-        ("pb_t50_rs", "main_split", "_augmentedrot_scale75"),
-        ("obj_only", "main_split_nobg", ""),
+        pytest.param("pb_t50_rs", "main_split", "_augmentedrot_scale75", marks=pytest.mark.slow),
+        pytest.param("obj_only", "main_split_nobg", "", marks=pytest.mark.slow),
     ],
-)
+)  # one variant end to end in the default tier; the other file layouts with --slow
 def test_scanobjectnn_variant_runs_end_to_end(variant, sub, suffix, tmp_path):
     write_scanobjectnn(tmp_path / "h5_files", sub, suffix)
     result = CliRunner().invoke(

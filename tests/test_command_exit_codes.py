@@ -198,12 +198,7 @@ def test_every_command_has_an_exit_code_case():
     assert command_names() == set(cases()), sorted(command_names() - set(cases()))
 
 
-ITEM_2 = pytest.mark.xfail(strict=True, reason="ablate checks its inputs up front: issue 25 item 2 (another branch)")
-
-
-@pytest.mark.parametrize(
-    "command", [pytest.param(c, marks=ITEM_2) if c == "pkd-train ablate" else c for c in sorted(cases())]
-)
+@pytest.mark.parametrize("command", sorted(cases()))
 def test_exit_codes(command, tmp_path, demo_root, demo_store, trained):
     cases()[command](tmp_path, demo_root, demo_store, trained)
 

@@ -199,6 +199,7 @@ print("ok", info.rank, info.world_size)
 """
 
 
+@pytest.mark.slow
 def test_cpu_sync_batchnorm_under_torchrun_equals_batchnorm_of_the_global_batch(tmp_path):
     """torch.nn.SyncBatchNorm refuses CPU tensors: our gloo replacement gives the global batch's gradients."""
     script = tmp_path / "sync_bn.py"
@@ -231,6 +232,7 @@ def test_torchrun_two_processes_match_one_process(store, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"]) and len(ckpt["rng_ranks"]) == 2
 
 
+@pytest.mark.slow
 def test_the_reconstruction_probe_does_not_depend_on_the_world_size(store, tmp_path):
     torchrun(store, tmp_path / "ddp", "--monitor-recon", "--max-steps", 3)
     train(config(store, monitor_recon=True, max_steps=3), tmp_path / "one", progress=False)
@@ -241,6 +243,7 @@ def test_the_reconstruction_probe_does_not_depend_on_the_world_size(store, tmp_p
     np.testing.assert_allclose(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_across_world_sizes(store, tmp_path):
     straight = tmp_path / "straight"
     train(config(store, "recon", max_steps=6), straight, progress=False)
@@ -264,6 +267,7 @@ def test_resume_across_world_sizes(store, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "b"), losses(straight), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_finetune_under_torchrun_trains_on_both_ranks_and_rank_0_writes(tmp_path):
     """ModelNet40 finetuning with 2 processes: the global batch is split, rank 0 alone writes the run."""
     from conftest import require_fixture

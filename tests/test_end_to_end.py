@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pkd.preprocess.prep import RunOptions, run_prep
@@ -22,6 +23,7 @@ def pkd_train(*args: str, cwd) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # every variant in-process: test_train; ablate: test_ablation; export: test_train, test_exit_codes
 def test_prep_then_every_variant_then_export(demo_root, tmp_path):
     store = tmp_path / "pairs.zarr"
     run_prep(

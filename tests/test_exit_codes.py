@@ -334,6 +334,7 @@ def test_a_second_run_on_one_run_dir_is_refused_and_sigterm_exits_143(demo_store
     assert not Path(f"{run_dir}.lock").exists()
 
 
+@pytest.mark.slow  # default tier: SIGINT of prep (130), SIGTERM of training (143), resume equality (test_train)
 def test_sigint_at_a_random_moment_of_training_then_rerun_equals_the_clean_run(demo_store, tmp_path):
     steps = ["--max-steps", "12", "--save-every", "1", "--epochs", "50"]
     clean = tmp_path / "clean"
@@ -381,7 +382,9 @@ def test_interrupted_before_the_first_checkpoint_points_to_overwrite(demo_store,
 # ---- prep: signals --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)]
+)  # SIGTERM takes the same path as SIGINT (130 vs 143 is also tested on training): --slow
 def test_signal_at_a_random_moment_of_prep_then_rerun_equals_the_clean_store(
     demo_root, clean_arrays, tmp_path, sig, code
 ):

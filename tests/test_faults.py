@@ -56,6 +56,8 @@ def assert_same_store(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
 
 
+# random kill moments: --slow; the default tier kills prep at a fixed point (test_prep) and crashes it mid-run
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill_9_at_a_random_moment_then_rerun_gives_the_clean_store(demo_root, demo_store, tmp_path, seed):
     out = tmp_path / "pairs.zarr"
@@ -166,6 +168,8 @@ def clean_run(demo_store, tmp_path_factory) -> Path:
     return run
 
 
+# random kill moments: --slow; the default tier kills training after a checkpoint and resumes it (test_train)
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_killed_at_a_random_moment_resumes_bit_identically(demo_store, clean_run, tmp_path, seed):
     import torch

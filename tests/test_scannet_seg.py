@@ -407,6 +407,7 @@ def test_a_run_recorded_before_the_concat_head_resumes_and_tests_with_its_own_he
     assert rescored["config"]["head"] == "interp" and rescored["test"]["miou"] == pytest.approx(results["test"]["miou"])
 
 
+@pytest.mark.slow  # torchrun itself: test_distributed
 def test_finetune_under_torchrun_builds_the_cache_once_and_rank_0_writes(tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = tmp_path / "run"

@@ -11,11 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pkd.common.errors import ConfigError, StoreError, TrainingError
-from pkd.common.store import teacher_crop, write_shard
+from pkd.common.store import array_of, open_split, read_rows, read_shard, teacher_crop, write_shard
+from pkd.train import data as data_module
 from pkd.train.checkpoint import LAST, load_checkpoint
-from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, target_stats
+from pkd.train.data import LoaderConfig, StoreLoader, _Epoch, normalize, subsample_points, target_stats
 from pkd.train.loss_terms import CropBox, local_alignment, patch_cells
 from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import Student, StudentConfig
@@ -116,6 +118,72 @@ def test_fps_subsampling_keeps_the_farthest_point_subset_in_every_epoch(store):
     both = sorted(set(by_frame[0]) & set(by_frame[1]))
     assert len(both) >= 15 and all(torch.equal(by_frame[0][f], by_frame[1][f]) for f in both)  # fps: every epoch alike
     assert not any(torch.equal(by_frame[2][f], by_frame[3][f]) for f in both)  # random: a fresh draw each epoch
+
+
+def test_read_rows_decodes_what_zarr_reads_into_the_given_places(store):
+    group = open_split(store, "train")
+    rng = np.random.default_rng(0)
+    for name in ("points", "colors", "pixels", "in_view", "prefix", "valid", "frame"):
+        array = array_of(group, name)
+        for start in range(0, 18, 4):
+            stop = min(start + 4, 18)
+            rows = rng.permutation(stop - start)[: rng.integers(1, stop - start + 1)]
+            dest = rng.permutation(6)[: len(rows)]
+            out = np.zeros((6, *array.shape[1:]), array.dtype)
+            read_rows(array, start, stop, rows, out, dest)
+            expected = np.zeros_like(out)
+            expected[dest] = read_shard(group, name, start, stop)[rows]
+            assert np.array_equal(out, expected), (name, start)
+
+
+def test_read_rows_reads_other_layouts_through_zarr(tmp_path):
+    values = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    array = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(8, 3), chunks=(2, 3), dtype="float32")
+    array[:] = values
+    out = np.zeros((3, 3), np.float32)
+    read_rows(array, 4, 8, np.array([3, 0]), out, np.array([0, 2]))
+    assert np.array_equal(out, np.stack([values[7], np.zeros(3), values[4]]))
+
+
+def test_read_rows_refuses_a_corrupt_shard_index(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pairs.zarr"
+    shutil.copytree(store, copy)
+    victim = copy / "train" / "points" / "c" / "1" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    array = array_of(open_split(copy, "train"), "points")
+    with pytest.raises(StoreError, match=r"points: shard 1 \(samples 4-7\) is corrupt .*index fails its CRC32C"):
+        read_rows(array, 4, 8, np.arange(4), np.zeros((4, 160, 3), np.float32), np.arange(4))
+
+
+def _reference_window(self, w: int) -> dict[str, np.ndarray]:
+    """The loader's window as first written: whole shards through zarr, valid rows concatenated, permuted."""
+    group = open_split(self.cfg.store, self.cfg.split)
+    ranges = [self.shards[s] for s in self.epoch.windows[w]]
+    valid = [read_shard(group, "valid", a, b).astype(bool) for a, b in ranges]
+    rng = self.epoch.rng(w)
+    perm = rng.permutation(sum(int(v.sum()) for v in valid))
+    out = {}
+    for name in self.cfg.arrays:
+        values = np.concatenate([read_shard(group, name, a, b)[v] for (a, b), v in zip(ranges, valid)])[perm]
+        out[name] = normalize(values, self.stats.get(name))
+    return subsample_points(out, self.cfg.num_points, rng, self.cfg.subsample)
+
+
+def test_fast_loader_gives_the_batches_of_the_reference_reading(store, monkeypatch):
+    arrays = ("points", "colors", "pixels", "in_view", "prefix", "frame")
+    stats = {"prefix": target_stats(open_split(store, "train"), "prefix")}
+    cfg = LoaderConfig(str(store), "train", arrays, 4, 96, seed=3, shuffle_shards=2, streams=2)
+    fast = {w: [b for e in (0, 1) for b in StoreLoader(cfg, w, stats).epoch(e, start_batch=e)] for w in (0, 2)}
+    monkeypatch.setattr(data_module._WindowDataset, "load", _reference_window)
+    reference = [b for e in (0, 1) for b in StoreLoader(cfg, 0, stats).epoch(e, start_batch=e)]
+    assert len(reference) == 2 + 1
+    for batches in fast.values():
+        for a, b in zip(batches, reference, strict=True):
+            assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def test_target_stats_recorded_or_computed(tmp_path, store):

@@ -28,7 +28,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pkd.common.errors import ConfigError, StoreError
 from pkd.common.geometry import farthest_points
-from pkd.common.store import iter_shards, open_split, read_shard, read_stats
+from pkd.common.store import (
+    array_of,
+    iter_shards,
+    open_split,
+    open_store,
+    read_rows,
+    read_shard,
+    read_stats,
+    split_group,
+)
 
 POINT_ARRAYS = ("points", "colors", "pixels", "in_view")
 MIN_STD = 1e-6
@@ -123,7 +132,11 @@ class _Epoch:
 
 
 class _WindowDataset(IterableDataset):
-    """Yields whole windows (dicts of numpy arrays, shuffled, subsampled, normalised): the items ``todo`` names."""
+    """Yields whole windows (dicts of numpy arrays, shuffled, subsampled, normalised): the items ``todo`` names.
+
+    ``shards`` and ``valid`` are the loader's (read once, not per window); the arrays are opened once per
+    process (``arrays``, rebuilt in each worker).
+    """
 
     def __init__(
         self,
@@ -131,18 +144,21 @@ class _WindowDataset(IterableDataset):
         epoch: _Epoch,
         todo: list[int],
         stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
-        group: zarr.Group | None,
+        layout: tuple[list[tuple[int, int]], np.ndarray],
+        arrays: dict[str, zarr.Array] | None,
     ) -> None:
         self.cfg, self.epoch, self.todo, self.stats = cfg, epoch, todo, stats
-        self._group = group
+        self.shards, self.valid = layout
+        self._arrays = arrays
 
-    def group(self) -> zarr.Group:
-        if self._group is None:
-            self._group = open_split(self.cfg.store, self.cfg.split)
-        return self._group
+    def arrays(self) -> dict[str, zarr.Array]:
+        if self._arrays is None:  # in a worker: the loader already checked the split (open_split)
+            group = split_group(open_store(self.cfg.store), self.cfg.split)
+            self._arrays = {name: array_of(group, name) for name in self.cfg.arrays}
+        return self._arrays
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_group": None}
+        return {**self.__dict__, "_arrays": None}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = get_worker_info()
@@ -152,15 +168,20 @@ class _WindowDataset(IterableDataset):
                 yield self.load(k)
 
     def load(self, w: int) -> dict[str, np.ndarray]:
-        group = self.group()
-        shards = list(iter_shards(group))
-        ranges = [shards[s][1:] for s in self.epoch.windows[w]]
-        valid = [read_shard(group, "valid", a, b).astype(bool) for a, b in ranges]
+        """Window ``w``: its valid samples in the order of the window's permutation, each decoded straight
+        into its shuffled place (no concatenate-then-gather copies)."""
+        ranges = [self.shards[s] for s in self.epoch.windows[w]]
+        rows = [np.flatnonzero(self.valid[a:b]) for a, b in ranges]
         rng = self.epoch.rng(w)
-        perm = rng.permutation(sum(int(v.sum()) for v in valid))
+        perm = rng.permutation(sum(len(r) for r in rows))
+        place = np.empty_like(perm)
+        place[perm] = np.arange(len(perm))
+        bounds = np.cumsum([0, *(len(r) for r in rows)])
         out = {}
-        for name in self.cfg.arrays:
-            values = np.concatenate([read_shard(group, name, a, b)[v] for (a, b), v in zip(ranges, valid)])[perm]
+        for name, array in self.arrays().items():
+            values = np.empty((len(perm), *array.shape[1:]), array.dtype)
+            for (a, b), r, lo, hi in zip(ranges, rows, bounds[:-1], bounds[1:]):
+                read_rows(array, a, b, r, values, place[lo:hi])
             out[name] = normalize(values, self.stats.get(name))
         return subsample_points(out, self.cfg.num_points, rng, self.cfg.subsample)
 
@@ -195,10 +216,16 @@ def normalize(values: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None) -
     if stats is None:
         return values
     mean, std = stats
-    return (values.astype(np.float32) - mean) / std
+    out = values.astype(np.float32)
+    out -= mean
+    out /= std
+    return out
 
 
-def to_tensor(values: np.ndarray) -> torch.Tensor:
+def to_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch array as the model's tensor (uint16 to int32, float16/64 to float32); a worker's window
+    arrives as tensors, which numpy views without a copy."""
+    values = np.asarray(values)
     if values.dtype == np.uint16:
         values = values.astype(np.int32)
     elif values.dtype in (np.float16, np.float64):
@@ -260,7 +287,8 @@ class StoreLoader:
         skip = start_batch * self.cfg.chunk
         # the windows that still hold samples; the first of each stream is entered ``skip - start`` samples in
         todo = [k for k in range(len(layout.windows)) if layout.start[k] + layout.sizes[k] > skip]
-        dataset = _WindowDataset(self.cfg, layout, todo, self.stats, self.group if self.num_workers == 0 else None)
+        arrays = {name: array_of(self.group, name) for name in self.cfg.arrays} if self.num_workers == 0 else None
+        dataset = _WindowDataset(self.cfg, layout, todo, self.stats, (self.shards, self.valid), arrays)
         windows: Iterator = (
             iter(dataset)
             if self.num_workers == 0
@@ -289,5 +317,9 @@ class StoreLoader:
                     if queue[0][1] == len(window["points"]):
                         queue.popleft()
                 have[s] -= size
-            yield {k: to_tensor(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+            # a batch from one window is a slice of it, handed on without a copy
+            yield {
+                k: to_tensor(parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]))
+                for k in parts[0]
+            }
             count -= 1
