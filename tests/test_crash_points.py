@@ -2,6 +2,9 @@
 to completion and compared with an uninterrupted run, file by file; then a flipped byte in each kind of file
 pkd writes must be detected and named.
 
+The three enumerations are marked ``crash`` (minutes each: ``bash scripts/test.sh --crash`` runs them; CI does not,
+to stay well under 30 minutes); the flipped-byte cases run in every tier.
+
 The kill points are every durable write (``pkd.common.durable``'s hook, up to 14 of them spread over the run)
 and 8 moments spread over the run's duration; ``tests/_crash.py`` runs them. Files must be byte-identical
 except where a field records wall-clock speed (``samples_per_s`` in ``metrics.jsonl``): there the content
@@ -21,7 +24,6 @@ import pytest
 from _cli import DEMO_TRAIN, flags, run_script
 from conftest import DEMO_POINTS
 
-pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 TIMING = ["samples_per_s"]
@@ -91,6 +93,7 @@ def check_points(result: dict, name: str) -> None:
     assert len(points) >= 20 and len(killed) >= 20, [(p["kind"], p["at"], p["killed"]) for p in points]
 
 
+@pytest.mark.crash
 @pytest.mark.timeout(1600)
 def test_prep_resumes_to_the_clean_store_from_every_crash_point(demo_root, tmp_path):
     argv = [
@@ -116,12 +119,14 @@ def test_prep_resumes_to_the_clean_store_from_every_crash_point(demo_root, tmp_p
     check_points(crash_points(tmp_path, "prep", argv, [], ["pairs.zarr"]), "pkd-prep scannet")
 
 
+@pytest.mark.crash
 @pytest.mark.timeout(1600)
 def test_distill_resumes_to_the_clean_run_from_every_crash_point(demo_store, tmp_path):
     argv = ["--no-progress", "distill", demo_store, *DISTILL, "--run-dir", "run"]
     check_points(crash_points(tmp_path, "train", argv, ["--resume"], ["run"]), "pkd-train distill")
 
 
+@pytest.mark.crash
 @pytest.mark.timeout(1600)
 def test_finetune_resumes_to_the_clean_run_from_every_crash_point(tmp_path):
     from test_scannet_seg import demo_tree
