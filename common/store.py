@@ -528,6 +528,18 @@ def _check_metadata(path: Path) -> None:
             ) from exc
 
 
+def drop_partial_writes(path: str | Path) -> int:
+    """Delete the temp files (``zarr.<hex>.partial``) zarr's local store leaves when a write is killed before its
+    rename; returns how many. Call it only with the store's lock held, before any writer starts: an
+    in-flight write of another process has such a file too."""
+    if is_remote(path):
+        return 0
+    stale = list(Path(path).rglob("zarr.*.partial"))
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return len(stale)
+
+
 def open_store(path: str | Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
     """Open an existing pair store after checking its attrs; opened for writing, an older version's attrs
     are upgraded in place first (the arrays of every version so far are the same)."""

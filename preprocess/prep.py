@@ -95,6 +95,8 @@ def _open_or_create(
     if _store_exists(out) and not _half_created(out):
         root = store.open_store(out, mode="r+")
         _refuse_other_arguments(root, cfg, teacher_id.comparable(), out)
+        if dropped := store.drop_partial_writes(out):
+            log.info("%s: removed %d temp files of writes an earlier prep was killed in", out, dropped)
         _check_plans(root, plans, cfg, out)
         return root
     prep = to_plain(cfg)
@@ -268,6 +270,7 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
     out = store.store_path(out)
     with store_lock(out):
         root = store.open_store(out, mode="r+")
+        store.drop_partial_writes(out)
         attrs = store.root_attrs(root)
         cfg = prep_config_of(attrs.prep, out)
         teacher = build_teacher(teacher_cfg)

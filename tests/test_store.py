@@ -206,3 +206,16 @@ def test_readme_and_module_docstring_name_every_attr_and_array():
         )
         assert not missing, f"{where} does not describe {missing}"
     assert f"(`pkd-pairs`, version {store.VERSION})" in section
+
+
+def test_temp_files_of_killed_writes_are_dropped_and_nothing_else(tmp_path):
+    """zarr's local store writes ``zarr.<hex>.partial`` then renames it; a SIGKILL in between leaves the temp file
+    (found by the prep crash-point enumeration), which a resumed prep removes."""
+    path = make_store(tmp_path / "s.zarr", n=4, num_points=64, shard_size=2)
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    stale = [path / "zarr.1cfe8bd89fa645de8e2dda592918310f.partial", path / "train" / "points" / "zarr.ab.partial"]
+    for file in stale:
+        file.write_bytes(b"half a write")
+    assert store.drop_partial_writes(path) == 2
+    assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert store.drop_partial_writes(path) == 0
