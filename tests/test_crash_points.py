@@ -24,7 +24,6 @@ import pytest
 from _cli import DEMO_TRAIN, flags, run_script
 from conftest import DEMO_POINTS
 
-
 HERE = Path(__file__).parent
 TIMING = ["samples_per_s"]
 DISTILL = flags(
