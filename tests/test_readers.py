@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pkd.common.errors import DataError
+from pkd.common.errors import ConfigError, DataError
 from pkd.preprocess.demo import lost_tracking_frame, write_demo_scene
 from pkd.preprocess.exported import ExportedReader
 from pkd.preprocess.frames import Camera, FrameDecodeError, RawFrame, SceneReader, decode_color, decode_depth
@@ -538,5 +538,5 @@ def test_demo_is_deterministic_and_layouts_are_exclusive(tmp_path):
     assert not (a / "color").exists()
     only = write_demo_scene(tmp_path / "a", num_frames=3, layout="exported", seed=1, name="scene9000_00")
     assert not (only / "scene9000_00.sens").exists() and (only / "color" / "2.jpg").exists()
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="--layout 'zip' is not a demo layout"):  # a usage error: exit 2
         write_demo_scene(tmp_path / "d", layout="zip")
