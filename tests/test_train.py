@@ -25,6 +25,7 @@ from pkd.train.trainer import TrainConfig, train
 from pkd.train.variants import VARIANTS
 
 from _cli import TINY_STUDENT as TINY
+from _cli import run_script
 from store_factory import make_store
 
 
@@ -444,3 +445,10 @@ def test_training_never_imports_the_teacher(store, tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_unknown_local_pairing_exits_2_naming_the_choices(tmp_path):
+    done = run_script("pkd-train", "distill", tmp_path / "pairs.zarr", "--local-pairing", "sideways", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "unknown local pairing 'sideways'; choose one of patch, centre." in done.stderr
+    assert not (tmp_path / "runs").exists()
