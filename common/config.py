@@ -47,7 +47,7 @@ def from_plain(cls: type[T], data: Any, where: str) -> T:
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
-    """``value`` shaped as the type ``hint`` says: dataclasses rebuilt, lists turned into tuples."""
+    """``value`` shaped as the type ``hint`` says: dataclasses rebuilt (mapping values too), lists as tuples."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -56,6 +56,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return from_plain(typing.cast(type, hint), value, where)
+    if origin in (Mapping, dict) and len(args) == 2 and isinstance(value, Mapping):
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple and isinstance(value, (list, tuple)):
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         if len(items) != len(value):

@@ -70,19 +70,23 @@ def project(points_cam: np.ndarray, intrinsic: np.ndarray) -> np.ndarray:
     return uv
 
 
-def teacher_crop_box(width: int, height: int, image_size: int = 224) -> tuple[float, float, float, float]:
+def teacher_crop_box(
+    width: int, height: int, image_size: int = 224, crop: int | None = None
+) -> tuple[float, float, float, float]:
     """Box (u0, v0, u1, v1) of the original image that the teacher sees.
 
-    Mirrors open_clip's eval transform: resize the shortest side to ``image_size`` (torchvision's
-    size rule), then a centre crop of ``image_size`` squared (torchvision's rounding).
+    Mirrors open_clip's (and DINOv2's) eval transform: resize the shortest side to ``image_size``
+    (torchvision's size rule), then a centre crop of ``crop`` squared (default ``image_size``; torchvision's
+    rounding).
     """
+    crop = image_size if crop is None else crop
     short, long = min(width, height), max(width, height)
     new_short, new_long = image_size, int(image_size * long / short)
     new_w, new_h = (new_long, new_short) if width >= height else (new_short, new_long)
-    left = int(round((new_w - image_size) / 2.0))
-    top = int(round((new_h - image_size) / 2.0))
+    left = int(round((new_w - crop) / 2.0))
+    top = int(round((new_h - crop) / 2.0))
     sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
+    return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
 
 
 def inside(uv: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:

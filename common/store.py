@@ -14,6 +14,8 @@ the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). L
                     the image transform (``transform.image_size`` is the teacher's centre crop)
         versions    package versions of the writer (pkd, numpy, zarr, torch, ...)
         status      "in-progress" while a prep writes, "complete" once every split is finalized
+        targets     TargetSetAttrs by name: the target sets added beside the default one
+                    (``pkd-prep teacher --name``), each with its teacher's identity, transform and arrays
     <split>/        train, val or test; attrs (SplitAttrs):
         scenes        scene names; the ``scene`` array indexes them
         num_samples   N, planned samples (invalid ones included)
@@ -44,6 +46,15 @@ the typed dataclasses below (``RootAttrs``, ``TeacherAttrs``, ``SplitAttrs``). L
         stats/{prefix,clip_embed}_{mean,std}  float32  per-dimension statistics of the valid targets,
                                  written when the split is finalized (small arrays rather than attrs:
                                  16k floats as JSON would bloat every attrs rewrite and lose precision)
+      targets/<set>/   one group per added target set (root attr ``targets``):
+        <array>     (N, ...)    float16  the set's arrays, sharded as above
+        done        (shards,)   uint8    1 once a shard of every array of the set is written
+        stats/<array>_{mean,std} float32 as above, written when the set's pass ends
+
+Target sets: the arrays ``prefix``, ``clip_embed`` and ``patch_tokens`` are the default set, ``clipcap``
+(``DEFAULT_SET``), whose teacher is the root's ``teacher`` and whose done flag is ``done_teacher``; a trainer
+names any array of any set as ``SET/ARRAY`` (``target_path`` gives its path in a split). Adding a set never
+touches the geometry or another set's arrays.
 
 Every per-sample array has an inner chunk of one sample (cheap random reads) inside shards of
 ``shard_size`` samples. Writers write a whole shard in one assignment per array and then its done flag,
@@ -76,7 +87,7 @@ from pkd.common.config import from_plain, to_plain
 from pkd.common.errors import ConfigError, StoreError
 
 FORMAT = "pkd-pairs"
-VERSION = 2
+VERSION = 3
 SPLITS = ("train", "val", "test")
 PREFIX_SHAPE = (10, 768)
 CLIP_DIM = 512
@@ -87,6 +98,9 @@ STAGES = ("geometry", "teacher")
 CREATING = "creating"  # status until every split's (empty) arrays exist (prep then starts over)
 STATUSES = (CREATING, "in-progress", "complete")
 PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULT_SET = "clipcap"  # the set prep writes: the arrays of the "teacher" stage, its teacher the root's
+SETS_GROUP = "targets"
+SET_STATUSES = ("in-progress", "complete")
 
 
 def is_remote(path: str | Path) -> bool:
@@ -164,6 +178,31 @@ class TeacherAttrs(_Plain):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TargetArrayAttrs(_Plain):
+    """One array of a target set: the shape of one sample, its dtype and what it holds."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    meaning: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSetAttrs(_Plain):
+    """A target set added beside the default one: who computed it (``teacher``: the teacher kind's identity, all
+    that decides the numbers; ``device``: where it ran), the image transform it saw, and its arrays."""
+
+    teacher: Mapping[str, Any]
+    device: str
+    transform: TransformAttrs
+    arrays: Mapping[str, TargetArrayAttrs]
+    status: str
+
+    def __post_init__(self) -> None:
+        _check(self.status in SET_STATUSES, f"target set status {self.status!r} is not one of {SET_STATUSES}")
+        _check(bool(self.arrays), "a target set holds at least one array")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RootAttrs(_Plain):
     """The store's root attrs. ``prep`` is pkd.preprocess.config.PrepConfig as plain data (``to_plain``)."""
 
@@ -173,8 +212,10 @@ class RootAttrs(_Plain):
     teacher: TeacherAttrs
     versions: Mapping[str, str]
     status: str
+    targets: Mapping[str, TargetSetAttrs] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check(DEFAULT_SET not in self.targets, f"the added target sets may not be called {DEFAULT_SET!r}")
         _check(
             self.format == FORMAT and self.version == VERSION,
             f"format {self.format!r} version {self.version} is not {FORMAT!r} version {VERSION}",
@@ -247,8 +288,13 @@ def _upgrade_v1(root: dict[str, Any], splits: dict[str, dict[str, Any]]) -> None
             attrs.setdefault(key, value)
 
 
+def _upgrade_v2(root: dict[str, Any], splits: dict[str, dict[str, Any]]) -> None:
+    """v2 held one target set, the default one (its arrays and ``teacher`` are unchanged in v3)."""
+    root.setdefault("targets", {})
+
+
 # _UPGRADES[v] turns the attrs of version v into those of v + 1, in place.
-_UPGRADES: dict[int, Callable[[dict[str, Any], dict[str, dict[str, Any]]], None]] = {1: _upgrade_v1}
+_UPGRADES: dict[int, Callable[[dict[str, Any], dict[str, dict[str, Any]]], None]] = {1: _upgrade_v1, 2: _upgrade_v2}
 
 
 @dataclass(frozen=True)
@@ -437,6 +483,111 @@ def add_array(group: zarr.Group, spec: ArraySpec) -> zarr.Array[Any]:
     return _create_sample_array(group, spec, *_layout(group))
 
 
+DEFAULT_MEANINGS = {
+    "prefix": "ClipCap prefix: clip_project(encode_image) viewed as (10, 768)",
+    "clip_embed": "CLIP encode_image, unnormalised",
+    "patch_tokens": "CLIP patch tokens after ln_post then proj, 7x7 grid",
+}
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    """One named set of teacher targets as a trainer sees it: its teacher, transform and arrays, the default set
+    (``DEFAULT_SET``: prep's ClipCap arrays) and the added ones alike."""
+
+    name: str
+    teacher: Mapping[str, Any]
+    transform: TransformAttrs
+    arrays: Mapping[str, TargetArrayAttrs]
+    complete: bool
+
+    def path(self, array: str) -> str:
+        """Where ``array`` of this set lies in a split group."""
+        if array not in self.arrays:
+            raise ConfigError(
+                f"target set {self.name!r} has no array {array!r}; it holds {', '.join(self.arrays)} "
+                f"(pass --targets {self.name}/{next(iter(self.arrays))})."
+            )
+        return array if self.name == DEFAULT_SET else f"{SETS_GROUP}/{self.name}/{array}"
+
+    def bytes_per_sample(self) -> int:
+        """Stored bytes of one sample's arrays, uncompressed."""
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays.values())
+
+
+def target_sets(root: zarr.Group) -> dict[str, TargetSet]:
+    """Every target set of a store by name, the default one first; ``patch_tokens`` belongs to the default set
+    where the splits hold it."""
+    attrs = root_attrs(root)
+    splits = [split_group(root, name) for name in splits_of(root)]
+    tokens = bool(splits) and all("patch_tokens" in group for group in splits)
+    default = {
+        spec.name: TargetArrayAttrs(shape=spec.sample_shape, dtype=spec.dtype, meaning=DEFAULT_MEANINGS[spec.name])
+        for spec in array_specs(attrs.num_points, tokens)
+        if spec.stage == "teacher"
+    }
+    sets = {DEFAULT_SET: TargetSet(DEFAULT_SET, attrs.teacher.to_dict(), attrs.teacher.transform, default, True)}
+    for name, added in attrs.targets.items():
+        sets[name] = TargetSet(name, added.teacher, added.transform, added.arrays, added.status == "complete")
+    return sets
+
+
+def target_set(root: zarr.Group, name: str, path: str | Path) -> TargetSet:
+    """The target set ``name`` of the store at ``path``; StoreError naming the sets it holds otherwise."""
+    sets = target_sets(root)
+    if name not in sets:
+        raise StoreError(
+            f"{path} has no target set {name!r}; it holds {', '.join(sets)}. Add one with "
+            f"`pkd-prep teacher {path} --teacher KIND --name {name}`, or list them with `pkd-prep info {path}`."
+        )
+    return sets[name]
+
+
+def parse_target(spec: str) -> tuple[str, str]:
+    """(set, array) of a ``SET/ARRAY`` name as ``--targets`` takes it; ConfigError for another spelling."""
+    name, sep, array = spec.partition("/")
+    if not sep or not name or not array or "/" in array:
+        raise ConfigError(
+            f"--targets {spec!r} is not SET/ARRAY (e.g. {DEFAULT_SET}/prefix); `pkd-prep info STORE` lists the sets."
+        )
+    return name, array
+
+
+def create_target_set(group: zarr.Group, name: str, arrays: Mapping[str, TargetArrayAttrs]) -> zarr.Group:
+    """Create (empty, not done) the group of an added target set in a split; an existing one is replaced."""
+    num_samples, shard_size = _layout(group)
+    place = group.require_group(SETS_GROUP).create_group(name, overwrite=True)
+    for array, attrs in arrays.items():
+        _create_sample_array(place, ArraySpec(array, attrs.shape, attrs.dtype, name), num_samples, shard_size)
+    place.create_array("done", shape=(len(shard_ranges(num_samples, shard_size)),), chunks=(1,), dtype="uint8")
+    durable.committed(f"{group.path} target set {name} created")
+    return place
+
+
+def set_group(group: zarr.Group, name: str) -> zarr.Group:
+    """The group of the added target set ``name`` in a split."""
+    return split_group(group, f"{SETS_GROUP}/{name}")
+
+
+def write_set_shard(group: zarr.Group, name: str, shard: int, data: Mapping[str, np.ndarray]) -> None:
+    """Write one whole shard of every array of an added target set, then its done flag (as ``write_shard``)."""
+    place = set_group(group, name)
+    start, stop = shard_ranges(*_layout(group))[shard]
+    for array, values in data.items():
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            target = array_of(place, array)
+        if values.shape != (stop - start, *target.shape[1:]):
+            raise ValueError(f"shard {shard} of {name}/{array}: got {values.shape}, expected {target.shape[1:]}")
+        target[start:stop] = values
+    array_of(place, "done")[shard] = 1
+    durable.committed(f"{group.path} target set {name} shard {shard} done")
+
+
+def set_done_shards(group: zarr.Group, name: str) -> np.ndarray:
+    """Boolean per shard: has the added target set ``name`` been written there?"""
+    return np.asarray(array_of(set_group(group, name), "done")[:]).astype(bool)
+
+
 def write_shard(
     group: zarr.Group,
     shard: int,
@@ -484,11 +635,14 @@ def missing_shards(group: zarr.Group) -> list[tuple[str, int]]:
     keys = sync(_keys(group))
     stages = {spec.name: spec.stage for spec in array_specs(0, patch_tokens=True)}
     done = {stage: done_shards(group, stage) for stage in STAGES}
+    arrays = [(name, array, done[stages[name]]) for name, array in group.arrays() if name in stages]
+    if SETS_GROUP in group:
+        for name, place in split_group(group, SETS_GROUP).groups():
+            flags = set_done_shards(group, name)
+            arrays += [(f"{SETS_GROUP}/{name}/{a}", array, flags) for a, array in place.arrays() if a != "done"]
     missing = []
-    for name, array in group.arrays():
-        if name not in stages:
-            continue
-        for shard in np.flatnonzero(done[stages[name]]):
+    for name, array, flags in arrays:
+        for shard in np.flatnonzero(flags):
             key = array.metadata.encode_chunk_key((int(shard),) + (0,) * (array.ndim - 1))
             if f"{group.path}/{name}/{key}" not in keys:
                 missing.append((name, int(shard)))
@@ -555,10 +709,12 @@ def root_attrs(root: zarr.Group) -> RootAttrs:
     return read_attrs(root, str(root.store)).root
 
 
-def teacher_crop(path: str | Path, split: str) -> tuple[float, float, float, float]:
-    """The teacher's centre crop (u0, v0, u1, v1) in the colour-image pixels of a split, from the store:
-    its one colour frame size and the teacher transform's image size."""
-    attrs = read_attrs(_open_group(path, "r"), path)
+def teacher_crop(path: str | Path, split: str, target: str = DEFAULT_SET) -> tuple[float, float, float, float]:
+    """The centre crop (u0, v0, u1, v1) the teacher of target set ``target`` saw, in the colour-image pixels of a
+    split, from the store: its one colour frame size and the set's transform's image size."""
+    root = _open_group(path, "r")
+    attrs = read_attrs(root, path)
+    transform = target_set(root, target, path).transform
     sizes = set(attrs.splits[split].color_sizes) if split in attrs.splits else set()
     if len(sizes) != 1:
         raise StoreError(
@@ -567,7 +723,7 @@ def teacher_crop(path: str | Path, split: str) -> tuple[float, float, float, flo
             "one camera into a store, or re-run pkd-prep with this pkd to record them."
         )
     ((width, height),) = sizes
-    return geometry.teacher_crop_box(width, height, attrs.root.teacher.transform.image_size)
+    return geometry.teacher_crop_box(width, height, transform.image_size, transform.center_crop)
 
 
 def splits_of(root: zarr.Group) -> list[str]:
@@ -599,7 +755,9 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
             )
     present = {name for name, _ in group.arrays()}
     for name in require:
-        if name not in present:
+        if name.startswith(f"{SETS_GROUP}/"):
+            _require_set(path, split, group, name.split("/")[1])
+        elif name not in present:
             hint = " (prep with --patch-tokens)" if name == "patch_tokens" else ""
             raise StoreError(f"{path}/{split} has no array {name!r}{hint}.")
     missing = missing_shards(group)
@@ -610,6 +768,21 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
             "the store (rerun the prep with --overwrite, or restore it from a copy)."
         )
     return group
+
+
+def _require_set(path: str | Path, split: str, group: zarr.Group, name: str) -> None:
+    """StoreError unless the split holds every shard of the added target set ``name``."""
+    if f"{SETS_GROUP}/{name}" not in group:
+        raise StoreError(
+            f"{path}/{split} has no target set {name!r}: run `pkd-prep teacher {path} --name {name} ...` "
+            "(it computes the set for every split)."
+        )
+    done = set_done_shards(group, name)
+    if not done.all():
+        raise StoreError(
+            f"{path}/{split}: {int((~done).sum())} of {done.size} shards lack target set {name!r}; rerun "
+            f"the same `pkd-prep teacher {path} --name {name}` command to finish them."
+        )
 
 
 def read_shard(group: zarr.Group, name: str, start: int, stop: int) -> np.ndarray:
@@ -704,19 +877,27 @@ def _decode_rows(
         blosc.decompress(chunk, target)
 
 
-def write_stats(group: zarr.Group, name: str, mean: np.ndarray, std: np.ndarray) -> None:
-    """Store per-dimension mean/std of a target array (shape of one sample)."""
-    stats = group.require_group("stats")
+def _stats_place(group: zarr.Group, path: str) -> tuple[str, str]:
+    """(stats group path, array name prefix) of a target array's statistics: ``stats`` beside the array."""
+    parent, _, name = path.rpartition("/")
+    return (f"{parent}/stats" if parent else "stats"), name
+
+
+def write_stats(group: zarr.Group, path: str, mean: np.ndarray, std: np.ndarray) -> None:
+    """Store per-dimension mean/std of a target array (``path`` in the split; shape of one sample)."""
+    where, name = _stats_place(group, path)
+    stats = group.require_group(where)
     for kind, values in (("mean", mean), ("std", std)):
         stats.create_array(f"{name}_{kind}", data=np.asarray(values, dtype="float32"), overwrite=True)
-    durable.committed(f"{group.path} stats {name}")
+    durable.committed(f"{group.path} stats {path}")
 
 
-def read_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+def read_stats(group: zarr.Group, path: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-dimension (mean, std) of a target array, or None if the split has none recorded."""
-    if "stats" not in group or f"{name}_mean" not in split_group(group, "stats"):
+    where, name = _stats_place(group, path)
+    if where not in group or f"{name}_mean" not in split_group(group, where):
         return None
-    stats = split_group(group, "stats")
+    stats = split_group(group, where)
     return np.asarray(array_of(stats, f"{name}_mean")[...]), np.asarray(array_of(stats, f"{name}_std")[...])
 
 

@@ -36,7 +36,7 @@ def field_names(value: object, prefix: str = "") -> set[str]:
 def test_schema_of_this_version_is_pinned():
     # Renaming, adding or dropping one of these fields changes what a store holds: bump store.VERSION and add
     # an upgrade step to store._UPGRADES, then update this list.
-    assert store.VERSION == 2
+    assert store.VERSION == 3
     teacher = store.TeacherAttrs.from_dict(make_teacher_dict())
     assert field_names(PrepConfig(root="r")) == {
         "root",
@@ -80,7 +80,16 @@ def test_schema_of_this_version_is_pinned():
         "teacher",
         "versions",
         "status",
+        "targets",
     }
+    assert {f.name for f in dataclasses.fields(store.TargetSetAttrs)} == {
+        "teacher",
+        "device",
+        "transform",
+        "arrays",
+        "status",
+    }
+    assert {f.name for f in dataclasses.fields(store.TargetArrayAttrs)} == {"shape", "dtype", "meaning"}
     assert {f.name for f in dataclasses.fields(store.SplitAttrs)} == {
         "scenes",
         "num_samples",
@@ -149,14 +158,16 @@ def test_version_1_store_is_read_then_upgraded(tmp_path):
     path = make_store(tmp_path / "v1.zarr", n=4, num_points=64, shard_size=2)
     v1_split_attrs = ("skip_reasons", "color_sizes", "plan", "plan_skipped")
     v1_prep = {k: v for k, v in zarr.open_group(str(path), mode="r").attrs["prep"].items() if k != "depth_scale"}
-    rewrite_attrs(path, {"version": 1, "prep": v1_prep}, v1_split_attrs)
+    rewrite_attrs(path, {"version": 1, "prep": v1_prep, "targets": None}, v1_split_attrs)
+    zarr.open_group(str(path), mode="r+").attrs.__delitem__("targets")
     loader = StoreLoader(LoaderConfig(str(path), "train", ("points",), 2, 64, 0))
     assert sum(len(b["points"]) for b in loader.epoch(0)) == 4  # read without an upgrade
     assert store.read_attrs(store.open_store(path), path).read_version == 1
     done = subprocess.run([PKD_PREP, "upgrade", str(path)], capture_output=True, text=True)
-    assert done.returncode == 0 and "version 1 -> 2" in done.stdout, done.stderr
+    assert done.returncode == 0 and f"version 1 -> {store.VERSION}" in done.stdout, done.stderr
     raw = zarr.open_group(str(path), mode="r")
-    assert raw.attrs["version"] == 2 and raw["train"].attrs["skip_reasons"] == list(store.SKIP_REASONS)
+    assert raw.attrs["version"] == store.VERSION and raw["train"].attrs["skip_reasons"] == list(store.SKIP_REASONS)
+    assert raw.attrs["targets"] == {}
     assert raw.attrs["prep"]["depth_scale"] is None
     assert verify_store(str(path)) == []
 
@@ -166,7 +177,7 @@ def test_newer_or_broken_store_is_refused_with_a_way_out(tmp_path):
     rewrite_attrs(path, {"version": 9, "versions": {"pkd": "9.0"}})
     with pytest.raises(StoreError, match=r"version 9 \(written by pkd 9.0\).*Install pkd 9.0"):
         store.open_store(path)
-    rewrite_attrs(path, {"version": 2, "status": "half-done"})
+    rewrite_attrs(path, {"version": store.VERSION, "status": "half-done"})
     with pytest.raises(StoreError, match="status 'half-done'.*--overwrite"):
         store.open_store(path)
 
