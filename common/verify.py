@@ -42,9 +42,34 @@ def store_info(path: str) -> dict[str, Any]:
         "path": str(path),
         "status": root.attrs.get("status"),
         "splits": splits,
+        "targets": {name: _set_info(root, target) for name, target in store.target_sets(root).items()},
         "teacher": root.attrs.get("teacher"),
         "prep": root.attrs.get("prep"),
         "bytes": _size_on_disk(str(path)),
+    }
+
+
+def _set_info(root: zarr.Group, target: store.TargetSet) -> dict[str, Any]:
+    """What `pkd-prep info` says of a target set: its teacher, arrays, stored bytes per sample, shards done."""
+    done = {}
+    for name in store.splits_of(root):
+        group = store.split_group(root, name)
+        flags = (
+            store.done_shards(group, "teacher")
+            if target.name == store.DEFAULT_SET
+            else store.set_done_shards(group, target.name)
+            if f"{store.SETS_GROUP}/{target.name}" in group
+            else np.zeros(0, bool)
+        )
+        done[name] = int(flags.sum())
+    return {
+        "teacher": dict(target.teacher),
+        "arrays": {
+            name: {"shape": list(a.shape), "dtype": a.dtype, "meaning": a.meaning} for name, a in target.arrays.items()
+        },
+        "bytes_per_sample": target.bytes_per_sample(),
+        "complete": target.complete,
+        "shards_done": done,
     }
 
 
@@ -131,4 +156,39 @@ def verify_store(path: str) -> list[str]:
         faults.append("no splits")
     for name in splits:
         faults += _check_split(name, store.split_group(root, name), attrs.num_points)
+        for target in store.target_sets(root).values():
+            if target.name != store.DEFAULT_SET:
+                faults += _check_set(name, store.split_group(root, name), target)
+    return faults
+
+
+def _check_set(split: str, group: zarr.Group, target: store.TargetSet) -> list[str]:
+    """Faults of an added target set in one split: complete, shapes, readable, finite, statistics recorded."""
+    where = f"{split}/{store.SETS_GROUP}/{target.name}"
+    if not target.complete or f"{store.SETS_GROUP}/{target.name}" not in group:
+        return [f"{where}: incomplete (rerun `pkd-prep teacher STORE --name {target.name} ...`)"]
+    missing = np.flatnonzero(~store.set_done_shards(group, target.name))
+    if missing.size:
+        return [f"{where}: shards {missing.tolist()} not written (rerun `pkd-prep teacher STORE --name {target.name}`)"]
+    valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)
+    n = store.split_attrs(group).num_samples
+    faults = []
+    for array, spec in target.arrays.items():
+        path = target.path(array)
+        node = store.array_of(group, path)
+        if node.shape != (n, *spec.shape) or node.dtype != np.dtype(spec.dtype):
+            faults.append(f"{where}/{array}: shape {node.shape} dtype {node.dtype}, expected {(n, *spec.shape)}")
+            continue
+        for shard, start, stop in store.iter_shards(group):
+            try:
+                values = store.read_shard(group, path, start, stop)
+            except StoreError as exc:
+                faults.append(f"{where}/{array} shard {shard}: unreadable: {exc.__cause__}")
+                continue
+            if not np.isfinite(values[valid[start:stop]]).all():
+                faults.append(f"{where}/{array} shard {shard}: holds NaN or inf")
+        if valid.any() and store.read_stats(group, path) is None:
+            faults.append(
+                f"{where}/{array}: no mean/std recorded (rerun `pkd-prep teacher STORE --name {target.name}`)"
+            )
     return faults

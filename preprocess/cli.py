@@ -194,6 +194,14 @@ def info(
             f"{name}: {s['samples']} samples ({s['valid']} valid), {s['scenes']} scenes, "
             f"{s['shards']} shards (done {s['shards_done']}), skipped {s['skipped'] or 'none'}"
         )
+    typer.echo("target sets (train on one with --targets SET/ARRAY):")
+    for name, t in report["targets"].items():
+        arrays = ", ".join(f"{a} {tuple(spec['shape'])}" for a, spec in t["arrays"].items())
+        random = "  RANDOM WEIGHTS" if t["teacher"].get("random") else ""
+        typer.echo(
+            f"  {name}: {t['teacher'].get('kind')}{random}  [{arrays}]  {t['bytes_per_sample'] / 1024:.1f} KiB/sample"
+            f"  shards done {t['shards_done']}{'' if t['complete'] else '  (incomplete)'}"
+        )
 
 
 @app.command()
@@ -229,18 +237,66 @@ def upgrade(store: Store) -> None:
 def teacher_cmd(
     store: Store,
     seed: Annotated[int, typer.Option(help="Seed of a random teacher.")] = 0,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Add (or resume) the target set NAME beside the default one, computed by --teacher KIND: "
+            "clipcap, open_clip:MODEL (e.g. open_clip:ViT-B-16) or dinov2:SIZE (small|base|large|giant). "
+            "Train on it with `pkd-train distill STORE --targets NAME/ARRAY`."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="With --name: the teacher's local weights (open_clip: a state dict file; dinov2: a Hugging Face "
+            "folder; clipcap: the folder holding ViT-B-32.pt and conceptual_weights.pt)."
+        ),
+    ] = None,
+    random_weights: Annotated[
+        bool, typer.Option(help="With --name: seeded random weights (--seed), recorded as random: tests and demos.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="With --name: recompute a set that holds another teacher's targets.")
+    ] = False,
     **options: Any,
 ) -> None:
-    """Recompute only the teacher targets of a store (geometry kept; the dataset must still be reachable).
+    """Recompute only the teacher targets of a store, or add a named target set (geometry kept; the dataset must
+    still be reachable: the images are re-read from it).
 
-    Targets already computed by the same teacher identity are kept; another teacher replaces them all.
+    Without --name it recomputes the default (ClipCap) set: targets already computed by the same teacher identity
+    are kept; another teacher replaces them all. With --name it adds or resumes that set, shard by shard,
+    without touching the geometry or any other set.
     """
-    from pkd.preprocess.prep import run_teacher
+    if name is None:
+        from pkd.preprocess.prep import run_teacher
 
-    parts = configs(TEACHER_RUN_OPTIONS, options, seed)
-    summary = run_teacher(store, parts["teacher"], parts["run"])
-    for name, s in summary.items():
-        typer.echo(f"{name}: teacher targets for {s['shards_written']} shards written")
+        if weights is not None or random_weights or overwrite:
+            raise ConfigError("--weights, --random-weights and --overwrite go with --name SET (a set to add).")
+        parts = configs(TEACHER_RUN_OPTIONS, options, seed)
+        summary = run_teacher(store, parts["teacher"], parts["run"])
+        for split, s in summary.items():
+            typer.echo(f"{split}: teacher targets for {s['shards_written']} shards written")
+        return
+    from pkd.preprocess.target_pass import run_target_set
+    from pkd.preprocess.teachers import build_target_teacher
+
+    parts = by_section(TEACHER_RUN_OPTIONS, apply_aliases(options, ALIASES, ALIASES_REMOVED_IN))
+    teacher = parts["teacher"]
+    if teacher["clip_weights"] or teacher["clipcap_weights"] or options["weights_dir"] is not None:
+        raise ConfigError("with --name, pass the teacher's weights as --weights (file or folder, per kind).")
+    kind, random = ("clipcap", True) if teacher["kind"] == "random" else (teacher["kind"], random_weights)
+    built = build_target_teacher(
+        kind,
+        weights=weights,
+        random=random,
+        seed=seed,
+        device=teacher["device"],
+        precision=teacher["precision"],
+        patch_tokens=teacher["patch_tokens"],
+    )
+    summary = run_target_set(store, name, built, teacher["device"], RunOptions(**parts["run"], overwrite=overwrite))
+    for split, s in summary.items():
+        typer.echo(f"{split}: target set {name}: {s['shards_written']} shards written ({s['valid']} valid samples)")
 
 
 @app.command()

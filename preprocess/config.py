@@ -56,7 +56,11 @@ class PrepConfig:
 class TeacherConfig:
     """How to build the teacher; recorded with the store through ``Teacher.identity``."""
 
-    kind: str = option("clipcap", "clipcap (real weights) | random (seeded, tests/demos).")
+    kind: str = option(
+        "clipcap",
+        "clipcap (real weights) | random (seeded, tests/demos); `pkd-prep teacher --name` also takes "
+        "open_clip:MODEL | dinov2:SIZE.",
+    )
     clip_weights: str | None = option(None, "OpenAI ViT-B-32.pt or open_clip state dict; 'openai' downloads.")
     clipcap_weights: str | None = option(None, "ClipCap conceptual_weights.pt (MLP mapper).")
     device: str = option("cpu", "cpu | cuda (teacher device).")
@@ -68,7 +72,8 @@ class TeacherConfig:
         if self.kind not in KINDS:
             raise ConfigError(
                 f"unknown teacher kind {self.kind!r} (--teacher): choose 'clipcap' (real weights) or "
-                "'random' (tests, demos)."
+                "'random' (tests, demos); other kinds add a named target set beside these targets: "
+                "`pkd-prep teacher STORE --teacher KIND --name SET`."
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(

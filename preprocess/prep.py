@@ -97,7 +97,7 @@ def _open_or_create(
         _refuse_other_arguments(root, cfg, teacher_id.comparable(), out)
         if dropped := store.drop_partial_writes(out):
             log.info("%s: removed %d temp files of writes an earlier prep was killed in", out, dropped)
-        _check_plans(root, plans, cfg, out)
+        check_plans(root, plans, cfg, out)
         return root
     prep = to_plain(cfg)
     created = store.RootAttrs(prep=prep, teacher=teacher_id, versions=package_versions(), status=store.CREATING)
@@ -153,7 +153,7 @@ def _refuse_other_arguments(root: zarr.Group, cfg: PrepConfig, teacher_id: Mappi
         )
 
 
-def _check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
+def check_plans(root: zarr.Group, plans: dict[str, SplitPlan], cfg: PrepConfig, out: str) -> None:
     for name, plan in plans.items():
         if name not in root or store.split_attrs(store.split_group(root, name)).plan != plan.fingerprint():
             raise ConfigError(
@@ -188,17 +188,23 @@ def finalize(group: zarr.Group) -> dict:
     skipped = Counter(attrs.plan_skipped)
     counts = np.asarray(store.array_of(group, "skipped_counts")[:]).sum(axis=0)
     skipped.update({r: int(c) for r, c in zip(attrs.skip_reasons, counts) if c})
-    valid = np.asarray(store.array_of(group, "valid")[:])
+    valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)
     for name in ("prefix", "clip_embed"):
-        total, total_sq = 0.0, 0.0
-        for _, start, stop in store.iter_shards(group):
-            values = store.read_shard(group, name, start, stop)[valid[start:stop]].astype(np.float64)
-            total, total_sq = total + values.sum(0), total_sq + (values**2).sum(0)
-        if valid.any():
-            mean = total / valid.sum()
-            store.write_stats(group, name, mean, np.sqrt(np.maximum(total_sq / valid.sum() - mean**2, 0.0)))
+        write_target_stats(group, name, valid)
     store.write_split_attrs(group, replace(attrs, skipped=dict(skipped), valid=int(valid.sum())))
     return {"skipped": dict(skipped), "valid": int(valid.sum())}
+
+
+def write_target_stats(group: zarr.Group, path: str, valid: np.ndarray) -> None:
+    """Write the per-dimension mean and std of the valid samples of target array ``path`` (none without any)."""
+    if not valid.any():
+        return
+    total, total_sq = 0.0, 0.0
+    for _, start, stop in store.iter_shards(group):
+        values = store.read_shard(group, path, start, stop)[valid[start:stop]].astype(np.float64)
+        total, total_sq = total + values.sum(0), total_sq + (values**2).sum(0)
+    mean = total / valid.sum()
+    store.write_stats(group, path, mean, np.sqrt(np.maximum(total_sq / valid.sum() - mean**2, 0.0)))
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
@@ -286,7 +292,7 @@ def run_teacher(out: str, teacher_cfg: TeacherConfig, options: RunOptions = RunO
             store.write_root_attrs(root, replace(attrs, teacher=teacher.identity, status="in-progress"))
         entries = cfg.scenes_to_read()
         plans = plan_splits(entries, cfg.frame_skip, cfg.limit, options.progress)
-        _check_plans(root, plans, cfg, out)
+        check_plans(root, plans, cfg, out)
         with _disk_full_is_store_error(out):
             return _build(out, root, cfg, plans, teacher, teacher_cfg, options)
 

@@ -61,7 +61,7 @@ def _raw_frames(job: ShardJob) -> Iterator[tuple[SceneEntry, Camera, RawFrame]]:
                 yield entry, reader.camera, raw
 
 
-def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
     """Like pool.map, but never more than ``window`` items in flight (bounded memory)."""
     in_flight: deque[Future] = deque()
     for item in items:
@@ -111,7 +111,7 @@ def build_shard(
         pending.clear()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = _ordered_map(pool, prepare, _raw_frames(job), window=2 * teacher_batch)
+        results = ordered_map(pool, prepare, _raw_frames(job), window=2 * teacher_batch)
         for i, ((scene, frame), result) in enumerate(zip(job.samples, results, strict=True)):
             arrays["scene"][i] = scene
             arrays["frame"][i] = frame
