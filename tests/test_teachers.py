@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -199,6 +200,17 @@ def test_dinov2_local_folder_reproduces_the_source_model(dinov2_folder, frame):
     hashes = teacher.identity["weights_sha256"]
     assert hashes["model.safetensors"] == tw.sha256_file(folder / "model.safetensors")
     assert teacher.identity["random"] is False and teacher.identity["architecture"]["hidden_size"] == 384
+
+
+def test_dinov2_half_checkpoint_runs_in_float32(dinov2_folder, tmp_path):
+    model, _ = dinov2_folder
+    half = tmp_path / "half"
+    copy.deepcopy(model).half().save_pretrained(str(half))
+    teacher = build_target_teacher("dinov2:small", weights=str(half))
+    x = batch(224)
+    with torch.no_grad():
+        source = model(pixel_values=x).pooler_output
+    torch.testing.assert_close(teacher.encode(x)["cls"], source, atol=0.05, rtol=0.01)
 
 
 def test_dinov2_wrong_folders_are_weights_errors(dinov2_folder, tmp_path):

@@ -9,6 +9,7 @@ Device checks, half-precision autocast and the random-teacher warning are those 
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.config import TeacherConfig
 from pkd.preprocess.teacher import autocast, check_device
 
+MAX_SHOWN = 12  # choices named in full in an error; beyond that, the nearest ones
 RANDOM_HINT = "or pass --random-weights for seeded random weights (tests and demos only)"
 
 
@@ -148,6 +150,10 @@ def file_hashes(paths: list[Path]) -> dict[str, str]:
 def choose(value: str | None, choices: list[str] | tuple[str, ...], what: str, spec: str) -> str:
     """``value`` if it is one of ``choices``, else a ConfigError naming them."""
     if value is None or value not in choices:
-        shown = ", ".join(choices) if len(choices) <= 12 else ", ".join(choices[:12]) + f", ... ({len(choices)} in all)"
-        raise ConfigError(f"unknown {what} {value!r} in teacher kind {spec!r} (--teacher): choose one of {shown}.")
+        if len(choices) <= MAX_SHOWN:
+            shown = f"choose one of {', '.join(choices)}"
+        else:  # open_clip lists over a hundred models: the nearest names, and how to list them all
+            near = difflib.get_close_matches(value or "", choices, n=MAX_SHOWN, cutoff=0.5)
+            shown = f"{len(choices)} known" + (f", nearest: {', '.join(near)}" if near else "")
+        raise ConfigError(f"unknown {what} {value!r} in teacher kind {spec!r} (--teacher): {shown}.")
     return value

@@ -92,7 +92,10 @@ def _from_folder(folder: Path, size: str) -> tuple[Any, list[Path]]:
     if not (folder / "config.json").is_file():
         raise WeightsError(f"teacher dinov2:{size}: {folder} holds no config.json. Get {_source(size)}.")
     try:
-        loaded: Any = Dinov2Model.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        # float32 whatever the checkpoint holds: half precisions run through autocast, as for every kind
+        loaded: Any = Dinov2Model.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True, dtype=torch.float32
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"teacher dinov2:{size}: cannot load {folder}: {exc}. Get {_source(size)}.") from exc
     model, info = loaded
