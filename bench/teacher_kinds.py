@@ -30,7 +30,7 @@ def sync(teacher: TargetTeacher) -> None:
 
 def images_per_s(teacher: TargetTeacher, batch: int, batches: int, repeats: int) -> tuple[float, list[float]]:
     """Best of ``repeats`` runs of ``batches`` forwards of ``batch`` images, after one warm-up forward."""
-    size = teacher.transform.image_size
+    size = teacher.transform.center_crop
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(teacher.device)
     teacher.encode(x)
     runs = []
@@ -70,7 +70,7 @@ def main() -> None:
             {
                 "kind": kind,
                 "arrays": " ".join(f"{a.name}{a.shape}".replace(" ", "") for a in teacher.arrays),
-                "image_size": teacher.transform.image_size,
+                "input": teacher.transform.center_crop,
                 "bytes/sample": with_tokens - math.prod(tokens.shape) * FLOAT16_BYTES,
                 "bytes/sample+tokens": with_tokens,
                 "images/s": speed,

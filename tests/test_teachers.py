@@ -7,11 +7,13 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pkd.common.errors import ConfigError, WeightsError
+from pkd.common.geometry import teacher_crop_box
 from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.teacher import ClipCapMLP, TeacherConfig, build_teacher
 from pkd.preprocess.teachers import KIND_HELP, KINDS, build_target_teacher
@@ -43,7 +45,7 @@ def test_random_teacher_is_seeded_marked_and_matches_its_arrays(kind, caplog):
     with caplog.at_level(logging.WARNING):
         teacher = build_target_teacher(kind, random=True, seed=3, patch_tokens=True)
     assert "RANDOM TEACHER (seed 3)" in caplog.text
-    x = batch(teacher.transform.image_size)
+    x = batch(teacher.transform.center_crop)
     out = teacher.encode(x)
     assert {a.name: a.shape for a in teacher.arrays} == EXPECTED[kind]
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, *s) for k, s in EXPECTED[kind].items()}
@@ -64,11 +66,31 @@ def test_random_teacher_is_seeded_marked_and_matches_its_arrays(kind, caplog):
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED))
+def test_transform_shows_the_model_the_crop_the_store_maps_points_into(kind):
+    """A frame black but for a white band just inside ``teacher_crop_box``: the model sees the band at its edges."""
+    teacher = build_target_teacher(kind, random=True)
+    t = teacher.transform
+    width, height, band = 1296, 968, 0.06  # ScanNet's colour frames; the band is 6 % of the box
+    u0, v0, u1, v1 = teacher_crop_box(width, height, t.image_size, t.center_crop)
+    du, dv = band * (u1 - u0), band * (v1 - v0)
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[round(v0) : round(v1), round(u0) : round(u1)] = 255
+    frame[round(v0 + dv) : round(v1 - dv), round(u0 + du) : round(u1 - du)] = 0
+    x = teacher.preprocess(Image.fromarray(frame))
+    grey = (x * torch.tensor(t.std)[:, None, None] + torch.tensor(t.mean)[:, None, None]).mean(0)
+    c, ring = t.center_crop, round(band * t.center_crop)
+    assert x.shape == (3, c, c)
+    for edge in (grey[2 : ring - 2], grey[c - ring + 2 : c - 2], grey[:, 2 : ring - 2], grey[:, c - ring + 2 : c - 2]):
+        assert edge.mean() > 0.9
+    assert grey[ring + 3 : c - ring - 3, ring + 3 : c - ring - 3].mean() < 0.05
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
 def test_patch_tokens_only_on_request(kind):
     teacher = build_target_teacher(kind, random=True, seed=0)
     expected = {k: s for k, s in EXPECTED[kind].items() if k != "patch_tokens"}
     assert {a.name: a.shape for a in teacher.arrays} == expected
-    assert set(teacher.encode(batch(teacher.transform.image_size))) == set(expected)
+    assert set(teacher.encode(batch(teacher.transform.center_crop))) == set(expected)
 
 
 def test_clipcap_kind_is_build_teacher(frame):
@@ -158,6 +180,25 @@ def test_open_clip_checkpoint_missing_keys_is_a_weights_error(open_clip_model, t
     torch.save({"visual.conv1.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(WeightsError, match="does not fit"):
         build_target_teacher(f"open_clip:{OPEN_CLIP}", weights=str(path))
+
+
+def test_open_clip_tag_takes_that_tags_preprocessing(monkeypatch, frame):
+    open_clip = import_open_clip()
+    tag_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "resize_mode": "shortest"}
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda model: ["webby"])
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda model, tag: tag_cfg)
+    teacher = build_target_teacher(f"open_clip:{OPEN_CLIP}@webby", random=True)
+    reference = open_clip.image_transform(224, is_train=False, mean=0.5, std=0.5, interpolation="bilinear")
+    assert torch.equal(teacher.preprocess(frame), reference(frame))
+    assert teacher.transform.mean == (0.5, 0.5, 0.5) and teacher.transform.interpolation == "bilinear"
+    assert teacher.identity["pretrained_tag"] == "webby" and teacher.identity["transform"]["std"] == [0.5] * 3
+
+
+def test_open_clip_tags_that_squash_or_do_not_exist_are_refused():
+    with pytest.raises(ConfigError, match="'squash'"):  # refused before the (large) model is built
+        build_target_teacher("open_clip:ViT-H-14@dfn5b", random=True)
+    with pytest.raises(ConfigError, match="laion2b_s34b_b88k"):
+        build_target_teacher("open_clip:ViT-B-16@nope", random=True)
 
 
 @pytest.fixture(scope="module")
@@ -262,4 +303,4 @@ def test_weights_or_random_weights_and_precision_checks(kind):
 
 def test_kind_help_lists_every_kind():
     assert KIND_HELP.splitlines() == [f"{k.usage}: {k.help}" for k in KINDS.values()]
-    assert [k.usage for k in KINDS.values()] == ["clipcap", "open_clip:<model>", "dinov2:<size>"]
+    assert [k.usage for k in KINDS.values()] == ["clipcap", "open_clip:<model>[@<tag>]", "dinov2:<size>"]

@@ -25,7 +25,7 @@ from pkd.preprocess import teacher_weights as tw
 from pkd.preprocess.config import TeacherConfig
 from pkd.preprocess.teacher import autocast, check_device
 
-MAX_SHOWN = 12  # choices named in full in an error; beyond that, the nearest ones
+MAX_SHOWN = 20  # choices named in full in an error; beyond that, the nearest ones
 RANDOM_HINT = "or pass --random-weights for seeded random weights (tests and demos only)"
 
 
@@ -39,7 +39,11 @@ class TargetArray:
 
 
 class TargetTeacher(Protocol):
-    """A frozen 2D teacher: ``preprocess`` a PIL image, ``encode`` a batch of them into named arrays."""
+    """A frozen 2D teacher: ``preprocess`` a PIL image, ``encode`` a batch of them into named arrays.
+
+    ``transform`` follows ``common.geometry.teacher_crop_box``: the shortest side is resized to
+    ``image_size``, then a ``center_crop`` square (what the model sees) is cut from the middle.
+    """
 
     identity: dict[str, Any]
     transform: TransformAttrs
@@ -47,11 +51,11 @@ class TargetTeacher(Protocol):
     device: torch.device
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The (3, S, S) float32 model input for one image (S = ``transform.image_size``)."""
+        """The (3, C, C) float32 model input for one image (C = ``transform.center_crop``)."""
         ...
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Array name -> float32 (B, *shape) on the teacher's device for (B, 3, S, S) preprocessed images."""
+        """Array name -> float32 (B, *shape) on the teacher's device for (B, 3, C, C) preprocessed images."""
         ...
 
 
@@ -116,7 +120,7 @@ class ModuleTeacher:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = checked_images(images, self.transform.image_size).to(self.device, torch.float32, non_blocking=True)
+        x = checked_images(images, self.transform.center_crop).to(self.device, torch.float32, non_blocking=True)
         with autocast(self.device, self.precision):
             out = self.forward(x)
         return {a.name: out[a.name].float() for a in self.arrays}

@@ -75,7 +75,7 @@ def _transform() -> tuple[Any, TransformAttrs]:
         ]
     )
     attrs = TransformAttrs(
-        image_size=CROP,
+        image_size=RESIZE,
         resize=f"shortest side to {RESIZE}",
         interpolation="bicubic",
         center_crop=CROP,
