@@ -37,6 +37,13 @@ IMAGE_SIZE = 224
 RESIZE_MODE, INTERPOLATION = "shortest", "bicubic"
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to a teacher's half precision on its device; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
 @dataclass
 class TeacherOutput:
     """Teacher targets for a batch, float32: prefix (B,10,768), clip_embed (B,512), patch_tokens (B,49,512)."""
@@ -72,11 +79,6 @@ class Teacher:
     patch_tokens: bool = False
     image_size: int = IMAGE_SIZE
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> TeacherOutput:
         """Targets for (B,3,224,224) transformed images; outputs float32 on the teacher's device."""
@@ -87,7 +89,7 @@ class Teacher:
             )
         x = images.to(self.device, torch.float32, non_blocking=True)
         tokens = None
-        with self._autocast():
+        with autocast(self.device, self.precision):
             if self.patch_tokens:
                 pooled, tokens = self.visual(x)
                 tokens = (tokens @ self.visual.proj).float()
@@ -98,7 +100,8 @@ class Teacher:
         return TeacherOutput(prefix=self.mapper(clip_embed), clip_embed=clip_embed, patch_tokens=tokens)
 
 
-def _check_config(cfg: TeacherConfig) -> torch.device:
+def check_device(cfg: TeacherConfig) -> torch.device:
+    """The teacher's torch device; a ConfigError for a device that is absent or a precision it cannot run."""
     try:
         device = torch.device(cfg.device)
     except RuntimeError as exc:
@@ -110,6 +113,16 @@ def _check_config(cfg: TeacherConfig) -> torch.device:
     if device.type == "cpu" and cfg.precision == "bf16":
         log.warning("bf16 teacher on CPU runs through CPU autocast and is very slow on most CPUs; fp32 is faster.")
     return device
+
+
+def warn_random_teacher(what: str, seed: int) -> None:
+    """Say loudly that targets come from seeded random weights: fine for tests and demos, useless to learn from."""
+    log.warning(
+        "!!! RANDOM TEACHER (seed %d): targets come from randomly initialised %s weights; "
+        "use it for tests and demos only, never for real pre-training. !!!",
+        seed,
+        what,
+    )
 
 
 def _load_visual(visual: nn.Module, path: Path) -> None:
@@ -154,7 +167,7 @@ def teacher_config_identity(cfg: TeacherConfig) -> dict:
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     """Build the frozen teacher from local weight files (or seeded random weights for kind='random')."""
-    device = _check_config(cfg)
+    device = check_device(cfg)
     random = cfg.kind == "random"
     files: dict[str, Any] = dict.fromkeys(
         ("clip_weights", "clip_weights_sha256", "clipcap_weights", "clipcap_weights_sha256")
@@ -184,11 +197,7 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     visual = model.visual
     del model  # the text tower is never used
     if random:
-        log.warning(
-            "!!! RANDOM TEACHER (seed %d): targets come from randomly initialised CLIP + ClipCap weights; "
-            "use it for tests and demos only, never for real pre-training. !!!",
-            cfg.seed,
-        )
+        warn_random_teacher("CLIP + ClipCap", cfg.seed)
     else:
         _load_visual(visual, clip_path)
         mapper.load_state_dict(mapper_state)
