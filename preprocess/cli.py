@@ -24,7 +24,7 @@ from pkd.common.options import (
 )
 from pkd.common.seg_cache import is_seg_cache, verify_cache
 from pkd.common.verify import store_info, verify_store
-from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
+from pkd.preprocess.config import CLIP_FILE, CLIPCAP_FILE, PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.frame_sample import GeometryConfig
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ app = typer.Typer(
 )
 app.callback()(logs.cli_options)
 
-CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"
 
 Store = Annotated[str, typer.Argument(help="Pair store path.")]
 Split = Annotated[str, typer.Option(help="Split of the store.")]
@@ -277,9 +276,12 @@ def teacher_cmd(
         for split, s in summary.items():
             typer.echo(f"{split}: teacher targets for {s['shards_written']} shards written")
         return
-    from pkd.preprocess.target_pass import run_target_set
+    from pkd.common.store import open_store
+    from pkd.preprocess.target_pass import check_set_name, run_target_set
     from pkd.preprocess.teachers import build_target_teacher
 
+    check_set_name(name, store)
+    open_store(store)  # a missing or foreign store is refused before the teacher is built
     parts = by_section(TEACHER_RUN_OPTIONS, apply_aliases(options, ALIASES, ALIASES_REMOVED_IN))
     teacher = parts["teacher"]
     if teacher["clip_weights"] or teacher["clipcap_weights"] or options["weights_dir"] is not None:

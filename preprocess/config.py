@@ -19,6 +19,8 @@ from pkd.preprocess.scenes import SceneEntry, find_scenes
 
 KINDS = ("clipcap", "random")
 
+CLIP_FILE, CLIPCAP_FILE = "ViT-B-32.pt", "conceptual_weights.pt"  # what a --weights-dir folder holds
+
 
 @dataclass(frozen=True, kw_only=True)
 class PrepConfig:

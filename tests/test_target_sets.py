@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _cli import run_script
 
 from pkd.common import store
 from pkd.common.verify import verify_store
+
+from _cli import run_script
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -47,57 +48,64 @@ def store_copy(demo_store, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture
-def with_dino(store_copy) -> Path:
-    done = add_set(store_copy, "dino")
+@pytest.fixture(scope="module")
+def dino_store(demo_store, tmp_path_factory) -> Path:
+    """The demo store with a seeded random DINOv2-small set ``dino`` (read-only: ``with_dino`` copies it)."""
+    out = tmp_path_factory.mktemp("sets") / "pairs.zarr"
+    shutil.copytree(demo_store, out)
+    done = add_set(out, "dino")
     assert done.returncode == 0, done.stderr
-    return store_copy
+    return out
+
+
+@pytest.fixture
+def with_dino(dino_store, tmp_path) -> Path:
+    out = tmp_path / "dino.zarr"
+    shutil.copytree(dino_store, out)
+    return out
 
 
 def read_set(path: Path, split: str, array: str) -> np.ndarray:
     return np.asarray(zarr.open_group(str(path), mode="r")[f"{split}/{store.SETS_GROUP}/dino/{array}"][:])
 
 
-def test_a_set_is_added_beside_the_default_without_touching_it(store_copy):
-    before = tree_digest(store_copy)
-    done = add_set(store_copy, "dino")
-    assert done.returncode == 0, done.stderr
-    assert tree_digest(store_copy) == before  # geometry and the default set: byte for byte
-    root = store.open_store(store_copy)
+def test_a_set_is_added_beside_the_default_without_touching_it(demo_store, dino_store):
+    assert tree_digest(dino_store) == tree_digest(demo_store)  # geometry and the default set: byte for byte
+    root = store.open_store(dino_store)
     sets = store.target_sets(root)
     assert list(sets) == [store.DEFAULT_SET, "dino"]
     dino = sets["dino"]
     assert dino.complete and dino.teacher["random"] and dino.teacher["seed"] == 3
     assert {name: a.shape for name, a in dino.arrays.items()} == {"cls": (384,)}
-    assert dino.transform.center_crop == 224
+    assert (dino.transform.image_size, dino.transform.center_crop) == (256, 224)
     for split in store.splits_of(root):
         group = store.split_group(root, split)
         valid = np.asarray(group["valid"][:]).astype(bool)
-        cls = read_set(store_copy, split, "cls")
+        cls = read_set(dino_store, split, "cls")
         assert cls.dtype == np.float16 and cls.shape == (len(valid), 384)
         assert np.abs(cls[valid]).sum(axis=1).min() > 0 and not cls[~valid].any()
         mean, _ = store.read_stats(group, f"{store.SETS_GROUP}/dino/cls")
         np.testing.assert_allclose(mean, cls[valid].astype(np.float64).mean(0), atol=1e-3)
-    assert verify_store(str(store_copy)) == []
+    assert verify_store(str(dino_store)) == []
 
 
-def test_set_targets_are_the_teachers_outputs_on_the_stored_frames(with_dino, demo_root):
+def test_set_targets_are_the_teachers_outputs_on_the_stored_frames(dino_store):
     from PIL import Image
 
     from pkd.preprocess.frames import decode_color
     from pkd.preprocess.scenes import open_scene
     from pkd.preprocess.teachers import build_target_teacher
 
-    root = store.open_store(with_dino)
+    root = store.open_store(dino_store)
     group = store.split_group(root, "train")
     first = int(np.asarray(group["valid"][:]).argmax())
     scene = store.split_attrs(group).scenes[int(group["scene"][first])]
-    entry = next(e for e in store_prep_entries(with_dino) if e.name == scene)
+    entry = next(e for e in store_prep_entries(dino_store) if e.name == scene)
     with open_scene(entry) as reader:
         (raw,) = reader.read([int(group["frame"][first])])
     teacher = build_target_teacher("dinov2:small", random=True, seed=3)
     expected = teacher.encode(teacher.preprocess(Image.fromarray(decode_color(raw)))[None])["cls"][0].numpy()
-    np.testing.assert_allclose(read_set(with_dino, "train", "cls")[first], expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(read_set(dino_store, "train", "cls")[first], expected, rtol=2e-3, atol=2e-3)
 
 
 def store_prep_entries(path: Path):
@@ -137,6 +145,7 @@ def test_another_teacher_under_the_same_name_is_refused_unless_overwrite(with_di
     assert not np.array_equal(read_set(with_dino, "train", "cls"), before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -155,11 +164,12 @@ def test_bad_set_arguments_exit_2_naming_the_fix(store_copy, args, message):
     assert tree_digest(store_copy, skip="\0") == before
 
 
+@pytest.mark.slow
 def test_a_set_needs_the_source_frames(demo_root, tmp_path):
-    from conftest import demo_prep_config
-
     from pkd.preprocess.prep import RunOptions, run_prep
     from pkd.preprocess.teacher import TeacherConfig
+
+    from conftest import demo_prep_config
 
     source = tmp_path / "scans"
     shutil.copytree(demo_root, source)
@@ -172,12 +182,12 @@ def test_a_set_needs_the_source_frames(demo_root, tmp_path):
     assert store.target_sets(store.open_store(out)).keys() == {store.DEFAULT_SET}
 
 
-def test_info_lists_every_set_with_its_size(with_dino):
-    report = json.loads(run_script("pkd-prep", "info", with_dino, "--json").stdout)
+def test_info_lists_every_set_with_its_size(dino_store):
+    report = json.loads(run_script("pkd-prep", "info", dino_store, "--json").stdout)
     assert list(report["targets"]) == [store.DEFAULT_SET, "dino"]
     assert report["targets"]["dino"]["bytes_per_sample"] == 384 * 2
     assert report["targets"][store.DEFAULT_SET]["bytes_per_sample"] == (10 * 768 + 512) * 2
-    text = run_script("pkd-prep", "info", with_dino).stdout
+    text = run_script("pkd-prep", "info", dino_store).stdout
     assert "dino: dinov2:small  RANDOM WEIGHTS  [cls (384,)]  0.8 KiB/sample" in text
 
 
@@ -192,6 +202,7 @@ def test_verify_checks_the_added_sets(with_dino):
     assert any("dino/cls" in f and "NaN" in f for f in faults), faults
 
 
+@pytest.mark.slow
 def test_a_version_2_store_reads_and_takes_a_set(store_copy):
     root = zarr.open_group(str(store_copy), mode="r+")
     attrs = dict(root.attrs)

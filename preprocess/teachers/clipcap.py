@@ -16,7 +16,7 @@ from PIL import Image
 from pkd.common.errors import WeightsError
 from pkd.common.store import CLIP_DIM, PATCH_TOKENS, PREFIX_SHAPE, TransformAttrs
 from pkd.preprocess import teacher_weights as tw
-from pkd.preprocess.config import TeacherConfig
+from pkd.preprocess.config import CLIP_FILE, CLIPCAP_FILE, TeacherConfig
 from pkd.preprocess.teacher import Teacher, build_teacher
 from pkd.preprocess.teachers.base import BuildOptions, TargetArray, TeacherKind
 
@@ -45,7 +45,6 @@ class ClipCapTeacher:
 
 
 def _weight_files(folder: str) -> tuple[str, str]:
-    from pkd.preprocess.cli import CLIP_FILE, CLIPCAP_FILE  # the --weights-dir layout, defined by the CLI
 
     path = Path(folder)
     if not path.is_dir():
