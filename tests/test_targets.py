@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from pkd.common.errors import ConfigError
 from pkd.common.store import CLIP_DIM, PATCH_TOKENS, PREFIX_SHAPE, teacher_crop
+from pkd.train.ablate import run_ablation
 from pkd.train.config import TrainConfig
 from pkd.train.downstream.models import init_encoder
 from pkd.train.encoder import PointEncoder
@@ -17,7 +19,7 @@ from pkd.train.model import Student, StudentConfig
 from pkd.train.trainer import open_data, recorded_config, train, with_target
 
 from _cli import TINY_STUDENT as TINY
-from _cli import run_script
+from _cli import flags, run_script
 from store_factory import add_target_set, make_store, synthetic_transform
 
 SET_ARRAYS = {"embed": (24,), "tokens": (16, 24)}  # a DINOv2-like set: a CLS embedding and a 4×4 token grid
@@ -90,6 +92,44 @@ def test_configs_refuse_targets_they_cannot_train_on():
         StudentConfig(variant="local", targets="dino/tokens", target_shape=(15, 24))
     with pytest.raises(ConfigError, match="has no target_shape"):
         Student(StudentConfig(**TINY))
+
+
+def test_ablate_targets_gives_rows_per_target_set_and_a_targets_column(store, tmp_path):
+    base = config(store, max_steps=1)
+    out = tmp_path / "ablate"
+    targets = ["clipcap/clip_embed", "dino/embed"]
+    rows = run_ablation(base, ["distill", "recon"], [0], out, progress=False, targets=targets)
+    assert [(r["variant"], r.get("targets")) for r in rows] == [
+        ("distill", "clipcap/clip_embed"),
+        ("distill", "dino/embed"),
+        ("recon", None),
+    ]
+    assert all(r["status"] == "done" and r["steps"] == 1 for r in rows)
+    for row, shape in zip(rows, ([512], [24], None)):
+        recorded = json.loads((Path(row["run_dir"]) / "config.json").read_text())
+        assert recorded["config"]["model"]["target_shape"] == shape
+    assert Path(rows[1]["run_dir"]).name == "distill-dino-embed-seed0"
+    markdown = (out / "table.md").read_text()
+    assert markdown.startswith("| variant | targets | seed |")
+    assert "| distill | dino/embed | 0 |" in markdown and "| distill [dino/embed] | dino/embed MSE | 1 |" in markdown
+    again = run_ablation(base, ["distill"], [0], out, progress=False, targets=["dino/embed"], resume=True)
+    assert [r["steps"] for r in again] == [1, 1, 1] and len(again) == 3  # nothing new, nothing trained twice
+
+
+@pytest.mark.parametrize(
+    "targets, named",
+    [
+        ("dino/embed,siglip/embed", "has no target set 'siglip'; it holds clipcap, dino"),
+        ("dino/cls", "target set 'dino' has no array 'cls'; it holds embed, tokens"),
+        ("dino/embed,dino/embed", "--targets must list each SET/ARRAY once"),
+    ],
+)
+def test_ablate_refuses_a_wrong_target_with_exit_2_before_any_pretraining(store, tmp_path, targets, named):
+    args = flags(**TINY, batch_size=4, max_steps=1, device="cpu", eval="none", targets=targets)
+    done = run_script("pkd-train", "ablate", store, "--variants", "distill,recon", *args, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert named in " ".join(done.stderr.split())
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("table.json"))
 
 
 @pytest.mark.parametrize(

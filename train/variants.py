@@ -22,8 +22,14 @@ class Variant:
     target: str | None  # store array the head regresses (in a split: ``target_path``), None for pure reconstruction
     head: Head | None
     losses: tuple[LossTerm, ...]
-    objective: str  # what its loss measures (losses of different objectives are not comparable)
+    measure: str  # what its loss measures, ``{target}`` standing for ``target_label`` (see ``objective``)
     extra_arrays: tuple[str, ...] = ()
+    target_label: str = ""  # what ``target`` holds, in words (``SET/ARRAY`` once retargeted)
+
+    @property
+    def objective(self) -> str:
+        """What its loss measures (losses of different objectives are not comparable): "prefix MSE"."""
+        return self.measure.format(target=self.target_label)
 
     @property
     def arrays(self) -> tuple[str, ...]:
@@ -40,19 +46,29 @@ class Variant:
         """Whether its loss needs the teacher's crop of the pixels (``pkd.common.store.teacher_crop``)."""
         return any(term.needs_crop for term in self.losses)
 
-    def retarget(self, path: str) -> Variant:
-        """This variant regressing the store array ``path`` instead (its loss terms that read a target too)."""
-        return replace(self, target=path, losses=tuple(term.retarget(path) for term in self.losses))
+    def retarget(self, path: str, label: str) -> Variant:
+        """This variant regressing the store array ``path`` (``label``: its ``SET/ARRAY`` name) instead, its loss
+        terms that read a target too."""
+        losses = tuple(term.retarget(path) for term in self.losses)
+        return replace(self, target=path, losses=losses, target_label=label)
 
 
 VARIANTS: dict[str, Variant] = {
-    "distill": Variant("prefix", ConceptHead(), (TargetMSE("prefix"),), "prefix MSE"),
-    "no-concept": Variant("prefix", PooledHead(), (TargetMSE("prefix"),), "prefix MSE"),
-    "clip-target": Variant("clip_embed", ConceptHead(), (TargetMSE("clip_embed"),), "CLIP-embedding MSE"),
-    "local": Variant("patch_tokens", TokenHead(), (LocalAlignment(),), "patch-token cosine", ("pixels", "in_view")),
+    "distill": Variant("prefix", ConceptHead(), (TargetMSE("prefix"),), "{target} MSE", target_label="prefix"),
+    "no-concept": Variant("prefix", PooledHead(), (TargetMSE("prefix"),), "{target} MSE", target_label="prefix"),
+    "clip-target": Variant(
+        "clip_embed", ConceptHead(), (TargetMSE("clip_embed"),), "{target} MSE", target_label="CLIP-embedding"
+    ),
+    "local": Variant(
+        "patch_tokens", TokenHead(), (LocalAlignment(),), "{target} cosine", ("pixels", "in_view"), "patch-token"
+    ),
     "recon": Variant(None, None, (MaskedChamfer(),), "Chamfer-L2"),
     "recon+distill": Variant(
-        "prefix", ConceptHead(), (TargetMSE("prefix"), MaskedChamfer()), "prefix MSE + w·Chamfer-L2"
+        "prefix",
+        ConceptHead(),
+        (TargetMSE("prefix"), MaskedChamfer()),
+        "{target} MSE + w·Chamfer-L2",
+        target_label="prefix",
     ),
 }
 
@@ -121,9 +137,11 @@ class ObjectiveConfig:
 
     @property
     def spec(self) -> Variant:
-        """The Variant this config trains, its terms pointing at the store path of ``target``."""
-        base, target = variant_spec(self.variant), self.target
-        return base if target is None else base.retarget(target_path(*target))
+        """The Variant this config trains, its terms pointing at the store path of ``targets`` where it names one."""
+        base = variant_spec(self.variant)
+        if self.targets is None:
+            return base
+        return base.retarget(target_path(*parse_target(self.targets)), self.targets)
 
     def weight(self, term: LossTerm) -> float:
         """The weight of ``term`` in the total loss: ``recon_weight`` for the reconstruction term of a variant that
