@@ -44,6 +44,8 @@ from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.model import Student, StudentConfig
 
+PREFIX = (10, 768)  # the sample shape of the ClipCap prefix the rows regress (a ViT-B/32 ClipCap's)
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -52,7 +54,7 @@ class Sizes:
     frames: int = 300
     teacher_batch: int = 64
     prep_points: int = 4096
-    train: StudentConfig = StudentConfig()
+    train: StudentConfig = StudentConfig(target_shape=PREFIX)
     train_batch: int = 32
     finetune_points: int = 1024
     classes: int = 40
@@ -70,7 +72,15 @@ QUICK = Sizes(
     steps=1,
     warmup=1,
     train=StudentConfig(
-        num_points=256, num_group=16, group_size=8, dim=48, depth=2, heads=2, num_concepts=4, head_hidden=32
+        num_points=256,
+        num_group=16,
+        group_size=8,
+        dim=48,
+        depth=2,
+        heads=2,
+        num_concepts=4,
+        head_hidden=32,
+        target_shape=PREFIX,
     ),
 )
 

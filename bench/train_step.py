@@ -187,7 +187,10 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps after one warm-up step; returns samples/s, s/step and peak memory."""
     device = torch.device(args.device)
     cfg = StudentConfig(
-        num_points=args.points, num_group=args.groups, head="pooled" if case == "student-pooled" else "flat"
+        num_points=args.points,
+        num_group=args.groups,
+        head="pooled" if case == "student-pooled" else "flat",
+        target_shape=(10, 768),  # the synthetic prefix its batches hold
     )
     settings = LossSettings.of(cfg)
     torch.manual_seed(0)

@@ -490,6 +490,12 @@ DEFAULT_MEANINGS = {
 }
 
 
+def target_path(name: str, array: str) -> str:
+    """Where ``array`` of target set ``name`` lies in a split group: the default set's at its top level, an added
+    set's under ``targets/<name>/`` (pure: it opens nothing, so a config can name its target before a store)."""
+    return array if name == DEFAULT_SET else f"{SETS_GROUP}/{name}/{array}"
+
+
 @dataclass(frozen=True)
 class TargetSet:
     """One named set of teacher targets as a trainer sees it: its teacher, transform and arrays, the default set
@@ -508,7 +514,7 @@ class TargetSet:
                 f"target set {self.name!r} has no array {array!r}; it holds {', '.join(self.arrays)} "
                 f"(pass --targets {self.name}/{next(iter(self.arrays))})."
             )
-        return array if self.name == DEFAULT_SET else f"{SETS_GROUP}/{self.name}/{array}"
+        return target_path(self.name, array)
 
     def bytes_per_sample(self) -> int:
         """Stored bytes of one sample's arrays, uncompressed."""

@@ -7,6 +7,7 @@ can actually learn them.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +20,54 @@ from pkd.common.store import (
     PREFIX_SHAPE,
     RootAttrs,
     SplitAttrs,
+    TargetArrayAttrs,
+    TargetSetAttrs,
     TeacherAttrs,
     TransformAttrs,
     create_split,
+    create_target_set,
+    int_attr,
+    root_attrs,
+    shard_ranges,
+    split_group,
+    splits_of,
+    target_path,
     write_root_attrs,
+    write_set_shard,
     write_shard,
     write_stats,
 )
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.prep import PrepConfig
+from pkd.train.variants import variant_spec
 
 COLOR_SIZE = (640, 480)
+CLIPCAP_SHAPES = {"prefix": PREFIX_SHAPE, "clip_embed": (CLIP_DIM,), "patch_tokens": (PATCH_TOKENS, CLIP_DIM)}
 
 
-def synthetic_teacher(seed: int, patch_tokens: bool) -> TeacherAttrs:
-    """The identity recorded for the synthetic targets: a random teacher with OpenAI's 224-pixel transform."""
-    transform = TransformAttrs(
-        image_size=224,
-        resize="shortest side to 224",
+def clipcap_target_shape(variant: str) -> tuple[int, ...] | None:
+    """The sample shape of the default-set array ``variant`` regresses in these stores (None: it regresses none),
+    for tests that build a ``Student`` without a store."""
+    target = variant_spec(variant).target
+    return None if target is None else CLIPCAP_SHAPES[target]
+
+
+def synthetic_transform(image_size: int = 224, center_crop: int = 224) -> TransformAttrs:
+    """A teacher transform: resize the shortest side to ``image_size``, centre crop ``center_crop`` (OpenAI's)."""
+    return TransformAttrs(
+        image_size=image_size,
+        resize=f"shortest side to {image_size}",
         interpolation="bicubic",
-        center_crop=224,
+        center_crop=center_crop,
         mean=(0.481, 0.458, 0.408),
         std=(0.269, 0.261, 0.276),
         steps=(),
     )
+
+
+def synthetic_teacher(seed: int, patch_tokens: bool) -> TeacherAttrs:
+    """The identity recorded for the synthetic targets: a random teacher with OpenAI's 224-pixel transform."""
+    transform = synthetic_transform()
     return TeacherAttrs(
         clip_model="synthetic",
         mapper="random linear map of the cloud's spread",
@@ -148,3 +173,34 @@ def make_store(
             values = np.concatenate(kept).astype(np.float64)
             write_stats(group, name, values.mean(0), values.std(0))
     return Path(path)
+
+
+def add_target_set(
+    path: str | Path,
+    name: str,
+    arrays: dict[str, tuple[int, ...]],
+    seed: int = 0,
+    transform: TransformAttrs | None = None,
+) -> dict[str, object]:
+    """Add the target set ``name`` to every split of the store at ``path`` through the store API: random float16
+    ``arrays`` (sample shapes by array name), their stats, and its root attrs entry, whose made-up teacher
+    identity is marked random. Returns that identity."""
+    root = zarr.open_group(str(path), mode="a")
+    specs = {a: TargetArrayAttrs(shape=shape, dtype="float16", meaning="random normal") for a, shape in arrays.items()}
+    teacher: dict[str, object] = {"kind": f"synthetic:{name}", "random": True, "seed": seed}
+    rng = np.random.default_rng(seed)
+    for split in splits_of(root):
+        group = split_group(root, split)
+        create_target_set(group, name, specs)
+        ranges = shard_ranges(int_attr(group, "num_samples"), int_attr(group, "shard_size"))
+        values = {a: rng.normal(size=(ranges[-1][1], *shape)).astype(np.float16) for a, shape in arrays.items()}
+        for shard, (start, stop) in enumerate(ranges):
+            write_set_shard(group, name, shard, {a: v[start:stop] for a, v in values.items()})
+        for a, v in values.items():
+            write_stats(group, target_path(name, a), v.astype(np.float64).mean(0), v.astype(np.float64).std(0))
+    attrs = root_attrs(root)
+    added = TargetSetAttrs(
+        teacher=teacher, device="cpu", transform=transform or synthetic_transform(), arrays=specs, status="complete"
+    )
+    write_root_attrs(root, dataclasses.replace(attrs, targets={**attrs.targets, name: added}))
+    return teacher

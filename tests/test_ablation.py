@@ -24,7 +24,7 @@ from pkd.train.trainer import train
 from _cli import TINY_STUDENT as TINY
 from _cli import flags, run_script
 from conftest import require_fixture
-from store_factory import make_store
+from store_factory import clipcap_target_shape, make_store
 
 TINY_CLI = flags(**TINY, batch_size=4, epochs=3, warmup_epochs=1, device="cpu")
 
@@ -56,7 +56,7 @@ def pkd_train(*args, cwd) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("head, changes", [("flat", True), ("pooled", False)])
 def test_the_flat_head_reads_every_concept_and_the_pooled_one_cannot_tell_them_apart(head, changes):
     torch.manual_seed(0)
-    student = Student(StudentConfig(**TINY, head=head)).eval()
+    student = Student(StudentConfig(**TINY, head=head, target_shape=clipcap_target_shape("distill"))).eval()
     points = torch.randn(2, 128, 3)
     before = student(points).pred
     with torch.no_grad():

@@ -17,6 +17,7 @@ from pkd.train.tokenizer import Group, farthest_point_sample, knn
 from pkd.train.variants import VARIANTS
 
 from _cli import TINY_STUDENT as TINY
+from store_factory import clipcap_target_shape
 
 
 def pointmae_encoder_keys(depth: int) -> set[str]:
@@ -48,7 +49,7 @@ def test_full_size_encoder_has_pointmae_keys_and_shapes():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_student_prefixes_and_output_shapes(variant):
-    student = Student(StudentConfig(**TINY, variant=variant))
+    student = Student(StudentConfig(**TINY, variant=variant, target_shape=clipcap_target_shape(variant)))
     prefixes = {k.split(".")[0] for k in student.state_dict()}
     assert not any("cls_token" in k or "cls_pos" in k for k in student.state_dict())
     expected = {"MAE_encoder"}
@@ -111,7 +112,7 @@ def test_group_patches_are_relative_to_centres():
 
 
 def test_export_round_trip_gives_identical_encoder_outputs(tmp_path):
-    cfg = StudentConfig(**TINY)
+    cfg = StudentConfig(**TINY, target_shape=clipcap_target_shape("distill"))
     trained = Student(cfg)
     with torch.no_grad():
         for p in trained.parameters():
@@ -129,7 +130,7 @@ def test_export_round_trip_gives_identical_encoder_outputs(tmp_path):
 
 def test_pointmae_loader_logic_accepts_export(tmp_path):
     """Mirror PointTransformer.load_model_from_ckpt: strip prefixes, load non-strictly, nothing unexpected."""
-    state = encoder_state(Student(StudentConfig(**TINY)).state_dict())
+    state = encoder_state(Student(StudentConfig(**TINY, target_shape=(4,))).state_dict())
     base = {k.replace("module.", ""): v for k, v in {"module." + k: v for k, v in state.items()}.items()}
     base = {k[len("MAE_encoder.") :] if k.startswith("MAE_encoder") else k: v for k, v in base.items()}
     incompatible = PointEncoder(48, 2, 4).load_state_dict(base, strict=False)
@@ -198,7 +199,9 @@ def test_every_model_builds_the_same_encoder_from_one_encoder_config():
     from pkd.train.downstream.scannet_seg import SceneSegmenter
 
     sizes = EncoderConfig(num_group=16, group_size=8, dim=48, depth=3, heads=4, drop_path=0.0)
-    student = Student(StudentConfig(**dataclasses.asdict(sizes), num_points=128, num_concepts=4, head_hidden=32))
+    student = Student(
+        StudentConfig(**dataclasses.asdict(sizes), num_points=128, num_concepts=4, head_hidden=32, target_shape=(4,))
+    )
     models = [student, PointClassifier(40, sizes), PartSegmenter(50, 16, sizes), SceneSegmenter(20, sizes)]
     expected = {k: v.shape for k, v in PointEncoder.from_config(sizes).state_dict().items()}
     assert set(expected) == pointmae_encoder_keys(3)
@@ -212,7 +215,7 @@ def test_every_model_builds_the_same_encoder_from_one_encoder_config():
 def test_recorded_flat_student_config_still_loads():
     """Configs written before EncoderConfig (flat fields, the old order) rebuild the same StudentConfig; version 3
     adds the objective's weight and local pairing to the model section, read as they were (recon weight 1,
-    centre pairing)."""
+    centre pairing); version 4 the target set, read as the ClipCap prefix of (10, 768) they regressed."""
     from pkd.train.config import TrainConfig, upgrade_config
 
     recorded = {
@@ -232,5 +235,11 @@ def test_recorded_flat_student_config_still_loads():
         "variant": "distill",
     }
     cfg = TrainConfig.from_dict(upgrade_config({"store": "s", "recon_weight": 1.0, "model": recorded}))
-    assert cfg.model == StudentConfig(**TINY, local_pairing="centre")
-    assert dataclasses.asdict(cfg.model) == {**recorded, "recon_weight": 1.0, "local_pairing": "centre"}
+    assert cfg.model == StudentConfig(**TINY, local_pairing="centre", target_shape=(10, 768))
+    assert dataclasses.asdict(cfg.model) == {
+        **recorded,
+        "recon_weight": 1.0,
+        "local_pairing": "centre",
+        "targets": None,
+        "target_shape": (10, 768),
+    }

@@ -11,6 +11,7 @@ import torch
 from pkd.common.errors import ConfigError
 from pkd.train import runs
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint
+from pkd.train.config import upgrade_config
 from pkd.train.export import export_encoder
 from pkd.train.model import StudentConfig
 from pkd.train.records import RecordKind, read_record, write_record
@@ -31,9 +32,23 @@ def config(store, **kw) -> TrainConfig:
     )
 
 
+def v3_config(config: dict) -> dict:
+    """A config in the layout of version 3: no ``targets`` or ``target_shape`` (the default set's array)."""
+    return {**config, "model": {k: v for k, v in config["model"].items() if k not in ("targets", "target_shape")}}
+
+
+def as_v3(run):
+    """Rewrite a run's config.json and last.pt in the layout version 3 wrote."""
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "version": 3, "config": v3_config(record["config"])}))
+    ckpt = load_checkpoint(run / LAST)
+    atomic_save({**ckpt, "version": 3, "config": v3_config(ckpt["config"])}, run / LAST)
+
+
 def v2_config(config: dict) -> dict:
     """A config in the layout of version 2: ``recon_weight`` beside the model, no ``local_pairing``, no
-    ``subsample``."""
+    ``subsample`` (and none of version 3's additions)."""
+    config = v3_config(config)
     model = {k: v for k, v in config["model"].items() if k not in ("recon_weight", "local_pairing")}
     run = {k: v for k, v in config.items() if k != "subsample"}
     return {**run, "recon_weight": config["model"]["recon_weight"], "model": model}
@@ -61,7 +76,7 @@ def as_old_main(run):
     atomic_save(ckpt, run / LAST)
 
 
-@pytest.mark.parametrize("layout", [as_old_main, as_v2], ids=["unversioned", "v2"])
+@pytest.mark.parametrize("layout", [as_old_main, as_v2, as_v3], ids=["unversioned", "v2", "v3"])
 def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_path, layout):
     # runs of those layouts drew their points at random (``subsample`` came later)
     whole = train(config(store, max_steps=2, subsample="random"), tmp_path / "whole", progress=False)
@@ -72,7 +87,7 @@ def test_a_run_of_the_old_layout_resumes_bit_identically_and_exports(store, tmp_
     resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "old", resume=True, progress=False)
     assert resumed["steps"] == 2 and resumed["final_loss"] == whole["final_loss"]
     a, b = load_checkpoint(tmp_path / "whole" / LAST), load_checkpoint(tmp_path / "old" / LAST)
-    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 3
+    assert b["format"] == "pkd-distill-checkpoint" and b["version"] == runs.DISTILL_CHECKPOINT.version == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (
         "MAE_encoder.norm.weight"
@@ -85,10 +100,12 @@ def test_a_version_2_run_reads_as_random_subsampling_and_resumes_bit_identically
     train(config(store, max_steps=2, stop_after=1, subsample="random"), tmp_path / "v2", progress=False)
     record = json.loads((tmp_path / "v2" / "config.json").read_text())
     del record["config"]["subsample"]
-    (tmp_path / "v2" / "config.json").write_text(json.dumps({**record, "version": 2}))
+    (tmp_path / "v2" / "config.json").write_text(
+        json.dumps({**record, "version": 2, "config": v3_config(record["config"])})
+    )
     ckpt = load_checkpoint(tmp_path / "v2" / LAST)
     del ckpt["config"]["subsample"]
-    atomic_save({**ckpt, "version": 2}, tmp_path / "v2" / LAST)
+    atomic_save({**ckpt, "version": 2, "config": v3_config(ckpt["config"])}, tmp_path / "v2" / LAST)
     saved = recorded_config(tmp_path / "v2")
     assert saved.subsample == "random" and TrainConfig(store="s").subsample == "fps"
     resumed = train(dataclasses.replace(saved, stop_after=None), tmp_path / "v2", resume=True, progress=False)
@@ -100,23 +117,23 @@ def test_unknown_keys_and_newer_versions_are_refused_naming_the_file(store, tmp_
     run = tmp_path / "run"
     train(config(store, max_steps=1), run, progress=False)
     record = json.loads((run / "config.json").read_text())
-    assert (record["format"], record["version"]) == ("pkd-distill-run", 3)
+    assert (record["format"], record["version"]) == ("pkd-distill-run", 4)
     (run / "config.json").write_text(json.dumps({**record, "config": {**record["config"], "typo_lr": 1}}))
     with pytest.raises(ConfigError, match=r"config\.json does not match TrainConfig: unknown fields \['typo_lr'\]"):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "extra": 1}))
     with pytest.raises(
-        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 3 record \(unknown keys"
+        ConfigError, match=r"config\.json is not a valid pkd-distill-run version 4 record \(unknown keys"
     ):
         recorded_config(run)
     (run / "config.json").write_text(json.dumps({**record, "version": 9}))
     with pytest.raises(
-        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-3"
+        ConfigError, match=r"is pkd-distill-run version 9 \(written by pkd .*\); this pkd reads versions 1-4"
     ):
         recorded_config(run)
     ckpt = load_checkpoint(run / LAST)
-    atomic_save({**ckpt, "version": 4}, run / LAST)
-    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 4"):
+    atomic_save({**ckpt, "version": 5}, run / LAST)
+    with pytest.raises(ConfigError, match=r"last\.pt is pkd-distill-checkpoint version 5"):
         train(config(store, max_steps=2), run, resume=True, progress=False)
     with pytest.raises(ConfigError, match="is a 'pkd-distill-run' record, not 'pkd-finetune-run'"):
         read_record(run / "config.json", runs.FINETUNE_RUN)
@@ -163,3 +180,22 @@ def test_finetune_records_before_v3_read_as_the_loop_they_trained_with():
     }
     new = {**record, "version": 3, "config": {**seg, "head": "concat", "optimizer": "adam"}}
     assert runs.FINETUNE_RUN.upgrade(new, "config.json")["config"] == new["config"]
+
+
+@pytest.mark.parametrize(
+    "variant, shape",
+    [("distill", [10, 768]), ("clip-target", [512]), ("local", [49, 512]), ("recon", None)],
+)
+def test_a_run_before_target_sets_reads_as_the_clipcap_array_and_shape_it_trained_on(variant, shape):
+    current = TrainConfig(store="s", model=StudentConfig(**TINY_STUDENT, variant=variant)).to_dict()
+    old = v3_config(json.loads(json.dumps(current)))
+    record = {"format": "pkd-distill-run", "version": 3, "config": old, "store": {}, "launch": {}, "code": {}}
+    upgraded = runs.DISTILL_RUN.upgrade(record, "config.json")["config"]
+    assert upgraded["model"]["targets"] is None and upgraded["model"]["target_shape"] == shape
+    assert TrainConfig.from_dict(upgraded).model.target_name == (None if shape is None else upgraded_name(variant))
+    assert upgrade_config(old) == upgraded  # an ablation table's (unversioned) config too
+    assert upgrade_config(upgraded) == upgraded
+
+
+def upgraded_name(variant: str) -> str:
+    return {"distill": "clipcap/prefix", "clip-target": "clipcap/clip_embed", "local": "clipcap/patch_tokens"}[variant]

@@ -26,7 +26,7 @@ from pkd.train.variants import VARIANTS
 
 from _cli import TINY_STUDENT as TINY
 from _cli import run_script
-from store_factory import make_store
+from store_factory import clipcap_target_shape, make_store
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_patch_cells_follow_the_teacher_crop(tmp_path):
     path = make_store(tmp_path / "portrait.zarr", n=2, num_points=64, color_size=(480, 640))
     crop = CropBox(*teacher_crop(path, "train"))  # portrait: the crop spans the full width, rows ~79.5..560.5
     assert (crop.u0, crop.u1) == (0, 480) and crop.v0 == pytest.approx(79.46, abs=0.01)
-    cells, inside = patch_cells(torch.tensor([[0, 80], [479, 559], [10, 78], [240, 320]]), crop)
+    cells, inside = patch_cells(torch.tensor([[0, 80], [479, 559], [10, 78], [240, 320]]), crop, 7)
     assert cells[:2].tolist() == [0, 48] and cells[3] == 3 * 7 + 3
     assert inside.tolist() == [True, True, False, True]
 
@@ -237,7 +237,7 @@ def test_local_alignment_pairs_each_teacher_patch_with_the_nearest_projected_cen
 
 def test_one_optimisation_step_lowers_the_loss(store):
     torch.manual_seed(0)
-    cfg = StudentConfig(**{**TINY, "drop_path": 0.0})
+    cfg = StudentConfig(**{**TINY, "drop_path": 0.0}, target_shape=clipcap_target_shape("distill"))
     model = Student(cfg)
     batch = next(iter(loader(store, num_points=128, arrays=("points", "prefix")).epoch(0)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

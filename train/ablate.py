@@ -1,12 +1,14 @@
 """``pkd-train ablate``: the paper's ablation tables from one call (Tables 5-6 read out on ModelNet40).
 
-For every variant and seed: pre-train on the store (``<out>/<variant>-seed<k>/``, a normal run folder),
+For every variant and seed (and, with ``--targets a/embed,b/embed``, every listed target set for each variant that
+regresses a target; reconstruction rows once): pre-train on the store (``<out>/<variant>-seed<k>/``, or
+``<out>/<variant>-<set>-<array>-seed<k>/`` per target, a normal run folder),
 export its encoder (``encoder.pth`` there), and read it out on ModelNet40: ``probe`` (linear SVM on frozen
 features, ``probe/``) or ``finetune`` (the registered ``modelnet40`` benchmark without voting,
 ``finetune/``, plus a ``scratch`` row per seed: the readout of a randomly initialised encoder).
 ``PAPER_VARIANTS`` are the rows of the paper's Tables 5 and 6 (``--paper``).
 
-Every input is checked before the first pre-training (the store's splits and arrays per variant, ``--init``,
+Every input is checked before the first pre-training (the store's splits, sets and arrays per row, ``--init``,
 the readout's data through its benchmark's ``check``, the output folders), so bad input costs seconds, not
 hours. A stage that fails later marks its row ``failed`` with the reason and the other rows still run;
 ``table.json`` is rewritten after every stage, so ``--resume`` redoes only what is not done (a failed
@@ -29,7 +31,7 @@ from typing import Any
 
 from pkd.common.errors import ConfigError, PkdError, StoreError
 from pkd.common.logs import progress_bar
-from pkd.common.store import open_split, open_store, splits_of, teacher_crop
+from pkd.common.store import DEFAULT_SET, open_split, open_store, parse_target, splits_of, teacher_crop
 from pkd.train import table
 from pkd.train.checkpoint import LAST
 from pkd.train.config import TrainConfig, upgrade_config
@@ -37,8 +39,8 @@ from pkd.train.distributed import launched
 from pkd.train.encoder import PointEncoder
 from pkd.train.export import export_encoder, load_pointmae_checkpoint
 from pkd.train.options import option_values, run_option_names
-from pkd.train.trainer import train
-from pkd.train.variants import variant_spec
+from pkd.train.trainer import train, with_target
+from pkd.train.variants import ObjectiveConfig, variant_spec
 
 READOUTS = ("probe", "finetune", "none")
 READOUT_TASK = "modelnet40"  # the registered benchmark whose fine-tuning is the ``finetune`` readout
@@ -115,9 +117,27 @@ class Readout:
             raise type(exc)(f"the ModelNet40 readout (--eval {self.kind}) cannot run: {message}") from exc
 
 
-def cell_name(variant: str, seed: int) -> str:
+Cell = tuple[str, str | None, int]  # (variant, targets, seed): one row; targets None is the variant's own array
+
+
+def cell_name(variant: str, seed: int, targets: str | None = None) -> str:
     """The folder of one row under the ablation folder."""
-    return f"{variant}-seed{seed}"
+    return f"{variant}-{targets.replace('/', '-')}-seed{seed}" if targets else f"{variant}-seed{seed}"
+
+
+def row_cell(row: dict[str, Any]) -> Cell:
+    """The (variant, targets, seed) of a table row (rows without ``targets`` train the variant's own array)."""
+    return row["variant"], row.get("targets"), row["seed"]
+
+
+def cells_of(variants: list[str], targets: list[str], seeds: list[int]) -> list[Cell]:
+    """The rows of a call: every variant per seed, once per listed target if it regresses one."""
+    return [
+        (v, t, s)
+        for v in variants
+        for t in (targets if targets and v != SCRATCH and variant_spec(v).target else [None])
+        for s in seeds
+    ]
 
 
 def run_ablation(
@@ -130,8 +150,10 @@ def run_ablation(
     overwrite: bool = False,
     progress: bool = True,
     require_val: bool = False,
+    targets: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Pre-train, export and read out every (variant, seed) under ``out_dir``; returns the table's rows.
+    """Pre-train, export and read out every (variant, seed) under ``out_dir``, per target set of ``targets``
+    (``SET/ARRAY`` names; None: each variant's own array of the default set); returns the table's rows.
 
     Every input is checked first (a pkd error, nothing written); ``require_val`` also asks for the store's
     held-out split (``--paper``: every row's held-out loss). A stage that fails later marks its row
@@ -142,34 +164,41 @@ def run_ablation(
             "ablate runs in one process; train a variant under torchrun with `pkd-train distill` "
             "and read it out with `pkd-train probe` / `finetune`."
         )
-    _check_cells(variants, seeds, readout)
+    targets = targets or []
+    _check_cells(variants, seeds, readout, targets)
     out_dir = Path(out_dir)
     base = _neutral(base)
     _check_outputs(out_dir, readout, resume, overwrite)
-    _check_store(base, [v for v in variants if v != SCRATCH], require_val)
+    cells = cells_of(variants, targets, seeds)
+    _check_store(base, [(v, t) for v, t, _ in cells if v != SCRATCH], require_val)
     _check_init(base)
     readout.check(base)
     rows = _start(out_dir, base, resume, overwrite)
-    cells = [(v, s) for v in variants for s in seeds]
     if readout.kind == "finetune" and SCRATCH not in variants:
-        cells += [(SCRATCH, s) for s in seeds]
-    for variant, seed in cells:
-        objective = variant_spec(variant).objective if variant != SCRATCH else None
-        row = rows.setdefault(
-            (variant, seed), table.new_row(variant, seed, objective, out_dir / cell_name(variant, seed))
-        )
+        cells += [(SCRATCH, None, s) for s in seeds]
+    for variant, target, seed in cells:
+        objective = ObjectiveConfig(variant=variant, targets=target).spec.objective if variant != SCRATCH else None
+        row = rows.get((variant, target, seed))
+        if row is None:
+            row = table.new_row(variant, seed, objective, out_dir / cell_name(variant, seed, target), target)
+            rows[(variant, target, seed)] = row
         _run_cell(base, row, readout, progress)
         table.write(out_dir, base.to_dict(), list(rows.values()))
     return list(rows.values())
 
 
-def _check_cells(variants: list[str], seeds: list[int], readout: Readout) -> None:
-    """Known variants (or ``scratch``, which needs a readout), seeds and variants without repeats."""
+def _check_cells(variants: list[str], seeds: list[int], readout: Readout, targets: list[str]) -> None:
+    """Known variants (or ``scratch``, which needs a readout), seeds, variants and targets (``SET/ARRAY``) without
+    repeats."""
     for name in variants:
         if name != SCRATCH:
             variant_spec(name)
+    for target in targets:
+        parse_target(target)
     if not variants or not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise ConfigError(f"--variants and --seeds must be non-empty lists without repeats (got {variants}, {seeds}).")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"--targets must list each SET/ARRAY once (got {', '.join(targets)}).")
     if SCRATCH in variants and readout.kind == "none":
         raise ConfigError(
             f"the {SCRATCH} row is the readout of an untrained encoder; with --eval none it has nothing to "
@@ -178,8 +207,13 @@ def _check_cells(variants: list[str], seeds: list[int], readout: Readout) -> Non
 
 
 def _neutral(cfg: TrainConfig) -> TrainConfig:
-    """The settings shared by every cell (variant and seed are the cell's)."""
-    return dataclasses.replace(cfg, seed=0, model=dataclasses.replace(cfg.model, variant="distill"))
+    """The settings shared by every cell (variant, targets and seed are the cell's)."""
+    return dataclasses.replace(cfg, seed=0, model=dataclasses.replace(cfg.model, variant="distill", targets=None))
+
+
+def _cell_config(base: TrainConfig, variant: str, targets: str | None, seed: int = 0) -> TrainConfig:
+    """The config one row trains."""
+    return dataclasses.replace(base, seed=seed, model=dataclasses.replace(base.model, variant=variant, targets=targets))
 
 
 def _check_outputs(out_dir: Path, readout: Readout, resume: bool, overwrite: bool) -> None:
@@ -221,8 +255,9 @@ def _check_writable(path: Path, flag: str) -> None:
         ) from exc
 
 
-def _check_store(base: TrainConfig, variants: list[str], require_val: bool) -> None:
-    """Each variant's arrays in the training split and, where it exists (or ``require_val``), the held-out one."""
+def _check_store(base: TrainConfig, cells: list[tuple[str, str | None]], require_val: bool) -> None:
+    """Each row's target set and arrays in the training split (``trainer.with_target``: an unknown set or array,
+    a shape its variant cannot train on) and, where it exists (or ``require_val``), the held-out one."""
     held = splits_of(open_store(base.store))
     if require_val and base.val_split not in held:
         raise StoreError(
@@ -230,18 +265,20 @@ def _check_store(base: TrainConfig, variants: list[str], require_val: bool) -> N
             "for every row's held-out loss; prep the store with `pkd-prep scannet --split all` (train and val "
             "scenes), or pass --val-split with a split it holds."
         )
-    for name in variants:
-        spec = variant_spec(name)
+    for name, targets in dict.fromkeys(cells):
+        cfg = _cell_config(base, name, targets)
+        spec, target = cfg.model.spec, cfg.model.target
         try:
+            with_target(cfg)
             for split in (base.split, *([base.val_split] if base.val_split in held else [])):
                 open_split(base.store, split, require=spec.arrays)
             if spec.needs_crop:
-                teacher_crop(base.store, base.split)
-        except StoreError as exc:
-            raise StoreError(
-                f"variant {name} cannot train on this store: {exc} Prep the store again with that flag, or leave "
-                f"{name} out (--variants)."
-            ) from exc
+                teacher_crop(base.store, base.split, target[0] if target else DEFAULT_SET)
+        except PkdError as exc:
+            what = f"variant {name}" + (f" on --targets {targets}" if targets else "")
+            leave = "that target out (--targets)" if targets else f"{name} out (--variants)"
+            fix = "Prep the store again with that flag, or" if isinstance(exc, StoreError) else "Fix it, or"
+            raise type(exc)(f"{what} cannot train on this store: {exc} {fix} leave {leave}.") from exc
 
 
 def _check_init(base: TrainConfig) -> None:
@@ -250,7 +287,7 @@ def _check_init(base: TrainConfig) -> None:
         load_pointmae_checkpoint(base.init, PointEncoder.from_config(base.model))
 
 
-def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> dict[tuple[str, int], dict]:
+def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> dict[Cell, dict]:
     """The rows of an earlier call (``--resume``), or a fresh table; refuses to mix settings."""
     path = out_dir / table.TABLE_JSON
     if not resume:
@@ -268,14 +305,14 @@ def _start(out_dir: Path, base: TrainConfig, resume: bool, overwrite: bool) -> d
             f"{out_dir} was run with other settings ({', '.join(differ) or 'store'}); resume with the "
             "same options, or choose another --name."
         )
-    return {(r["variant"], r["seed"]): table.upgrade_row(r) for r in recorded["rows"]}
+    return {row_cell(r): table.upgrade_row(r) for r in recorded["rows"]}
 
 
 def _run_cell(base: TrainConfig, row: dict[str, Any], readout: Readout, progress: bool) -> None:
     """The stages of one row that are not done yet: pre-train, export, readout. A stage that fails marks the
     row failed with its reason; the stages done stay done (a finished pre-training is never repeated)."""
     variant, seed, cell = row["variant"], row["seed"], Path(row["run_dir"])
-    label = f"{variant} seed {seed}"
+    label = table.row_label(row) + f" seed {seed}"
     row.update(status="running", error=None)
     stage = "pre-training"
     try:
@@ -305,7 +342,7 @@ def _pretrain(base: TrainConfig, row: dict[str, Any], progress: bool, label: str
     """Train (or continue) the row's encoder and record its losses and steps."""
     cell = Path(row["run_dir"])
     tic = time.perf_counter()
-    cfg = dataclasses.replace(base, seed=row["seed"], model=dataclasses.replace(base.model, variant=row["variant"]))
+    cfg = _cell_config(base, row["variant"], row.get("targets"), row["seed"])
     resume = (cell / LAST).is_file()
     summary = train(
         cfg, cell, resume=resume, overwrite=cell.exists() and not resume, progress=progress, desc=f"{label} pretrain"

@@ -66,7 +66,7 @@ def distill(
 
 
 @app.command()
-@config_options(exclude=("variant", "seed"))
+@config_options(exclude=("variant", "seed", "targets"))
 def ablate(
     ctx: typer.Context,
     store: Store,
@@ -86,6 +86,14 @@ def ablate(
         ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds: every variant (and readout) once per seed")] = "0",
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated SET/ARRAY target sets (e.g. clipcap/clip_embed,dino/embed): every variant that "
+            "regresses a target once per listed target, recon rows once [default: each variant's own array of the "
+            "clipcap set]"
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="writes runs/ablate-NAME (default: the store's name)")] = None,
     out: Annotated[Path | None, typer.Option(help="the ablation's folder (default runs/ablate-NAME)")] = None,
     readout: Annotated[
@@ -122,7 +130,7 @@ def ablate(
     from pkd.train.ablate import PAPER_VARIANTS, Readout, run_ablation
     from pkd.train.config import TrainConfig, upgrade_config
     from pkd.train.options import build_config, given_options, resume_config
-    from pkd.train.table import TABLE_JSON, markdown
+    from pkd.train.table import TABLE_JSON, markdown, row_label
 
     if paper and (variants is not None or readout not in (None, "finetune")):
         raise ConfigError(
@@ -151,9 +159,10 @@ def ablate(
         resume=resume,
         overwrite=overwrite,
         require_val=paper,
+        targets=_split(targets, str) if targets else None,
     )
     typer.echo(markdown(rows) + f"→ {out}/table.md")
-    failed = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in rows if r.get("status") == "failed"]
+    failed = [f"{row_label(r)} seed {r['seed']}: {r['error']}" for r in rows if r.get("status") == "failed"]
     if failed:
         typer.echo(
             f"error: {len(failed)} of {len(rows)} rows failed ({'; '.join(failed)}). Fix the cause and rerun the "

@@ -15,6 +15,7 @@ from pkd.common.config import at_least, from_plain, option
 from pkd.common.errors import ConfigError
 from pkd.train.augment import AugmentConfig
 from pkd.train.model import StudentConfig
+from pkd.train.variants import variant_spec
 
 DEVICES = ("auto", "cpu", "cuda")
 SUBSAMPLES = ("fps", "random")
@@ -127,12 +128,16 @@ def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
 
 V3_FIELDS = ("subsample",)
 V3_MODEL_FIELDS = ("recon_weight", "local_pairing")
+V4_MODEL_FIELDS = ("targets", "target_shape")
+# The sample shapes of the ClipCap arrays every run before target sets trained on (ViT-B/32 CLIP, ClipCap's
+# 10-token GPT-2 prefix): data of ``upgrade_config_v3``, which gives them to those runs.
+CLIPCAP_SHAPES: dict[str, list[int]] = {"prefix": [10, 768], "clip_embed": [512], "patch_tokens": [49, 512]}
 
 
 def _as_v2(d: dict[str, Any]) -> dict[str, Any]:
-    """A current config laid out as version 2 had it (``upgrade_config_v2``'s inverse)."""
+    """A current config laid out as version 2 had it (``upgrade_config_v2``'s and ``_v3``'s inverse)."""
     run = {k: v for k, v in d.items() if k not in V3_FIELDS}
-    model = {k: v for k, v in d["model"].items() if k not in V3_MODEL_FIELDS}
+    model = {k: v for k, v in d["model"].items() if k not in V3_MODEL_FIELDS + V4_MODEL_FIELDS}
     return {**run, "recon_weight": d["model"]["recon_weight"], "model": model}
 
 
@@ -147,6 +152,18 @@ def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
     return {"subsample": "random", **run, "model": model}
 
 
+def upgrade_config_v3(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 → 4. Runs before target sets regressed their variant's own array of the default ClipCap set
+    (``targets`` None) of the shapes in ``CLIPCAP_SHAPES`` (``target_shape``; None for reconstruction). Applied
+    to a version-4 config it changes nothing."""
+    model = d["model"]
+    if "targets" in model:
+        return d
+    target = variant_spec(model.get("variant", "distill")).target
+    shape = CLIPCAP_SHAPES[target] if target else None
+    return {**d, "model": {**model, "targets": None, "target_shape": shape}}
+
+
 def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
     """A config of any version (as an ablation table records it, unversioned) upgraded to the current one."""
-    return upgrade_config_v2(upgrade_config_v1(d))
+    return upgrade_config_v3(upgrade_config_v2(upgrade_config_v1(d)))

@@ -50,12 +50,15 @@ def export_encoder(run_or_ckpt: str | Path, out: str | Path) -> Path:
 
 
 def run_provenance(ckpt_path: Path) -> dict[str, Any] | None:
-    """Store path and teacher identity of the distill run a checkpoint belongs to (its ``config.json``)."""
+    """Store path, target set (``SET/ARRAY``; None in runs before target sets) and that set's teacher identity of
+    the distill run a checkpoint belongs to (its ``config.json``)."""
     config = ckpt_path.parent / "config.json"
     if not config.is_file():
         return None
     store = json.loads(config.read_text()).get("store")
-    return {"store": store.get("path"), "teacher": store.get("teacher")} if isinstance(store, dict) else None
+    if not isinstance(store, dict):
+        return None
+    return {"store": store.get("path"), "targets": store.get("targets"), "teacher": store.get("teacher")}
 
 
 def checkpoint_provenance(path: Path) -> dict[str, Any] | None:

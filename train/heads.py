@@ -4,12 +4,12 @@ A head declares the modules it trains, under the state-dict names checkpoints ho
 and how it predicts from the encoder's last tokens and all its layers. ``Student`` registers those modules and
 calls ``predict``; it never asks which head it holds.
 
-Concept head (paper §3.4, appendix A.1: the concepts are "sent into an MLP"): ``--head flat`` (default)
-flattens the 32 concept tokens in query order (32·C) and a 2-layer MLP (32·C → head_hidden → 10·768) maps
-them to the prefix, so every concept keeps its identity (its own input weights) and the queries can
-specialise. ``--head pooled`` mean- and max-pools the concepts first (2·C), which makes the queries
-interchangeable; it is kept to measure that difference. The pooled head (``no-concept``) always pools the
-point tokens (their order is an FPS artefact, so flattening them would mean nothing).
+Concept head (paper §3.4, appendix A.1: the concepts are "sent into an MLP"): ``--head flat`` (default) flattens the
+32 concept tokens in query order (32·C) and a 2-layer MLP (32·C → head_hidden → the target's size, 10·768 for the
+prefix) maps them to the whole target array, so every concept keeps its identity (its own input weights) and the
+queries can specialise. ``--head pooled`` mean- and max-pools the concepts first (2·C), which makes the queries
+interchangeable; it is kept to measure that difference. The pooled head (``no-concept``) always pools the point
+tokens (their order is an FPS artefact, so flattening them would mean nothing).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ CONCEPT_READOUTS = ("flat", "pooled")
 
 class Head(Protocol):
     """What a variant's student predicts with."""
+
+    def out_shape(self, array_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one prediction for a store array of sample shape ``array_shape``."""
+        ...
 
     def build(self, cfg: StudentConfig, out_dim: int) -> dict[str, nn.Module]:
         """The head's trainable modules, by the state-dict name the student registers each under."""
@@ -56,6 +60,10 @@ def _mlp(width: int, hidden: int, out_dim: int) -> Mlp:
 class ConceptHead:
     """Concept queries read every encoder layer; an MLP maps them (flat or pooled: ``--head``) to the target."""
 
+    def out_shape(self, array_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The whole array of a sample (a prefix (10, 768), an embedding (D,))."""
+        return tuple(array_shape)
+
     def build(self, cfg: StudentConfig, out_dim: int) -> dict[str, nn.Module]:
         concept = ConceptModule(cfg.dim, cfg.num_concepts, cfg.heads, cfg.concept_mlp_ratio)
         width = cfg.num_concepts * cfg.dim if cfg.head == "flat" else 2 * cfg.dim
@@ -71,6 +79,10 @@ class ConceptHead:
 class PooledHead:
     """The ``no-concept`` ablation: an MLP on the mean- and max-pooled point tokens."""
 
+    def out_shape(self, array_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The whole array of a sample."""
+        return tuple(array_shape)
+
     def build(self, cfg: StudentConfig, out_dim: int) -> dict[str, nn.Module]:
         return {"head": _mlp(2 * cfg.dim, cfg.head_hidden, out_dim)}
 
@@ -81,6 +93,10 @@ class PooledHead:
 @dataclass(frozen=True)
 class TokenHead:
     """Direct local alignment: an MLP on every point token, one prediction per patch (B, G, D)."""
+
+    def out_shape(self, array_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """One row (D,) of the teacher's (T, D) patch tokens."""
+        return tuple(array_shape[1:])
 
     def build(self, cfg: StudentConfig, out_dim: int) -> dict[str, nn.Module]:
         return {"head": _mlp(cfg.dim, cfg.head_hidden, out_dim)}

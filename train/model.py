@@ -105,8 +105,14 @@ class Student(nn.Module):
         self.spec = cfg.spec
         self.group_divider = tokenizer(cfg)
         self.MAE_encoder = PointEncoder.from_config(cfg)
-        self.target_shape = self.spec.target_shape
+        self.target_shape: tuple[int, ...] = ()  # one prediction of the head (``Head.out_shape``)
         if self.spec.head is not None:
+            if cfg.target_shape is None:
+                raise ConfigError(
+                    f"variant {cfg.variant} predicts {cfg.target_name} but its config has no target_shape (the "
+                    "sample shape of that store array, which the trainer reads from the store); set it."
+                )
+            self.target_shape = self.spec.head.out_shape(tuple(cfg.target_shape))
             for name, module in self.spec.head.build(cfg, math.prod(self.target_shape)).items():
                 self.add_module(name, module)
         if self.spec.recon:

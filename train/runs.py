@@ -32,7 +32,7 @@ from pkd.common.config import config_diff, from_plain, to_plain
 from pkd.common.errors import ConfigError, TrainingError
 from pkd.train import distributed
 from pkd.train.checkpoint import LAST, atomic_save, last_good, load_checkpoint, set_rng_state
-from pkd.train.config import upgrade_config_v1, upgrade_config_v2
+from pkd.train.config import upgrade_config_v1, upgrade_config_v2, upgrade_config_v3
 from pkd.train.distributed import DistInfo
 from pkd.train.metrics import MetricsLog
 from pkd.train.records import Record, RecordKind, read_record, write_record
@@ -73,6 +73,14 @@ def _distill_v2(record: Record) -> Record:
     """v2 → v3: one objective config inside ``model``; older runs read as the pairing and subsampling they
     trained with (``pkd.train.config.upgrade_config_v2``)."""
     return {**record, "config": upgrade_config_v2(record["config"])}
+
+
+@DISTILL_RUN.step
+@DISTILL_CHECKPOINT.step
+def _distill_v3(record: Record) -> Record:
+    """v3 → v4: target sets; older runs read as the default set's array and shape they trained on
+    (``pkd.train.config.upgrade_config_v3``)."""
+    return {**record, "config": upgrade_config_v3(record["config"])}
 
 
 @FINETUNE_RUN.step

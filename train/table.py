@@ -2,6 +2,9 @@
 ranked by readout accuracy, then the paper's Tables 5 and 6 beside pkd's fine-tune readout where it has
 one) and ``table.png`` (readout accuracy per variant, error bars over seeds).
 
+Rows of an ablation across target sets (``--targets``) also hold ``targets`` (``SET/ARRAY``, None for a row that
+regresses none), shown as a column after ``variant`` and in the per-variant labels; tables without it are unchanged.
+
 A row's ``status`` is ``done``, ``failed`` (``error`` says which stage and why) or ``running`` (a call
 stopped inside it); tables written before rows had a status read as ``failed`` when they hold an error,
 else with no status."""
@@ -57,11 +60,14 @@ PAPER_TABLES = {
 }
 
 
-def new_row(variant: str, seed: int, objective: str | None, run_dir: Path) -> dict[str, Any]:
-    """A row with nothing run yet (null values)."""
+def new_row(
+    variant: str, seed: int, objective: str | None, run_dir: Path, targets: str | None = None
+) -> dict[str, Any]:
+    """A row with nothing run yet (null values); ``targets`` only where the call listed target sets."""
     return {
         **dict.fromkeys(COLUMNS),
         "variant": variant,
+        **({"targets": targets} if targets else {}),
         "seed": seed,
         "objective": objective,
         "wall_s": 0.0,
@@ -69,6 +75,18 @@ def new_row(variant: str, seed: int, objective: str | None, run_dir: Path) -> di
         "error": None,
         "run_dir": str(run_dir),
     }
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The variant of a row, with its target set where it names one: ``distill [dino/embed]``."""
+    return f"{row['variant']} [{row['targets']}]" if row.get("targets") else row["variant"]
+
+
+def _columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The columns of the row table: ``targets`` after ``variant`` once any row names a target set."""
+    if not any(r.get("targets") for r in rows):
+        return COLUMNS
+    return (COLUMNS[0], "targets", *COLUMNS[1:])
 
 
 def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +107,11 @@ def write(out_dir: Path, config: dict[str, Any], rows: list[dict[str, Any]]) -> 
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant: objective, seeds, and (mean, std) of every numeric column, best readout accuracy first."""
+    """Per variant (and target set: ``row_label``): objective, seeds, and (mean, std) of every numeric column, best
+    readout accuracy first."""
     out = []
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
+    for variant in dict.fromkeys(row_label(r) for r in rows):
+        mine = [r for r in rows if row_label(r) == variant]
         entry: dict[str, Any] = {"variant": variant, "objective": mine[0]["objective"], "seeds": len(mine)}
         for key in ("train_loss", "val_loss", *ACCURACIES):
             entry[key] = _stats([r[key] for r in mine if r[key] is not None])
@@ -102,10 +121,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Every row, then the mean ± std over seeds per variant (ranked by readout accuracy)."""
-    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in COLUMNS) + " | note |", "|---" * (len(COLUMNS) + 1) + "|"]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " | note |", "|---" * (len(columns) + 1) + "|"]
     for r in rows:
         note = r.get("error") or ("stopped inside warm-up" if r.get("in_warmup") else "")
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + f" | {_one_line(note)} |")
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in columns) + f" | {_one_line(note)} |")
     keys = ("train_loss", "val_loss", *ACCURACIES)
     lines += [
         "",
@@ -125,10 +145,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def paper_tables(rows: list[dict[str, Any]]) -> list[str]:
-    """The paper's Tables 5 and 6 beside pkd's fine-tune readout of the same rows (none without one)."""
+    """The paper's Tables 5 and 6 beside pkd's fine-tune readout of the same rows (none without one; rows naming
+    a target set are not the paper's)."""
     measured: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("finetune_oa") is not None:
+        if r.get("finetune_oa") is not None and not r.get("targets"):
             measured.setdefault(r["variant"], []).append(r["finetune_oa"])
     if not any(variant in measured for table in PAPER_TABLES.values() for _, variant, _ in table):
         return []

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pkd.common.errors import ConfigError
 from pkd.common.logs import progress_bar
-from pkd.common.store import open_split, open_store, store_path, teacher_crop
+from pkd.common.store import DEFAULT_SET, array_of, open_split, open_store, store_path, target_set, teacher_crop
 from pkd.train import distributed, runs
 from pkd.train.augment import augment
 from pkd.train.checkpoint import LAST, rng_state
@@ -88,9 +88,11 @@ class Setup:
 def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[StoreLoader, LossSettings, HeldOut | None]:
     """The loader, loss settings and held-out data of a run; StoreError/ConfigError if the store cannot serve
     the variant."""
-    spec = cfg.model.spec
+    spec, target = cfg.model.spec, cfg.model.target
     group = open_split(cfg.store, cfg.split, require=spec.arrays)
-    crop = CropBox(*teacher_crop(cfg.store, cfg.split)) if spec.needs_crop else None
+    crop = (
+        CropBox(*teacher_crop(cfg.store, cfg.split, target[0] if target else DEFAULT_SET)) if spec.needs_crop else None
+    )
     stats = {spec.target: target_stats(group, spec.target)} if cfg.normalize_targets and spec.target else {}
     loader = StoreLoader(
         LoaderConfig(
@@ -116,13 +118,33 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
     return loader, settings, heldout
 
 
+def with_target(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its model's ``target_shape`` read from the store: the sample shape of the array it regresses.
+
+    StoreError naming the store's sets for an unknown set (or one the split lacks), ConfigError naming the set's
+    arrays for an unknown array."""
+    target = cfg.model.target
+    if target is None:
+        return cfg
+    chosen = target_set(open_store(cfg.store), target[0], cfg.store)
+    group = open_split(cfg.store, cfg.split, require=cfg.model.spec.arrays)
+    shape = tuple(array_of(group, chosen.path(target[1])).shape[1:])
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, target_shape=shape))
+
+
 def store_record(cfg: TrainConfig, loader: StoreLoader) -> dict[str, Any]:
-    """What config.json records of the store a run reads: path, split, teacher, prep and samples."""
+    """What config.json records of the store a run reads: path, split, the target set trained on (``targets``,
+    ``SET/ARRAY``) and its teacher's identity (the root ``teacher`` for the default set), prep and samples."""
     root = open_store(cfg.store)
+    target = cfg.model.target
+    teacher = root.attrs.get("teacher")
+    if target is not None and target[0] != DEFAULT_SET:
+        teacher = dict(target_set(root, target[0], cfg.store).teacher)
     return {
         "path": cfg.store,
         "split": cfg.split,
-        "teacher": root.attrs.get("teacher"),
+        "targets": cfg.model.target_name,
+        "teacher": teacher,
         "prep": root.attrs.get("prep"),
         "num_samples": int(cast(int, loader.group.attrs["num_samples"])),
     }
@@ -187,7 +209,7 @@ def _setup(cfg: TrainConfig, run: Run) -> tuple[Setup, dict[str, Any] | None]:
     distributed.check_global_batch(cfg.batch_size, run.rank_info)
     run.check()
     ckpt = run.last()
-    cfg = resolve_streams(cfg, ckpt, run.rank_info.world_size)
+    cfg = with_target(resolve_streams(cfg, ckpt, run.rank_info.world_size))
     loader, settings, heldout = open_data(cfg, run.rank_info)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
