@@ -9,7 +9,11 @@ Rows (every model is built with seeded random weights: the real teacher's and st
   the demo scene, every frame, frames/s against the teacher-only limit (the fp32 bare forward above);
 * train step distill and fine-tune step, bf16 autocast: the pkd student (distill head) and
   ``PointClassifier`` against bench/train_step.py's ports of Point-MAE (``PointMAEPort`` with the same
-  prefix head, ``PointMAEClassifierPort``), s/step (forward, backward, AdamW), peak GPU memory.
+  prefix head, ``PointMAEClassifierPort``), s/step (forward, backward, AdamW), peak GPU memory; then both
+  again with the forward ``torch.compile``d (``pkd.train.compiled.compile_forward``, what ``pkd-train distill
+  --compile on`` trains with; CUDA only: inductor's CPU build costs minutes), the compile in the warm-up
+  steps and its time in the notes. Issue 24's goal: the compiled distill step <= 15 ms on an H100, at
+  most the compiled port's time.
 
     bash bench/gpu.sh --out bench/results/gpu.json           # on the GPU machine (installs carried wheels)
     python bench/gpu.py --device cpu --quick --out /tmp/gpu.json   # CPU-safe parts at tiny sizes (tests)
@@ -41,6 +45,7 @@ from pkd.preprocess.frames import decode_color
 from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep
 from pkd.preprocess.scenes import find_scenes, open_scene
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+from pkd.train.compiled import compile_forward
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.model import Student, StudentConfig
 
@@ -188,13 +193,15 @@ def prep_row(
 
 def step_seconds(
     model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], device: torch.device, sizes: Sizes
-) -> tuple[float, float | None]:
-    """Median seconds of a bf16-autocast training step (forward, backward, AdamW) and peak GPU memory in MiB."""
+) -> tuple[float, float | None, float]:
+    """Median seconds of a bf16-autocast training step (forward, backward, AdamW), peak GPU memory in MiB and
+    the seconds of the warm-up steps (a compiled model compiles there)."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    began, warmup_s = time.perf_counter(), 0.0
     for i in range(sizes.warmup + sizes.steps):
         sync(device)
         start = time.perf_counter()
@@ -206,8 +213,10 @@ def step_seconds(
         sync(device)
         if i >= sizes.warmup:
             times.append(time.perf_counter() - start)
+        elif i == sizes.warmup - 1:
+            warmup_s = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, warmup_s
 
 
 def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
@@ -234,18 +243,28 @@ def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
         ),
     }
     rows = []
-    for name, (loss, model, port_loss, port, num_points) in cases.items():
-        pkd_s, pkd_mib = step_seconds(model, loss, device, sizes)
-        port_s, port_mib = step_seconds(port, port_loss, device, sizes)
+    for (name, (loss, model, port_loss, port, num_points)), compiled in (
+        (case, compiled) for compiled in (False, True) for case in cases.items()
+    ):
+        stage = f"{name} step bf16{' compiled' if compiled else ''} ({num_points} pts, batch {sizes.train_batch})"
+        if compiled and device.type != "cuda":
+            rows.append({"stage": stage, "skipped": "compiled on CUDA only (inductor's CPU build costs minutes)"})
+            continue
+        pkd_s, pkd_mib, pkd_warmup = step_seconds(compile_forward(model) if compiled else model, loss, device, sizes)
+        port_s, port_mib, port_warmup = step_seconds(
+            compile_forward(port) if compiled else port, port_loss, device, sizes
+        )
         rows.append(
             {
-                "stage": f"{name} step bf16 ({num_points} pts, batch {sizes.train_batch})",
+                "stage": stage,
                 "s_per_step": pkd_s,
                 "peak_mib": pkd_mib,
-                "peer": "Point-MAE port",
+                "peer": f"Point-MAE port{' compiled' if compiled else ''}",
                 "peer_s_per_step": port_s,
                 "peer_peak_mib": port_mib,
                 "ratio": pkd_s / port_s,
+                "warmup_s": pkd_warmup,
+                "peer_warmup_s": port_warmup,
             }
         )
     return rows
@@ -280,6 +299,7 @@ def table(rows: list[dict]) -> str:
             memory = (
                 f"peak {r['peak_mib']:.0f} MiB vs {r['peer_peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "-"
             )
+            memory += f"; warm-up {r['warmup_s']:.1f} s vs {r['peer_warmup_s']:.1f} s"
             lines.append(
                 f"| {r['stage']} | {r['s_per_step'] * 1e3:.1f} ms/step | {r['peer']} "
                 f"{r['peer_s_per_step'] * 1e3:.1f} ms/step | {r['ratio']:.2f} (time, <= 1.0 is faster) | "
@@ -330,7 +350,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['machine']}\n\n{table(rows)}\n\nwrote {args.out}")
+    report = f"{table(rows)}\n\nMeasured on: {json.dumps(result['machine'])}\n"
+    args.out.with_suffix(".md").write_text(report)  # the section bench/results_gpu.md takes, card named
+    print(f"\n{report}\nwrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -6,16 +6,21 @@ Cases (each in its own subprocess, so peak memory is that case's alone):
   pointmae       faithful port of Point-MAE's encoder forward (manual attention, ``x = block(x + pos)``)
                  plus the same-size prefix head on mean+max pooled tokens, in-memory batches
   student-store  pkd ``distill`` student fed by ``StoreLoader`` from a synthetic store on disk
-  finetune       pkd ``PointClassifier`` fine-tuning step (15 classes, as ``finetune scanobjectnn``)
+  finetune       pkd ``PointClassifier`` fine-tuning step (``--classes``: 15 as ``finetune scanobjectnn``, 40 as
+                 ``finetune modelnet40``)
   finetune-pointmae  port of Point-MAE's ``PointTransformer`` (models/Point_MAE.py: cls token, blocks fed
                  ``x + pos``, head on [cls, max]); both take the same per-batch sampling (shuffle, FPS pool,
                  random subset, ScaleAndTranslate) so the ratio compares the models
 
 Both models use pkd's pure-torch FPS/kNN tokenizer (Point-MAE's is CUDA-only). Peak memory is the
-``ru_maxrss`` growth during the timed loop on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
+``ru_maxrss`` growth during the timed loop on CPU, ``torch.cuda.max_memory_allocated`` on GPU. ``--compile``
+gives every case the same treatment as ``pkd-train distill --compile on`` (``pkd.train.compiled``: the
+forward ``torch.compile``d, static shapes); the compile happens in the untimed warm-up step.
 
     python bench/train_step.py --points 1024 --batch 8 --steps 3 --out bench/results/cpu.json
     python bench/train_step.py --points 2048 --groups 128 --cases finetune,finetune-pointmae   # ScanObjectNN
+    python bench/train_step.py --points 1024 --classes 40 --cases finetune,finetune-pointmae   # ModelNet40
+    python bench/train_step.py --device cuda --compile --steps 20                              # compiled
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from _store import store_factory
 from torch import nn
 
 from pkd.train.augment import AugmentConfig, augment
+from pkd.train.compiled import compile_forward
 from pkd.train.downstream.classification import training_draw
 from pkd.train.downstream.models import PointClassifier
 from pkd.train.encoder import EncoderConfig, init_weights, positional_embedding
@@ -168,8 +174,8 @@ class PointMAEClassifierPort(nn.Module):
 
 def finetune_model(case: str, args: argparse.Namespace) -> nn.Module:
     if case == "finetune":
-        return PointClassifier(SCANOBJECTNN_CLASSES, EncoderConfig(num_group=args.groups))
-    return PointMAEClassifierPort(384, 12, 6, args.groups, 32, SCANOBJECTNN_CLASSES)
+        return PointClassifier(args.classes, EncoderConfig(num_group=args.groups))
+    return PointMAEClassifierPort(384, 12, 6, args.groups, 32, args.classes)
 
 
 def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -196,6 +202,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     else:
         model = PointMAEPort(cfg) if case == "pointmae" else Student(cfg)
     model = model.to(device).train()
+    forward = compile_forward(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
 
@@ -218,15 +225,15 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     else:
         batches = iter(make_batches(args.steps + 1, args.batch, args.points, device))
 
-    labels = torch.arange(args.batch, device=device) % SCANOBJECTNN_CLASSES
+    labels = torch.arange(args.batch, device=device) % args.classes
 
     def step_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if case in FINETUNE_CASES:
-            return F.cross_entropy(model(training_draw(batch["points"], args.points, gen)), labels)
+            return F.cross_entropy(forward(training_draw(batch["points"], args.points, gen)), labels)
         batch["points"] = augment(batch["points"], AugmentConfig(), gen)
         if case == "pointmae":
-            return F.mse_loss(model(batch["points"]), batch["prefix"])
-        return compute_loss(model, batch, settings)[0]
+            return F.mse_loss(forward(batch["points"]), batch["prefix"])
+        return compute_loss(forward, batch, settings)[0]
 
     def step() -> None:
         loss = step_loss({k: v.to(device) for k, v in next(batches).items()})
@@ -289,6 +296,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="cases run interleaved this many times (noisy hosts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=1, help="loader workers of the store-fed case")
+    parser.add_argument(
+        "--classes", type=int, default=SCANOBJECTNN_CLASSES, help="fine-tuning classes (ModelNet40: 40)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every case's forward (as --compile on)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -321,6 +332,9 @@ def main() -> None:
                 str(args.groups),
                 "--workers",
                 str(args.workers),
+                "--classes",
+                str(args.classes),
+                *(["--compile"] if args.compile else []),
             ]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode:
@@ -352,10 +366,15 @@ def main() -> None:
         "steps": args.steps,
         "rounds": args.rounds,
         "workers": args.workers,
+        "classes": args.classes,
+        "compile": args.compile,
         "rows": rows,
         **ratios,
     }
-    print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds")
+    print(
+        f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds "
+        f"compile={'on' if args.compile else 'off'}"
+    )
     print(
         f"{'case':<14} {'s/step med':>10} {'s/step best':>11} {'cpu s/step':>10} {'samples/s':>10} {'peak MiB':>9} "
         f"{'params M':>9}"
