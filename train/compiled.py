@@ -5,9 +5,10 @@ the forward (tokenizer, encoder, head or decoder; backward follows through AOTAu
 kernels; on CPU the step is compute-bound and inductor's C++ build costs minutes, so ``auto`` compiles on
 CUDA only. Shapes are static (``dynamic=False``): the loader yields full batches only (``StoreLoader``
 drops the partial tail), and the held-out pass runs the eager model. Mode: inductor's default (fusion
-without CUDA graphs: those would need static input addresses and graph-safe RNG for drop-path; bench/gpu.py
-measures ``reduce-overhead`` beside it). ``fallback_random`` keeps drop-path masks on torch's own RNG, so a
-compiled step draws what the eager one draws and resumed runs continue as they do eagerly.
+without CUDA graphs: those would need static input addresses and graph-safe RNG for drop-path;
+``reduce-overhead`` is untried). ``fallback_random`` keeps drop-path masks on torch's own RNG, so a compiled
+step draws what the eager one draws and resumed runs continue as they do eagerly. The distill student
+compiles to one graph; reconstruction variants break it at their boolean-mask indexing (seven breaks).
 """
 
 from __future__ import annotations
