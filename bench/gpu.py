@@ -7,12 +7,20 @@ Rows (every model is built with seeded random weights: the real teacher's and st
   storing the fp32 prefix as float16 makes anyway;
 * prep: the whole ``run_prep`` (teacher build, plan, read, decode, geometry, teacher, write, finalize) on
   the demo scene, every frame, frames/s against the teacher-only limit (the fp32 bare forward above);
-* train step distill and fine-tune step, bf16 autocast: the pkd student (distill head) and
-  ``PointClassifier`` against bench/train_step.py's ports of Point-MAE (``PointMAEPort`` with the same
-  prefix head, ``PointMAEClassifierPort``), s/step (forward, backward, AdamW), peak GPU memory.
+* train step distill, fine-tune (ModelNet40 size) and ScanNet segmentation steps, bf16 autocast: the pkd
+  student (distill head), ``PointClassifier`` and ``SceneSegmenter`` against bench/train_step.py's ports of
+  Point-MAE (``PointMAEPort`` with the same prefix head, ``PointMAEClassifierPort``, ``PointMAESegPort``
+  under the same segmentation head), s/step (forward, backward, AdamW), peak GPU memory; then both
+  again with the forward ``torch.compile``d (``pkd.train.compiled.compile_forward``, what ``pkd-train distill
+  --compile on`` trains with; CUDA only: inductor's CPU build costs minutes), the compile in the warm-up
+  steps and its time in the notes. Issue 24's goal: the compiled distill step <= 15 ms on an H100, at
+  most the compiled port's time.
 
     bash bench/gpu.sh --out bench/results/gpu.json           # on the GPU machine (installs carried wheels)
     python bench/gpu.py --device cpu --quick --out /tmp/gpu.json   # CPU-safe parts at tiny sizes (tests)
+
+The JSON and its table (``gpu.md``) are rewritten after every row, so a run stopped by gpu.sh's time limit
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -33,15 +41,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from train_step import PointMAEClassifierPort, PointMAEPort
+from train_step import PointMAEClassifierPort, PointMAEPort, PointMAESegPort
 
+from pkd.common.scannet_mesh import NUM_CLASSES
 from pkd.preprocess.demo import write_demo_scene
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.frames import decode_color
 from pkd.preprocess.prep import PrepConfig, RunOptions, run_prep
 from pkd.preprocess.scenes import find_scenes, open_scene
 from pkd.preprocess.teacher import Teacher, TeacherConfig, build_teacher
+from pkd.train.compiled import compile_forward
 from pkd.train.downstream.models import PointClassifier
+from pkd.train.downstream.scannet_seg import SceneSegmenter
+from pkd.train.encoder import EncoderConfig
 from pkd.train.model import Student, StudentConfig
 
 PREFIX = (10, 768)  # the sample shape of the ClipCap prefix the rows regress (a ViT-B/32 ClipCap's)
@@ -58,6 +70,9 @@ class Sizes:
     train_batch: int = 32
     finetune_points: int = 1024
     classes: int = 40
+    seg_points: int = 8192  # finetune scannet-seg's column
+    seg_groups: int = 256
+    seg_batch: int = 8
     steps: int = 20
     warmup: int = 3
 
@@ -69,6 +84,9 @@ QUICK = Sizes(
     train_batch=2,
     finetune_points=256,
     classes=4,
+    seg_points=256,
+    seg_groups=8,
+    seg_batch=2,
     steps=1,
     warmup=1,
     train=StudentConfig(
@@ -198,13 +216,15 @@ def prep_row(
 
 def step_seconds(
     model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], device: torch.device, sizes: Sizes
-) -> tuple[float, float | None]:
-    """Median seconds of a bf16-autocast training step (forward, backward, AdamW) and peak GPU memory in MiB."""
+) -> tuple[float, float | None, float]:
+    """Median seconds of a bf16-autocast training step (forward, backward, AdamW), peak GPU memory in MiB and
+    the seconds of the warm-up steps (a compiled model compiles there)."""
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    began, warmup_s = time.perf_counter(), 0.0
     for i in range(sizes.warmup + sizes.steps):
         sync(device)
         start = time.perf_counter()
@@ -216,49 +236,79 @@ def step_seconds(
         sync(device)
         if i >= sizes.warmup:
             times.append(time.perf_counter() - start)
+        elif i == sizes.warmup - 1:
+            warmup_s = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, warmup_s
 
 
-def train_rows(device: torch.device, sizes: Sizes) -> list[dict]:
+def train_rows(device: torch.device, sizes: Sizes) -> Iterator[dict]:
+    """The step rows, eager cases first, then the same cases compiled (on CUDA only)."""
     cfg, gen = sizes.train, torch.Generator().manual_seed(0)
     points = torch.randn(sizes.train_batch, cfg.num_points, 3, generator=gen).to(device)
     prefix = torch.randn(sizes.train_batch, 10, 768, generator=gen).to(device)
     shapes = torch.randn(sizes.train_batch, sizes.finetune_points, 3, generator=gen).to(device)
     labels = torch.randint(0, sizes.classes, (sizes.train_batch,), generator=gen).to(device)
+    scene = torch.randn(sizes.seg_batch, sizes.seg_points, 3, generator=gen).to(device)
+    colors = torch.rand(sizes.seg_batch, sizes.seg_points, 3, generator=gen).to(device)
+    point_labels = torch.randint(0, NUM_CLASSES, (sizes.seg_batch * sizes.seg_points,), generator=gen).to(device)
+    seg_cfg = EncoderConfig(  # segmentation reads three blocks: at least 3 deep
+        dim=cfg.dim, depth=max(3, cfg.depth), heads=cfg.heads, num_group=sizes.seg_groups, group_size=cfg.group_size
+    )
     torch.manual_seed(0)
+
+    def seg_loss(m: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(scene, colors).float().reshape(-1, NUM_CLASSES), point_labels)
+
     cases = {
         "distill": (
             lambda m: F.mse_loss(m(points).pred.float(), prefix),
             Student(cfg),
             lambda m: F.mse_loss(m(points).float(), prefix),
             PointMAEPort(cfg),
-            cfg.num_points,
+            f"{cfg.num_points} pts, batch {sizes.train_batch}",
         ),
         "fine-tune": (
             lambda m: F.cross_entropy(m(shapes).float(), labels),
             PointClassifier(sizes.classes, cfg),
             lambda m: F.cross_entropy(m(shapes).float(), labels),
             PointMAEClassifierPort(cfg.dim, cfg.depth, cfg.heads, cfg.num_group, cfg.group_size, sizes.classes),
-            sizes.finetune_points,
+            f"{sizes.finetune_points} pts, batch {sizes.train_batch}",
+        ),
+        "scannet-seg": (
+            seg_loss,
+            SceneSegmenter(NUM_CLASSES, seg_cfg),
+            seg_loss,
+            PointMAESegPort(
+                seg_cfg.dim, seg_cfg.depth, seg_cfg.heads, seg_cfg.num_group, seg_cfg.group_size, NUM_CLASSES
+            ),
+            f"{sizes.seg_points} pts, {sizes.seg_groups} groups, batch {sizes.seg_batch}",
         ),
     }
-    rows = []
-    for name, (loss, model, port_loss, port, num_points) in cases.items():
-        pkd_s, pkd_mib = step_seconds(model, loss, device, sizes)
-        port_s, port_mib = step_seconds(port, port_loss, device, sizes)
-        rows.append(
+    for (name, (loss, model, port_loss, port, size)), compiled in (
+        (case, compiled) for compiled in (False, True) for case in cases.items()
+    ):
+        stage = f"{name} step bf16{' compiled' if compiled else ''} ({size})"
+        if compiled and device.type != "cuda":
+            yield {"stage": stage, "skipped": "compiled on CUDA only (inductor's CPU build costs minutes)"}
+            continue
+        pkd_s, pkd_mib, pkd_warmup = step_seconds(compile_forward(model) if compiled else model, loss, device, sizes)
+        port_s, port_mib, port_warmup = step_seconds(
+            compile_forward(port) if compiled else port, port_loss, device, sizes
+        )
+        yield (
             {
-                "stage": f"{name} step bf16 ({num_points} pts, batch {sizes.train_batch})",
+                "stage": stage,
                 "s_per_step": pkd_s,
                 "peak_mib": pkd_mib,
-                "peer": "Point-MAE port",
+                "peer": f"Point-MAE port{' compiled' if compiled else ''}",
                 "peer_s_per_step": port_s,
                 "peer_peak_mib": port_mib,
                 "ratio": pkd_s / port_s,
+                "warmup_s": pkd_warmup,
+                "peer_warmup_s": port_warmup,
             }
         )
-    return rows
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -290,6 +340,7 @@ def table(rows: list[dict]) -> str:
             memory = (
                 f"peak {r['peak_mib']:.0f} MiB vs {r['peer_peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "-"
             )
+            memory += f"; warm-up {r['warmup_s']:.1f} s vs {r['peer_warmup_s']:.1f} s"
             lines.append(
                 f"| {r['stage']} | {r['s_per_step'] * 1e3:.1f} ms/step | {r['peer']} "
                 f"{r['peer_s_per_step'] * 1e3:.1f} ms/step | {r['ratio']:.2f} (time, <= 1.0 is faster) | "
@@ -322,25 +373,31 @@ def main() -> None:
         raise SystemExit("error: --device cuda but torch sees no GPU; pass --device cpu for the CPU-safe parts")
     sizes = QUICK if args.quick else Sizes()
     steps: dict[str, float] = {}
+    rows: list[dict] = []
+    result = {"machine": machine(device), "quick": args.quick, "sizes": repr(sizes), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> str:
+        """Rewrite the JSON and the table with the rows so far; the table."""
+        args.out.write_text(json.dumps({**result, "section_seconds": steps}, indent=2) + "\n")
+        report = f"{table(rows)}\n\nMeasured on: {json.dumps(result['machine'])}\n"
+        args.out.with_suffix(".md").write_text(report)  # the section bench/results_gpu.md takes, card named
+        return report
+
     with tempfile.TemporaryDirectory() as tmp:
         with timed("demo scene", steps):
             scene = write_demo_scene(Path(tmp) / "demo", num_frames=sizes.frames, layout="sens")
         with timed("teacher precisions", steps):
-            rows = teacher_rows(scene, device, sizes)
+            rows += teacher_rows(scene, device, sizes)
+        write()
         with timed("whole prep", steps):
             rows.append(prep_row(scene, Path(tmp) / "pairs.zarr", device, sizes, args.threads, rows[0]["images_per_s"]))
+        write()
         with timed("train steps", steps):
-            rows += train_rows(device, sizes)
-    result = {
-        "machine": machine(device),
-        "quick": args.quick,
-        "sizes": repr(sizes),
-        "rows": rows,
-        "section_seconds": steps,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['machine']}\n\n{table(rows)}\n\nwrote {args.out}")
+            for row in train_rows(device, sizes):
+                rows.append(row)
+                write()
+    print(f"\n{write()}\nwrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

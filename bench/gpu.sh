@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one table (teacher fp32/bf16/fp16 agreement and speed, whole prep against the
-# teacher-only limit, distill and fine-tune steps in bf16 against the Point-MAE port) and its JSON, in
-# under 8 minutes on one H100/H200. Every step is timed; any failure stops it with a non-zero exit.
+# teacher-only limit, distill and fine-tune steps in bf16 against the Point-MAE port, eager and then both
+# torch.compile'd as `pkd-train distill --compile on` trains) and its JSON, with the table beside it as
+# gpu.md (the section bench/results_gpu.md takes), in under 8 minutes on one H100/H200. Every step is timed;
+# any failure stops it with a non-zero exit.
 #
 #   bash bench/gpu_wheels.sh                             # here, once: what the GPU image lacks -> .whl/
 #   bash bench/gpu.sh --out "$OUT/gpu.json"              # there, with .whl carried (device `run`, carry .whl)

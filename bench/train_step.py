@@ -6,16 +6,25 @@ Cases (each in its own subprocess, so peak memory is that case's alone):
   pointmae       faithful port of Point-MAE's encoder forward (manual attention, ``x = block(x + pos)``)
                  plus the same-size prefix head on mean+max pooled tokens, in-memory batches
   student-store  pkd ``distill`` student fed by ``StoreLoader`` from a synthetic store on disk
-  finetune       pkd ``PointClassifier`` fine-tuning step (15 classes, as ``finetune scanobjectnn``)
+  finetune       pkd ``PointClassifier`` fine-tuning step (``--classes``: 15 as ``finetune scanobjectnn``, 40 as
+                 ``finetune modelnet40``)
   finetune-pointmae  port of Point-MAE's ``PointTransformer`` (models/Point_MAE.py: cls token, blocks fed
                  ``x + pos``, head on [cls, max]); both take the same per-batch sampling (shuffle, FPS pool,
                  random subset, ScaleAndTranslate) so the ratio compares the models
+  seg            pkd ``SceneSegmenter`` (``finetune scannet-seg``: the concat head, 20 classes, points + colours)
+  seg-pointmae   the same head on a port of Point-MAE's encoder (``x = block(x + pos)``, blocks 3/7/11 normed:
+                 segmentation/models/pt.py); both take the same random cloud (use --points 8192 --groups 256)
 
 Both models use pkd's pure-torch FPS/kNN tokenizer (Point-MAE's is CUDA-only). Peak memory is the
-``ru_maxrss`` growth during the timed loop on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
+``ru_maxrss`` growth during the timed loop on CPU, ``torch.cuda.max_memory_allocated`` on GPU. ``--compile``
+gives every case the same treatment as ``pkd-train distill --compile on`` (``pkd.train.compiled``: the
+forward ``torch.compile``d, static shapes); the compile happens in the untimed warm-up step.
 
     python bench/train_step.py --points 1024 --batch 8 --steps 3 --out bench/results/cpu.json
     python bench/train_step.py --points 2048 --groups 128 --cases finetune,finetune-pointmae   # ScanObjectNN
+    python bench/train_step.py --points 1024 --classes 40 --cases finetune,finetune-pointmae   # ModelNet40
+    python bench/train_step.py --points 8192 --groups 256 --cases seg,seg-pointmae            # ScanNet seg
+    python bench/train_step.py --device cuda --compile --steps 20                              # compiled
 """
 
 from __future__ import annotations
@@ -36,9 +45,12 @@ import torch.nn.functional as F
 from _store import store_factory
 from torch import nn
 
+from pkd.common.scannet_mesh import NUM_CLASSES
 from pkd.train.augment import AugmentConfig, augment
+from pkd.train.compiled import compile_forward
 from pkd.train.downstream.classification import training_draw
-from pkd.train.downstream.models import PointClassifier
+from pkd.train.downstream.models import FeaturePropagation, PointClassifier, fetch_layers
+from pkd.train.downstream.scannet_seg import SceneSegmenter
 from pkd.train.encoder import EncoderConfig, init_weights, positional_embedding
 from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import Student, StudentConfig
@@ -46,6 +58,7 @@ from pkd.train.tokenizer import Group
 
 CASES = ("student", "student-pooled", "pointmae", "student-store")
 FINETUNE_CASES = ("finetune", "finetune-pointmae")
+SEG_CASES = ("seg", "seg-pointmae")
 SCANOBJECTNN_CLASSES = 15
 
 
@@ -166,10 +179,42 @@ class PointMAEClassifierPort(nn.Module):
         return self.cls_head_finetune(torch.cat([x[:, 0], x[:, 1:].max(1).values], dim=-1))
 
 
+class PointMAESegPort(nn.Module):
+    """Point-MAE's segmentation encoder (segmentation/models/pt.py: blocks on ``x + pos``, the normed outputs of
+    blocks 3, 7 and 11) under pkd's ``scannet-seg`` head (concat propagation + xyz/rgb, two conv blocks)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, num_group: int, group_size: int, classes: int) -> None:
+        super().__init__()
+        self.group_divider = Group(num_group, group_size)
+        self.encoder = PortEncoder(dim)
+        self.pos_embed = positional_embedding(dim)
+        rates = torch.linspace(0, 0.1, depth).tolist()
+        self.blocks = nn.ModuleList([PortBlock(dim, heads, r) for r in rates])
+        self.norm = nn.LayerNorm(dim)
+        self.layers = fetch_layers(depth)
+        self.propagation = FeaturePropagation(3 * 3 * dim + 6, [512, 256], gather="concat")
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv1d(256, classes, 1))
+        self.apply(init_weights)
+
+    def forward(self, points: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+        patches, centres, _ = self.group_divider(points)
+        x, pos, outputs = self.encoder(patches), self.pos_embed(centres), []
+        for block in self.blocks:
+            x = block(x + pos)
+            outputs.append(x)
+        tokens = torch.cat([self.norm(outputs[i]) for i in self.layers], dim=-1)
+        skip = torch.cat([points, colors], dim=-1).transpose(1, 2)
+        return self.classifier(self.propagation(points, centres, skip, tokens)).transpose(1, 2)
+
+
 def finetune_model(case: str, args: argparse.Namespace) -> nn.Module:
+    if case == "seg":
+        return SceneSegmenter(NUM_CLASSES, EncoderConfig(num_group=args.groups))
+    if case == "seg-pointmae":
+        return PointMAESegPort(384, 12, 6, args.groups, 32, NUM_CLASSES)
     if case == "finetune":
-        return PointClassifier(SCANOBJECTNN_CLASSES, EncoderConfig(num_group=args.groups))
-    return PointMAEClassifierPort(384, 12, 6, args.groups, 32, SCANOBJECTNN_CLASSES)
+        return PointClassifier(args.classes, EncoderConfig(num_group=args.groups))
+    return PointMAEClassifierPort(384, 12, 6, args.groups, 32, args.classes)
 
 
 def make_batches(n: int, batch: int, points: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -194,11 +239,12 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     )
     settings = LossSettings.of(cfg)
     torch.manual_seed(0)
-    if case in FINETUNE_CASES:
+    if case in FINETUNE_CASES + SEG_CASES:
         model = finetune_model(case, args)
     else:
         model = PointMAEPort(cfg) if case == "pointmae" else Student(cfg)
     model = model.to(device).train()
+    forward = compile_forward(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
 
@@ -221,15 +267,19 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     else:
         batches = iter(make_batches(args.steps + 1, args.batch, args.points, device))
 
-    labels = torch.arange(args.batch, device=device) % SCANOBJECTNN_CLASSES
+    labels = torch.arange(args.batch, device=device) % args.classes
+    point_labels = torch.randint(0, NUM_CLASSES, (args.batch, args.points), generator=gen).to(device)
 
     def step_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if case in SEG_CASES:
+            logits = forward(batch["points"], batch["points"].abs().clamp(max=1))  # stand-in colours in [0, 1]
+            return F.cross_entropy(logits.reshape(-1, NUM_CLASSES), point_labels.reshape(-1))
         if case in FINETUNE_CASES:
-            return F.cross_entropy(model(training_draw(batch["points"], args.points, gen)), labels)
+            return F.cross_entropy(forward(training_draw(batch["points"], args.points, gen)), labels)
         batch["points"] = augment(batch["points"], AugmentConfig(), gen)
         if case == "pointmae":
-            return F.mse_loss(model(batch["points"]), batch["prefix"])
-        return compute_loss(model, batch, settings)[0]
+            return F.mse_loss(forward(batch["points"]), batch["prefix"])
+        return compute_loss(forward, batch, settings)[0]
 
     def step() -> None:
         loss = step_loss({k: v.to(device) for k, v in next(batches).items()})
@@ -292,6 +342,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="cases run interleaved this many times (noisy hosts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=1, help="loader workers of the store-fed case")
+    parser.add_argument(
+        "--classes", type=int, default=SCANOBJECTNN_CLASSES, help="fine-tuning classes (ModelNet40: 40)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every case's forward (as --compile on)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -324,6 +378,9 @@ def main() -> None:
                 str(args.groups),
                 "--workers",
                 str(args.workers),
+                "--classes",
+                str(args.classes),
+                *(["--compile"] if args.compile else []),
             ]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode:
@@ -340,6 +397,9 @@ def main() -> None:
         ratios["flat_head_vs_pooled_head"] = by["student"]["s_per_step"] / by["student-pooled"]["s_per_step"]
     if "student" in by and "student-store" in by:
         ratios["store_fed_vs_in_memory"] = by["student-store"]["samples_per_s"] / by["student"]["samples_per_s"]
+    if set(SEG_CASES) <= set(by):
+        ratios["seg_time_vs_pointmae"] = by["seg"]["s_per_step"] / by["seg-pointmae"]["s_per_step"]
+        ratios["seg_time_vs_pointmae_best"] = by["seg"]["best_s_per_step"] / by["seg-pointmae"]["best_s_per_step"]
     if set(FINETUNE_CASES) <= set(by):
         ratios["finetune_time_vs_pointmae"] = by["finetune"]["s_per_step"] / by["finetune-pointmae"]["s_per_step"]
         ratios["finetune_time_vs_pointmae_best"] = (
@@ -355,10 +415,15 @@ def main() -> None:
         "steps": args.steps,
         "rounds": args.rounds,
         "workers": args.workers,
+        "classes": args.classes,
+        "compile": args.compile,
         "rows": rows,
         **ratios,
     }
-    print(f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds")
+    print(
+        f"device={args.device} points={args.points} batch={args.batch} steps={args.steps}x{args.rounds} rounds "
+        f"compile={'on' if args.compile else 'off'}"
+    )
     print(
         f"{'case':<14} {'s/step med':>10} {'s/step best':>11} {'cpu s/step':>10} {'samples/s':>10} {'peak MiB':>9} "
         f"{'params M':>9}"

@@ -30,8 +30,10 @@ def test_gpu_check_runs_its_cpu_safe_parts_and_reports_one_table(tmp_path):
     assert rows["teacher fp16 bare forward"]["skipped"] == "fp16 needs CUDA"
     prep = rows["whole pkd-prep, demo scene"]
     assert prep["frames"] == 4 and prep["peer_images_per_s"] == fp32["images_per_s"]
-    for name in ("distill step bf16", "fine-tune step bf16"):
+    for name in ("distill step bf16", "fine-tune step bf16", "scannet-seg step bf16"):
         assert rows[name]["s_per_step"] > 0 and rows[name]["peer_s_per_step"] > 0 and rows[name]["peak_mib"] is None
+        assert rows[f"{name} compiled"]["skipped"].startswith("compiled on CUDA only")
+    assert "| scannet-seg step bf16 compiled" in out.with_suffix(".md").read_text()
     assert "| whole pkd-prep, demo scene" in done.stdout and "| fine-tune step bf16" in done.stdout
     for step in ("link pkd", "install dependencies", "import pkd", "bench/gpu.py", "total"):
         assert f"== {step}" in done.stderr  # every step timed

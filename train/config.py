@@ -14,6 +14,7 @@ from typing import Any
 from pkd.common.config import at_least, from_plain, option
 from pkd.common.errors import ConfigError
 from pkd.train.augment import AugmentConfig
+from pkd.train.compiled import COMPILE_CHOICES
 from pkd.train.model import StudentConfig
 from pkd.train.variants import variant_spec
 
@@ -69,6 +70,17 @@ class TrainConfig:
     monitor_recon: bool = option(
         False, "log the held-out Chamfer loss of a frozen random decoder on masked patches (paper Table 7)"
     )
+    compile: str = option(
+        "auto",
+        "torch.compile the training forward: auto (on for CUDA, off for CPU), on, or off (eager)",
+        run=True,
+    )
+    log_every: int | None = option(
+        None,
+        "read the loss back from the device every N steps, one host sync for them all (metrics.jsonl still "
+        "holds every step); default: 1 on CPU, 50 on CUDA",
+        run=True,
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init: str | None = option(None, "initialise the encoder from a Point-MAE checkpoint")
     streams: int | None = option(
@@ -76,7 +88,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        optional = ("max_steps", "stop_after", "save_every", "val_every", "val_max_samples")  # None: not given
+        optional = ("max_steps", "stop_after", "save_every", "val_every", "val_max_samples", "log_every")
         at_least(1, **{name: getattr(self, name) for name in ("epochs", "batch_size", "grad_accum", "shuffle_shards")})
         at_least(1, **{name: getattr(self, name) for name in optional})
         if self.streams is not None and (self.streams < 1 or self.batch_size % self.streams):
@@ -90,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr {self.min_lr} must lie between 0 and lr {self.lr}.")
         if self.subsample not in SUBSAMPLES:
             raise ConfigError(f"--subsample {self.subsample!r}: choose fps or random.")
+        if self.compile not in COMPILE_CHOICES:
+            raise ConfigError(f"--compile {self.compile!r}: choose auto, on or off.")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto.")
 
@@ -104,8 +118,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "the recorded config") -> TrainConfig:
         """The config a run recorded (``config.json``'s ``config`` or a checkpoint's, upgraded to the current
-        version), read strictly: an unknown or missing field is a ConfigError naming ``where`` and the field."""
-        return from_plain(cls, d, where)
+        version), read strictly: an unknown or missing field is a ConfigError naming ``where`` and the field.
+
+        The run options of ``LATER_RUN_OPTIONS``, added after version 3, read as their defaults where a record
+        lacks them: they do not change what is computed, so they need no record version of their own."""
+        return from_plain(cls, {**LATER_RUN_OPTIONS, **d}, where)
+
+
+LATER_RUN_OPTIONS: dict[str, Any] = {"compile": "auto", "log_every": None}
 
 
 def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ class HeldOut:
             size = len(batch["points"])
             with autocast():
                 loss, parts = compute_loss(model, batch, self.settings, generator)
-                values = {"loss": float(loss), **parts}
+                values = {"loss": float(loss), **{k: float(v) for k, v in parts.items()}}
                 if self.monitor is not None:
                     values["monitor_recon"] = self.monitor.loss(model, batch["points"], generator)
             totals = {k: totals.get(k, 0.0) + v * size for k, v in values.items()}

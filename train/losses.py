@@ -47,8 +47,9 @@ def compute_loss(
     batch: dict[str, torch.Tensor],
     settings: LossSettings,
     mask_generator: torch.Generator | list[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of one batch and its named parts (as floats, for logging).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss of one batch and its named parts (detached tensors, still on the device: reading them is a
+    host sync the training loop makes once every ``--log-every`` steps).
 
     ``model`` is a Student of ``settings.variant`` or its DDP wrapper; only its forward is called.
     """
@@ -60,7 +61,7 @@ def compute_loss(
     parts = {term.name: term(out, batch, settings) for term in spec.losses}
     weights = {term.name: settings.objective.weight(term) for term in spec.losses}
     total = cast(torch.Tensor, sum(weights[name] * value for name, value in parts.items()))
-    return total, {name: float(value.detach()) for name, value in parts.items()}
+    return total, {name: value.detach() for name, value in parts.items()}
 
 
 def monitor_recon_loss(

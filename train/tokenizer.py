@@ -11,20 +11,28 @@ from torch import nn
 
 @torch.no_grad()
 def farthest_point_sample(xyz: torch.Tensor, num: int) -> torch.Tensor:
-    """Indices (B, num) of a deterministic FPS that starts from point 0 of every cloud."""
+    """Indices (B, num) of a deterministic FPS that starts from point 0 of every cloud.
+
+    Each iteration is one ``_fps_step`` and nothing reads a value back to the host, so on a GPU the loop only
+    queues kernels, and under ``torch.compile`` (``--compile``) each step fuses into one kernel.
+    """
     batch, num_points, _ = xyz.shape
     if num > num_points:
         raise ValueError(f"cannot sample {num} centres from {num_points} points")
-    rows = torch.arange(batch, device=xyz.device)
-    chosen = torch.empty(batch, num, dtype=torch.long, device=xyz.device)
     nearest = torch.full((batch, num_points), float("inf"), device=xyz.device, dtype=xyz.dtype)
-    farthest = torch.zeros(batch, dtype=torch.long, device=xyz.device)
-    for i in range(num):
-        chosen[:, i] = farthest
-        centre = xyz[rows, farthest].unsqueeze(1)
-        nearest = torch.minimum(nearest, ((xyz - centre) ** 2).sum(-1))
-        farthest = nearest.argmax(-1)
-    return chosen
+    chosen = [torch.zeros(batch, 1, dtype=torch.long, device=xyz.device)]
+    for _ in range(num - 1):
+        nearest, farthest = _fps_step(xyz, nearest, chosen[-1])
+        chosen.append(farthest)
+    return torch.cat(chosen, dim=1)
+
+
+def _fps_step(xyz: torch.Tensor, nearest: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FPS iteration: squared distances to the centre ``last`` (B, 1) folded into ``nearest`` (B, P) by
+    minimum, and the next centre (B, 1), the farthest point from all chosen so far (first one on ties)."""
+    centre = xyz.gather(1, last.unsqueeze(-1).expand(-1, -1, xyz.shape[-1]))
+    nearest = torch.minimum(nearest, ((xyz - centre) ** 2).sum(-1))
+    return nearest, nearest.argmax(-1, keepdim=True)
 
 
 @torch.no_grad()

@@ -16,6 +16,12 @@ own data streams (``pkd.train.data``), augmenting and masking each stream's chun
 rank's torch RNG). Rank 0 alone writes config.json, metrics and checkpoints; the loss it logs is the mean
 over ranks; checkpoints hold the unwrapped model and the position in global steps, so a run resumes
 under any world size that divides ``streams``.
+
+The hot loop makes no host sync: each step's loss and parts stay on the device (``_Pending``) and are read
+back together every ``--log-every`` steps and before every held-out evaluation, checkpoint and epoch end
+(``_log_steps``), then logged one record per step as before; the NaN guard checks them there, naming the
+step, before anything is saved. Under ``--compile on`` the forward is ``torch.compile``d
+(``pkd.train.compiled``); the held-out pass and the monitor run the eager model.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +44,7 @@ from pkd.common.store import DEFAULT_SET, array_of, open_split, open_store, stor
 from pkd.train import distributed, runs
 from pkd.train.augment import augment
 from pkd.train.checkpoint import LAST, rng_state
+from pkd.train.compiled import compile_forward, resolve
 from pkd.train.config import TrainConfig
 from pkd.train.data import LoaderConfig, StoreLoader, target_stats
 from pkd.train.distributed import DistInfo, unwrap
@@ -63,6 +70,7 @@ from pkd.train.schedule import Schedule, lr_at
 
 log = logging.getLogger(__name__)
 NAN_FIX = "Check the store's targets for NaN/inf or lower --lr."
+LOG_EVERY_CUDA = 50  # steps between host syncs on a GPU by default (CPU: every step, a sync costs nothing there)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,9 +184,17 @@ def resolve_streams(cfg: TrainConfig, ckpt: dict[str, Any] | None, world_size: i
 
 
 def with_device(cfg: TrainConfig) -> TrainConfig:
-    """``device`` made explicit (``runs.resolve_device``) and ``amp`` false where it does nothing (CPU)."""
+    """``device`` made explicit (``runs.resolve_device``), ``amp`` false where it does nothing (CPU), ``compile``
+    on or off there (``pkd.train.compiled.resolve``) and ``log_every`` its default for the device."""
     device = runs.resolve_device(cfg.device)
-    return dataclasses.replace(cfg, device=device, amp=cfg.amp and device.startswith("cuda"))
+    cuda = device.startswith("cuda")
+    return dataclasses.replace(
+        cfg,
+        device=device,
+        amp=cfg.amp and cuda,
+        compile=resolve(cfg.compile, torch.device(device)),
+        log_every=cfg.log_every or (LOG_EVERY_CUDA if cuda else 1),
+    )
 
 
 def train(
@@ -267,14 +283,25 @@ def _start(setup: Setup, ckpt: dict[str, Any] | None, run: Run) -> State:
     return State()
 
 
+@dataclass
+class _Pending:
+    """Optimizer steps whose losses are still on the device, read back together by ``_log_steps``."""
+
+    since: float = field(default_factory=time.perf_counter)  # when the first of them started
+    micro: list[torch.Tensor] = field(default_factory=list)  # [loss, *parts] of each micro-batch
+    steps: list[tuple[State, float]] = field(default_factory=list)  # each step's position after it, and its lr
+    names: tuple[str, ...] = ()
+
+
 def _micro_batch(
-    setup: Setup, ddp: torch.nn.Module, batch: dict[str, torch.Tensor], pos: State, run_dir: Path
-) -> tuple[float, dict[str, float]]:
-    """Forward and backward of the micro-batch at ``pos``; returns its loss and loss parts, averaged over ranks.
+    setup: Setup, ddp: torch.nn.Module, forward: torch.nn.Module, batch: dict[str, torch.Tensor], pos: State
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Forward (``forward``: ``ddp``, or it compiled) and backward of the micro-batch at ``pos``; returns
+    [loss, *parts] on the device, unsynchronised, and the parts' names.
 
     With ``--monitor-recon`` the parts hold ``monitor_recon``, measured on the augmented batch before the
-    forward (``pkd.train.monitor``). Gradients are synchronised on the last micro-batch of an optimizer step
-    only; a NaN/inf loss stops the run (``runs.check_finite``).
+    forward (``pkd.train.monitor``; a host sync). Gradients are synchronised on the last micro-batch of an
+    optimizer step only.
     """
     cfg = setup.cfg
     micro = pos.step * cfg.grad_accum + pos.batch % cfg.grad_accum
@@ -287,21 +314,50 @@ def _micro_batch(
         ]
     )
     last_micro = (pos.batch + 1) % cfg.grad_accum == 0
-    monitored: dict[str, float] = {}
+    monitored: dict[str, torch.Tensor] = {}
     if setup.monitor is not None:
         probe = setup.monitor.generators(micro, setup.loader.cfg.own_streams)
         with setup.autocast():
-            monitored["monitor_recon"] = setup.monitor.loss(setup.model, batch["points"], probe)
+            monitored["monitor_recon"] = torch.tensor(setup.monitor.loss(setup.model, batch["points"], probe))
     with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) and not last_micro else nullcontext():
         with setup.autocast():
             loss, parts = compute_loss(
-                ddp, batch, setup.settings, generators[0] if len(generators) == 1 else generators
+                forward, batch, setup.settings, generators[0] if len(generators) == 1 else generators
             )
         parts = {**parts, **monitored}
-        means = distributed.all_reduce_mean(torch.tensor([float(loss.detach()), *parts.values()], dtype=torch.float64))
-        runs.check_finite(means[0], pos.step + 1, run_dir, NAN_FIX, f" (epoch {pos.epoch})")
         (loss / cfg.grad_accum).backward()
-    return float(means[0]), {k: float(v) for k, v in zip(parts, means[1:])}
+    values = torch.stack([loss.detach().float(), *(v.to(loss.device, torch.float32) for v in parts.values())])
+    return values, tuple(parts)
+
+
+def _read(pending: _Pending) -> torch.Tensor:
+    """The pending micro-batches' [loss, *parts] on the host in float64, averaged over ranks: the host sync."""
+    return distributed.all_reduce_mean(torch.stack(pending.micro).to("cpu", torch.float64))
+
+
+def _step_values(rows: torch.Tensor, pending: _Pending, pos: State, run_dir: Path) -> tuple[float, dict[str, float]]:
+    """One optimizer step's loss and parts, the mean of its micro-batches' ``rows``; a NaN/inf loss stops the
+    run naming the step (``runs.check_finite``)."""
+    loss, parts, accum = 0.0, dict[str, float](), len(rows)
+    for row in rows:
+        runs.check_finite(row[0], pos.step, run_dir, NAN_FIX, f" (epoch {pos.epoch})")
+        loss += float(row[0]) / accum
+        parts = {k: parts.get(k, 0.0) + float(v) / accum for k, v in zip(pending.names, row[1:])}
+    return loss, parts
+
+
+def _log_steps(setup: Setup, pending: _Pending, log_: MetricsLog, bar: Any, run_dir: Path) -> None:
+    """Read the pending steps back (``_read``) and log one record each, in order; their samples/s is the
+    interval's (the device's pace, which single steps, unsynchronised, do not show). Empties ``pending``."""
+    if pending.steps:
+        rows, accum = _read(pending), setup.cfg.grad_accum
+        rate = setup.cfg.batch_size * accum * len(pending.steps) / (time.perf_counter() - pending.since)
+        for i, (pos, lr) in enumerate(pending.steps):
+            loss, parts = _step_values(rows[i * accum : (i + 1) * accum], pending, pos, run_dir)
+            log_.step(step=pos.step, epoch=pos.epoch, loss=loss, lr=lr, samples_per_s=rate, **parts)
+        bar.update(len(pending.steps))
+        bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{rate:.1f}")
+    pending.micro, pending.steps, pending.since = [], [], time.perf_counter()
 
 
 def _optimizer_step(setup: Setup, step: int) -> float:
@@ -322,6 +378,7 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
     cfg, sched = setup.cfg, setup.sched
     distributed.barrier()  # the run directory is ready
     ddp = distributed.wrap_model(setup.model, run.rank_info, setup.device)
+    forward = compile_forward(ddp) if cfg.compile == "on" else ddp
     log_ = run.metrics(pos, [TensorBoardSink(run_dir / TENSORBOARD, pos.step)] if tensorboard and main else [])
     evaluate = _evaluator(setup, log_, main)
     samples_per_step = cfg.batch_size * cfg.grad_accum
@@ -331,32 +388,34 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
         total=sched.stop, initial=pos.step, disable=not (progress and main), unit="step", desc=desc, dynamic_ncols=True
     )
     saved_at = pos.step if run.resume else -1
+    first, every, pending = pos.step + 1, cfg.log_every or 1, _Pending()
     while pos.step < sched.stop:
-        tic, step_loss = time.perf_counter(), 0.0
-        step_parts: dict[str, float] = {}
+        pending.since = time.perf_counter()
         for batch in setup.loader.epoch(pos.epoch, start_batch=pos.batch):
-            loss, parts = _micro_batch(setup, ddp, batch, pos, run_dir)
-            step_loss += loss / cfg.grad_accum
-            step_parts = {k: step_parts.get(k, 0.0) + v / cfg.grad_accum for k, v in parts.items()}
+            values, pending.names = _micro_batch(setup, ddp, forward, batch, pos)
+            pending.micro.append(values)
             pos = dataclasses.replace(pos, batch=pos.batch + 1)
             if pos.batch % cfg.grad_accum:
                 continue
             if pos.step == 0 and setup.monitor is not None:
-                _log_untrained(setup, log_, main, step_parts["monitor_recon"], samples_per_step)
+                _, untrained = _step_values(_read(pending), pending, State(step=1, epoch=pos.epoch), run_dir)
+                _log_untrained(setup, log_, main, untrained["monitor_recon"], samples_per_step)
             lr = _optimizer_step(setup, pos.step)
             pos = dataclasses.replace(pos, step=pos.step + 1)
-            rate = samples_per_step / (time.perf_counter() - tic)
-            log_.step(step=pos.step, epoch=pos.epoch, loss=step_loss, lr=lr, samples_per_s=rate, **step_parts)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4g}", samples_s=f"{rate:.1f}")
+            pending.steps.append((pos, lr))
             epoch_done = pos.batch >= setup.epoch_batches
-            if cfg.val_every and pos.step % cfg.val_every == 0 and not epoch_done:
+            evaluating = bool(cfg.val_every) and pos.step % (cfg.val_every or 1) == 0 and not epoch_done
+            saving = bool(cfg.save_every) and pos.step % (cfg.save_every or 1) == 0 and pos.step < sched.total
+            ending = pos.step >= sched.stop or epoch_done
+            if pos.step % every == 0 or pos.step == first or evaluating or saving or ending:
+                _log_steps(setup, pending, log_, bar, run_dir)  # the first step alone: it holds any compile time
+            if evaluating:
                 evaluate(pos)
-            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < sched.total:
+            if saving:
                 save(run, cfg, ddp, setup.optimizer, pos)
                 saved_at = pos.step
-            tic, step_loss, step_parts = time.perf_counter(), 0.0, {}
-            if pos.step >= sched.stop or epoch_done:
+            pending.since = time.perf_counter() if evaluating or saving else pending.since
+            if ending:
                 break
         if pos.batch >= setup.epoch_batches:
             if not log_.has("epoch", pos.step):  # a run killed after this record but before the next save
