@@ -22,7 +22,7 @@ from pkd.train.tokenizer import farthest_point_sample
 from pkd.train.trainer import TrainConfig, recorded_config, train
 
 from _cli import TINY_STUDENT, run_script
-from store_factory import make_store
+from store_factory import clipcap_target_shape, make_store
 
 
 def reference_fps(xyz: torch.Tensor, num: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def step(model: torch.nn.Module, student: Student, cfg: StudentConfig) -> tuple[
 
 @pytest.mark.parametrize("variant", ["distill", "recon"])
 def test_a_compiled_step_computes_the_eager_loss_and_gradients(variant):
-    cfg = StudentConfig(**TINY_STUDENT, variant=variant, drop_path=0.1)
+    cfg = StudentConfig(**TINY_STUDENT, variant=variant, drop_path=0.1, target_shape=clipcap_target_shape(variant))
     torch.manual_seed(0)
     eager_model = Student(cfg).train()
     compiled_model = Student(cfg).train()
@@ -126,15 +126,17 @@ def test_compile_on_without_a_compiler_exits_2_through_the_console_script(store,
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
 
-def test_the_resolved_option_is_recorded_and_a_record_without_it_reads_as_the_default(store, tmp_path):
+def test_the_resolved_option_is_recorded_and_an_older_record_reads_as_eager_every_step(store, tmp_path):
     train(config(store, max_steps=1), tmp_path / "run", progress=False)
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["config"]["compile"] == "off" and record["config"]["log_every"] == 1  # auto on CPU
     for key in ("compile", "log_every"):
         del record["config"][key]
-    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    for key in ("targets", "target_shape"):  # the version-3 layout, before these run options
+        del record["config"]["model"][key]
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**record, "version": 3}))
     saved = recorded_config(tmp_path / "run")
-    assert saved.compile == "auto" and saved.log_every is None
+    assert saved.compile == "off" and saved.log_every == 1
 
 
 def test_a_compiled_run_trains_and_resumes_as_the_eager_run(store, tmp_path, monkeypatch):

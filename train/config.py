@@ -118,14 +118,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "the recorded config") -> TrainConfig:
         """The config a run recorded (``config.json``'s ``config`` or a checkpoint's, upgraded to the current
-        version), read strictly: an unknown or missing field is a ConfigError naming ``where`` and the field.
-
-        The run options of ``LATER_RUN_OPTIONS``, added after version 3, read as their defaults where a record
-        lacks them: they do not change what is computed, so they need no record version of their own."""
-        return from_plain(cls, {**LATER_RUN_OPTIONS, **d}, where)
-
-
-LATER_RUN_OPTIONS: dict[str, Any] = {"compile": "auto", "log_every": None}
+        version), read strictly: an unknown or missing field is a ConfigError naming ``where`` and the field."""
+        return from_plain(cls, d, where)
 
 
 def upgrade_config_v1(d: dict[str, Any]) -> dict[str, Any]:
@@ -175,13 +169,14 @@ def upgrade_config_v2(d: dict[str, Any]) -> dict[str, Any]:
 def upgrade_config_v3(d: dict[str, Any]) -> dict[str, Any]:
     """Version 3 → 4. Runs before target sets regressed their variant's own array of the default ClipCap set
     (``targets`` None) of the shapes in ``CLIPCAP_SHAPES`` (``target_shape``; None for reconstruction). Applied
-    to a version-4 config it changes nothing."""
+    to a version-4 config it changes nothing. They ran eager and read the loss back every step (``compile``
+    ``off``, ``log_every`` 1: run options, which a resume may change)."""
     model = d["model"]
     if "targets" in model:
         return d
     target = variant_spec(model.get("variant", "distill")).target
     shape = CLIPCAP_SHAPES[target] if target else None
-    return {**d, "model": {**model, "targets": None, "target_shape": shape}}
+    return {"compile": "off", "log_every": 1, **d, "model": {**model, "targets": None, "target_shape": shape}}
 
 
 def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
