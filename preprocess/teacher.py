@@ -126,16 +126,9 @@ def warn_random_teacher(what: str, seed: int) -> None:
 
 
 def _load_visual(visual: nn.Module, path: Path) -> None:
-    state = tw.visual_state_dict(path)
-    try:
-        result = visual.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch: another architecture
-        raise WeightsError(f"CLIP weights file {path} does not fit {tw.CLIP_MODEL}: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(
-            f"CLIP weights file {path} does not fit {tw.CLIP_MODEL}: missing visual keys "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. Get {tw.CLIP_SOURCE}."
-        )
+    tw.load_strictly(
+        visual, tw.visual_state_dict(path), path, f"{tw.CLIP_MODEL}'s image tower", f"Get {tw.CLIP_SOURCE}"
+    )
 
 
 def _transform_identity(open_clip, transform) -> TransformAttrs:

@@ -42,6 +42,21 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def load_strictly(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, hint: str) -> None:
+    """Load ``state`` into ``module`` with every key matched; a WeightsError naming ``path``, the mismatched keys
+    and ``hint`` (where to get the right file) otherwise."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: another architecture
+        raise WeightsError(f"weights file {path} does not fit {what}: {exc}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"weights file {path} does not fit {what}: missing keys {result.missing_keys[:5]} "
+            f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)}). "
+            f"{hint}."
+        )
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False

@@ -39,7 +39,11 @@ from pkd.common.store import (
 )
 from pkd.preprocess.frame_sample import GeometryConfig
 from pkd.preprocess.prep import PrepConfig
+from pkd.train.config import TrainConfig
+from pkd.train.model import StudentConfig
 from pkd.train.variants import variant_spec
+
+from _cli import TINY_STUDENT
 
 COLOR_SIZE = (640, 480)
 CLIPCAP_SHAPES = {"prefix": PREFIX_SHAPE, "clip_embed": (CLIP_DIM,), "patch_tokens": (PATCH_TOKENS, CLIP_DIM)}
@@ -204,3 +208,10 @@ def add_target_set(
     )
     write_root_attrs(root, dataclasses.replace(attrs, targets={**attrs.targets, name: added}))
     return teacher
+
+
+def tiny_config(store: Path | str, **kw) -> TrainConfig:
+    """A two-epoch run of the tiny test student on ``store`` (batch 4), the run, record and compile tests' base."""
+    return TrainConfig(
+        store=str(store), model=StudentConfig(**TINY_STUDENT), epochs=2, warmup_epochs=1, batch_size=4, **kw
+    )

@@ -277,9 +277,11 @@ def test_export_records_a_random_teacher_and_init_warns(tmp_path, caplog):
     source = PointEncoder(32, 1, 2)
     torch.save({"model": {f"MAE_encoder.{k}": v for k, v in source.state_dict().items()}}, run / "last.pt")
     teacher = {"kind": "random", "random": True, "seed": 0}
-    (run / "config.json").write_text(json.dumps({"store": {"path": "pairs.zarr", "teacher": teacher}}))
+    store = {"path": "pairs.zarr", "targets": "clipcap/prefix", "teacher": teacher}
+    (run / "config.json").write_text(json.dumps({"store": store}))
     exported = export_encoder(run, tmp_path / "encoder.pth")
-    assert torch.load(exported, weights_only=True)["pkd"] == {"store": "pairs.zarr", "teacher": teacher}
+    recorded = {"store": "pairs.zarr", "targets": "clipcap/prefix", "teacher": teacher}
+    assert torch.load(exported, weights_only=True)["pkd"] == recorded
     report = init_encoder(PointEncoder(32, 1, 2), exported)
     assert report["random_teacher"] is True and report["teacher"] == teacher
     assert "RANDOM TEACHER" in caplog.text

@@ -19,10 +19,11 @@ from pkd.train import compiled, trainer
 from pkd.train.losses import LossSettings, compute_loss
 from pkd.train.model import Student, StudentConfig
 from pkd.train.tokenizer import farthest_point_sample
-from pkd.train.trainer import TrainConfig, recorded_config, train
+from pkd.train.trainer import recorded_config, train
 
 from _cli import TINY_STUDENT, run_script
 from store_factory import clipcap_target_shape, make_store
+from store_factory import tiny_config as config
 
 
 def reference_fps(xyz: torch.Tensor, num: int) -> torch.Tensor:
@@ -100,12 +101,6 @@ def test_a_compiled_step_computes_the_eager_loss_and_gradients(variant):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("compile") / "pairs.zarr", n=16, num_points=160, shard_size=4)
-
-
-def config(store, **kw) -> TrainConfig:
-    return TrainConfig(
-        store=str(store), model=StudentConfig(**TINY_STUDENT), epochs=2, warmup_epochs=1, batch_size=4, **kw
-    )
 
 
 def test_compile_on_where_the_platform_cannot_compile_names_the_escape(store, tmp_path, monkeypatch):

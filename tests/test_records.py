@@ -19,17 +19,12 @@ from pkd.train.trainer import TrainConfig, recorded_config, train
 
 from _cli import TINY_STUDENT
 from store_factory import make_store
+from store_factory import tiny_config as config
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("records") / "pairs.zarr", n=8, num_points=160, shard_size=4)
-
-
-def config(store, **kw) -> TrainConfig:
-    return TrainConfig(
-        store=str(store), model=StudentConfig(**TINY_STUDENT), epochs=2, warmup_epochs=1, batch_size=4, **kw
-    )
 
 
 def v3_config(config: dict) -> dict:

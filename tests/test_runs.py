@@ -16,12 +16,11 @@ from pkd.common.errors import ConfigError, TrainingError
 from pkd.train import runs
 from pkd.train.checkpoint import LAST, atomic_save, load_checkpoint
 from pkd.train.downstream.config import RESUME_MAY_CHANGE, FinetuneConfig
-from pkd.train.model import StudentConfig
 from pkd.train.schedule import Schedule, epoch_lr, lr_at
 from pkd.train.trainer import TrainConfig, train
 
-from _cli import TINY_STUDENT as TINY
 from store_factory import make_store
+from store_factory import tiny_config as config
 
 PKD_TRAIN = str(Path(sys.executable).with_name("pkd-train"))
 SHAPE = (
@@ -33,10 +32,6 @@ SHAPE = (
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("runs") / "pairs.zarr", n=8, num_points=160, shard_size=4)
-
-
-def config(store, **kw) -> TrainConfig:
-    return TrainConfig(store=str(store), model=StudentConfig(**TINY), epochs=2, warmup_epochs=1, batch_size=4, **kw)
 
 
 # ---- schedules ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pkd.common.errors import ConfigError, WeightsError
+from pkd.common.errors import ConfigError
 from pkd.common.logs import demoted
 from pkd.common.store import TransformAttrs
 from pkd.preprocess import teacher_weights as tw
@@ -53,16 +53,9 @@ def _visual_state(path: Path, model: str) -> dict[str, torch.Tensor]:
 
 
 def _load(visual: nn.Module, path: Path, model: str) -> None:
-    try:
-        result = visual.load_state_dict(_visual_state(path, model), strict=False)
-    except RuntimeError as exc:  # shape mismatch: another architecture
-        raise WeightsError(f"weights file {path} does not fit open_clip {model}'s image tower: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(
-            f"weights file {path} does not fit open_clip {model}'s image tower: missing keys "
-            f"{result.missing_keys[:5]} ({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
-            f"({len(result.unexpected_keys)}). Get {_source(model)}."
-        )
+    tw.load_strictly(
+        visual, _visual_state(path, model), path, f"open_clip {model}'s image tower", f"Get {_source(model)}"
+    )
 
 
 def _transform_attrs(cfg: dict[str, Any], transform: Any, spec: str) -> TransformAttrs:
