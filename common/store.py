@@ -516,6 +516,14 @@ class TargetSet:
             )
         return target_path(self.name, array)
 
+    def done_shards(self, group: zarr.Group) -> np.ndarray:
+        """Boolean per shard of a split: has this set been written there? (none for a split it was never added to)"""
+        if self.name == DEFAULT_SET:
+            return done_shards(group, "teacher")
+        if f"{SETS_GROUP}/{self.name}" not in group:
+            return np.zeros(len(shard_ranges(*_layout(group))), bool)
+        return set_done_shards(group, self.name)
+
     def bytes_per_sample(self) -> int:
         """Stored bytes of one sample's arrays, uncompressed."""
         return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays.values())

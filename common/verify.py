@@ -51,17 +51,7 @@ def store_info(path: str) -> dict[str, Any]:
 
 def _set_info(root: zarr.Group, target: store.TargetSet) -> dict[str, Any]:
     """What `pkd-prep info` says of a target set: its teacher, arrays, stored bytes per sample, shards done."""
-    done = {}
-    for name in store.splits_of(root):
-        group = store.split_group(root, name)
-        flags = (
-            store.done_shards(group, "teacher")
-            if target.name == store.DEFAULT_SET
-            else store.set_done_shards(group, target.name)
-            if f"{store.SETS_GROUP}/{target.name}" in group
-            else np.zeros(0, bool)
-        )
-        done[name] = int(flags.sum())
+    done = {name: int(target.done_shards(store.split_group(root, name)).sum()) for name in store.splits_of(root)}
     return {
         "teacher": dict(target.teacher),
         "arrays": {
@@ -154,11 +144,12 @@ def verify_store(path: str) -> list[str]:
     splits = store.splits_of(root)
     if not splits:
         faults.append("no splits")
+    added = [target for target in store.target_sets(root).values() if target.name != store.DEFAULT_SET]
     for name in splits:
-        faults += _check_split(name, store.split_group(root, name), attrs.num_points)
-        for target in store.target_sets(root).values():
-            if target.name != store.DEFAULT_SET:
-                faults += _check_set(name, store.split_group(root, name), target)
+        group = store.split_group(root, name)
+        faults += _check_split(name, group, attrs.num_points)
+        for target in added:
+            faults += _check_set(name, group, target)
     return faults
 
 
@@ -167,7 +158,7 @@ def _check_set(split: str, group: zarr.Group, target: store.TargetSet) -> list[s
     where = f"{split}/{store.SETS_GROUP}/{target.name}"
     if not target.complete or f"{store.SETS_GROUP}/{target.name}" not in group:
         return [f"{where}: incomplete (rerun `pkd-prep teacher STORE --name {target.name} ...`)"]
-    missing = np.flatnonzero(~store.set_done_shards(group, target.name))
+    missing = np.flatnonzero(~target.done_shards(group))
     if missing.size:
         return [f"{where}: shards {missing.tolist()} not written (rerun `pkd-prep teacher STORE --name {target.name}`)"]
     valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)

@@ -7,7 +7,6 @@ written. A set is resumable per shard like prep: a shard's arrays are written wh
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,6 @@ from pkd.preprocess.shard_writer import ordered_map
 if TYPE_CHECKING:
     from pkd.preprocess.teachers import TargetTeacher
 
-log = logging.getLogger(__name__)
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 STORED_DTYPE = "float16"
 
@@ -96,8 +94,8 @@ def run_target_set(
             group = store.split_group(root, split)
             if fresh or f"{store.SETS_GROUP}/{name}" not in group:
                 store.create_target_set(group, name, arrays)
-            written = _fill(group, name, plan, teacher, options)
             valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)
+            written = _fill(group, name, plan, valid, teacher, options)
             for array in arrays:
                 write_target_stats(group, f"{store.SETS_GROUP}/{name}/{array}", valid)
             summary[split] = {"shards_written": written, "valid": int(valid.sum())}
@@ -132,10 +130,11 @@ def _refuse_another_teacher(
     return bool(diff)
 
 
-def _fill(group: zarr.Group, name: str, plan: SplitPlan, teacher: TargetTeacher, options: RunOptions) -> int:
+def _fill(
+    group: zarr.Group, name: str, plan: SplitPlan, valid: np.ndarray, teacher: TargetTeacher, options: RunOptions
+) -> int:
     """Compute and write every shard of the set not yet done in one split; returns how many were written."""
     done = store.set_done_shards(group, name)
-    valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)
     todo = [(shard, start, stop) for shard, start, stop in store.iter_shards(group) if not done[shard]]
     with progress_bar(
         total=sum(int(valid[start:stop].sum()) for _, start, stop in todo),

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pkd.common.errors import ConfigError
 from pkd.common.logs import progress_bar
-from pkd.common.store import DEFAULT_SET, array_of, open_split, open_store, store_path, target_set, teacher_crop
+from pkd.common.store import DEFAULT_SET, open_split, open_store, store_path, target_set, teacher_crop
 from pkd.train import distributed, runs
 from pkd.train.augment import augment
 from pkd.train.checkpoint import LAST, rng_state
@@ -127,16 +127,17 @@ def open_data(cfg: TrainConfig, rank_info: DistInfo = DistInfo()) -> tuple[Store
 
 
 def with_target(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its model's ``target_shape`` read from the store: the sample shape of the array it regresses.
+    """``cfg`` with its model's ``target_shape`` read from the store: the sample shape the store records for the
+    array it regresses (whether the split holds it is ``open_split``'s check, which every caller makes).
 
-    StoreError naming the store's sets for an unknown set (or one the split lacks), ConfigError naming the set's
-    arrays for an unknown array."""
+    StoreError naming the store's sets for an unknown set, ConfigError naming the set's arrays for an unknown
+    array."""
     target = cfg.model.target
     if target is None:
         return cfg
     chosen = target_set(open_store(cfg.store), target[0], cfg.store)
-    group = open_split(cfg.store, cfg.split, require=cfg.model.spec.arrays)
-    shape = tuple(array_of(group, chosen.path(target[1])).shape[1:])
+    chosen.path(target[1])  # ConfigError naming the set's arrays
+    shape = tuple(chosen.arrays[target[1]].shape)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, target_shape=shape))
 
 
