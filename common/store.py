@@ -508,7 +508,12 @@ class TargetSet:
     complete: bool
 
     def path(self, array: str) -> str:
-        """Where ``array`` of this set lies in a split group."""
+        """Where ``array`` of this set lies in a split group: ConfigError naming the set's arrays for one it lacks,
+        StoreError naming the prep option for the ClipCap patch tokens a prep did not cache."""
+        if array == "patch_tokens" and self.name == DEFAULT_SET and array not in self.arrays:
+            raise StoreError(
+                f"target set {self.name!r} has no array 'patch_tokens': the prep cached none (prep with --patch-tokens)."
+            )
         if array not in self.arrays:
             raise ConfigError(
                 f"target set {self.name!r} has no array {array!r}; it holds {', '.join(self.arrays)} "

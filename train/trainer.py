@@ -130,13 +130,12 @@ def with_target(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its model's ``target_shape`` read from the store: the sample shape the store records for the
     array it regresses (whether the split holds it is ``open_split``'s check, which every caller makes).
 
-    StoreError naming the store's sets for an unknown set, ConfigError naming the set's arrays for an unknown
-    array."""
+    StoreError naming the store's sets for an unknown set; an unknown array is ``TargetSet.path``'s error."""
     target = cfg.model.target
     if target is None:
         return cfg
     chosen = target_set(open_store(cfg.store), target[0], cfg.store)
-    chosen.path(target[1])  # ConfigError naming the set's arrays
+    chosen.path(target[1])
     shape = tuple(chosen.arrays[target[1]].shape)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, target_shape=shape))
 
