@@ -21,7 +21,7 @@ from typer._click.exceptions import ClickException
 
 from pkd.common import logs
 from pkd.common.errors import PkdError
-from pkd.common.signals import Interrupts
+from pkd.common.signals import STOP_SIGNALS, Interrupts
 
 INTERRUPTED = 130  # what typer returns for a KeyboardInterrupt (128 + SIGINT)
 
@@ -41,11 +41,13 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run ``app`` and exit with the code the module docstring lists."""
     logs.configure()
     debug = os.environ.get("PKD_DEBUG") == "1"
-    previous = signal.signal(signal.SIGTERM, Interrupts.on_term)
+    previous = {sig: signal.signal(sig, Interrupts.on_stop) for sig in STOP_SIGNALS}
     try:
         _run_and_exit(app, argv, debug)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        Interrupts.pending = False  # the interrupt is this command's: a later call in the same process starts clean
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_and_exit(app: typer.Typer, argv: list[str] | None, debug: bool) -> None:

@@ -19,14 +19,26 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupts:
-    """The SIGTERM handler a CLI installs, and which stop signal came last (its exit code is 128 + it)."""
+    """The stop-signal handler a CLI installs, which stop signal came last (its exit code is 128 + it), and
+    whether one came at all.
+
+    Python prints and drops an exception raised inside a finaliser (``__del__``, a weakref or GC callback), so a
+    KeyboardInterrupt that the handler raises while one runs is lost; long loops call ``check`` once per step
+    to raise it again, so Ctrl-C always stops the command."""
 
     received = signal.SIGINT
+    pending = False
 
     @classmethod
-    def on_term(cls, signum: int, frame: FrameType | None) -> None:
-        cls.received = signal.Signals(signum)
+    def on_stop(cls, signum: int, frame: FrameType | None) -> None:
+        cls.received, cls.pending = signal.Signals(signum), True
         raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise KeyboardInterrupt if a stop signal came (and its first raise was dropped)."""
+        if cls.pending:
+            raise KeyboardInterrupt
 
 
 @contextmanager

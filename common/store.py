@@ -512,7 +512,8 @@ class TargetSet:
         StoreError naming the prep option for the ClipCap patch tokens a prep did not cache."""
         if array == "patch_tokens" and self.name == DEFAULT_SET and array not in self.arrays:
             raise StoreError(
-                f"target set {self.name!r} has no array 'patch_tokens': the prep cached none (prep with --patch-tokens)."
+                f"target set {self.name!r} has no array 'patch_tokens': the prep cached none "
+                "(prep with --patch-tokens)."
             )
         if array not in self.arrays:
             raise ConfigError(
@@ -909,6 +910,22 @@ def write_stats(group: zarr.Group, path: str, mean: np.ndarray, std: np.ndarray)
     for kind, values in (("mean", mean), ("std", std)):
         stats.create_array(f"{name}_{kind}", data=np.asarray(values, dtype="float32"), overwrite=True)
     durable.committed(f"{group.path} stats {path}")
+
+
+def target_moments(group: zarr.Group, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-dimension (mean, std), in float64, of target array ``path`` over the split's valid samples, read shard by
+    shard: what prep records with ``write_stats`` and what training computes where none is recorded. None when
+    the split has no valid sample."""
+    shape = array_of(group, path).shape[1:]
+    total, total_sq, count = np.zeros(shape), np.zeros(shape), 0
+    for _, start, stop in iter_shards(group):
+        valid = read_shard(group, "valid", start, stop).astype(bool)
+        values = read_shard(group, path, start, stop)[valid].astype(np.float64)
+        total, total_sq, count = total + values.sum(0), total_sq + (values**2).sum(0), count + len(values)
+    if count == 0:
+        return None
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
 
 
 def read_stats(group: zarr.Group, path: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -26,6 +26,7 @@ from pkd.common import lock, store
 from pkd.common.config import config_diff, from_plain, package_versions, to_plain
 from pkd.common.errors import ConfigError, DataError, StoreError
 from pkd.common.logs import progress_bar
+from pkd.common.signals import Interrupts
 from pkd.preprocess.config import PrepConfig, RunOptions, TeacherConfig
 from pkd.preprocess.planner import SplitPlan, plan_splits
 from pkd.preprocess.scenes import describe_splits
@@ -190,21 +191,16 @@ def finalize(group: zarr.Group) -> dict:
     skipped.update({r: int(c) for r, c in zip(attrs.skip_reasons, counts) if c})
     valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)
     for name in ("prefix", "clip_embed"):
-        write_target_stats(group, name, valid)
+        write_target_stats(group, name)
     store.write_split_attrs(group, replace(attrs, skipped=dict(skipped), valid=int(valid.sum())))
     return {"skipped": dict(skipped), "valid": int(valid.sum())}
 
 
-def write_target_stats(group: zarr.Group, path: str, valid: np.ndarray) -> None:
-    """Write the per-dimension mean and std of the valid samples of target array ``path`` (none without any)."""
-    if not valid.any():
-        return
-    total, total_sq = 0.0, 0.0
-    for _, start, stop in store.iter_shards(group):
-        values = store.read_shard(group, path, start, stop)[valid[start:stop]].astype(np.float64)
-        total, total_sq = total + values.sum(0), total_sq + (values**2).sum(0)
-    mean = total / valid.sum()
-    store.write_stats(group, path, mean, np.sqrt(np.maximum(total_sq / valid.sum() - mean**2, 0.0)))
+def write_target_stats(group: zarr.Group, path: str) -> None:
+    """Record the per-dimension mean and std of the valid samples of target array ``path`` (none without any)."""
+    moments = store.target_moments(group, path)
+    if moments is not None:
+        store.write_stats(group, path, *moments)
 
 
 def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options: RunOptions) -> None:
@@ -217,6 +213,7 @@ def _run_here(root: zarr.Group, jobs: list[ShardJob], teacher: Teacher, options:
             disable=not options.progress,
         ) as bar:
             for job in split_jobs:
+                Interrupts.check()
                 build_shard(
                     store.split_group(root, job.split), job, teacher, options.teacher_batch, options.threads, bar.update
                 )

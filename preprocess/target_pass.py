@@ -97,7 +97,7 @@ def run_target_set(
             valid = np.asarray(store.array_of(group, "valid")[:]).astype(bool)
             written = _fill(group, name, plan, valid, teacher, options)
             for array in arrays:
-                write_target_stats(group, f"{store.SETS_GROUP}/{name}/{array}", valid)
+                write_target_stats(group, f"{store.SETS_GROUP}/{name}/{array}")
             summary[split] = {"shards_written": written, "valid": int(valid.sum())}
         latest = store.root_attrs(root)
         complete = replace(entry, status="complete")

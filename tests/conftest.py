@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One intra-op thread in this process and every command it starts: float reductions then round alike in a test's
+# in-process fixtures and its subprocess runs (the teacher's float16 targets differ by an ulp between 1 and 2
+# threads), and the pytest-xdist workers of scripts/test.sh do not contend for the cores.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # Real (licence-restricted, never committed) data beside the checkout: ../shared/fixtures.
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

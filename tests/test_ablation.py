@@ -161,6 +161,7 @@ def test_no_keep_optimizer_shrinks_the_final_checkpoint_and_export_still_works(s
     assert "optimizer" in load_checkpoint(tmp_path / "paused" / LAST)  # unfinished runs stay resumable
 
 
+@pytest.mark.slow  # ablate --resume itself: test_ablate_reads_out_every_variant_resumes_and_adds_rows
 def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(store, tmp_path):
     run = tmp_path / "run"
     done = pkd_train(
@@ -382,6 +383,7 @@ def test_ablate_refuses_bad_input_with_exit_2_before_any_pretraining(
     assert not checkpoints(tmp_path) and not list(tmp_path.rglob("table.json"))  # nothing trained or written
 
 
+@pytest.mark.slow  # every variant's readout: test_ablate_reads_out_every_variant_resumes_and_adds_rows
 def test_ablate_paper_runs_every_row_of_tables_5_and_6_with_the_fine_tune_readout(store, tmp_path):
     from pkd.train.ablate import PAPER_VARIANTS
 
@@ -412,6 +414,7 @@ def test_ablate_paper_runs_every_row_of_tables_5_and_6_with_the_fine_tune_readou
     assert "| Reconstruction + Distillation | recon+distill | 92.42 |" in markdown
 
 
+@pytest.mark.slow
 def test_a_readout_that_fails_mid_run_marks_its_row_and_resume_retries_only_the_readout(store, tmp_path):
     from pkd.train.downstream.modelnet import sample_shapes
 

@@ -18,6 +18,7 @@ def gpu_sh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, env=env, timeout=900)
 
 
+@pytest.mark.slow  # bench/gpu.sh end to end: a GPU check, run where a GPU is lent
 def test_gpu_check_runs_its_cpu_safe_parts_and_reports_one_table(tmp_path):
     out = tmp_path / "gpu.json"
     done = gpu_sh("--device", "cpu", "--quick", "--threads", "1", "--out", str(out))
@@ -39,6 +40,7 @@ def test_gpu_check_runs_its_cpu_safe_parts_and_reports_one_table(tmp_path):
         assert f"== {step}" in done.stderr  # every step timed
 
 
+@pytest.mark.slow
 def test_gpu_check_fails_loudly_without_a_gpu(tmp_path):
     done = gpu_sh("--device", "cuda", "--out", str(tmp_path / "gpu.json"))
     assert done.returncode != 0 and "torch sees no GPU" in done.stderr and not (tmp_path / "gpu.json").exists()

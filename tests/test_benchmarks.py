@@ -32,8 +32,6 @@ from pkd.train.schedule import epoch_lr
 
 from _cli import flags, run_script
 
-torch.set_num_threads(1)
-
 TINY = flags(dim=32, depth=1, heads=2, num_group=8, device="cpu", batch_size=4, epochs=1)
 
 

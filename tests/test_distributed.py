@@ -211,6 +211,7 @@ def test_cpu_sync_batchnorm_under_torchrun_equals_batchnorm_of_the_global_batch(
     assert [r["stdout"] for r in ranks] == ["ok 0 2\n", "ok 1 2\n"]
 
 
+@pytest.mark.slow  # ranks read disjoint shards: test_train, in-process
 def test_torchrun_two_processes_match_one_process(store, tmp_path):
     # gradient accumulation (DDP no_sync) and loader workers included
     torchrun(store, tmp_path / "ddp", "--save-every", 3, "--grad-accum", 2, "--loader-workers", 1)

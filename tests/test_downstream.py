@@ -35,8 +35,6 @@ from pkd.train.export import export_encoder
 from _cli import flags
 from conftest import require_fixture
 
-torch.set_num_threads(1)  # the CI machine is shared: threads only contend
-
 TINY = dict(dim=48, depth=4, heads=4, num_group=16, group_size=8)
 CAP = "02954340"
 

@@ -59,6 +59,7 @@ def test_prep_then_every_variant_then_export(demo_root, tmp_path):
     assert not any(k.startswith(("MAE_encoder.concept", "MAE_encoder.head")) for k in exported)
 
 
+@pytest.mark.slow  # the README demo; demo-scene's own files: test_readers
 def test_the_demo_writes_a_val_scene_and_a_demo_run_logs_its_held_out_loss(tmp_path):
     from pkd.common.store import open_store, splits_of
     from pkd.preprocess.demo import SCENE, VAL_SCENE, write_demo_scene

@@ -72,6 +72,7 @@ def test_kill_9_at_a_random_moment_then_rerun_gives_the_clean_store(demo_root, d
     assert_same_store(out, demo_store)
 
 
+@pytest.mark.slow  # a failed write that keeps the last file: test_exit_codes' file-size case
 def test_disk_full_gives_a_clear_error_and_a_resumable_store(demo_root, demo_store, tmp_path):
     def file_sizes(name):
         return [p.stat().st_size for p in (demo_store / "train" / name / "c").rglob("*") if p.is_file()]

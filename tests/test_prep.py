@@ -106,6 +106,7 @@ def test_resume_after_a_crash_gives_identical_arrays(demo_root, demo_store, tmp_
     assert run_prep(config(demo_root), str(out), TEACHER, QUIET)["train"]["shards_written"] == 0
 
 
+@pytest.mark.slow  # resume equality in-process: test_resume_after_a_crash_gives_identical_arrays
 def test_kill_9_then_rerun_gives_a_verified_identical_store(demo_root, demo_store, tmp_path):
     out = tmp_path / "pairs.zarr"
     cmd = [

@@ -115,6 +115,7 @@ def test_dask_cluster_gives_the_single_process_store(demo_root, demo_store, tmp_
         np.testing.assert_array_equal(dask_arrays[name], local[name], err_msg=name)
 
 
+@pytest.mark.slow  # the cluster itself: test_dask_cluster_gives_the_single_process_store
 def test_a_dask_worker_killed_mid_shard_still_ends_in_the_clean_store(demo_root, demo_store, tmp_path):
     """Kill the worker that is building a shard: dask retries the task and the store equals the clean one."""
     import os

@@ -31,8 +31,6 @@ from pkd.train.encoder import EncoderConfig
 
 from _cli import flags, run_command, run_script
 
-torch.set_num_threads(1)  # the CI machine is shared: threads only contend
-
 SCENE = "scene9000_00"
 TINY = flags(num_points=256, num_group=16, dim=32, depth=3, heads=2, crop_size=4.0, device="cpu")
 

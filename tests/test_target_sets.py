@@ -127,6 +127,7 @@ def test_a_set_resumes_shard_by_shard(with_dino):
     assert "train: target set dino: 0 shards written" in add_set(with_dino, "dino").stdout
 
 
+@pytest.mark.slow
 def test_another_teacher_under_the_same_name_is_refused_unless_overwrite(with_dino):
     before = read_set(with_dino, "train", "cls")
     other = run_script(

@@ -34,9 +34,9 @@ from pkd.common.store import (
     open_split,
     open_store,
     read_rows,
-    read_shard,
     read_stats,
     split_group,
+    target_moments,
 )
 
 POINT_ARRAYS = ("points", "colors", "pixels", "in_view")
@@ -46,21 +46,10 @@ MIN_STD = 1e-6
 def target_stats(group: zarr.Group, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-element mean and std of a target array: the split's recorded stats, else computed from valid samples."""
     shape = cast(zarr.Array, group[name]).shape[1:]
-    recorded = read_stats(group, name)
-    if recorded is not None:
-        mean, std = (np.asarray(v, dtype=np.float64).reshape(shape) for v in recorded)
-    else:
-        total, total_sq, count = np.zeros(shape), np.zeros(shape), 0
-        for _, start, stop in iter_shards(group):
-            valid = read_shard(group, "valid", start, stop).astype(bool)
-            values = read_shard(group, name, start, stop)[valid].astype(np.float64)
-            total += values.sum(0)
-            total_sq += (values**2).sum(0)
-            count += len(values)
-        if count == 0:
-            raise StoreError(f"cannot normalise {name!r}: the split has no valid samples.")
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    moments = read_stats(group, name) or target_moments(group, name)
+    if moments is None:
+        raise StoreError(f"cannot normalise {name!r}: the split has no valid samples.")
+    mean, std = (np.asarray(v, dtype=np.float64).reshape(shape) for v in moments)
     return mean.astype(np.float32), np.maximum(std, MIN_STD).astype(np.float32)
 
 

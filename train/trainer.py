@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pkd.common.errors import ConfigError
 from pkd.common.logs import progress_bar
+from pkd.common.signals import Interrupts
 from pkd.common.store import DEFAULT_SET, open_split, open_store, store_path, target_set, teacher_crop
 from pkd.train import distributed, runs
 from pkd.train.augment import augment
@@ -392,6 +393,7 @@ def _train(cfg: TrainConfig, run: Run, progress: bool, desc: str, tensorboard: b
     while pos.step < sched.stop:
         pending.since = time.perf_counter()
         for batch in setup.loader.epoch(pos.epoch, start_batch=pos.batch):
+            Interrupts.check()
             values, pending.names = _micro_batch(setup, ddp, forward, batch, pos)
             pending.micro.append(values)
             pos = dataclasses.replace(pos, batch=pos.batch + 1)

@@ -29,6 +29,7 @@ from torch import nn
 
 from pkd.common.errors import ConfigError
 from pkd.common.logs import progress_bar
+from pkd.common.signals import Interrupts
 from pkd.train import distributed
 from pkd.train.checkpoint import atomic_save, load_checkpoint, rng_state
 from pkd.train.downstream.config import FinetuneConfig
@@ -132,6 +133,7 @@ def _finetune(build_task: Callable[[Any], Task], cfg: FinetuneConfig, run: Run, 
             group["lr"] = lr
         model.train()
         for batch in task.epoch_batches(state.epoch)[state.batch :]:
+            Interrupts.check()
             tic = time.perf_counter()
             generator = batch_generator(cfg.seed, state.step * world + rank)
             local_loss = task.loss(ddp, batch[rank::world], generator)
