@@ -45,7 +45,7 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     try:
         _run_and_exit(app, argv, debug)
     finally:
-        Interrupts.pending = False  # the interrupt is this command's: a later call in the same process starts clean
+        Interrupts.received = None  # the stop was this command's: a later call in the same process starts clean
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -71,5 +71,5 @@ def _run_and_exit(app: typer.Typer, argv: list[str] | None, debug: bool) -> None
         sys.exit(1)
     if code == INTERRUPTED:
         typer.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(128 + Interrupts.received)
+        sys.exit(128 + (Interrupts.received or signal.SIGINT))
     sys.exit(code if isinstance(code, int) else 0)

@@ -19,25 +19,24 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupts:
-    """The stop-signal handler a CLI installs, which stop signal came last (its exit code is 128 + it), and
-    whether one came at all.
+    """The stop-signal handler a CLI installs, and which stop signal came last (None: none; its exit code is
+    128 + it, 130 for a KeyboardInterrupt without one).
 
     Python prints and drops an exception raised inside a finaliser (``__del__``, a weakref or GC callback), so a
     KeyboardInterrupt that the handler raises while one runs is lost; long loops call ``check`` once per step
     to raise it again, so Ctrl-C always stops the command."""
 
-    received = signal.SIGINT
-    pending = False
+    received: signal.Signals | None = None
 
     @classmethod
     def on_stop(cls, signum: int, frame: FrameType | None) -> None:
-        cls.received, cls.pending = signal.Signals(signum), True
+        cls.received = signal.Signals(signum)
         raise KeyboardInterrupt
 
     @classmethod
     def check(cls) -> None:
         """Raise KeyboardInterrupt if a stop signal came (and its first raise was dropped)."""
-        if cls.pending:
+        if cls.received is not None:
             raise KeyboardInterrupt
 
 

@@ -402,6 +402,10 @@ class ArraySpec:
     stage: str
 
 
+# The optional arrays of a split and the prep option that writes them: the fix a "no such array" error names.
+OPTIONAL_ARRAYS = {"patch_tokens": "prep with --patch-tokens"}
+
+
 def array_specs(num_points: int, patch_tokens: bool = False) -> list[ArraySpec]:
     """The per-sample arrays of a split, in the order the module docstring lists them."""
     p = num_points
@@ -509,13 +513,12 @@ class TargetSet:
 
     def path(self, array: str) -> str:
         """Where ``array`` of this set lies in a split group: ConfigError naming the set's arrays for one it lacks,
-        StoreError naming the prep option for the ClipCap patch tokens a prep did not cache."""
-        if array == "patch_tokens" and self.name == DEFAULT_SET and array not in self.arrays:
-            raise StoreError(
-                f"target set {self.name!r} has no array 'patch_tokens': the prep cached none "
-                "(prep with --patch-tokens)."
-            )
+        StoreError naming the prep option for an optional array (``OPTIONAL_ARRAYS``) a prep did not write."""
         if array not in self.arrays:
+            if self.name == DEFAULT_SET and array in OPTIONAL_ARRAYS:
+                raise StoreError(
+                    f"target set {self.name!r} has no array {array!r}: the prep cached none ({OPTIONAL_ARRAYS[array]})."
+                )
             raise ConfigError(
                 f"target set {self.name!r} has no array {array!r}; it holds {', '.join(self.arrays)} "
                 f"(pass --targets {self.name}/{next(iter(self.arrays))})."
@@ -778,7 +781,7 @@ def open_split(path: str | Path, split: str, require: tuple[str, ...] = ()) -> z
         if name.startswith(f"{SETS_GROUP}/"):
             _require_set(path, split, group, name.split("/")[1])
         elif name not in present:
-            hint = " (prep with --patch-tokens)" if name == "patch_tokens" else ""
+            hint = f" ({OPTIONAL_ARRAYS[name]})" if name in OPTIONAL_ARRAYS else ""
             raise StoreError(f"{path}/{split} has no array {name!r}{hint}.")
     missing = missing_shards(group)
     if missing:
